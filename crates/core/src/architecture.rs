@@ -1,0 +1,154 @@
+use serde::{Deserialize, Serialize};
+
+use crate::CoreError;
+
+/// The residual block a network is built from, named as torchvision names
+/// the classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockKind {
+    BasicBlock,
+    Bottleneck,
+}
+
+impl BlockKind {
+    /// How many times wider a block's output is than its `planes`.
+    pub fn expansion(self) -> usize {
+        match self {
+            BlockKind::BasicBlock => 1,
+            BlockKind::Bottleneck => 4,
+        }
+    }
+
+    /// How many times the block's single `relu` module is called per forward.
+    pub fn relu_calls(self) -> usize {
+        match self {
+            BlockKind::BasicBlock => 2,
+            BlockKind::Bottleneck => 3,
+        }
+    }
+}
+
+/// Everything that distinguishes one torchvision ResNet from another, as the
+/// dump manifest records it. torchvision's constructors map onto it like
+/// this: resnet50 is `Bottleneck`, `[3, 4, 6, 3]`, groups 1, width per group
+/// 64; resnext50_32x4d has groups 32, width per group 4; wide_resnet50_2 has
+/// width per group 128. The width-reduced test models change
+/// `stem_channels` and `planes`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Architecture {
+    pub block: BlockKind,
+    /// Blocks per stage (`layer1`, `layer2`, ...).
+    pub layers: Vec<usize>,
+    pub groups: usize,
+    pub width_per_group: usize,
+    /// Channels out of the stem (`conv1`); torchvision's `inplanes`, 64.
+    pub stem_channels: usize,
+    /// torchvision's `planes` for each stage: 64, 128, 256, 512.
+    pub planes: Vec<usize>,
+    pub num_classes: usize,
+    pub in_channels: usize,
+    pub batch_norm_eps: f64,
+}
+
+impl Architecture {
+    /// The inner width of a Bottleneck with `planes`, exactly as torchvision
+    /// computes it: `int(planes * (width_per_group / 64.)) * groups`.
+    pub fn bottleneck_width(&self, planes: usize) -> usize {
+        (planes * self.width_per_group / 64) * self.groups
+    }
+
+    /// Channels that leave the last stage and enter `fc`.
+    pub fn feature_channels(&self) -> usize {
+        self.planes.last().copied().unwrap_or(self.stem_channels) * self.block.expansion()
+    }
+
+    /// Refuses what torchvision itself refuses, and what the core cannot run.
+    pub fn validate(&self) -> Result<(), CoreError> {
+        let fail = |why: String| Err(CoreError::UnsupportedArchitecture(why));
+        if self.layers.is_empty() || self.layers.len() != self.planes.len() {
+            return fail(format!(
+                "`layers` ({:?}) and `planes` ({:?}) must be non-empty and of equal length",
+                self.layers, self.planes
+            ));
+        }
+        if self.layers.contains(&0) {
+            return fail(format!("every stage needs at least one block, got {:?}", self.layers));
+        }
+        let sizes = [
+            ("groups", self.groups),
+            ("width_per_group", self.width_per_group),
+            ("stem_channels", self.stem_channels),
+            ("num_classes", self.num_classes),
+            ("in_channels", self.in_channels),
+        ];
+        if let Some((field, _)) = sizes.iter().find(|(_, value)| *value == 0) {
+            return fail(format!("`{field}` must be at least 1"));
+        }
+        if self.planes.contains(&0) {
+            return fail(format!("`planes` must all be at least 1, got {:?}", self.planes));
+        }
+        if !(self.batch_norm_eps.is_finite() && self.batch_norm_eps >= 0.0) {
+            return fail(format!("`batch_norm_eps` must be finite and >= 0, got {}", self.batch_norm_eps));
+        }
+        match self.block {
+            BlockKind::BasicBlock if self.groups != 1 || self.width_per_group != 64 => fail(
+                "BasicBlock only supports groups=1 and width_per_group=64 (as in torchvision)".into(),
+            ),
+            BlockKind::Bottleneck => {
+                for &planes in &self.planes {
+                    if self.bottleneck_width(planes) == 0 {
+                        return fail(format!(
+                            "a Bottleneck with planes {planes}, width_per_group {} and groups {} has no channels",
+                            self.width_per_group, self.groups
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            BlockKind::BasicBlock => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn resnet50() -> Architecture {
+        Architecture {
+            block: BlockKind::Bottleneck,
+            layers: vec![3, 4, 6, 3],
+            groups: 1,
+            width_per_group: 64,
+            stem_channels: 64,
+            planes: vec![64, 128, 256, 512],
+            num_classes: 1000,
+            in_channels: 3,
+            batch_norm_eps: 1e-5,
+        }
+    }
+
+    #[test]
+    fn bottleneck_widths_follow_torchvision() {
+        let resnet50 = resnet50();
+        assert_eq!(resnet50.bottleneck_width(64), 64);
+        let resnext = Architecture { groups: 32, width_per_group: 4, ..resnet50.clone() };
+        assert_eq!(resnext.bottleneck_width(64), 128);
+        assert_eq!(resnext.bottleneck_width(512), 1024);
+        let wide = Architecture { width_per_group: 128, ..resnet50.clone() };
+        assert_eq!(wide.bottleneck_width(64), 128);
+        assert_eq!(resnet50.feature_channels(), 2048);
+    }
+
+    #[test]
+    fn validation_refuses_what_torchvision_refuses() {
+        assert!(resnet50().validate().is_ok());
+        let grouped_basic = Architecture { block: BlockKind::BasicBlock, groups: 2, ..resnet50() };
+        assert!(grouped_basic.validate().is_err());
+        // int(8 * 1 / 64) * 1 = 0 channels inside the first Bottleneck.
+        let empty = Architecture { width_per_group: 1, planes: vec![8, 16, 32, 64], ..resnet50() };
+        assert!(empty.validate().is_err());
+        let mismatched = Architecture { layers: vec![1, 1], ..resnet50() };
+        assert!(mismatched.validate().is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! The implementation under test: the torchvision ResNet family (ResNet,
+//! ResNeXt, Wide ResNet) in NHWC, f32, with BatchNorm in its inference form.
+//!
+//! The network is a flat list of [`Stage`]s in torch's execution order, named
+//! exactly as the reference dumps name them (`layer2.0.downsample.0`,
+//! `layer1.0.relu#2`). Every stage's output can be handed to an observer, a
+//! forward pass can stop after any stage, and any single stage can be run
+//! from inputs supplied by the caller: the three things a layer-by-layer
+//! comparison needs.
+
+pub mod architecture;
+pub mod error;
+pub mod network;
+pub mod ops;
+pub mod tensor;
+pub mod weights;
+
+pub use architecture::{Architecture, BlockKind};
+pub use error::CoreError;
+pub use network::{Network, Stage, StageKind};
+pub use tensor::Tensor;
+pub use weights::{WeightSource, WeightTensor};

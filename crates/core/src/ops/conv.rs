@@ -1,0 +1,169 @@
+use rayon::prelude::*;
+
+use super::matmul::{available_threads, multiply, MatrixView, OutputBlock};
+use super::ShapeError;
+use crate::Tensor;
+
+/// Kernel, stride, padding, dilation and groups, as `(height, width)` pairs
+/// where torch has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub padding: [usize; 2],
+    pub dilation: [usize; 2],
+    pub groups: usize,
+}
+
+impl ConvGeometry {
+    /// A square kernel with the same stride and padding on both axes, no
+    /// dilation: every conv in torchvision's ResNets.
+    pub fn square(kernel: usize, stride: usize, padding: usize, groups: usize) -> Self {
+        ConvGeometry {
+            kernel: [kernel; 2],
+            stride: [stride; 2],
+            padding: [padding; 2],
+            dilation: [1; 2],
+            groups,
+        }
+    }
+
+    /// torch's `(size + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1`.
+    pub fn output_size(&self, axis: usize, input: usize) -> Option<usize> {
+        let span = self.dilation[axis] * (self.kernel[axis] - 1) + 1;
+        let padded = input + 2 * self.padding[axis];
+        (padded >= span).then(|| (padded - span) / self.stride[axis] + 1)
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
+    }
+}
+
+/// Conv2d as GEMM. An NHWC patch (kernel y, kernel x, channel) is contiguous
+/// channel runs, so im2col is a sequence of memcpys, and a 1x1 stride-1 conv
+/// needs no im2col at all: the activation already is the GEMM's left matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Conv2d {
+    in_channels: usize,
+    out_channels: usize,
+    geometry: ConvGeometry,
+    /// One `(kernel_y * kernel_x * in_per_group) x out_per_group` matrix per
+    /// group; see `weights::conv_weight_from_oihw`.
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+impl Conv2d {
+    pub fn new(
+        in_channels: usize,
+        out_channels: usize,
+        geometry: ConvGeometry,
+        weight_panels: Vec<f32>,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
+        let [kh, kw] = geometry.kernel;
+        assert!(geometry.groups > 0 && in_channels % geometry.groups == 0 && out_channels % geometry.groups == 0);
+        assert!(geometry.stride.iter().chain(&geometry.dilation).chain(&geometry.kernel).all(|&v| v > 0));
+        assert_eq!(weight_panels.len(), out_channels * (in_channels / geometry.groups) * kh * kw);
+        if let Some(bias) = &bias {
+            assert_eq!(bias.len(), out_channels);
+        }
+        Conv2d { in_channels, out_channels, geometry, weight: weight_panels, bias }
+    }
+
+    pub fn geometry(&self) -> &ConvGeometry {
+        &self.geometry
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor, ShapeError> {
+        let [batch, height, width, channels] = x.nhwc_shape();
+        if channels != self.in_channels {
+            return Err(format!("expected {} channels, got {channels}", self.in_channels));
+        }
+        let too_small = || format!("a {height}x{width} input is smaller than the {:?} kernel", self.geometry.kernel);
+        let out_h = self.geometry.output_size(0, height).ok_or_else(too_small)?;
+        let out_w = self.geometry.output_size(1, width).ok_or_else(too_small)?;
+
+        let groups = self.geometry.groups;
+        let [kh, kw] = self.geometry.kernel;
+        let in_per_group = self.in_channels / groups;
+        let out_per_group = self.out_channels / groups;
+        let depth = kh * kw * in_per_group; // rows of one group's weight matrix
+        let pixels = batch * out_h * out_w;
+
+        let patches;
+        let lhs_data = if self.geometry.is_pointwise() {
+            x.as_slice()
+        } else {
+            patches = self.im2col(x, out_h, out_w);
+            &patches[..]
+        };
+
+        let mut out = Tensor::zeros(batch, out_h, out_w, self.out_channels);
+        let output = OutputBlock { data: out.as_slice_mut().as_mut_ptr(), row_stride: self.out_channels };
+        let run_group = |group: usize, threads: usize| {
+            let lhs = MatrixView::row_major(lhs_data, group * depth, groups * depth);
+            let rhs = MatrixView::row_major(&self.weight, group * depth * out_per_group, out_per_group);
+            // SAFETY: the column block of one group stays inside `out`.
+            let block = unsafe { output.shifted(group * out_per_group) };
+            // SAFETY: each group writes only its own `out_per_group` columns.
+            unsafe { multiply(pixels, out_per_group, depth, lhs, rhs, block, threads) };
+        };
+        let threads = available_threads();
+        if groups == 1 {
+            run_group(0, threads);
+        } else {
+            // Many narrow products: parallel over groups, each single-threaded.
+            (0..groups).into_par_iter().for_each(|group| run_group(group, 1));
+        }
+
+        if let Some(bias) = &self.bias {
+            for pixel in out.as_slice_mut().chunks_exact_mut(self.out_channels) {
+                pixel.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One row per output pixel; within a row, for each group, the patch in
+    /// (kernel y, kernel x, channel of the group) order. Padding stays zero.
+    fn im2col(&self, x: &Tensor, out_h: usize, out_w: usize) -> Vec<f32> {
+        let [batch, height, width, channels] = x.nhwc_shape();
+        let g = &self.geometry;
+        let [kh, kw] = g.kernel;
+        let in_per_group = channels / g.groups;
+        let depth = kh * kw * in_per_group;
+        let row_len = g.groups * depth;
+        let mut patches = vec![0f32; batch * out_h * out_w * row_len];
+        let input = x.as_slice();
+        patches
+            .par_chunks_mut((out_w * row_len).max(1))
+            .enumerate()
+            .for_each(|(output_row, rows)| {
+                let (n, oy) = (output_row / out_h, output_row % out_h);
+                for ox in 0..out_w {
+                    let patch = &mut rows[ox * row_len..(ox + 1) * row_len];
+                    for ky in 0..kh {
+                        let Some(iy) = (oy * g.stride[0] + ky * g.dilation[0]).checked_sub(g.padding[0]) else { continue };
+                        if iy >= height {
+                            continue;
+                        }
+                        for kx in 0..kw {
+                            let Some(ix) = (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.padding[1]) else { continue };
+                            if ix >= width {
+                                continue;
+                            }
+                            let pixel = ((n * height + iy) * width + ix) * channels;
+                            for group in 0..g.groups {
+                                let source = &input[pixel + group * in_per_group..][..in_per_group];
+                                let target = group * depth + (ky * kw + kx) * in_per_group;
+                                patch[target..target + in_per_group].copy_from_slice(source);
+                            }
+                        }
+                    }
+                }
+            });
+        patches
+    }
+}

@@ -1,0 +1,229 @@
+"""Dumps every stage of a torchvision ResNet, as PyTorch computes it.
+
+    python -m reference.dump --model resnet50 --out DIR [--image cat] [--size 224]
+
+Writes DIR/manifest.json, DIR/stages/*.npy (the output of every module call,
+NCHW float32, in execution order) and DIR/weights/*.npy (the state_dict, in
+torch's own layouts). docs/dump-format.md describes the format.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from . import FORMAT_NAME, SCHEMA_VERSION, models, preprocess
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m reference.dump",
+        description="Dump the output of every module of a torchvision ResNet, for `verify`.",
+    )
+    parser.add_argument("--model", required=True, choices=sorted(models.MODELS), help="torchvision constructor name")
+    parser.add_argument("--out", required=True, type=Path, help="dump directory (replaced if it holds a dump)")
+    parser.add_argument("--weights", type=Path, help="a torchvision state_dict (.pth) you already have; default: seeded random weights with calibrated BatchNorm statistics")
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights, calibration and random input (default 0)")
+    parser.add_argument("--image", default="cat", help="'cat' (scikit-image's chelsea), 'random', or an image path (default cat)")
+    parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    parser.add_argument("--width", type=int, default=models.FULL_WIDTH, help="stem channels; below 64 gives a width-reduced model with torchvision's names and topology (default 64)")
+    parser.add_argument("--groups", type=int, help="override the constructor's groups (for width-reduced ResNeXt)")
+    parser.add_argument("--width-per-group", type=int, help="override the constructor's width per group")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classes of fc for seeded weights (default 1000)")
+    parser.add_argument("--train-mode", action="store_true", help="keep the model in train mode (reproduces a reference dumped without model.eval(); for testing the harness)")
+    parser.add_argument("--threads", type=int, help="torch threads; 1 makes the bytes independent of the machine's core count")
+    args = parser.parse_args(argv)
+    for name in ("size", "batch", "width", "num_classes"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def call_names(calls):
+    """Stage names for module calls given as (module path, call index):
+    a module called once keeps its path; one called several times gets
+    `path#k` for its k-th call (from 0), for every call."""
+    counts = {}
+    for path, _ in calls:
+        counts[path] = counts.get(path, 0) + 1
+    return [path if counts[path] == 1 else f"{path}#{index}" for path, index in calls]
+
+
+def module_params(module):
+    """The hyperparameters a re-implementation of the module needs."""
+    if isinstance(module, nn.Conv2d):
+        return {
+            "in_channels": module.in_channels, "out_channels": module.out_channels,
+            "kernel_size": list(module.kernel_size), "stride": list(module.stride),
+            "padding": list(module.padding), "dilation": list(module.dilation),
+            "groups": module.groups, "bias": module.bias is not None,
+        }
+    if isinstance(module, nn.BatchNorm2d):
+        return {
+            "num_features": module.num_features, "eps": module.eps, "momentum": module.momentum,
+            "affine": module.affine, "track_running_stats": module.track_running_stats,
+        }
+    if isinstance(module, nn.MaxPool2d):
+        return {
+            "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
+            "dilation": module.dilation, "ceil_mode": module.ceil_mode,
+        }
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        size = module.output_size
+        return {"output_size": list(size) if isinstance(size, tuple) else [size, size]}
+    if isinstance(module, nn.Linear):
+        return {"in_features": module.in_features, "out_features": module.out_features, "bias": module.bias is not None}
+    if isinstance(module, nn.ReLU):
+        return {"inplace": module.inplace}
+    return {}
+
+
+def parents(path):
+    """(block, layer) that contain module `path`, e.g. layer1.0.conv1 -> (layer1.0, layer1)."""
+    parts = path.split(".")
+    layer = parts[0] if parts[0].startswith("layer") and len(parts) > 1 else None
+    block = ".".join(parts[:2]) if layer and len(parts) > 2 else None
+    return block, layer
+
+
+def capture(model, x):
+    """Runs the model once and returns [(path, call index, module, output copy)]
+    in execution order (forward hooks fire when a module's forward returns,
+    so a container follows its children)."""
+    calls = []
+    counts = {}
+
+    def hook(path):
+        def record(module, inputs, output):
+            index = counts.get(path, 0)
+            counts[path] = index + 1
+            # torchvision's ReLUs are in place, and Bottleneck adds the identity
+            # into bn3's output in place: copy now, or the stored tensor changes.
+            calls.append((path, index, module, output.detach().clone()))
+        return record
+
+    handles = [module.register_forward_hook(hook(path)) for path, module in model.named_modules() if path]
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls, logits
+
+
+def save(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+
+
+def top5(logits, categories):
+    result = []
+    for row in logits:
+        scores, indices = torch.topk(row, k=min(5, row.numel()))
+        result.append([
+            {"index": int(i), "name": categories[int(i)] if categories else None, "logit": float(s)}
+            for s, i in zip(scores, indices)
+        ])
+    return result
+
+
+def prepare_out(out):
+    """Refuses to delete anything that is not a dump."""
+    if out.exists():
+        if any(out.iterdir()) and not (out / "manifest.json").exists():
+            raise SystemExit(f"--out {out}: directory exists and is not a dump; refusing to overwrite it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape_options = dict(width=args.width, num_classes=args.num_classes, groups=args.groups,
+                         width_per_group=args.width_per_group)
+    if args.weights:
+        model, architecture = models.from_checkpoint(args.model, args.weights, **shape_options)
+        weights_description = {"source": "file", "file": str(args.weights)}
+    else:
+        model, architecture = models.seeded(args.model, args.seed, args.size, **shape_options)
+        weights_description = {
+            "source": "seeded", "seed": args.seed,
+            "batch_norm_affine": "weight ~ U[0.5, 1.5), bias ~ U[-0.25, 0.25)",
+            "calibration": {"batches": 2, "batch_size": 4, "input": "standard normal", "momentum": None},
+        }
+    x, input_description = preprocess.make_input(args.image, args.size, args.batch, args.seed)
+
+    prepare_out(args.out)
+    # The weights as the model holds them before the dump's own forward pass
+    # (which, in train mode, would update the running statistics).
+    weights = []
+    for name, tensor in model.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            continue
+        file = f"weights/{name}.npy"
+        save(args.out / file, tensor.numpy())
+        weights.append({"name": name, "shape": list(tensor.shape), "dtype": "float32", "file": file})
+
+    model.train(args.train_mode)
+    calls, logits = capture(model, x)
+
+    stages = [{
+        "name": "input", "module_type": "Input", "module_path": "", "call_index": 0,
+        "block": None, "layer": None, "shape": list(x.shape), "file": "stages/000_input.npy", "params": {},
+    }]
+    save(args.out / stages[0]["file"], x.numpy())
+    for number, ((path, index, module, output), name) in enumerate(zip(calls, call_names([(c[0], c[1]) for c in calls])), start=1):
+        block, layer = parents(path)
+        file = f"stages/{number:03d}_{name.replace('#', '@')}.npy"
+        save(args.out / file, output.numpy())
+        stages.append({
+            "name": name, "module_type": type(module).__name__, "module_path": path, "call_index": index,
+            "block": block if block != path else None, "layer": layer if layer != path else None,
+            "shape": list(output.shape), "file": file, "params": module_params(module),
+        })
+
+    categories = None
+    if architecture["num_classes"] == 1000:
+        categories = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    manifest = {
+        "format": FORMAT_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "producer": {
+            "tool": "reference.dump", "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "python": platform.python_version(),
+            "command": "python -m reference.dump " + " ".join(sys.argv[1:] if argv is None else argv),
+        },
+        "model": {"name": args.model, "weights": weights_description},
+        "architecture": architecture,
+        "mode": "train" if args.train_mode else "eval",
+        "batch_norms": [
+            {"module": path, "eps": m.eps, "momentum": m.momentum}
+            for path, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+        ],
+        "input": input_description,
+        "layout": "NCHW",
+        "dtype": "float32",
+        "stages": stages,
+        "weights": weights,
+        "top5": top5(logits, categories),
+        "classes": categories,
+    }
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
+    print(f"dumped {args.model}: {len(stages)} stages, {len(weights)} weights, "
+          f"{size / 1e6:.1f} MB, mode {manifest['mode']} -> {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""torchvision ResNets, full size or width-reduced, with seeded weights whose
+BatchNorm running statistics are calibrated on seeded inputs."""
+
+import torch
+from torch import nn
+from torchvision.models import resnet as tv
+
+# Every torchvision ResNet constructor: block, blocks per stage, groups, width per group.
+MODELS = {
+    "resnet18": (tv.BasicBlock, [2, 2, 2, 2], 1, 64),
+    "resnet34": (tv.BasicBlock, [3, 4, 6, 3], 1, 64),
+    "resnet50": (tv.Bottleneck, [3, 4, 6, 3], 1, 64),
+    "resnet101": (tv.Bottleneck, [3, 4, 23, 3], 1, 64),
+    "resnet152": (tv.Bottleneck, [3, 8, 36, 3], 1, 64),
+    "resnext50_32x4d": (tv.Bottleneck, [3, 4, 6, 3], 32, 4),
+    "resnext101_32x8d": (tv.Bottleneck, [3, 4, 23, 3], 32, 8),
+    "resnext101_64x4d": (tv.Bottleneck, [3, 4, 23, 3], 64, 4),
+    "wide_resnet50_2": (tv.Bottleneck, [3, 4, 6, 3], 1, 128),
+    "wide_resnet101_2": (tv.Bottleneck, [3, 4, 23, 3], 1, 128),
+}
+
+FULL_WIDTH = 64
+
+
+def build(name, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group=None):
+    """Builds torchvision's own ResNet class. A width below 64 rebuilds the
+    stem, the four layers and fc with `width` channels where torchvision has
+    64 (and 2x, 4x, 8x that after), keeping module names, block classes and
+    topology. `groups` and `width_per_group` override the constructor's, so
+    that a width-reduced ResNeXt still has channels in every group."""
+    if name not in MODELS:
+        raise SystemExit(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    block, layers, default_groups, default_width_per_group = MODELS[name]
+    groups = default_groups if groups is None else groups
+    width_per_group = default_width_per_group if width_per_group is None else width_per_group
+    model = tv.ResNet(block, layers, num_classes=num_classes, groups=groups, width_per_group=width_per_group)
+    if width != FULL_WIDTH:
+        # Re-run the part of ResNet.__init__ that hard-codes 64 channels.
+        # Assigning existing attributes keeps torchvision's module order.
+        model.inplanes = width
+        model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        model.bn1 = nn.BatchNorm2d(width)
+        model.layer1 = model._make_layer(block, width, layers[0])
+        model.layer2 = model._make_layer(block, width * 2, layers[1], stride=2)
+        model.layer3 = model._make_layer(block, width * 4, layers[2], stride=2)
+        model.layer4 = model._make_layer(block, width * 8, layers[3], stride=2)
+        model.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+    return model, {
+        "block": block.__name__,
+        "layers": layers,
+        "groups": groups,
+        "width_per_group": width_per_group,
+        "stem_channels": width,
+        "planes": [width, width * 2, width * 4, width * 8],
+        "num_classes": num_classes,
+        "in_channels": 3,
+        "batch_norm_eps": model.bn1.eps,
+    }
+
+
+def randomize_batch_norm_affine(model, generator):
+    """torchvision starts every BatchNorm at weight 1, bias 0, which would hide
+    any bug that swaps or drops them. Seeded values away from 1 and 0 make
+    such bugs visible."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+                module.bias.copy_((torch.rand(module.num_features, generator=generator) - 0.5) * 0.5)
+
+
+def calibrate_batch_norm(model, generator, size, batches, batch_size):
+    """Fills running_mean and running_var with the exact average over seeded
+    inputs: train mode, momentum=None (cumulative average), no gradients."""
+    saved_momenta = {}
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            saved_momenta[module] = module.momentum
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(batch_size, 3, size, size, generator=generator))
+    for module, momentum in saved_momenta.items():
+        module.momentum = momentum
+    model.eval()
+
+
+def seeded(name, seed, size, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group=None,
+           calibration_batches=2, calibration_batch_size=4):
+    torch.manual_seed(seed)
+    model, architecture = build(name, width, num_classes, groups, width_per_group)
+    generator = torch.Generator().manual_seed(seed)
+    randomize_batch_norm_affine(model, generator)
+    calibrate_batch_norm(model, generator, size, calibration_batches, calibration_batch_size)
+    return model, architecture
+
+
+def from_checkpoint(name, path, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group=None):
+    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state_dict, dict) and "state_dict" in state_dict:
+        state_dict = state_dict["state_dict"]
+    if "fc.weight" in state_dict:
+        num_classes = state_dict["fc.weight"].shape[0]
+    model, architecture = build(name, width, num_classes, groups, width_per_group)
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise SystemExit(f"{path}: not a {name} state_dict: {error}") from None
+    model.eval()
+    return model, architecture
