@@ -72,7 +72,10 @@ impl Architecture {
             ));
         }
         if self.layers.contains(&0) {
-            return fail(format!("every stage needs at least one block, got {:?}", self.layers));
+            return fail(format!(
+                "every stage needs at least one block, got {:?}",
+                self.layers
+            ));
         }
         let sizes = [
             ("groups", self.groups),
@@ -85,14 +88,21 @@ impl Architecture {
             return fail(format!("`{field}` must be at least 1"));
         }
         if self.planes.contains(&0) {
-            return fail(format!("`planes` must all be at least 1, got {:?}", self.planes));
+            return fail(format!(
+                "`planes` must all be at least 1, got {:?}",
+                self.planes
+            ));
         }
         if !(self.batch_norm_eps.is_finite() && self.batch_norm_eps >= 0.0) {
-            return fail(format!("`batch_norm_eps` must be finite and >= 0, got {}", self.batch_norm_eps));
+            return fail(format!(
+                "`batch_norm_eps` must be finite and >= 0, got {}",
+                self.batch_norm_eps
+            ));
         }
         match self.block {
             BlockKind::BasicBlock if self.groups != 1 || self.width_per_group != 64 => fail(
-                "BasicBlock only supports groups=1 and width_per_group=64 (as in torchvision)".into(),
+                "BasicBlock only supports groups=1 and width_per_group=64 (as in torchvision)"
+                    .into(),
             ),
             BlockKind::Bottleneck => {
                 for &planes in &self.planes {
@@ -132,10 +142,17 @@ mod tests {
     fn bottleneck_widths_follow_torchvision() {
         let resnet50 = resnet50();
         assert_eq!(resnet50.bottleneck_width(64), 64);
-        let resnext = Architecture { groups: 32, width_per_group: 4, ..resnet50.clone() };
+        let resnext = Architecture {
+            groups: 32,
+            width_per_group: 4,
+            ..resnet50.clone()
+        };
         assert_eq!(resnext.bottleneck_width(64), 128);
         assert_eq!(resnext.bottleneck_width(512), 1024);
-        let wide = Architecture { width_per_group: 128, ..resnet50.clone() };
+        let wide = Architecture {
+            width_per_group: 128,
+            ..resnet50.clone()
+        };
         assert_eq!(wide.bottleneck_width(64), 128);
         assert_eq!(resnet50.feature_channels(), 2048);
     }
@@ -143,12 +160,23 @@ mod tests {
     #[test]
     fn validation_refuses_what_torchvision_refuses() {
         assert!(resnet50().validate().is_ok());
-        let grouped_basic = Architecture { block: BlockKind::BasicBlock, groups: 2, ..resnet50() };
+        let grouped_basic = Architecture {
+            block: BlockKind::BasicBlock,
+            groups: 2,
+            ..resnet50()
+        };
         assert!(grouped_basic.validate().is_err());
         // int(8 * 1 / 64) * 1 = 0 channels inside the first Bottleneck.
-        let empty = Architecture { width_per_group: 1, planes: vec![8, 16, 32, 64], ..resnet50() };
+        let empty = Architecture {
+            width_per_group: 1,
+            planes: vec![8, 16, 32, 64],
+            ..resnet50()
+        };
         assert!(empty.validate().is_err());
-        let mismatched = Architecture { layers: vec![1, 1], ..resnet50() };
+        let mismatched = Architecture {
+            layers: vec![1, 1],
+            ..resnet50()
+        };
         assert!(mismatched.validate().is_err());
     }
 }

@@ -13,6 +13,9 @@ pub enum CoreError {
         found: Vec<usize>,
     },
 
+    #[error("weight `{name}` cannot be read: {reason}")]
+    WeightSource { name: String, reason: String },
+
     #[error("unsupported architecture: {0}")]
     UnsupportedArchitecture(String),
 

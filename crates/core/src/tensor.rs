@@ -20,7 +20,12 @@ impl Tensor {
 
     /// Converts an NCHW array (torch's order) into NHWC.
     pub fn from_nchw(array: ArrayView4<'_, f32>) -> Self {
-        Tensor(array.permuted_axes([0, 2, 3, 1]).as_standard_layout().into_owned())
+        Tensor(
+            array
+                .permuted_axes([0, 2, 3, 1])
+                .as_standard_layout()
+                .into_owned(),
+        )
     }
 
     pub fn zeros(batch: usize, height: usize, width: usize, channels: usize) -> Self {

@@ -24,7 +24,11 @@ pub trait WeightSource {
 
 impl WeightSource for std::collections::HashMap<String, WeightTensor> {
     fn weight(&self, name: &str) -> Result<WeightTensor, CoreError> {
-        self.get(name).cloned().ok_or_else(|| CoreError::MissingWeight { name: name.to_string() })
+        self.get(name)
+            .cloned()
+            .ok_or_else(|| CoreError::MissingWeight {
+                name: name.to_string(),
+            })
     }
 }
 
@@ -62,7 +66,10 @@ pub fn conv_weight_from_oihw(weight: ArrayView4<'_, f32>, groups: usize) -> Vec<
         );
         // (o, i, y, x) -> (y, x, i, o)
         let reordered = group_weight.permuted_axes([2, 3, 1, 0]);
-        debug_assert_eq!(reordered.dim(), (kernel_y, kernel_x, in_per_group, out_per_group));
+        debug_assert_eq!(
+            reordered.dim(),
+            (kernel_y, kernel_x, in_per_group, out_per_group)
+        );
         panels.extend(reordered.iter().copied());
     }
     panels
@@ -105,7 +112,10 @@ mod tests {
     #[test]
     fn linear_weight_is_transposed() {
         let weight = Array2::from_shape_fn((3, 2), |(out, input)| (out * 10 + input) as f32);
-        assert_eq!(linear_weight_from_torch(weight.view()), vec![0.0, 10.0, 20.0, 1.0, 11.0, 21.0]);
+        assert_eq!(
+            linear_weight_from_torch(weight.view()),
+            vec![0.0, 10.0, 20.0, 1.0, 11.0, 21.0]
+        );
     }
 
     #[test]

@@ -13,31 +13,83 @@ use crate::{Architecture, BlockKind, CoreError, WeightSource};
 impl Network {
     /// Builds the network described by `architecture`, taking every weight
     /// from `weights` under its torch state_dict name, in torch's layout.
-    pub fn from_weights(architecture: &Architecture, weights: &dyn WeightSource) -> Result<Network, CoreError> {
+    pub fn from_weights(
+        architecture: &Architecture,
+        weights: &dyn WeightSource,
+    ) -> Result<Network, CoreError> {
         architecture.validate()?;
-        let mut net = Builder { architecture, weights, stages: Vec::new(), block: None, layer: None };
+        let mut net = Builder {
+            architecture,
+            weights,
+            stages: Vec::new(),
+            block: None,
+            layer: None,
+        };
 
         let input = net.push("input", "", StageKind::Input, Operation::Input, vec![]);
         // The stem.
-        let x = net.conv("conv1", input, architecture.in_channels, architecture.stem_channels, ConvGeometry::square(7, 2, 3, 1))?;
+        let x = net.conv(
+            "conv1",
+            input,
+            architecture.in_channels,
+            architecture.stem_channels,
+            ConvGeometry::square(7, 2, 3, 1),
+        )?;
         let x = net.batch_norm("bn1", x, architecture.stem_channels)?;
         let x = net.push("relu", "relu", StageKind::ReLU, Operation::Relu, vec![x]);
-        let pool = MaxPool2d { kernel: 3, stride: 2, padding: 1 };
-        let mut x = net.push("maxpool", "maxpool", StageKind::MaxPool2d, Operation::MaxPool(pool), vec![x]);
+        let pool = MaxPool2d {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        };
+        let mut x = net.push(
+            "maxpool",
+            "maxpool",
+            StageKind::MaxPool2d,
+            Operation::MaxPool(pool),
+            vec![x],
+        );
 
         // The four (or however many) stages; every one but the first halves the image.
         let mut in_channels = architecture.stem_channels;
-        for (index, (&blocks, &planes)) in architecture.layers.iter().zip(&architecture.planes).enumerate() {
+        for (index, (&blocks, &planes)) in architecture
+            .layers
+            .iter()
+            .zip(&architecture.planes)
+            .enumerate()
+        {
             let stride = if index == 0 { 1 } else { 2 };
-            x = net.layer(&format!("layer{}", index + 1), x, &mut in_channels, planes, blocks, stride)?;
+            x = net.layer(
+                &format!("layer{}", index + 1),
+                x,
+                &mut in_channels,
+                planes,
+                blocks,
+                stride,
+            )?;
         }
 
         // The head.
-        let x = net.push("avgpool", "avgpool", StageKind::AdaptiveAvgPool2d, Operation::AveragePool, vec![x]);
-        net.linear("fc", x, architecture.feature_channels(), architecture.num_classes)?;
+        let x = net.push(
+            "avgpool",
+            "avgpool",
+            StageKind::AdaptiveAvgPool2d,
+            Operation::AveragePool,
+            vec![x],
+        );
+        net.linear(
+            "fc",
+            x,
+            architecture.feature_channels(),
+            architecture.num_classes,
+        )?;
 
         let released_after = release_schedule(&net.stages);
-        Ok(Network { architecture: architecture.clone(), stages: net.stages, released_after })
+        Ok(Network {
+            architecture: architecture.clone(),
+            stages: net.stages,
+            released_after,
+        })
     }
 }
 
@@ -66,8 +118,12 @@ impl Builder<'_> {
             let block = format!("{name}.{index}");
             let block_stride = if index == 0 { stride } else { 1 };
             x = match self.architecture.block {
-                BlockKind::Bottleneck => self.bottleneck(&block, x, *in_channels, planes, block_stride)?,
-                BlockKind::BasicBlock => self.basic_block(&block, x, *in_channels, planes, block_stride)?,
+                BlockKind::Bottleneck => {
+                    self.bottleneck(&block, x, *in_channels, planes, block_stride)?
+                }
+                BlockKind::BasicBlock => {
+                    self.basic_block(&block, x, *in_channels, planes, block_stride)?
+                }
             };
             *in_channels = planes * self.architecture.block.expansion();
         }
@@ -76,20 +132,45 @@ impl Builder<'_> {
     }
 
     /// 1x1 reduce, 3x3 (strided, grouped), 1x1 expand, then `relu(out + identity)`.
-    fn bottleneck(&mut self, name: &str, input: usize, in_channels: usize, planes: usize, stride: usize) -> Result<usize, CoreError> {
+    fn bottleneck(
+        &mut self,
+        name: &str,
+        input: usize,
+        in_channels: usize,
+        planes: usize,
+        stride: usize,
+    ) -> Result<usize, CoreError> {
         let first_child = self.stages.len();
         self.block = Some(name.to_string());
         let width = self.architecture.bottleneck_width(planes);
         let out_channels = planes * BlockKind::Bottleneck.expansion();
         let groups = self.architecture.groups;
 
-        let x = self.conv(&format!("{name}.conv1"), input, in_channels, width, ConvGeometry::square(1, 1, 0, 1))?;
+        let x = self.conv(
+            &format!("{name}.conv1"),
+            input,
+            in_channels,
+            width,
+            ConvGeometry::square(1, 1, 0, 1),
+        )?;
         let x = self.batch_norm(&format!("{name}.bn1"), x, width)?;
         let x = self.block_relu(name, 0, x);
-        let x = self.conv(&format!("{name}.conv2"), x, width, width, ConvGeometry::square(3, stride, 1, groups))?;
+        let x = self.conv(
+            &format!("{name}.conv2"),
+            x,
+            width,
+            width,
+            ConvGeometry::square(3, stride, 1, groups),
+        )?;
         let x = self.batch_norm(&format!("{name}.bn2"), x, width)?;
         let x = self.block_relu(name, 1, x);
-        let x = self.conv(&format!("{name}.conv3"), x, width, out_channels, ConvGeometry::square(1, 1, 0, 1))?;
+        let x = self.conv(
+            &format!("{name}.conv3"),
+            x,
+            width,
+            out_channels,
+            ConvGeometry::square(1, 1, 0, 1),
+        )?;
         let residual = self.batch_norm(&format!("{name}.bn3"), x, out_channels)?;
         let identity = self.identity(name, input, in_channels, out_channels, stride)?;
         self.block_add_relu(name, 2, residual, identity);
@@ -99,14 +180,33 @@ impl Builder<'_> {
     }
 
     /// Two 3x3 convs, then `relu(out + identity)`.
-    fn basic_block(&mut self, name: &str, input: usize, in_channels: usize, planes: usize, stride: usize) -> Result<usize, CoreError> {
+    fn basic_block(
+        &mut self,
+        name: &str,
+        input: usize,
+        in_channels: usize,
+        planes: usize,
+        stride: usize,
+    ) -> Result<usize, CoreError> {
         let first_child = self.stages.len();
         self.block = Some(name.to_string());
 
-        let x = self.conv(&format!("{name}.conv1"), input, in_channels, planes, ConvGeometry::square(3, stride, 1, 1))?;
+        let x = self.conv(
+            &format!("{name}.conv1"),
+            input,
+            in_channels,
+            planes,
+            ConvGeometry::square(3, stride, 1, 1),
+        )?;
         let x = self.batch_norm(&format!("{name}.bn1"), x, planes)?;
         let x = self.block_relu(name, 0, x);
-        let x = self.conv(&format!("{name}.conv2"), x, planes, planes, ConvGeometry::square(3, 1, 1, 1))?;
+        let x = self.conv(
+            &format!("{name}.conv2"),
+            x,
+            planes,
+            planes,
+            ConvGeometry::square(3, 1, 1, 1),
+        )?;
         let residual = self.batch_norm(&format!("{name}.bn2"), x, planes)?;
         let identity = self.identity(name, input, in_channels, planes, stride)?;
         self.block_add_relu(name, 1, residual, identity);
@@ -117,40 +217,95 @@ impl Builder<'_> {
 
     /// The block's input, or torchvision's downsample (1x1 strided conv and
     /// BatchNorm) where the shape changes.
-    fn identity(&mut self, block: &str, input: usize, in_channels: usize, out_channels: usize, stride: usize) -> Result<usize, CoreError> {
+    fn identity(
+        &mut self,
+        block: &str,
+        input: usize,
+        in_channels: usize,
+        out_channels: usize,
+        stride: usize,
+    ) -> Result<usize, CoreError> {
         if stride == 1 && in_channels == out_channels {
             return Ok(input);
         }
         let name = format!("{block}.downsample");
         let first_child = self.stages.len();
-        let x = self.conv(&format!("{name}.0"), input, in_channels, out_channels, ConvGeometry::square(1, stride, 0, 1))?;
+        let x = self.conv(
+            &format!("{name}.0"),
+            input,
+            in_channels,
+            out_channels,
+            ConvGeometry::square(1, stride, 0, 1),
+        )?;
         self.batch_norm(&format!("{name}.1"), x, out_channels)?;
         Ok(self.container(&name, StageKind::Sequential, input, first_child))
     }
 
     fn block_relu(&mut self, block: &str, call: usize, input: usize) -> usize {
         let module = format!("{block}.relu");
-        self.push(&repeated_call_name(&module, call), &module, StageKind::ReLU, Operation::Relu, vec![input])
+        self.push(
+            &repeated_call_name(&module, call),
+            &module,
+            StageKind::ReLU,
+            Operation::Relu,
+            vec![input],
+        )
     }
 
-    fn block_add_relu(&mut self, block: &str, call: usize, residual: usize, identity: usize) -> usize {
+    fn block_add_relu(
+        &mut self,
+        block: &str,
+        call: usize,
+        residual: usize,
+        identity: usize,
+    ) -> usize {
         let module = format!("{block}.relu");
-        self.push(&repeated_call_name(&module, call), &module, StageKind::ReLU, Operation::AddRelu, vec![residual, identity])
+        self.push(
+            &repeated_call_name(&module, call),
+            &module,
+            StageKind::ReLU,
+            Operation::AddRelu,
+            vec![residual, identity],
+        )
     }
 
-    fn conv(&mut self, name: &str, input: usize, in_channels: usize, out_channels: usize, geometry: ConvGeometry) -> Result<usize, CoreError> {
+    fn conv(
+        &mut self,
+        name: &str,
+        input: usize,
+        in_channels: usize,
+        out_channels: usize,
+        geometry: ConvGeometry,
+    ) -> Result<usize, CoreError> {
         let [kh, kw] = geometry.kernel;
         let shape = [out_channels, in_channels / geometry.groups, kh, kw];
         let weight = load_with_shape(self.weights, &format!("{name}.weight"), &shape)?;
-        let weight = weight.into_dimensionality::<Ix4>().expect("shape checked above");
+        let weight = weight
+            .into_dimensionality::<Ix4>()
+            .expect("shape checked above");
         let panels = conv_weight_from_oihw(weight.view(), geometry.groups);
         let conv = Conv2d::new(in_channels, out_channels, geometry, panels, None);
-        Ok(self.push(name, name, StageKind::Conv2d, Operation::Conv(conv), vec![input]))
+        Ok(self.push(
+            name,
+            name,
+            StageKind::Conv2d,
+            Operation::Conv(conv),
+            vec![input],
+        ))
     }
 
-    fn batch_norm(&mut self, name: &str, input: usize, channels: usize) -> Result<usize, CoreError> {
+    fn batch_norm(
+        &mut self,
+        name: &str,
+        input: usize,
+        channels: usize,
+    ) -> Result<usize, CoreError> {
         let load = |part: &str| -> Result<Vec<f32>, CoreError> {
-            Ok(load_with_shape(self.weights, &format!("{name}.{part}"), &[channels])?.into_raw_vec_and_offset().0)
+            Ok(
+                load_with_shape(self.weights, &format!("{name}.{part}"), &[channels])?
+                    .into_raw_vec_and_offset()
+                    .0,
+            )
         };
         let norm = BatchNorm::from_running_statistics(
             &load("weight")?,
@@ -159,26 +314,82 @@ impl Builder<'_> {
             &load("running_var")?,
             self.architecture.batch_norm_eps,
         );
-        Ok(self.push(name, name, StageKind::BatchNorm2d, Operation::BatchNorm(norm), vec![input]))
+        Ok(self.push(
+            name,
+            name,
+            StageKind::BatchNorm2d,
+            Operation::BatchNorm(norm),
+            vec![input],
+        ))
     }
 
-    fn linear(&mut self, name: &str, input: usize, in_features: usize, out_features: usize) -> Result<usize, CoreError> {
-        let weight = load_with_shape(self.weights, &format!("{name}.weight"), &[out_features, in_features])?;
-        let weight = weight.into_dimensionality::<ndarray::Ix2>().expect("shape checked above");
+    fn linear(
+        &mut self,
+        name: &str,
+        input: usize,
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<usize, CoreError> {
+        let weight = load_with_shape(
+            self.weights,
+            &format!("{name}.weight"),
+            &[out_features, in_features],
+        )?;
+        let weight = weight
+            .into_dimensionality::<ndarray::Ix2>()
+            .expect("shape checked above");
         let bias = load_with_shape(self.weights, &format!("{name}.bias"), &[out_features])?;
-        let linear = Linear::new(in_features, out_features, linear_weight_from_torch(weight.view()), bias.into_raw_vec_and_offset().0);
-        Ok(self.push(name, name, StageKind::Linear, Operation::Linear(linear), vec![input]))
+        let linear = Linear::new(
+            in_features,
+            out_features,
+            linear_weight_from_torch(weight.view()),
+            bias.into_raw_vec_and_offset().0,
+        );
+        Ok(self.push(
+            name,
+            name,
+            StageKind::Linear,
+            Operation::Linear(linear),
+            vec![input],
+        ))
     }
 
-    fn container(&mut self, name: &str, kind: StageKind, input: usize, first_child: usize) -> usize {
-        self.push(name, name, kind, Operation::Container { first_child }, vec![input])
+    fn container(
+        &mut self,
+        name: &str,
+        kind: StageKind,
+        input: usize,
+        first_child: usize,
+    ) -> usize {
+        self.push(
+            name,
+            name,
+            kind,
+            Operation::Container { first_child },
+            vec![input],
+        )
     }
 
-    fn push(&mut self, name: &str, module: &str, kind: StageKind, operation: Operation, inputs: Vec<usize>) -> usize {
+    fn push(
+        &mut self,
+        name: &str,
+        module: &str,
+        kind: StageKind,
+        operation: Operation,
+        inputs: Vec<usize>,
+    ) -> usize {
         // A container is not inside itself.
         let block = self.block.clone().filter(|block| block != name);
         let layer = self.layer.clone().filter(|layer| layer != name);
-        self.stages.push(Stage { name: name.to_string(), module: module.to_string(), kind, block, layer, operation, inputs });
+        self.stages.push(Stage {
+            name: name.to_string(),
+            module: module.to_string(),
+            kind,
+            block,
+            layer,
+            operation,
+            inputs,
+        });
         self.stages.len() - 1
     }
 }

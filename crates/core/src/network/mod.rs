@@ -13,8 +13,8 @@ mod stage;
 use std::ops::ControlFlow;
 use std::rc::Rc;
 
-pub use stage::{Stage, StageKind};
 pub(crate) use stage::Operation;
+pub use stage::{Stage, StageKind};
 
 use crate::{Architecture, CoreError, Tensor};
 
@@ -47,7 +47,15 @@ impl Network {
     /// [`Network::run_stage`] takes them. A container is fed what its first
     /// child is fed.
     pub fn stage_inputs(&self, index: usize) -> impl Iterator<Item = &Stage> {
-        self.stages[index].inputs.iter().map(|&producer| &self.stages[producer])
+        self.stages[index]
+            .inputs
+            .iter()
+            .map(|&producer| &self.stages[producer])
+    }
+
+    /// The indices of the stages that feed stage `index`.
+    pub fn stage_input_indices(&self, index: usize) -> &[usize] {
+        &self.stages[index].inputs
     }
 
     /// The logits (`[N, 1, 1, classes]`), with nothing observed or copied.
@@ -68,7 +76,10 @@ impl Network {
     ) -> Result<Option<Tensor>, CoreError> {
         let channels = self.architecture.in_channels;
         if input.channels() != channels || input.as_slice().is_empty() {
-            return Err(CoreError::InputShape { found: input.nhwc_shape().to_vec(), expected_channels: channels });
+            return Err(CoreError::InputShape {
+                found: input.nhwc_shape().to_vec(),
+                expected_channels: channels,
+            });
         }
         let input = Rc::new(input);
         if observer(&self.stages[0], &input).is_break() {
@@ -96,10 +107,13 @@ impl Network {
         match stage.operation {
             Operation::Container { first_child } => {
                 let seed = Rc::new(inputs[0].clone());
-                let output = self.execute(stage.inputs[0], seed, first_child, index, &mut |_, _| {
-                    ControlFlow::Continue(())
-                })?;
-                Ok(Rc::unwrap_or_clone(output.expect("an unobserved run goes to the end")))
+                let output =
+                    self.execute(stage.inputs[0], seed, first_child, index, &mut |_, _| {
+                        ControlFlow::Continue(())
+                    })?;
+                Ok(Rc::unwrap_or_clone(
+                    output.expect("an unobserved run goes to the end"),
+                ))
             }
             _ => stage.apply(inputs),
         }
@@ -121,12 +135,18 @@ impl Network {
         for index in first..=last {
             let stage = &self.stages[index];
             let output = match stage.operation {
-                Operation::Container { .. } => values[index - 1].clone().expect("a container follows its last child"),
+                Operation::Container { .. } => values[index - 1]
+                    .clone()
+                    .expect("a container follows its last child"),
                 _ => {
                     let inputs: Vec<&Tensor> = stage
                         .inputs
                         .iter()
-                        .map(|&producer| values[producer].as_deref().expect("producers run before consumers"))
+                        .map(|&producer| {
+                            values[producer]
+                                .as_deref()
+                                .expect("producers run before consumers")
+                        })
                         .collect();
                     Rc::new(stage.apply(&inputs)?)
                 }

@@ -37,9 +37,20 @@ impl StageKind {
 
     pub fn from_torch_name(name: &str) -> Option<Self> {
         use StageKind::*;
-        [Input, Conv2d, BatchNorm2d, ReLU, MaxPool2d, AdaptiveAvgPool2d, Linear, BasicBlock, Bottleneck, Sequential]
-            .into_iter()
-            .find(|kind| kind.torch_name() == name)
+        [
+            Input,
+            Conv2d,
+            BatchNorm2d,
+            ReLU,
+            MaxPool2d,
+            AdaptiveAvgPool2d,
+            Linear,
+            BasicBlock,
+            Bottleneck,
+            Sequential,
+        ]
+        .into_iter()
+        .find(|kind| kind.torch_name() == name)
     }
 
     pub fn is_block(self) -> bool {
@@ -67,7 +78,9 @@ pub(crate) enum Operation {
     /// `fc`, after torch.flatten (which is no work on an `[N, 1, 1, C]` map).
     Linear(Linear),
     /// A block, layer or downsample: its output is its last child's.
-    Container { first_child: usize },
+    Container {
+        first_child: usize,
+    },
 }
 
 /// One observable point of the network, named as the reference dump names
@@ -99,7 +112,11 @@ impl Stage {
             _ => 1,
         };
         if inputs.len() != arity {
-            return Err(CoreError::StageArity { stage: self.name.clone(), expected: arity, found: inputs.len() });
+            return Err(CoreError::StageArity {
+                stage: self.name.clone(),
+                expected: arity,
+                found: inputs.len(),
+            });
         }
         let x = inputs[0];
         let result = match &self.operation {

@@ -26,7 +26,9 @@ impl BatchNorm {
     ) -> Self {
         let channels = weight.len();
         assert!(
-            [bias.len(), running_mean.len(), running_var.len()].iter().all(|&len| len == channels),
+            [bias.len(), running_mean.len(), running_var.len()]
+                .iter()
+                .all(|&len| len == channels),
             "BatchNorm parameters must all have one value per channel"
         );
         let mut scale = Vec::with_capacity(channels);
@@ -45,7 +47,11 @@ impl BatchNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ShapeError> {
         if x.channels() != self.channels() {
-            return Err(format!("expected {} channels, got {}", self.channels(), x.channels()));
+            return Err(format!(
+                "expected {} channels, got {}",
+                self.channels(),
+                x.channels()
+            ));
         }
         let mut out = x.clone();
         for pixel in out.as_slice_mut().chunks_exact_mut(self.channels()) {

@@ -63,13 +63,31 @@ impl Conv2d {
         bias: Option<Vec<f32>>,
     ) -> Self {
         let [kh, kw] = geometry.kernel;
-        assert!(geometry.groups > 0 && in_channels % geometry.groups == 0 && out_channels % geometry.groups == 0);
-        assert!(geometry.stride.iter().chain(&geometry.dilation).chain(&geometry.kernel).all(|&v| v > 0));
-        assert_eq!(weight_panels.len(), out_channels * (in_channels / geometry.groups) * kh * kw);
+        assert!(
+            geometry.groups > 0
+                && in_channels % geometry.groups == 0
+                && out_channels % geometry.groups == 0
+        );
+        assert!(geometry
+            .stride
+            .iter()
+            .chain(&geometry.dilation)
+            .chain(&geometry.kernel)
+            .all(|&v| v > 0));
+        assert_eq!(
+            weight_panels.len(),
+            out_channels * (in_channels / geometry.groups) * kh * kw
+        );
         if let Some(bias) = &bias {
             assert_eq!(bias.len(), out_channels);
         }
-        Conv2d { in_channels, out_channels, geometry, weight: weight_panels, bias }
+        Conv2d {
+            in_channels,
+            out_channels,
+            geometry,
+            weight: weight_panels,
+            bias,
+        }
     }
 
     pub fn geometry(&self) -> &ConvGeometry {
@@ -79,9 +97,17 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ShapeError> {
         let [batch, height, width, channels] = x.nhwc_shape();
         if channels != self.in_channels {
-            return Err(format!("expected {} channels, got {channels}", self.in_channels));
+            return Err(format!(
+                "expected {} channels, got {channels}",
+                self.in_channels
+            ));
         }
-        let too_small = || format!("a {height}x{width} input is smaller than the {:?} kernel", self.geometry.kernel);
+        let too_small = || {
+            format!(
+                "a {height}x{width} input is smaller than the {:?} kernel",
+                self.geometry.kernel
+            )
+        };
         let out_h = self.geometry.output_size(0, height).ok_or_else(too_small)?;
         let out_w = self.geometry.output_size(1, width).ok_or_else(too_small)?;
 
@@ -101,10 +127,14 @@ impl Conv2d {
         };
 
         let mut out = Tensor::zeros(batch, out_h, out_w, self.out_channels);
-        let output = OutputBlock { data: out.as_slice_mut().as_mut_ptr(), row_stride: self.out_channels };
+        let output = OutputBlock {
+            data: out.as_slice_mut().as_mut_ptr(),
+            row_stride: self.out_channels,
+        };
         let run_group = |group: usize, threads: usize| {
             let lhs = MatrixView::row_major(lhs_data, group * depth, groups * depth);
-            let rhs = MatrixView::row_major(&self.weight, group * depth * out_per_group, out_per_group);
+            let rhs =
+                MatrixView::row_major(&self.weight, group * depth * out_per_group, out_per_group);
             // SAFETY: the column block of one group stays inside `out`.
             let block = unsafe { output.shifted(group * out_per_group) };
             // SAFETY: each group writes only its own `out_per_group` columns.
@@ -115,7 +145,9 @@ impl Conv2d {
             run_group(0, threads);
         } else {
             // Many narrow products: parallel over groups, each single-threaded.
-            (0..groups).into_par_iter().for_each(|group| run_group(group, 1));
+            (0..groups)
+                .into_par_iter()
+                .for_each(|group| run_group(group, 1));
         }
 
         if let Some(bias) = &self.bias {
@@ -145,12 +177,20 @@ impl Conv2d {
                 for ox in 0..out_w {
                     let patch = &mut rows[ox * row_len..(ox + 1) * row_len];
                     for ky in 0..kh {
-                        let Some(iy) = (oy * g.stride[0] + ky * g.dilation[0]).checked_sub(g.padding[0]) else { continue };
+                        let Some(iy) =
+                            (oy * g.stride[0] + ky * g.dilation[0]).checked_sub(g.padding[0])
+                        else {
+                            continue;
+                        };
                         if iy >= height {
                             continue;
                         }
                         for kx in 0..kw {
-                            let Some(ix) = (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.padding[1]) else { continue };
+                            let Some(ix) =
+                                (ox * g.stride[1] + kx * g.dilation[1]).checked_sub(g.padding[1])
+                            else {
+                                continue;
+                            };
                             if ix >= width {
                                 continue;
                             }

@@ -14,19 +14,35 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn new(in_features: usize, out_features: usize, weight_in_out: Vec<f32>, bias: Vec<f32>) -> Self {
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        weight_in_out: Vec<f32>,
+        bias: Vec<f32>,
+    ) -> Self {
         assert_eq!(weight_in_out.len(), in_features * out_features);
         assert_eq!(bias.len(), out_features);
-        Linear { in_features, out_features, weight: weight_in_out, bias }
+        Linear {
+            in_features,
+            out_features,
+            weight: weight_in_out,
+            bias,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ShapeError> {
         let [batch, height, width, channels] = x.nhwc_shape();
         if height != 1 || width != 1 || channels != self.in_features {
-            return Err(format!("expected [N, 1, 1, {}] (flattened features)", self.in_features));
+            return Err(format!(
+                "expected [N, 1, 1, {}] (flattened features)",
+                self.in_features
+            ));
         }
         let mut out = Tensor::zeros(batch, 1, 1, self.out_features);
-        let output = OutputBlock { data: out.as_slice_mut().as_mut_ptr(), row_stride: self.out_features };
+        let output = OutputBlock {
+            data: out.as_slice_mut().as_mut_ptr(),
+            row_stride: self.out_features,
+        };
         // SAFETY: `out` holds batch rows of out_features elements and is ours alone.
         unsafe {
             multiply(

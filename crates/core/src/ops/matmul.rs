@@ -15,12 +15,18 @@ pub(crate) struct MatrixView<'a> {
 
 impl<'a> MatrixView<'a> {
     pub fn row_major(data: &'a [f32], offset: usize, row_stride: usize) -> Self {
-        MatrixView { data, offset, row_stride, column_stride: 1 }
+        MatrixView {
+            data,
+            offset,
+            row_stride,
+            column_stride: 1,
+        }
     }
 
     fn check(&self, rows: usize, columns: usize) {
         if rows > 0 && columns > 0 {
-            let last = self.offset + (rows - 1) * self.row_stride + (columns - 1) * self.column_stride;
+            let last =
+                self.offset + (rows - 1) * self.row_stride + (columns - 1) * self.column_stride;
             assert!(last < self.data.len(), "matrix view reaches past its slice");
         }
     }
@@ -41,7 +47,10 @@ impl OutputBlock {
     /// # Safety
     /// The shifted block must stay inside the allocation.
     pub unsafe fn shifted(self, columns: usize) -> Self {
-        OutputBlock { data: self.data.add(columns), row_stride: self.row_stride }
+        OutputBlock {
+            data: self.data.add(columns),
+            row_stride: self.row_stride,
+        }
     }
 }
 
@@ -69,7 +78,11 @@ pub(crate) unsafe fn multiply(
     }
     lhs.check(m, k);
     rhs.check(k, n);
-    let parallelism = if threads > 1 { Parallelism::Rayon(threads) } else { Parallelism::None };
+    let parallelism = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
     gemm::gemm(
         m,
         n,

@@ -5,8 +5,8 @@
 mod activation;
 mod batch_norm;
 mod conv;
-mod matmul;
 mod linear;
+mod matmul;
 mod pool;
 
 pub use activation::{add_relu, relu};

@@ -19,9 +19,19 @@ impl MaxPool2d {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ShapeError> {
         if self.padding * 2 > self.kernel {
-            return Err(format!("padding {} is more than half the kernel {}", self.padding, self.kernel));
+            return Err(format!(
+                "padding {} is more than half the kernel {}",
+                self.padding, self.kernel
+            ));
         }
-        let too_small = || format!("a {}x{} input is smaller than the {} window", x.height(), x.width(), self.kernel);
+        let too_small = || {
+            format!(
+                "a {}x{} input is smaller than the {} window",
+                x.height(),
+                x.width(),
+                self.kernel
+            )
+        };
         let out_h = self.output_size(x.height()).ok_or_else(too_small)?;
         let out_w = self.output_size(x.width()).ok_or_else(too_small)?;
         let [batch, height, width, channels] = x.nhwc_shape();
@@ -36,12 +46,16 @@ impl MaxPool2d {
                     let best = &mut out_row[ox * channels..(ox + 1) * channels];
                     best.fill(f32::NEG_INFINITY);
                     for ky in 0..self.kernel {
-                        let Some(iy) = (oy * self.stride + ky).checked_sub(self.padding) else { continue };
+                        let Some(iy) = (oy * self.stride + ky).checked_sub(self.padding) else {
+                            continue;
+                        };
                         if iy >= height {
                             continue;
                         }
                         for kx in 0..self.kernel {
-                            let Some(ix) = (ox * self.stride + kx).checked_sub(self.padding) else { continue };
+                            let Some(ix) = (ox * self.stride + kx).checked_sub(self.padding) else {
+                                continue;
+                            };
                             if ix >= width {
                                 continue;
                             }
@@ -69,7 +83,9 @@ pub fn adaptive_average_pool_1x1(x: &Tensor) -> Tensor {
     let input = x.as_slice();
     for n in 0..batch {
         let mut sums = vec![0f64; channels];
-        for pixel in input[n * pixels * channels..(n + 1) * pixels * channels].chunks_exact(channels) {
+        for pixel in
+            input[n * pixels * channels..(n + 1) * pixels * channels].chunks_exact(channels)
+        {
             for (s, &v) in sums.iter_mut().zip(pixel) {
                 *s += v as f64;
             }

@@ -1,0 +1,253 @@
+use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
+
+use ndarray::ArrayD;
+use resnet_core::{Architecture, CoreError, WeightSource, WeightTensor};
+
+use crate::manifest::{Manifest, StageEntry, FORMAT_NAME, SCHEMA_VERSION};
+use crate::npy;
+use crate::DumpError;
+
+/// An opened dump directory whose manifest has been checked.
+#[derive(Debug)]
+pub struct Dump {
+    root: PathBuf,
+    manifest_path: PathBuf,
+    manifest: Manifest,
+}
+
+/// A stage's data as stored (in the manifest's layout), and a note if it had
+/// to be converted to f32.
+#[derive(Debug)]
+pub struct LoadedStage {
+    pub data: ArrayD<f32>,
+    pub converted_from: Option<String>,
+}
+
+impl Dump {
+    /// Reads `DIR/manifest.json` and checks it: format, schema version,
+    /// unique stage names, and file names that stay inside the directory.
+    pub fn open(dir: &Path) -> Result<Dump, DumpError> {
+        let manifest_path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&manifest_path).map_err(|source| DumpError::Io {
+            path: manifest_path.clone(),
+            source,
+        })?;
+        let invalid = |reason: String| DumpError::Manifest {
+            path: manifest_path.clone(),
+            reason,
+        };
+        let raw: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|error| invalid(format!("malformed JSON: {error}")))?;
+        match raw.get("format").and_then(|format| format.as_str()) {
+            Some(FORMAT_NAME) => {}
+            Some(other) => {
+                return Err(invalid(format!(
+                    "format is `{other}`, expected `{FORMAT_NAME}`"
+                )))
+            }
+            None => {
+                return Err(invalid(format!(
+                    "no `format` field; is this a {FORMAT_NAME} manifest?"
+                )))
+            }
+        }
+        match raw.get("schema_version").and_then(|version| version.as_u64()) {
+            Some(version) if version == SCHEMA_VERSION as u64 => {}
+            Some(version) => {
+                return Err(invalid(format!("schema version {version} is not supported (this build reads version {SCHEMA_VERSION})")))
+            }
+            None => return Err(invalid("`schema_version` is missing or not a number".into())),
+        }
+        let manifest: Manifest =
+            serde_json::from_value(raw).map_err(|error| invalid(error.to_string()))?;
+
+        let root = dir.canonicalize().map_err(|source| DumpError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let dump = Dump {
+            root,
+            manifest_path,
+            manifest,
+        };
+        dump.check_entries()?;
+        Ok(dump)
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn manifest_path(&self) -> &Path {
+        &self.manifest_path
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The architecture, required to run the core on this dump.
+    pub fn architecture(&self) -> Result<&Architecture, DumpError> {
+        self.manifest
+            .architecture
+            .as_ref()
+            .ok_or_else(|| DumpError::Field {
+                path: self.manifest_path.clone(),
+                field: "architecture".into(),
+                reason: "missing; the core needs it to build the network".into(),
+            })
+    }
+
+    pub fn stage(&self, name: &str) -> Option<&StageEntry> {
+        self.manifest.stages.iter().find(|stage| stage.name == name)
+    }
+
+    /// Reads a stage's file and checks it against the manifest's shape.
+    pub fn load_stage(&self, stage: &StageEntry) -> Result<LoadedStage, DumpError> {
+        let path = self.resolve(&stage.file, &format!("stages[{}].file", stage.name))?;
+        let array = npy::read_f32(&path)?;
+        if array.data.shape() != stage.shape.as_slice() {
+            return Err(DumpError::StageShape {
+                path,
+                stage: stage.name.clone(),
+                expected: stage.shape.clone(),
+                found: array.data.shape().to_vec(),
+            });
+        }
+        Ok(LoadedStage {
+            data: array.data,
+            converted_from: array.converted_from,
+        })
+    }
+
+    /// The weights, for the core.
+    pub fn weights(&self) -> DumpWeights<'_> {
+        DumpWeights { dump: self }
+    }
+
+    fn check_entries(&self) -> Result<(), DumpError> {
+        let field_error = |field: String, reason: String| DumpError::Field {
+            path: self.manifest_path.clone(),
+            field,
+            reason,
+        };
+        if self.manifest.stages.is_empty() {
+            return Err(field_error("stages".into(), "no stages listed".into()));
+        }
+        let mut names = HashSet::new();
+        for (index, stage) in self.manifest.stages.iter().enumerate() {
+            if !names.insert(stage.name.as_str()) {
+                return Err(field_error(
+                    format!("stages[{index}].name"),
+                    format!("duplicate stage name `{}`", stage.name),
+                ));
+            }
+            check_relative(&stage.file)
+                .map_err(|reason| field_error(format!("stages[{index}].file"), reason))?;
+        }
+        let mut weight_names = HashSet::new();
+        for (index, weight) in self.manifest.weights.iter().enumerate() {
+            if !weight_names.insert(weight.name.as_str()) {
+                return Err(field_error(
+                    format!("weights[{index}].name"),
+                    format!("duplicate weight `{}`", weight.name),
+                ));
+            }
+            check_relative(&weight.file)
+                .map_err(|reason| field_error(format!("weights[{index}].file"), reason))?;
+        }
+        Ok(())
+    }
+
+    /// Joins a manifest file name to the dump directory, refusing anything
+    /// that leads out of it, symbolic links included.
+    fn resolve(&self, file: &str, field: &str) -> Result<PathBuf, DumpError> {
+        check_relative(file).map_err(|reason| DumpError::Field {
+            path: self.manifest_path.clone(),
+            field: field.into(),
+            reason,
+        })?;
+        let joined = self.root.join(file);
+        let real = joined.canonicalize().map_err(|source| DumpError::Io {
+            path: joined.clone(),
+            source,
+        })?;
+        if !real.starts_with(&self.root) {
+            return Err(DumpError::Field {
+                path: self.manifest_path.clone(),
+                field: field.into(),
+                reason: format!(
+                    "`{file}` leads out of the dump directory (to {})",
+                    real.display()
+                ),
+            });
+        }
+        Ok(real)
+    }
+}
+
+fn check_relative(file: &str) -> Result<(), String> {
+    let path = Path::new(file);
+    if file.is_empty() {
+        return Err("empty file name".into());
+    }
+    if path.is_absolute() || path.has_root() {
+        return Err(format!(
+            "`{file}` is an absolute path; files must be relative to the dump directory"
+        ));
+    }
+    if path
+        .components()
+        .any(|component| !matches!(component, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(format!("`{file}` leads out of the dump directory"));
+    }
+    Ok(())
+}
+
+/// A dump's weights, read on demand as the core asks for them.
+pub struct DumpWeights<'a> {
+    dump: &'a Dump,
+}
+
+impl DumpWeights<'_> {
+    fn load(&self, index: usize) -> Result<ArrayD<f32>, DumpError> {
+        let entry = &self.dump.manifest.weights[index];
+        let path = self
+            .dump
+            .resolve(&entry.file, &format!("weights[{index}].file"))?;
+        let array = npy::read_f32(&path)?;
+        if array.data.shape() != entry.shape.as_slice() {
+            return Err(DumpError::Field {
+                path,
+                field: format!("weights[{index}].shape"),
+                reason: format!(
+                    "weight `{}` has shape {:?} in its file, but the manifest says {:?}",
+                    entry.name,
+                    array.data.shape(),
+                    entry.shape
+                ),
+            });
+        }
+        Ok(array.data)
+    }
+}
+
+impl WeightSource for DumpWeights<'_> {
+    fn weight(&self, name: &str) -> Result<WeightTensor, CoreError> {
+        let index = self
+            .dump
+            .manifest
+            .weights
+            .iter()
+            .position(|weight| weight.name == name)
+            .ok_or_else(|| CoreError::MissingWeight {
+                name: name.to_string(),
+            })?;
+        self.load(index).map_err(|error| CoreError::WeightSource {
+            name: name.to_string(),
+            reason: error.to_string(),
+        })
+    }
+}

@@ -1,0 +1,16 @@
+//! Reference dumps on disk: the manifest, the stage activations and the
+//! weights, read defensively. Dumps come from other people's scripts and
+//! other engines, so nothing in them is trusted: file names must stay inside
+//! the dump, `.npy` headers must agree with the file's size before anything
+//! is allocated, and every error names the file and what is wrong.
+
+mod dump;
+mod error;
+mod manifest;
+pub mod npy;
+
+pub use dump::{Dump, DumpWeights, LoadedStage};
+pub use error::DumpError;
+pub use manifest::{
+    Layout, Manifest, Mode, StageEntry, TopClass, WeightEntry, FORMAT_NAME, SCHEMA_VERSION,
+};

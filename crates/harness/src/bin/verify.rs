@@ -1,0 +1,301 @@
+//! The `verify` command: arguments in, report out. Everything else lives in
+//! the `resnet_verify` library.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use resnet_verify::report::{json, junit, text};
+use resnet_verify::{
+    compare_dumps, verify, AbsoluteTolerance, CandidateLayout, CompareOptions, Event, Report,
+    RunMode, Tolerance, VerifyOptions,
+};
+
+/// Proves that the Rust ResNet core computes what PyTorch computes, stage by
+/// stage, from a reference dump made by `python -m reference.dump`.
+///
+/// Prints one line per stage (conv, BatchNorm, ReLU, block, layer) with
+/// `succ` or `fail`, the largest error, the error relative to the stage's
+/// scale and the cosine similarity; a line after each block and layer; and a
+/// summary. Exit code: 0 all succ, 1 any fail, 2 bad input or usage.
+///
+/// Examples:
+///   verify out/resnet50                  every stage, cumulative
+///   verify out/resnet50 --upto layer3    stop after layer3
+///   verify out/resnet50 --both           error made here vs carried in
+///   verify compare out/resnet50 my-engine-dump --cand-layout nhwc
+#[derive(Parser)]
+#[command(
+    name = "verify",
+    version,
+    verbatim_doc_comment,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// The reference dump directory (with manifest.json)
+    #[arg(required = true)]
+    dump: Option<PathBuf>,
+
+    /// Stop after this stage, block or layer (layer3, layer2.1, layer2.1.conv2); nothing after it is computed
+    #[arg(long, value_name = "STAGE")]
+    upto: Option<String>,
+
+    /// Feed every stage the reference's inputs, so that each error is pinned to the stage that made it
+    #[arg(long, conflicts_with = "both")]
+    isolate: bool,
+
+    /// Run cumulative and isolated side by side: error carried in against error made here
+    #[arg(long)]
+    both: bool,
+
+    /// Threads for the core (default: all cores)
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compare two dumps in the documented format (another engine's output against the reference); the core does not run
+    Compare {
+        /// The reference dump directory
+        reference: PathBuf,
+        /// The candidate dump directory, written by the engine under test
+        candidate: PathBuf,
+        /// Memory order of the candidate's stage files (auto: as its manifest says)
+        #[arg(long, value_enum, default_value = "auto")]
+        cand_layout: LayoutArg,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// Report only stages whose names match this glob (layer1.*, *.conv2)
+    #[arg(long, value_name = "GLOB")]
+    only: Option<String>,
+
+    /// Stop at the first failing stage
+    #[arg(long)]
+    fail_fast: bool,
+
+    /// Absolute tolerance (torch's rule |cand - ref| <= atol + rtol * |ref|); default: 1e-4 x the stage's max|ref|
+    #[arg(long)]
+    atol: Option<f64>,
+
+    /// Relative tolerance (torch's rule); default 1e-4
+    #[arg(long)]
+    rtol: Option<f64>,
+
+    /// Count NaN in both at the same place as a match
+    #[arg(long)]
+    equal_nan: bool,
+
+    /// Compare against a reference that was dumped in train mode (refused by default)
+    #[arg(long)]
+    allow_train_reference: bool,
+
+    /// Report format
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+
+    /// Write the report in --format to FILE; the text report still goes to stdout
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Format {
+    Text,
+    Json,
+    Junit,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LayoutArg {
+    Nchw,
+    Nhwc,
+    Auto,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(report) if report.passed() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::from(1),
+        Err(error) => {
+            eprintln!("verify: error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<Report> {
+    if let Some(threads) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .context("cannot start the thread pool")?;
+    }
+    match cli.command {
+        Some(Command::Compare {
+            reference,
+            candidate,
+            cand_layout,
+            common,
+        }) => {
+            let options = CompareOptions {
+                reference,
+                candidate,
+                layout: match cand_layout {
+                    LayoutArg::Nchw => CandidateLayout::Nchw,
+                    LayoutArg::Nhwc => CandidateLayout::Nhwc,
+                    LayoutArg::Auto => CandidateLayout::Auto,
+                },
+                only: glob(&common.only)?,
+                fail_fast: common.fail_fast,
+                tolerance: tolerance(&common),
+                allow_train_reference: common.allow_train_reference,
+            };
+            report(&common, RunMode::Dumps, |listener| {
+                Ok(compare_dumps(&options, listener)?)
+            })
+        }
+        None => {
+            let mode = match (cli.isolate, cli.both) {
+                (true, _) => RunMode::Isolated,
+                (_, true) => RunMode::Both,
+                _ => RunMode::Cumulative,
+            };
+            let options = VerifyOptions {
+                dump: cli.dump.expect("clap requires DUMP without a subcommand"),
+                upto: cli.upto,
+                only: glob(&cli.common.only)?,
+                fail_fast: cli.common.fail_fast,
+                tolerance: tolerance(&cli.common),
+                mode,
+                allow_train_reference: cli.common.allow_train_reference,
+            };
+            report(&cli.common, mode, |listener| {
+                Ok(verify(&options, listener)?)
+            })
+        }
+    }
+}
+
+fn tolerance(common: &Common) -> Tolerance {
+    let default = Tolerance::default();
+    Tolerance {
+        rtol: common.rtol.unwrap_or(default.rtol),
+        atol: common.atol.map_or(default.atol, AbsoluteTolerance::Fixed),
+        equal_nan: common.equal_nan,
+    }
+}
+
+fn glob(pattern: &Option<String>) -> anyhow::Result<Option<globset::GlobMatcher>> {
+    pattern
+        .as_ref()
+        .map(|pattern| {
+            globset::GlobBuilder::new(pattern)
+                .literal_separator(false)
+                .build()
+                .map(|glob| glob.compile_matcher())
+                .with_context(|| format!("--only {pattern}: not a valid glob"))
+        })
+        .transpose()
+}
+
+/// Streams the text report to stdout (unless stdout is to carry JSON or
+/// JUnit), shows progress on a terminal, and writes --output at the end.
+fn report(
+    common: &Common,
+    mode: RunMode,
+    run: impl FnOnce(&mut dyn FnMut(Event)) -> anyhow::Result<Report>,
+) -> anyhow::Result<Report> {
+    let text_to_stdout = common.format == Format::Text || common.output.is_some();
+    let mut stdout = anstream::stdout();
+    let progress = ProgressBar::hidden();
+    let mut listener = |event: Event| {
+        if let Event::Start { stages, .. } = &event {
+            if *stages > 0 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                progress.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                progress.set_length(*stages as u64);
+                progress.set_style(
+                    ProgressStyle::with_template("{bar:40} {pos}/{len} stages {msg}")
+                        .expect("valid template"),
+                );
+            }
+        }
+        if let Event::Stage(stage) = &event {
+            progress.set_position(stage.index as u64 + 1);
+        }
+        if text_to_stdout {
+            let line = text::render(&event, mode);
+            progress.suspend(|| {
+                let _ = stdout.write_all(line.as_bytes());
+                let _ = stdout.flush();
+            });
+        }
+    };
+    let report = run(&mut listener)?;
+    progress.finish_and_clear();
+    if text_to_stdout {
+        let _ = stdout.write_all(text::summary(&report).as_bytes());
+    }
+    let rendered = match common.format {
+        Format::Text => (common.output.is_some()).then(|| full_text(&report, mode)),
+        Format::Json => Some(json::render(&report)),
+        Format::Junit => Some(junit::render(&report)),
+    };
+    if let Some(rendered) = rendered {
+        match &common.output {
+            Some(path) => std::fs::write(path, rendered)
+                .with_context(|| format!("cannot write {}", path.display()))?,
+            None => stdout
+                .write_all(rendered.as_bytes())
+                .context("cannot write to stdout")?,
+        }
+    }
+    Ok(report)
+}
+
+/// The text report again, without colour, for --output FILE.
+fn full_text(report: &Report, mode: RunMode) -> String {
+    let mut out = text::render(
+        &Event::Start {
+            report,
+            stages: report.stages.len().max(1),
+        },
+        mode,
+    );
+    for stage in &report.stages {
+        out.push_str(&text::render(&Event::Stage(stage), mode));
+        let closing = report
+            .blocks
+            .iter()
+            .find(|b| b.name == stage.name)
+            .map(Event::Block)
+            .or_else(|| {
+                report
+                    .layers
+                    .iter()
+                    .find(|l| l.name == stage.name)
+                    .map(Event::Layer)
+            });
+        if let Some(event) = closing {
+            out.push_str(&text::render(&event, mode));
+        }
+    }
+    out.push_str(&text::summary(report));
+    anstream::adapter::strip_str(&out).to_string()
+}

@@ -1,0 +1,197 @@
+//! `verify compare REF CAND`: another engine (C++, CUDA, ...) writes its
+//! stage outputs in the dump format, and each is compared with the
+//! reference's stage of the same name. The core does not run.
+
+use std::path::PathBuf;
+
+use globset::GlobMatcher;
+use resnet_core::Network;
+use resnet_dump::{Dump, Layout};
+
+use crate::layout::to_nchw;
+use crate::metrics::{compare, Verdict};
+use crate::reference_check::{check_reference, ReferenceCheck};
+use crate::report::{
+    empty_summary, Event, Report, ReportBuilder, RunMode, StageReport, TopClasses, REPORT_SCHEMA,
+    REPORT_SCHEMA_VERSION,
+};
+use crate::verify::top5;
+use crate::{Tolerance, VerifyError};
+
+/// How the candidate's stage files are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CandidateLayout {
+    Nchw,
+    Nhwc,
+    /// As the candidate's manifest says.
+    Auto,
+}
+
+#[derive(Clone, Debug)]
+pub struct CompareOptions {
+    pub reference: PathBuf,
+    pub candidate: PathBuf,
+    pub layout: CandidateLayout,
+    pub only: Option<GlobMatcher>,
+    pub fail_fast: bool,
+    pub tolerance: Tolerance,
+    pub allow_train_reference: bool,
+}
+
+pub fn compare_dumps(
+    options: &CompareOptions,
+    listener: &mut dyn FnMut(Event),
+) -> Result<Report, VerifyError> {
+    let reference = Dump::open(&options.reference)?;
+    let candidate = Dump::open(&options.candidate)?;
+    let layout = match options.layout {
+        CandidateLayout::Nchw => Layout::NCHW,
+        CandidateLayout::Nhwc => Layout::NHWC,
+        CandidateLayout::Auto => candidate.manifest().layout,
+    };
+    let reference_check = match reference.manifest().architecture.as_ref() {
+        Some(architecture) => {
+            let network =
+                Network::from_weights(architecture, &reference.weights()).map_err(|source| {
+                    VerifyError::Core {
+                        dump: options.reference.clone(),
+                        source,
+                    }
+                })?;
+            check_reference(&reference, &network)?
+        }
+        None => ReferenceCheck {
+            manifest_mode: reference.manifest().mode,
+            evidence: Vec::new(),
+            train_mode: reference.manifest().mode == resnet_dump::Mode::Train,
+        },
+    };
+    let mut report = Report {
+        schema: REPORT_SCHEMA,
+        schema_version: REPORT_SCHEMA_VERSION,
+        reference: options.reference.display().to_string(),
+        candidate: options.candidate.display().to_string(),
+        model: reference.manifest().model_name().to_string(),
+        mode: RunMode::Dumps,
+        tolerance: options.tolerance,
+        reference_check: Some(reference_check.clone()),
+        stages: Vec::new(),
+        blocks: Vec::new(),
+        layers: Vec::new(),
+        top5: None,
+        summary: empty_summary(),
+    };
+    if reference_check.train_mode && !options.allow_train_reference {
+        report.summary.verdict = Verdict::Fail;
+        report.summary.stopped = reference_check.message();
+        listener(Event::Start {
+            report: &report,
+            stages: 0,
+        });
+        return Ok(report);
+    }
+    let stages = &reference.manifest().stages;
+    listener(Event::Start {
+        report: &report,
+        stages: stages.len(),
+    });
+
+    let mut builder = ReportBuilder::new(report);
+    let mut missing = Vec::new();
+    let mut stopped = None;
+    for (index, entry) in stages.iter().enumerate() {
+        if !options
+            .only
+            .as_ref()
+            .is_none_or(|glob| glob.is_match(&entry.name))
+        {
+            continue;
+        }
+        let Some(candidate_entry) = candidate.stage(&entry.name) else {
+            missing.push(entry.name.clone());
+            continue;
+        };
+        let expected = to_nchw(
+            reference.load_stage(entry)?.data,
+            reference.manifest().layout,
+        );
+        let loaded = candidate.load_stage(candidate_entry)?;
+        let mut notes = Vec::new();
+        if let Some(dtype) = &loaded.converted_from {
+            notes.push(format!("candidate stored as {dtype}, converted to float32"));
+        }
+        let actual = to_nchw(loaded.data, layout);
+        let comparison = if actual.shape() == expected.shape() {
+            Some(compare(
+                expected.as_slice().expect("standard"),
+                actual.as_slice().expect("standard"),
+                expected.shape(),
+                &options.tolerance,
+            ))
+        } else {
+            notes.push(format!(
+                "shape {:?} (read as {layout:?}) is not the reference's {:?}",
+                actual.shape(),
+                expected.shape()
+            ));
+            None
+        };
+        if entry.name == "fc" {
+            if let (Some(reference_row), Some(candidate_row)) = (
+                expected.rows().into_iter().next(),
+                actual.rows().into_iter().next(),
+            ) {
+                let classes = reference.manifest().classes.as_deref();
+                builder.report.top5 = Some(TopClasses {
+                    reference: top5(&reference_row.to_vec(), classes),
+                    candidate: top5(&candidate_row.to_vec(), classes),
+                });
+            }
+        }
+        let verdict = comparison.as_ref().map_or(Verdict::Fail, |c| c.verdict);
+        builder.push(
+            StageReport {
+                index,
+                name: entry.name.clone(),
+                module_type: entry.module_type.clone(),
+                shape: expected.shape().to_vec(),
+                block: entry.block.clone(),
+                layer: entry.layer.clone(),
+                verdict,
+                cumulative: comparison,
+                isolated: None,
+                notes,
+            },
+            listener,
+        );
+        if verdict == Verdict::Fail && options.fail_fast {
+            stopped = Some(format!("--fail-fast: stopped after {}", entry.name));
+            break;
+        }
+    }
+    if builder.report.summary.compared == 0 {
+        return Err(VerifyError::Mismatch {
+            dump: options.candidate.clone(),
+            reason:
+                "no stage of the candidate has a name that the reference has; nothing was compared"
+                    .into(),
+        });
+    }
+    if !missing.is_empty() && stopped.is_none() {
+        stopped = Some(format!(
+            "{} reference stage(s) not in the candidate, not compared: {}",
+            missing.len(),
+            abbreviate(&missing)
+        ));
+    }
+    Ok(builder.finish(stopped))
+}
+
+fn abbreviate(names: &[String]) -> String {
+    let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
+    if names.len() > shown.len() {
+        format!("{}, ...", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}

@@ -1,0 +1,44 @@
+//! Bringing stored arrays into torch's NCHW order, the order every report
+//! speaks in.
+
+use ndarray::{ArrayD, IxDyn};
+use resnet_core::Tensor;
+use resnet_dump::Layout;
+
+/// An activation in NCHW order (4-D), or `[N, features]` for `fc`.
+pub fn to_nchw(array: ArrayD<f32>, layout: Layout) -> ArrayD<f32> {
+    match (layout, array.ndim()) {
+        (Layout::NHWC, 4) => array
+            .permuted_axes(IxDyn(&[0, 3, 1, 2]))
+            .as_standard_layout()
+            .into_owned(),
+        _ => array,
+    }
+}
+
+/// The core's NHWC tensor as NCHW, shaped like `reference_shape` where the
+/// two agree element for element (the logits: `[N, 1, 1, C]` is `[N, C]`).
+pub fn candidate_nchw(tensor: &Tensor, reference_shape: &[usize]) -> Option<ArrayD<f32>> {
+    let nchw = tensor.to_nchw().into_dyn();
+    if nchw.shape() == reference_shape {
+        return Some(nchw);
+    }
+    let [n, c, h, w] = tensor.nchw_shape();
+    (reference_shape == [n, c] && h == 1 && w == 1).then(|| {
+        nchw.into_shape_with_order(IxDyn(&[n, c]))
+            .expect("same size")
+    })
+}
+
+/// An NCHW reference (or `[N, C]` logits) as the core's input tensor.
+pub fn reference_tensor(nchw: &ArrayD<f32>) -> Option<Tensor> {
+    match *nchw.shape() {
+        [n, c, h, w] => Some(Tensor::from_nchw(
+            nchw.view().into_shape_with_order((n, c, h, w)).ok()?,
+        )),
+        [n, c] => Some(Tensor::from_nhwc(
+            nchw.to_owned().into_shape_with_order((n, 1, 1, c)).ok()?,
+        )),
+        _ => None,
+    }
+}

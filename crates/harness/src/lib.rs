@@ -1,0 +1,19 @@
+//! The harness: compares the core (or another engine's dump) with a PyTorch
+//! reference dump, stage by stage, and says `succ` or `fail` for each conv,
+//! block and layer.
+
+pub mod compare_dumps;
+mod error;
+pub mod layout;
+pub mod metrics;
+pub mod reference_check;
+pub mod report;
+pub mod tolerance;
+pub mod verify;
+
+pub use compare_dumps::{compare_dumps, CandidateLayout, CompareOptions};
+pub use error::VerifyError;
+pub use metrics::{compare, Comparison, Verdict};
+pub use report::{Event, Report, RunMode};
+pub use tolerance::{AbsoluteTolerance, Tolerance};
+pub use verify::{verify, VerifyOptions};

@@ -1,0 +1,273 @@
+//! What a run found, independent of how it is printed. The text, JSON and
+//! JUnit writers all read this one structure.
+
+pub mod json;
+pub mod junit;
+pub mod text;
+
+use serde::Serialize;
+
+use crate::metrics::{Comparison, Verdict};
+use crate::reference_check::ReferenceCheck;
+use crate::Tolerance;
+
+pub const REPORT_SCHEMA: &str = "resnet-verify-report";
+pub const REPORT_SCHEMA_VERSION: u32 = 1;
+
+/// Which outputs of the core are compared with the reference.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunMode {
+    /// The core runs end to end on its own outputs: errors accumulate.
+    Cumulative,
+    /// Each stage is fed the reference's inputs: the error it adds alone.
+    Isolated,
+    /// Both, side by side.
+    Both,
+    /// Two dumps compared (`verify compare`); the core does not run.
+    Dumps,
+}
+
+impl RunMode {
+    pub fn cumulative(self) -> bool {
+        matches!(self, RunMode::Cumulative | RunMode::Both)
+    }
+    pub fn isolated(self) -> bool {
+        matches!(self, RunMode::Isolated | RunMode::Both)
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StageReport {
+    /// Position in the reference's execution order.
+    pub index: usize,
+    pub name: String,
+    pub module_type: String,
+    /// The reference's shape (NCHW).
+    pub shape: Vec<usize>,
+    pub block: Option<String>,
+    pub layer: Option<String>,
+    pub verdict: Verdict,
+    /// The candidate run end to end (or the candidate dump).
+    pub cumulative: Option<Comparison>,
+    /// The stage fed the reference's inputs.
+    pub isolated: Option<Comparison>,
+    /// Something worth knowing that is not an error (a converted dtype).
+    pub notes: Vec<String>,
+}
+
+impl StageReport {
+    /// The comparison that decides the line's numbers: cumulative when run.
+    pub fn primary(&self) -> Option<&Comparison> {
+        self.cumulative.as_ref().or(self.isolated.as_ref())
+    }
+
+    pub fn is_conv(&self) -> bool {
+        self.module_type == "Conv2d"
+    }
+}
+
+/// Counts over a block or a layer.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GroupSummary {
+    pub name: String,
+    pub module_type: String,
+    pub verdict: Option<Verdict>,
+    pub stages: Tally,
+    pub conv2d: Tally,
+    pub blocks: Tally,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Tally {
+    pub succ: usize,
+    pub total: usize,
+}
+
+impl Tally {
+    pub fn add(&mut self, verdict: Verdict) {
+        self.total += 1;
+        self.succ += (verdict == Verdict::Succ) as usize;
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassScore {
+    pub index: usize,
+    pub name: Option<String>,
+    pub logit: f32,
+}
+
+/// Top-5 classes of the first batch item, on both sides.
+#[derive(Clone, Debug, Serialize)]
+pub struct TopClasses {
+    pub reference: Vec<ClassScore>,
+    pub candidate: Vec<ClassScore>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub compared: usize,
+    pub succ: usize,
+    pub fail: usize,
+    pub first_failure: Option<String>,
+    /// Why the run ended before the last stage, if it did.
+    pub stopped: Option<String>,
+    pub verdict: Verdict,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    pub schema_version: u32,
+    pub reference: String,
+    /// The candidate dump, for `verify compare`; the core otherwise.
+    pub candidate: String,
+    pub model: String,
+    pub mode: RunMode,
+    pub tolerance: Tolerance,
+    pub reference_check: Option<ReferenceCheck>,
+    pub stages: Vec<StageReport>,
+    pub blocks: Vec<GroupSummary>,
+    pub layers: Vec<GroupSummary>,
+    pub top5: Option<TopClasses>,
+    pub summary: Summary,
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.summary.verdict == Verdict::Succ
+    }
+}
+
+/// What a run tells its listener as it goes, so that a person sees each
+/// line as soon as it is known.
+pub enum Event<'a> {
+    /// The run is about to compare up to `stages` stages.
+    Start {
+        report: &'a Report,
+        stages: usize,
+    },
+    Stage(&'a StageReport),
+    Block(&'a GroupSummary),
+    Layer(&'a GroupSummary),
+}
+
+/// Accumulates stage results into block and layer counts and the summary.
+pub(crate) struct ReportBuilder {
+    pub report: Report,
+    open_blocks: Vec<GroupSummary>,
+    open_layers: Vec<GroupSummary>,
+}
+
+impl ReportBuilder {
+    pub fn new(report: Report) -> Self {
+        ReportBuilder {
+            report,
+            open_blocks: Vec::new(),
+            open_layers: Vec::new(),
+        }
+    }
+
+    /// Records a stage and tells `listener`, closing a block or layer when
+    /// the stage is that container's own output.
+    pub fn push(&mut self, stage: StageReport, listener: &mut dyn FnMut(Event)) {
+        let verdict = stage.verdict;
+        let summary = &mut self.report.summary;
+        summary.compared += 1;
+        if verdict == Verdict::Succ {
+            summary.succ += 1;
+        } else {
+            summary.fail += 1;
+            summary
+                .first_failure
+                .get_or_insert_with(|| stage.name.clone());
+            summary.verdict = Verdict::Fail;
+        }
+        let is_block = matches!(stage.module_type.as_str(), "Bottleneck" | "BasicBlock");
+        let is_layer =
+            stage.module_type == "Sequential" && stage.block.is_none() && stage.layer.is_none();
+        for (groups, name) in [
+            (&mut self.open_blocks, &stage.block),
+            (&mut self.open_layers, &stage.layer),
+        ] {
+            if let Some(name) = name {
+                let group = open(groups, name);
+                group.stages.add(verdict);
+                if stage.is_conv() {
+                    group.conv2d.add(verdict);
+                }
+                if is_block {
+                    group.blocks.add(verdict);
+                }
+            }
+        }
+        let closes = if is_block {
+            Some((&mut self.open_blocks, &mut self.report.blocks))
+        } else if is_layer {
+            Some((&mut self.open_layers, &mut self.report.layers))
+        } else {
+            None
+        };
+        self.report.stages.push(stage);
+        let stage = self.report.stages.last().expect("just pushed");
+        listener(Event::Stage(stage));
+        if let Some((open_groups, closed)) = closes {
+            let mut group = take(open_groups, &stage.name);
+            group.module_type = stage.module_type.clone();
+            group.stages.add(verdict);
+            group.verdict = Some(if group.stages.succ == group.stages.total {
+                Verdict::Succ
+            } else {
+                Verdict::Fail
+            });
+            closed.push(group);
+            let group = closed.last().expect("just pushed");
+            listener(if is_block {
+                Event::Block(group)
+            } else {
+                Event::Layer(group)
+            });
+        }
+    }
+
+    pub fn finish(mut self, stopped: Option<String>) -> Report {
+        self.report.summary.stopped = stopped;
+        if self.report.summary.compared == 0 {
+            self.report.summary.verdict = Verdict::Fail;
+        }
+        self.report
+    }
+}
+
+fn open<'a>(groups: &'a mut Vec<GroupSummary>, name: &str) -> &'a mut GroupSummary {
+    if let Some(position) = groups.iter().position(|group| group.name == name) {
+        return &mut groups[position];
+    }
+    groups.push(GroupSummary {
+        name: name.to_string(),
+        ..GroupSummary::default()
+    });
+    groups.last_mut().expect("just pushed")
+}
+
+fn take(groups: &mut Vec<GroupSummary>, name: &str) -> GroupSummary {
+    match groups.iter().position(|group| group.name == name) {
+        Some(position) => groups.remove(position),
+        None => GroupSummary {
+            name: name.to_string(),
+            ..GroupSummary::default()
+        },
+    }
+}
+
+pub(crate) fn empty_summary() -> Summary {
+    Summary {
+        compared: 0,
+        succ: 0,
+        fail: 0,
+        first_failure: None,
+        stopped: None,
+        verdict: Verdict::Succ,
+    }
+}

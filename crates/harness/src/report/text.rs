@@ -1,0 +1,240 @@
+//! The report as a person reads it: one line per stage in execution order,
+//! a line after each block and each layer, then a summary. Every line
+//! starts with a fixed word, so `grep` and `awk` can take it apart too.
+
+use std::fmt::Write as _;
+
+use anstyle::{AnsiColor, Style};
+
+use super::{Event, GroupSummary, Report, RunMode, StageReport, TopClasses};
+use crate::metrics::{Comparison, Verdict};
+
+const NAME_WIDTH: usize = 26;
+const BOLD: Style = Style::new().bold();
+const DIM: Style = Style::new().dimmed();
+const GREEN: Style = AnsiColor::Green.on_default();
+const RED: Style = AnsiColor::Red.on_default().bold();
+const YELLOW: Style = AnsiColor::Yellow.on_default().bold();
+
+/// The text for one event; colour codes are always written, and the output
+/// stream drops them where colour is not wanted (anstream).
+pub fn render(event: &Event, mode: RunMode) -> String {
+    match event {
+        Event::Start { report, stages } => header(report, *stages),
+        Event::Stage(stage) => stage_line(stage, mode),
+        Event::Block(group) => group_line("block", group),
+        Event::Layer(group) => group_line("layer", group),
+    }
+}
+
+fn paint(style: Style, text: impl std::fmt::Display) -> String {
+    format!("{style}{text}{style:#}")
+}
+
+fn verdict(verdict: Verdict) -> String {
+    match verdict {
+        Verdict::Succ => paint(GREEN, "succ"),
+        Verdict::Fail => paint(RED, "fail"),
+    }
+}
+
+fn header(report: &Report, stages: usize) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}",
+        paint(
+            BOLD,
+            format!(
+                "verify {} ({}) against {}",
+                report.reference, report.model, report.candidate
+            )
+        )
+    );
+    if let Some(check) = &report.reference_check {
+        if let Some(message) = check.message() {
+            let _ = writeln!(out, "{}", paint(RED, "!".repeat(78)));
+            let _ = writeln!(out, "{}", paint(RED, message));
+            let _ = writeln!(out, "{}", paint(RED, "!".repeat(78)));
+        } else {
+            let examined: Vec<&str> = check.evidence.iter().map(|e| e.stage.as_str()).collect();
+            let _ = writeln!(
+                out,
+                "reference: eval mode (manifest says eval; {} reproduced with running statistics)",
+                if examined.is_empty() {
+                    "no BatchNorm".into()
+                } else {
+                    examined.join(", ")
+                }
+            );
+        }
+    }
+    if stages == 0 {
+        return out;
+    }
+    let _ = writeln!(out, "tolerance: {}", report.tolerance.describe());
+    let mode = match report.mode {
+        RunMode::Cumulative => "cumulative (the core runs end to end on its own outputs)",
+        RunMode::Isolated => "isolated (each stage is fed the reference's inputs)",
+        RunMode::Both => "both (isolated: error made here; cumulative: error carried in)",
+        RunMode::Dumps => "dumps (the candidate's stored outputs)",
+    };
+    let _ = writeln!(out, "mode: {mode}");
+    let _ = writeln!(out);
+    let errors = match report.mode {
+        RunMode::Both => format!("{:>10} {:>10} {:>10}", "rel err", "isolated", "cosine"),
+        _ => format!("{:>10} {:>10} {:>10}", "max|err|", "rel err", "cosine"),
+    };
+    let _ = write!(
+        out,
+        "{}",
+        paint(
+            DIM,
+            format!(
+                "{:<NAME_WIDTH$} {:<18} {:<20} {:<7} {errors}\n",
+                "stage", "module", "shape (NCHW)", "verdict"
+            )
+        )
+    );
+    out
+}
+
+fn stage_line(stage: &StageReport, mode: RunMode) -> String {
+    let shape = format!("{:?}", stage.shape);
+    let mut out = format!(
+        "{:<NAME_WIDTH$} {:<18} {:<20} {}   ",
+        stage.name,
+        stage.module_type,
+        shape,
+        verdict(stage.verdict)
+    );
+    let numbers = match (mode, &stage.cumulative, &stage.isolated) {
+        (RunMode::Both, Some(cumulative), Some(isolated)) => format!(
+            "{:>10.2e} {:>10.2e} {:>10.6}",
+            cumulative.relative_error, isolated.relative_error, cumulative.cosine_similarity
+        ),
+        _ => match stage.primary() {
+            Some(c) => format!(
+                "{:>10.2e} {:>10.2e} {:>10.6}",
+                c.max_abs_error, c.relative_error, c.cosine_similarity
+            ),
+            None => String::new(),
+        },
+    };
+    out.push_str(&numbers);
+    out.push('\n');
+    for (label, comparison) in [("", &stage.cumulative), ("isolated ", &stage.isolated)] {
+        if let Some(comparison) = comparison.as_ref().filter(|c| c.verdict == Verdict::Fail) {
+            out.push_str(&paint(YELLOW, failure_detail(label, comparison)));
+            out.push('\n');
+        }
+    }
+    for note in &stage.notes {
+        let _ = writeln!(out, "    note: {note}");
+    }
+    out
+}
+
+fn failure_detail(label: &str, comparison: &Comparison) -> String {
+    let mut detail = format!(
+        "    {label}{} of {} elements out of tolerance",
+        comparison.mismatched, comparison.elements
+    );
+    if let Some(worst) = &comparison.worst {
+        let _ = write!(
+            detail,
+            "; worst at {:?}: ref {:.6e}, cand {:.6e}",
+            worst.index, worst.reference, worst.candidate
+        );
+    }
+    if comparison.reference_nan + comparison.candidate_nan > 0 {
+        let _ = write!(
+            detail,
+            "; NaN: ref {}, cand {}",
+            comparison.reference_nan, comparison.candidate_nan
+        );
+    }
+    if comparison.reference_inf + comparison.candidate_inf > 0 {
+        let _ = write!(
+            detail,
+            "; Inf: ref {}, cand {}",
+            comparison.reference_inf, comparison.candidate_inf
+        );
+    }
+    detail
+}
+
+fn group_line(word: &str, group: &GroupSummary) -> String {
+    let verdict_word = verdict(group.verdict.unwrap_or(Verdict::Fail));
+    let mut counts = vec![format!(
+        "{}/{} conv2d",
+        group.conv2d.succ, group.conv2d.total
+    )];
+    if word == "layer" {
+        counts.push(format!(
+            "{}/{} blocks",
+            group.blocks.succ, group.blocks.total
+        ));
+    }
+    counts.push(format!(
+        "{}/{} stages",
+        group.stages.succ, group.stages.total
+    ));
+    let line = format!(
+        "{word} {} {verdict_word}: {}",
+        group.name,
+        counts.join(", ")
+    );
+    if word == "layer" {
+        format!("{}\n\n", paint(BOLD, line))
+    } else {
+        format!("{line}\n")
+    }
+}
+
+/// The closing lines: counts, first failure, top-5.
+pub fn summary(report: &Report) -> String {
+    let mut out = String::new();
+    let s = &report.summary;
+    if let Some(top5) = &report.top5 {
+        out.push_str(&top_lines(top5));
+    }
+    if let Some(stopped) = &s.stopped {
+        if report
+            .reference_check
+            .as_ref()
+            .is_none_or(|check| !check.train_mode)
+            || s.compared > 0
+        {
+            let _ = writeln!(out, "stopped: {stopped}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "summary {}: {} stages compared, {} succ, {} fail; first failure: {}",
+        verdict(s.verdict),
+        s.compared,
+        s.succ,
+        s.fail,
+        s.first_failure.as_deref().unwrap_or("none")
+    );
+    out
+}
+
+fn top_lines(top5: &TopClasses) -> String {
+    let describe = |scores: &[super::ClassScore]| {
+        scores
+            .iter()
+            .map(|c| match &c.name {
+                Some(name) => format!("{} {name} ({:.3})", c.index, c.logit),
+                None => format!("{} ({:.3})", c.index, c.logit),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = format!("top5 reference: {}\n", describe(&top5.reference));
+    if !top5.candidate.is_empty() {
+        let _ = writeln!(out, "top5 candidate: {}", describe(&top5.candidate));
+    }
+    out
+}

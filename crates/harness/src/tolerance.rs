@@ -1,0 +1,66 @@
+//! When two activations count as equal.
+//!
+//! The rule is torch's: element-wise `|cand - ref| <= atol + rtol * |ref|`.
+//! What differs is the default. torch.testing's float32 defaults (rtol
+//! 1.3e-6, atol 1e-5) are made for one operation; a ResNet is hundreds of
+//! them, and activation magnitudes grow with depth into the hundreds, so
+//! even PyTorch's own float32 result fails them against the exact (float64)
+//! computation at most stages. The default here therefore scales `atol`
+//! with the stage's magnitude: `atol = atol_scale * max|ref|`. docs/tolerance.md
+//! gives the measurements behind the numbers.
+
+use serde::Serialize;
+
+/// The absolute part of the tolerance.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum AbsoluteTolerance {
+    /// A fixed `atol`, as `--atol` gives it.
+    Fixed(f64),
+    /// `atol = value * max|ref|` over the stage: the default.
+    ScaleRelative(f64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Tolerance {
+    pub rtol: f64,
+    pub atol: AbsoluteTolerance,
+    /// Whether NaN in both at the same place counts as a match.
+    pub equal_nan: bool,
+}
+
+impl Tolerance {
+    /// The default rtol; see docs/tolerance.md.
+    pub const DEFAULT_RTOL: f64 = 1e-4;
+    /// The default atol, as a fraction of the stage's largest |ref|.
+    pub const DEFAULT_ATOL_SCALE: f64 = 1e-4;
+
+    /// The absolute tolerance for a stage whose largest |ref| is `scale`.
+    pub fn atol_for(&self, scale: f64) -> f64 {
+        match self.atol {
+            AbsoluteTolerance::Fixed(atol) => atol,
+            AbsoluteTolerance::ScaleRelative(fraction) => fraction * scale,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        let atol = match self.atol {
+            AbsoluteTolerance::Fixed(atol) => format!("atol {atol:e}"),
+            AbsoluteTolerance::ScaleRelative(fraction) => format!("atol {fraction:e} x max|ref|"),
+        };
+        format!(
+            "|cand - ref| <= atol + rtol * |ref| with rtol {:e}, {atol}",
+            self.rtol
+        )
+    }
+}
+
+impl Default for Tolerance {
+    fn default() -> Self {
+        Tolerance {
+            rtol: Self::DEFAULT_RTOL,
+            atol: AbsoluteTolerance::ScaleRelative(Self::DEFAULT_ATOL_SCALE),
+            equal_nan: false,
+        }
+    }
+}
