@@ -41,6 +41,8 @@ def parse_args(argv):
     parser.add_argument("--num-classes", type=int, default=1000, help="classes of fc for seeded weights (default 1000)")
     parser.add_argument("--train-mode", action="store_true", help="keep the model in train mode (reproduces a reference dumped without model.eval(); for testing the harness)")
     parser.add_argument("--threads", type=int, help="torch threads; 1 makes the bytes independent of the machine's core count")
+    parser.add_argument("--precision", choices=["float32", "float64"], default="float32",
+                        help="float64 runs the same float32 weights and input in double precision and stores float64 stages: the exact computation, for accuracy measurements (default float32)")
     args = parser.parse_args(argv)
     for name in ("size", "batch", "width", "num_classes"):
         if getattr(args, name) < 1:
@@ -122,8 +124,10 @@ def capture(model, x):
 
 
 def save(path, array):
+    """Stores float32 (float64 stays float64: the exact reference)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    dtype = np.float64 if array.dtype == np.float64 else np.float32
+    np.save(path, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
 
 
 def top5(logits, categories):
@@ -146,10 +150,9 @@ def prepare_out(out):
     out.mkdir(parents=True)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def build(args):
+    """The model (weights loaded or seeded and calibrated), its architecture,
+    how its weights were made, and the preprocessed input."""
     shape_options = dict(width=args.width, num_classes=args.num_classes, groups=args.groups,
                          width_per_group=args.width_per_group)
     if args.weights:
@@ -163,8 +166,13 @@ def main(argv=None):
             "calibration": {"batches": 2, "batch_size": 4, "input": "standard normal", "momentum": None},
         }
     x, input_description = preprocess.make_input(args.image, args.size, args.batch, args.seed)
+    return model, architecture, weights_description, x, input_description
 
-    prepare_out(args.out)
+
+def write(out, model, architecture, x, *, model_name, weights_description, input_description, train_mode=False,
+          precision="float32", command=None):
+    """Runs `model` on `x` once and writes the whole dump to `out`."""
+    prepare_out(out)
     # The weights as the model holds them before the dump's own forward pass
     # (which, in train mode, would update the running statistics).
     weights = []
@@ -172,21 +180,24 @@ def main(argv=None):
         if name.endswith("num_batches_tracked"):
             continue
         file = f"weights/{name}.npy"
-        save(args.out / file, tensor.numpy())
+        save(out / file, tensor.float().numpy())
         weights.append({"name": name, "shape": list(tensor.shape), "dtype": "float32", "file": file})
 
-    model.train(args.train_mode)
+    if precision == "float64":
+        # The same float32 weights and input, computed exactly (to float64).
+        model, x = model.double(), x.double()
+    model.train(train_mode)
     calls, logits = capture(model, x)
 
     stages = [{
         "name": "input", "module_type": "Input", "module_path": "", "call_index": 0,
         "block": None, "layer": None, "shape": list(x.shape), "file": "stages/000_input.npy", "params": {},
     }]
-    save(args.out / stages[0]["file"], x.numpy())
+    save(out / stages[0]["file"], x.numpy())
     for number, ((path, index, module, output), name) in enumerate(zip(calls, call_names([(c[0], c[1]) for c in calls])), start=1):
         block, layer = parents(path)
         file = f"stages/{number:03d}_{name.replace('#', '@')}.npy"
-        save(args.out / file, output.numpy())
+        save(out / file, output.numpy())
         stages.append({
             "name": name, "module_type": type(module).__name__, "module_path": path, "call_index": index,
             "block": block if block != path else None, "layer": layer if layer != path else None,
@@ -201,28 +212,42 @@ def main(argv=None):
         "schema_version": SCHEMA_VERSION,
         "producer": {
             "tool": "reference.dump", "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "python": platform.python_version(),
-            "command": "python -m reference.dump " + " ".join(sys.argv[1:] if argv is None else argv),
+            "numpy": np.__version__, "python": platform.python_version(), "command": command,
         },
-        "model": {"name": args.model, "weights": weights_description},
+        "model": {"name": model_name, "weights": weights_description},
         "architecture": architecture,
-        "mode": "train" if args.train_mode else "eval",
+        "mode": "train" if train_mode else "eval",
         "batch_norms": [
             {"module": path, "eps": m.eps, "momentum": m.momentum}
             for path, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
         ],
         "input": input_description,
         "layout": "NCHW",
-        "dtype": "float32",
+        "dtype": precision,
         "stages": stages,
         "weights": weights,
         "top5": top5(logits, categories),
         "classes": categories,
     }
-    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-    size = sum(f.stat().st_size for f in args.out.rglob("*") if f.is_file())
-    print(f"dumped {args.model}: {len(stages)} stages, {len(weights)} weights, "
-          f"{size / 1e6:.1f} MB, mode {manifest['mode']} -> {args.out}", file=sys.stderr)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"dumped {model_name}: {len(stages)} stages, {len(weights)} weights, "
+          f"{size / 1e6:.1f} MB, mode {manifest['mode']} -> {out}", file=sys.stderr)
+    return manifest
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, architecture, weights_description, x, input_description = build(args)
+    # The command without --out, so that the same dump made elsewhere has the same bytes.
+    words = list(sys.argv[1:] if argv is None else argv)
+    if "--out" in words:
+        del words[words.index("--out"):words.index("--out") + 2]
+    command = "python -m reference.dump " + " ".join(words)
+    write(args.out, model, architecture, x, model_name=args.model, weights_description=weights_description,
+          input_description=input_description, train_mode=args.train_mode, precision=args.precision, command=command)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""The reference dumps: complete, valid against the documented schema,
+reproducible, honest about train mode."""
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_dump
+from reference import models
+
+SCHEMA = json.loads((ROOT / "docs" / "dump-format.schema.json").read_text())
+
+
+def checksums(directory):
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(Path(directory).rglob("*")) if path.is_file()
+    }
+
+
+@pytest.mark.parametrize("model", sorted(models.MODELS))
+def test_every_torchvision_resnet_dumps_a_valid_manifest(tmp_path, model):
+    manifest = run_dump(tmp_path / model, "--model", model, "--size", 32, "--image", "random", "--threads", 2)
+    jsonschema.validate(manifest, SCHEMA)
+    assert manifest["model"]["name"] == model
+    assert manifest["mode"] == "eval"
+    names = [stage["name"] for stage in manifest["stages"]]
+    assert len(names) == len(set(names))
+    assert names[0] == "input" and names[-2:] == ["avgpool", "fc"]
+    # Every listed file exists, with the listed shape and dtype.
+    for entry in manifest["stages"] + manifest["weights"]:
+        array = np.load(tmp_path / model / entry["file"], mmap_mode="r")
+        assert list(array.shape) == entry["shape"], entry["name"]
+        assert array.dtype == np.float32
+    weight_names = {weight["name"] for weight in manifest["weights"]}
+    assert "conv1.weight" in weight_names and "layer1.0.bn1.running_var" in weight_names
+    assert not any(name.endswith("num_batches_tracked") for name in weight_names)
+    # Conv weights are stored in torch's OIHW layout.
+    conv1 = next(w for w in manifest["weights"] if w["name"] == "conv1.weight")
+    assert conv1["shape"] == [64, 3, 7, 7]
+    assert len(manifest["top5"][0]) == 5 and manifest["top5"][0][0]["name"]
+
+
+def test_bottleneck_relu_calls_are_named_and_blocks_follow_children(dump):
+    manifest, _ = dump("r50", "--model", "resnet50", "--width", 8, "--size", 32)
+    names = [stage["name"] for stage in manifest["stages"]]
+    block = names[names.index("layer1.0.conv1"):names.index("layer1.0") + 1]
+    assert block == [
+        "layer1.0.conv1", "layer1.0.bn1", "layer1.0.relu#0", "layer1.0.conv2", "layer1.0.bn2", "layer1.0.relu#1",
+        "layer1.0.conv3", "layer1.0.bn3", "layer1.0.downsample.0", "layer1.0.downsample.1", "layer1.0.downsample",
+        "layer1.0.relu#2", "layer1.0",
+    ]
+    relu = manifest["stages"][names.index("layer1.0.relu#2")]
+    assert (relu["module_path"], relu["call_index"], relu["block"], relu["layer"]) == ("layer1.0.relu", 2, "layer1.0", "layer1")
+    conv2 = manifest["stages"][names.index("layer2.0.conv2")]["params"]
+    assert (conv2["kernel_size"], conv2["stride"], conv2["padding"], conv2["groups"]) == ([3, 3], [2, 2], [1, 1], 1)
+    assert len(names) == 183
+
+
+def test_batch_norm_outputs_keep_their_negative_values(dump):
+    """torchvision's ReLUs are in place: a hook that kept a reference to a
+    BatchNorm output would see it overwritten with max(0, x)."""
+    manifest, out = dump("r18", "--model", "resnet18", "--width", 8, "--size", 32)
+    for stage in manifest["stages"]:
+        if stage["module_type"] == "BatchNorm2d":
+            assert (np.load(out / stage["file"]) < 0).any(), stage["name"]
+    relus = [s for s in manifest["stages"] if s["module_type"] == "ReLU"]
+    assert all((np.load(out / s["file"]) >= 0).all() for s in relus)
+
+
+def test_bottleneck_bn3_is_copied_before_the_residual_add(dump):
+    manifest, out = dump("r50", "--model", "resnet50", "--width", 8, "--size", 32)
+    by_name = {stage["name"]: np.load(out / stage["file"]) for stage in manifest["stages"]}
+    bn3, identity, relu = by_name["layer1.1.bn3"], by_name["layer1.0"], by_name["layer1.1.relu#2"]
+    np.testing.assert_allclose(np.maximum(bn3 + identity, 0), relu, rtol=1e-6, atol=1e-6)
+    assert (bn3 < 0).any()
+
+
+def test_same_seed_same_bytes(tmp_path):
+    arguments = ("--model", "resnext50_32x4d", "--width", 8, "--groups", 4, "--width-per-group", 32, "--size", 32)
+    run_dump(tmp_path / "a", *arguments)
+    run_dump(tmp_path / "b", *arguments)
+    assert checksums(tmp_path / "a") == checksums(tmp_path / "b")
+    run_dump(tmp_path / "c", *arguments, "--seed", 1)
+    assert checksums(tmp_path / "a") != checksums(tmp_path / "c")
+
+
+def test_train_mode_is_recorded_and_changes_the_outputs(dump):
+    eval_manifest, eval_out = dump("eval", "--model", "resnet18", "--width", 8, "--size", 64)
+    train_manifest, train_out = dump("train", "--model", "resnet18", "--width", 8, "--size", 64, "--train-mode")
+    assert (eval_manifest["mode"], train_manifest["mode"]) == ("eval", "train")
+    # Same weights (saved before the train-mode pass could update them) ...
+    weights = [w["file"] for w in eval_manifest["weights"]]
+    assert all((np.load(eval_out / f) == np.load(train_out / f)).all() for f in weights)
+    # ... but the BatchNorm outputs differ, and in train mode they are batch-normalised.
+    bn1 = next(s for s in train_manifest["stages"] if s["name"] == "bn1")
+    train_bn1, eval_bn1 = np.load(train_out / bn1["file"]), np.load(eval_out / bn1["file"])
+    assert np.abs(train_bn1 - eval_bn1).max() > 1e-2
+    weight = np.load(train_out / "weights/bn1.weight.npy")
+    bias = np.load(train_out / "weights/bn1.bias.npy")
+    np.testing.assert_allclose(train_bn1.mean(axis=(0, 2, 3)), bias, atol=1e-4)
+    np.testing.assert_allclose(train_bn1.std(axis=(0, 2, 3)), np.abs(weight), rtol=1e-3)
+
+
+def test_preprocessing_is_torchvisions_imagenet_pipeline(dump):
+    manifest, out = dump("cat", "--model", "resnet18", "--width", 8, "--size", 224, "--num-classes", 10)
+    x = np.load(out / "stages/000_input.npy")
+    assert x.shape == (1, 3, 224, 224)
+    assert manifest["input"]["resize"] == 256 and manifest["input"]["mean"] == [0.485, 0.456, 0.406]
+    from PIL import Image
+    from skimage import data
+    from torchvision import transforms
+    expected = transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+    ])(Image.fromarray(data.chelsea()))
+    np.testing.assert_array_equal(x[0], expected.numpy())
+
+
+def test_checkpoint_weights_are_used_as_given(tmp_path):
+    import torch
+    model, _ = models.build("resnet18")
+    torch.nn.init.constant_(model.fc.bias, 0.5)
+    torch.save(model.state_dict(), tmp_path / "resnet18.pth")
+    manifest = run_dump(tmp_path / "dump", "--model", "resnet18", "--weights", tmp_path / "resnet18.pth", "--size", 32)
+    assert manifest["model"]["weights"]["source"] == "file"
+    np.testing.assert_array_equal(np.load(tmp_path / "dump/weights/fc.bias.npy"), np.full(1000, 0.5, np.float32))
+    wrong = subprocess.run([sys.executable, "-m", "reference.dump", "--model", "resnet50",
+                            "--weights", str(tmp_path / "resnet18.pth"), "--out", str(tmp_path / "wrong")],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert wrong.returncode != 0 and "not a resnet50 state_dict" in wrong.stderr
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_a_dump(tmp_path):
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("...")
+    result = subprocess.run([sys.executable, "-m", "reference.dump", "--model", "resnet18", "--out", str(tmp_path / "precious")],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "not a dump" in result.stderr
+    assert (tmp_path / "precious" / "thesis.tex").exists()
