@@ -141,11 +141,15 @@ def top5(logits, categories):
     return result
 
 
+def check_out(out):
+    """Refuses to delete anything that is not a dump (before any work is done)."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
+        raise SystemExit(f"--out {out}: exists and is not a dump; refusing to overwrite it")
+
+
 def prepare_out(out):
-    """Refuses to delete anything that is not a dump."""
+    check_out(out)
     if out.exists():
-        if any(out.iterdir()) and not (out / "manifest.json").exists():
-            raise SystemExit(f"--out {out}: directory exists and is not a dump; refusing to overwrite it")
         shutil.rmtree(out)
     out.mkdir(parents=True)
 
@@ -238,6 +242,7 @@ def write(out, model, architecture, x, *, model_name, weights_description, input
 
 def main(argv=None):
     args = parse_args(argv)
+    check_out(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, architecture, weights_description, x, input_description = build(args)

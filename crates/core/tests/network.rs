@@ -25,23 +25,44 @@ fn architecture(block: BlockKind, groups: usize, width_per_group: usize) -> Arch
 }
 
 /// Random weights under torch's state_dict names, shaped as torch shapes them.
+struct RandomWeights {
+    rng: StdRng,
+    weights: HashMap<String, WeightTensor>,
+}
+
+impl RandomWeights {
+    fn uniform(&mut self, name: String, shape: &[usize], low: f32, high: f32) {
+        let rng = &mut self.rng;
+        self.weights.insert(
+            name,
+            ArrayD::from_shape_simple_fn(IxDyn(shape), || rng.random_range(low..high)),
+        );
+    }
+
+    fn conv(&mut self, name: &str, out: usize, input: usize, kernel: usize) {
+        self.uniform(
+            format!("{name}.weight"),
+            &[out, input, kernel, kernel],
+            -0.3,
+            0.3,
+        );
+    }
+
+    fn norm(&mut self, name: &str, channels: usize) {
+        self.uniform(format!("{name}.weight"), &[channels], 0.5, 1.5);
+        self.uniform(format!("{name}.bias"), &[channels], -0.2, 0.2);
+        self.uniform(format!("{name}.running_mean"), &[channels], -0.2, 0.2);
+        self.uniform(format!("{name}.running_var"), &[channels], 0.5, 2.0);
+    }
+}
+
 fn random_weights(arch: &Architecture, seed: u64) -> HashMap<String, WeightTensor> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut weights = HashMap::new();
-    let mut add = |name: String, shape: Vec<usize>, rng: &mut StdRng, low: f32, high: f32| {
-        weights.insert(name, ArrayD::from_shape_simple_fn(IxDyn(&shape), || rng.random_range(low..high)));
+    let mut w = RandomWeights {
+        rng: StdRng::seed_from_u64(seed),
+        weights: HashMap::new(),
     };
-    let conv = |add: &mut dyn FnMut(String, Vec<usize>, &mut StdRng, f32, f32), rng: &mut StdRng, name: &str, o: usize, i: usize, k: usize| {
-        add(format!("{name}.weight"), vec![o, i, k, k], rng, -0.3, 0.3);
-    };
-    let norm = |add: &mut dyn FnMut(String, Vec<usize>, &mut StdRng, f32, f32), rng: &mut StdRng, name: &str, c: usize| {
-        add(format!("{name}.weight"), vec![c], rng, 0.5, 1.5);
-        add(format!("{name}.bias"), vec![c], rng, -0.2, 0.2);
-        add(format!("{name}.running_mean"), vec![c], rng, -0.2, 0.2);
-        add(format!("{name}.running_var"), vec![c], rng, 0.5, 2.0);
-    };
-    conv(&mut add, &mut rng, "conv1", arch.stem_channels, arch.in_channels, 7);
-    norm(&mut add, &mut rng, "bn1", arch.stem_channels);
+    w.conv("conv1", arch.stem_channels, arch.in_channels, 7);
+    w.norm("bn1", arch.stem_channels);
     let mut in_channels = arch.stem_channels;
     for (layer, (&blocks, &planes)) in arch.layers.iter().zip(&arch.planes).enumerate() {
         for block in 0..blocks {
@@ -51,64 +72,114 @@ fn random_weights(arch: &Architecture, seed: u64) -> HashMap<String, WeightTenso
             match arch.block {
                 BlockKind::Bottleneck => {
                     let width = arch.bottleneck_width(planes);
-                    conv(&mut add, &mut rng, &format!("{prefix}.conv1"), width, in_channels, 1);
-                    norm(&mut add, &mut rng, &format!("{prefix}.bn1"), width);
-                    conv(&mut add, &mut rng, &format!("{prefix}.conv2"), width, width / arch.groups, 3);
-                    norm(&mut add, &mut rng, &format!("{prefix}.bn2"), width);
-                    conv(&mut add, &mut rng, &format!("{prefix}.conv3"), out, width, 1);
-                    norm(&mut add, &mut rng, &format!("{prefix}.bn3"), out);
+                    w.conv(&format!("{prefix}.conv1"), width, in_channels, 1);
+                    w.norm(&format!("{prefix}.bn1"), width);
+                    w.conv(&format!("{prefix}.conv2"), width, width / arch.groups, 3);
+                    w.norm(&format!("{prefix}.bn2"), width);
+                    w.conv(&format!("{prefix}.conv3"), out, width, 1);
+                    w.norm(&format!("{prefix}.bn3"), out);
                 }
                 BlockKind::BasicBlock => {
-                    conv(&mut add, &mut rng, &format!("{prefix}.conv1"), planes, in_channels, 3);
-                    norm(&mut add, &mut rng, &format!("{prefix}.bn1"), planes);
-                    conv(&mut add, &mut rng, &format!("{prefix}.conv2"), planes, planes, 3);
-                    norm(&mut add, &mut rng, &format!("{prefix}.bn2"), planes);
+                    w.conv(&format!("{prefix}.conv1"), planes, in_channels, 3);
+                    w.norm(&format!("{prefix}.bn1"), planes);
+                    w.conv(&format!("{prefix}.conv2"), planes, planes, 3);
+                    w.norm(&format!("{prefix}.bn2"), planes);
                 }
             }
             if stride != 1 || in_channels != out {
-                conv(&mut add, &mut rng, &format!("{prefix}.downsample.0"), out, in_channels, 1);
-                norm(&mut add, &mut rng, &format!("{prefix}.downsample.1"), out);
+                w.conv(&format!("{prefix}.downsample.0"), out, in_channels, 1);
+                w.norm(&format!("{prefix}.downsample.1"), out);
             }
             in_channels = out;
         }
     }
-    add("fc.weight".into(), vec![arch.num_classes, in_channels], &mut rng, -0.3, 0.3);
-    add("fc.bias".into(), vec![arch.num_classes], &mut rng, -0.3, 0.3);
-    weights
+    w.uniform(
+        "fc.weight".into(),
+        &[arch.num_classes, in_channels],
+        -0.3,
+        0.3,
+    );
+    w.uniform("fc.bias".into(), &[arch.num_classes], -0.3, 0.3);
+    w.weights
 }
 
 fn random_input(seed: u64) -> Tensor {
     let mut rng = StdRng::seed_from_u64(seed);
-    Tensor::from_nhwc(ndarray::Array4::from_shape_simple_fn((2, 29, 31, 3), || rng.random_range(-2.0f32..2.0)))
+    Tensor::from_nhwc(ndarray::Array4::from_shape_simple_fn(
+        (2, 29, 31, 3),
+        || rng.random_range(-2.0f32..2.0),
+    ))
 }
 
 #[test]
 fn stage_names_follow_torch_execution_order() {
     let arch = architecture(BlockKind::BasicBlock, 1, 64);
     let network = Network::from_weights(&arch, &random_weights(&arch, 1)).unwrap();
-    let names: Vec<&str> = network.stages().iter().map(|stage| stage.name.as_str()).collect();
+    let names: Vec<&str> = network
+        .stages()
+        .iter()
+        .map(|stage| stage.name.as_str())
+        .collect();
     let expected = [
-        "input", "conv1", "bn1", "relu", "maxpool",
-        "layer1.0.conv1", "layer1.0.bn1", "layer1.0.relu#0", "layer1.0.conv2", "layer1.0.bn2", "layer1.0.relu#1", "layer1.0",
-        "layer1.1.conv1", "layer1.1.bn1", "layer1.1.relu#0", "layer1.1.conv2", "layer1.1.bn2", "layer1.1.relu#1", "layer1.1",
+        "input",
+        "conv1",
+        "bn1",
+        "relu",
+        "maxpool",
+        "layer1.0.conv1",
+        "layer1.0.bn1",
+        "layer1.0.relu#0",
+        "layer1.0.conv2",
+        "layer1.0.bn2",
+        "layer1.0.relu#1",
+        "layer1.0",
+        "layer1.1.conv1",
+        "layer1.1.bn1",
+        "layer1.1.relu#0",
+        "layer1.1.conv2",
+        "layer1.1.bn2",
+        "layer1.1.relu#1",
+        "layer1.1",
         "layer1",
-        "layer2.0.conv1", "layer2.0.bn1", "layer2.0.relu#0", "layer2.0.conv2", "layer2.0.bn2",
-        "layer2.0.downsample.0", "layer2.0.downsample.1", "layer2.0.downsample", "layer2.0.relu#1", "layer2.0",
-        "layer2", "avgpool", "fc",
+        "layer2.0.conv1",
+        "layer2.0.bn1",
+        "layer2.0.relu#0",
+        "layer2.0.conv2",
+        "layer2.0.bn2",
+        "layer2.0.downsample.0",
+        "layer2.0.downsample.1",
+        "layer2.0.downsample",
+        "layer2.0.relu#1",
+        "layer2.0",
+        "layer2",
+        "avgpool",
+        "fc",
     ];
     assert_eq!(names, expected);
     let downsample = &network.stages()[network.stage_index("layer2.0.downsample.0").unwrap()];
-    assert_eq!((downsample.block.as_deref(), downsample.layer.as_deref()), (Some("layer2.0"), Some("layer2")));
+    assert_eq!(
+        (downsample.block.as_deref(), downsample.layer.as_deref()),
+        (Some("layer2.0"), Some("layer2"))
+    );
     let block = &network.stages()[network.stage_index("layer2.0").unwrap()];
-    assert_eq!((block.block.as_deref(), block.layer.as_deref()), (None, Some("layer2")));
+    assert_eq!(
+        (block.block.as_deref(), block.layer.as_deref()),
+        (None, Some("layer2"))
+    );
     // The block's last ReLU adds the identity: the downsample's output.
-    let inputs: Vec<&str> = network.stage_inputs(network.stage_index("layer2.0.relu#1").unwrap()).map(|s| s.name.as_str()).collect();
+    let inputs: Vec<&str> = network
+        .stage_inputs(network.stage_index("layer2.0.relu#1").unwrap())
+        .map(|s| s.name.as_str())
+        .collect();
     assert_eq!(inputs, ["layer2.0.bn2", "layer2.0.downsample"]);
 }
 
 #[test]
 fn observed_isolated_and_plain_passes_agree() {
-    for arch in [architecture(BlockKind::Bottleneck, 2, 32), architecture(BlockKind::BasicBlock, 1, 64)] {
+    for arch in [
+        architecture(BlockKind::Bottleneck, 2, 32),
+        architecture(BlockKind::BasicBlock, 1, 64),
+    ] {
         let network = Network::from_weights(&arch, &random_weights(&arch, 2)).unwrap();
         let mut outputs: Vec<Tensor> = Vec::new();
         let logits = network
@@ -120,12 +191,25 @@ fn observed_isolated_and_plain_passes_agree() {
             .unwrap();
         assert_eq!(outputs.len(), network.stages().len());
         assert_eq!(logits.nhwc_shape(), [2, 1, 1, 5]);
-        assert_eq!(network.forward(random_input(3)).unwrap(), logits, "no observer, same logits");
+        assert_eq!(
+            network.forward(random_input(3)).unwrap(),
+            logits,
+            "no observer, same logits"
+        );
         // Each stage run alone on the pass's own inputs gives the pass's output, bit for bit.
         for index in 1..network.stages().len() {
-            let inputs: Vec<&Tensor> = network.stage_input_indices(index).iter().map(|&p| &outputs[p]).collect();
+            let inputs: Vec<&Tensor> = network
+                .stage_input_indices(index)
+                .iter()
+                .map(|&p| &outputs[p])
+                .collect();
             let alone = network.run_stage(index, &inputs).unwrap();
-            assert_eq!(alone, outputs[index], "stage {}", network.stages()[index].name);
+            assert_eq!(
+                alone,
+                outputs[index],
+                "stage {}",
+                network.stages()[index].name
+            );
         }
     }
 }
@@ -151,7 +235,11 @@ fn a_pass_stops_after_the_named_stage() {
     let stopped = network
         .forward_observed(random_input(5), None, &mut |_, _| {
             count += 1;
-            if count == 3 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+            if count == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
         })
         .unwrap();
     assert!(stopped.is_none());
@@ -162,20 +250,34 @@ fn a_pass_stops_after_the_named_stage() {
 fn bad_weights_and_inputs_are_named() {
     let arch = architecture(BlockKind::Bottleneck, 1, 64);
     let mut weights = random_weights(&arch, 6);
-    weights.insert("layer1.0.conv2.weight".into(), ArrayD::zeros(IxDyn(&[8, 8, 1, 3])));
+    weights.insert(
+        "layer1.0.conv2.weight".into(),
+        ArrayD::zeros(IxDyn(&[8, 8, 1, 3])),
+    );
     match Network::from_weights(&arch, &weights) {
-        Err(CoreError::WeightShape { name, expected, found }) => {
+        Err(CoreError::WeightShape {
+            name,
+            expected,
+            found,
+        }) => {
             assert_eq!(name, "layer1.0.conv2.weight");
             assert_eq!((expected, found), (vec![8, 8, 3, 3], vec![8, 8, 1, 3]));
         }
         other => panic!("expected a shape error, got {:?}", other.err()),
     }
     weights.remove("layer1.0.conv2.weight");
-    assert!(matches!(Network::from_weights(&arch, &weights), Err(CoreError::MissingWeight { name }) if name == "layer1.0.conv2.weight"));
+    assert!(
+        matches!(Network::from_weights(&arch, &weights), Err(CoreError::MissingWeight { name }) if name == "layer1.0.conv2.weight")
+    );
 
     let network = Network::from_weights(&arch, &random_weights(&arch, 6)).unwrap();
-    assert!(matches!(network.forward(Tensor::zeros(1, 16, 16, 4)), Err(CoreError::InputShape { .. })));
+    assert!(matches!(
+        network.forward(Tensor::zeros(1, 16, 16, 4)),
+        Err(CoreError::InputShape { .. })
+    ));
     let conv = network.stage_index("layer1.0.conv2").unwrap();
-    let error = network.run_stage(conv, &[&Tensor::zeros(1, 8, 8, 5)]).unwrap_err();
+    let error = network
+        .run_stage(conv, &[&Tensor::zeros(1, 8, 8, 5)])
+        .unwrap_err();
     assert!(error.to_string().contains("layer1.0.conv2"), "{error}");
 }

@@ -1,0 +1,498 @@
+//! `verify` as users and CI run it: on the committed fixtures, on copies of
+//! them with the seed's bugs injected, and on broken input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray_npy::{ReadNpyExt, WriteNpyExt};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures")
+        .join(name)
+}
+
+fn verify(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_verify"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("verify runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A writable copy of a fixture.
+fn copy_fixture(name: &str, into: &Path) -> PathBuf {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let target = into.join(name);
+    copy(&fixture(name), &target);
+    target
+}
+
+fn edit_manifest(dump: &Path, edit: impl FnOnce(&mut Value)) {
+    let file = dump.join("manifest.json");
+    let mut manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    edit(&mut manifest);
+    std::fs::write(file, serde_json::to_string(&manifest).unwrap()).unwrap();
+}
+
+fn read(file: &Path) -> ArrayD<f32> {
+    ArrayD::<f32>::read_npy(std::fs::File::open(file).unwrap()).unwrap()
+}
+
+fn write(file: &Path, array: &ArrayD<f32>) {
+    array
+        .write_npy(std::fs::File::create(file).unwrap())
+        .unwrap();
+}
+
+fn stage_file(dump: &Path, stage: &str) -> PathBuf {
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(dump.join("manifest.json")).unwrap())
+            .unwrap();
+    let entry = manifest["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == stage)
+        .unwrap();
+    dump.join(entry["file"].as_str().unwrap())
+}
+
+fn json_report(output: &Output) -> Value {
+    serde_json::from_slice(&output.stdout).expect("JSON on stdout")
+}
+
+#[test]
+fn every_eval_fixture_is_succ_at_every_stage() {
+    for (name, stages) in [
+        ("resnet50-w8", 182),
+        ("resnet18-w8", 75),
+        ("resnext50-w8", 182),
+    ] {
+        let output = verify(&[path(&fixture(name))]);
+        let text = stdout(&output);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{name}:\n{text}{}",
+            stderr(&output)
+        );
+        let stage_lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("Conv2d") || l.contains("BatchNorm2d") || l.contains(" ReLU "))
+            .collect();
+        assert!(
+            !stage_lines.is_empty() && stage_lines.iter().all(|l| l.contains(" succ ")),
+            "{name}"
+        );
+        assert!(text.contains(&format!("summary succ: {stages} stages compared, {stages} succ, 0 fail; first failure: none")), "{name}:\n{text}");
+        assert!(text.contains("reference: eval mode"), "{name}");
+    }
+    let text = stdout(&verify(&[path(&fixture("resnet50-w8"))]));
+    assert!(
+        text.contains("layer layer1 succ: 10/10 conv2d, 3/3 blocks"),
+        "{text}"
+    );
+    assert!(
+        text.contains("layer layer3 succ: 19/19 conv2d, 6/6 blocks"),
+        "{text}"
+    );
+    assert!(text.contains("block layer2.0 succ: 4/4 conv2d"), "{text}");
+    // 1000 classes: both sides' top-5 with names, and they agree.
+    let top: Vec<&str> = text.lines().filter(|l| l.starts_with("top5 ")).collect();
+    assert_eq!(top.len(), 2);
+    assert_eq!(
+        top[0]
+            .trim_start_matches("top5 reference:")
+            .split(", ")
+            .map(|c| c.split(" (").next().unwrap())
+            .collect::<Vec<_>>(),
+        top[1]
+            .trim_start_matches("top5 candidate:")
+            .split(", ")
+            .map(|c| c.split(" (").next().unwrap())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_train_mode_reference_is_refused_loudly() {
+    let output = verify(&[path(&fixture("resnet18-w8-train"))]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    assert!(
+        text.contains("THE REFERENCE WAS DUMPED IN TRAIN MODE"),
+        "{text}"
+    );
+    assert!(
+        text.contains("its manifest records mode \"train\""),
+        "{text}"
+    );
+    assert!(
+        text.contains("batch statistics: bn1"),
+        "the data itself shows it: {text}"
+    );
+}
+
+#[test]
+fn train_mode_is_caught_from_the_data_even_when_the_manifest_says_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8-train", dir.path());
+    edit_manifest(&dump, |m| m["mode"] = "eval".into());
+    let output = verify(&[path(&dump)]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    assert!(text.contains("THE REFERENCE WAS DUMPED IN TRAIN MODE: its BatchNorm outputs were computed with batch statistics"), "{text}");
+}
+
+#[test]
+fn batch_norm_with_batch_statistics_fails_against_running_statistics() {
+    // The train-mode reference is BatchNorm with batch statistics; the core
+    // uses running statistics. Forced to compare, the difference must fail
+    // at the very first BatchNorm: the seed's second bug, seen from the
+    // other side.
+    let output = verify(&[
+        path(&fixture("resnet18-w8-train")),
+        "--allow-train-reference",
+        "--isolate",
+        "--fail-fast",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    assert!(text.contains("first failure: bn1"), "{text}");
+}
+
+#[test]
+fn batch_norm_eps_1e_3_instead_of_1e_5_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet50-w8", dir.path());
+    edit_manifest(&dump, |m| m["architecture"]["batch_norm_eps"] = 1e-3.into());
+    let output = verify(&[path(&dump), "--isolate", "--format", "json"]);
+    assert_eq!(output.status.code(), Some(1));
+    let report = json_report(&output);
+    assert_eq!(report["summary"]["first_failure"], "bn1");
+    let failing_norms = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["module_type"] == "BatchNorm2d" && s["verdict"] == "fail")
+        .count();
+    assert!(
+        failing_norms > 10,
+        "only {failing_norms} BatchNorms fail in isolation"
+    );
+}
+
+#[test]
+fn conv_weights_read_in_the_wrong_layout_fail() {
+    // The seed's first bug: OIHW weights flattened in torch's order and read
+    // back as OHWI. Each conv weight W is replaced by what such a reader sees.
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet50-w8", dir.path());
+    for entry in std::fs::read_dir(dump.join("weights")).unwrap() {
+        let file = entry.unwrap().path();
+        let weight = read(&file);
+        if weight.ndim() != 4 || weight.shape()[2] == 1 {
+            continue; // 1x1 kernels read the same either way
+        }
+        let (o, i, h, w) = (
+            weight.shape()[0],
+            weight.shape()[1],
+            weight.shape()[2],
+            weight.shape()[3],
+        );
+        let flat: Vec<f32> = weight.iter().copied().collect();
+        let misread = ArrayD::from_shape_vec(IxDyn(&[o, h, w, i]), flat)
+            .unwrap()
+            .permuted_axes(IxDyn(&[0, 3, 1, 2]));
+        write(&file, &misread.as_standard_layout().into_owned());
+    }
+    let output = verify(&[path(&dump), "--format", "json"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(json_report(&output)["summary"]["first_failure"], "conv1");
+}
+
+#[test]
+fn a_missing_relu_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture("resnet18-w8", dir.path());
+    // An engine that forgot the ReLU after layer2.0.bn1 outputs bn1 unchanged.
+    std::fs::copy(
+        stage_file(&candidate, "layer2.0.bn1"),
+        stage_file(&candidate, "layer2.0.relu#0"),
+    )
+    .unwrap();
+    let output = verify(&[
+        "compare",
+        path(&fixture("resnet18-w8")),
+        path(&candidate),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let report = json_report(&output);
+    assert_eq!(report["summary"]["first_failure"], "layer2.0.relu#0");
+    assert_eq!(report["summary"]["fail"], 1);
+}
+
+#[test]
+fn upto_stops_after_the_named_stage() {
+    let output = verify(&[path(&fixture("resnet50-w8")), "--upto", "layer3"]);
+    assert_eq!(output.status.code(), Some(0));
+    let text = stdout(&output);
+    let last_stage = text
+        .lines()
+        .filter(|l| l.contains(" succ ") && !l.starts_with("layer ") && !l.starts_with("block "))
+        .last()
+        .unwrap();
+    assert!(last_stage.starts_with("layer3 "), "{last_stage}");
+    assert!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("layer4") || l.starts_with("avgpool") || l.starts_with("fc ")),
+        "{text}"
+    );
+    let output = verify(&[
+        path(&fixture("resnet50-w8")),
+        "--upto",
+        "layer2.1.conv2",
+        "--format",
+        "json",
+    ]);
+    let stages = json_report(&output)["stages"].as_array().unwrap().clone();
+    assert_eq!(stages.last().unwrap()["name"], "layer2.1.conv2");
+
+    let output = verify(&[path(&fixture("resnet50-w8")), "--upto", "layer9"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--upto layer9: no such stage"));
+}
+
+#[test]
+fn isolated_and_side_by_side_modes() {
+    for mode in ["--isolate", "--both"] {
+        let output = verify(&[path(&fixture("resnext50-w8")), mode, "--format", "json"]);
+        assert_eq!(output.status.code(), Some(0), "{mode}");
+        let report = json_report(&output);
+        let stages = report["stages"].as_array().unwrap();
+        assert_eq!(stages.len(), 182);
+        assert!(stages.iter().all(|s| s["isolated"]["verdict"] == "succ"));
+        assert_eq!(
+            stages.iter().all(|s| !s["cumulative"].is_null()),
+            mode == "--both"
+        );
+    }
+}
+
+#[test]
+fn only_shows_a_subset() {
+    let output = verify(&[
+        path(&fixture("resnet18-w8")),
+        "--only",
+        "*.conv2",
+        "--format",
+        "json",
+    ]);
+    let report = json_report(&output);
+    let names: Vec<&str> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 8);
+    assert!(names.iter().all(|n| n.ends_with(".conv2")));
+}
+
+#[test]
+fn json_and_junit_reports() {
+    let dir = tempfile::tempdir().unwrap();
+    let junit = dir.path().join("report.xml");
+    let output = verify(&[
+        path(&fixture("resnet18-w8")),
+        "--format",
+        "junit",
+        "--output",
+        path(&junit),
+    ]);
+    assert_eq!(output.status.code(), Some(0));
+    assert!(
+        stdout(&output).contains("summary succ"),
+        "the text report still goes to stdout"
+    );
+    let xml = std::fs::read_to_string(&junit).unwrap();
+    assert_eq!(xml.matches("<testcase ").count(), 75);
+    assert!(xml.contains("tests=\"75\" failures=\"0\""));
+
+    let report = json_report(&verify(&[
+        path(&fixture("resnet18-w8")),
+        "--format",
+        "json",
+    ]));
+    assert_eq!(
+        (report["schema"].as_str(), report["schema_version"].as_u64()),
+        (Some("resnet-verify-report"), Some(1))
+    );
+    let conv1 = &report["stages"][0];
+    assert_eq!(conv1["name"], "conv1");
+    assert_eq!(conv1["shape"], serde_json::json!([1, 8, 16, 16]));
+    for field in [
+        "max_abs_error",
+        "relative_error",
+        "cosine_similarity",
+        "mismatched",
+    ] {
+        assert!(conv1["cumulative"][field].is_number(), "{field}");
+    }
+}
+
+#[test]
+fn compare_reads_nhwc_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture("resnet18-w8", dir.path());
+    // Store every 4-D stage NHWC, as an NHWC engine would.
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(candidate.join("manifest.json")).unwrap())
+            .unwrap();
+    for stage in manifest["stages"].as_array().unwrap() {
+        let file = candidate.join(stage["file"].as_str().unwrap());
+        let array = read(&file);
+        if array.ndim() == 4 {
+            write(
+                &file,
+                &array
+                    .permuted_axes(IxDyn(&[0, 2, 3, 1]))
+                    .as_standard_layout()
+                    .into_owned(),
+            );
+        }
+    }
+    edit_manifest(&candidate, |m| {
+        m["layout"] = "NHWC".into();
+        for stage in m["stages"].as_array_mut().unwrap() {
+            let shape = stage["shape"].as_array().unwrap().clone();
+            if shape.len() == 4 {
+                stage["shape"] = serde_json::json!([shape[0], shape[2], shape[3], shape[1]]);
+            }
+        }
+    });
+    let reference = fixture("resnet18-w8");
+    let auto = verify(&["compare", path(&reference), path(&candidate)]);
+    assert_eq!(auto.status.code(), Some(0), "{}", stdout(&auto));
+    let forced = verify(&[
+        "compare",
+        path(&reference),
+        path(&candidate),
+        "--cand-layout",
+        "nchw",
+    ]);
+    assert_eq!(forced.status.code(), Some(1));
+}
+
+#[test]
+fn fail_fast_stops_at_the_first_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    edit_manifest(&dump, |m| m["architecture"]["batch_norm_eps"] = 1e-1.into());
+    let report = json_report(&verify(&[path(&dump), "--fail-fast", "--format", "json"]));
+    assert_eq!(report["summary"]["compared"], 2);
+    assert_eq!(
+        report["summary"]["stopped"],
+        "--fail-fast: stopped after bn1"
+    );
+}
+
+#[test]
+fn bad_input_exits_2_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere");
+    let output = verify(&[path(&missing)]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("nowhere/manifest.json"),
+        "{}",
+        stderr(&output)
+    );
+
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    std::fs::write(dump.join("manifest.json"), "{ not json").unwrap();
+    let output = verify(&[path(&dump)]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("manifest.json: invalid manifest: malformed JSON"),
+        "{}",
+        stderr(&output)
+    );
+
+    let dump = copy_fixture("resnext50-w8", dir.path());
+    edit_manifest(&dump, |m| {
+        m["stages"][3]["file"] = "../../../etc/passwd".into()
+    });
+    let output = verify(&[path(&dump)]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output)
+            .contains("stages[3].file`: `../../../etc/passwd` leads out of the dump directory"),
+        "{}",
+        stderr(&output)
+    );
+
+    let dump = copy_fixture("resnet50-w8", dir.path());
+    let file = stage_file(&dump, "layer1.0.conv2");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 10]).unwrap();
+    let output = verify(&[path(&dump)]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(
+        message.contains("layer1.0.conv2.npy: not a valid .npy file")
+            && message.contains("truncated"),
+        "{message}"
+    );
+    assert!(!message.contains("panicked"));
+}
+
+#[test]
+fn the_reference_input_is_what_the_core_runs_on() {
+    // Changing the stored input changes every stage: the core really reads it.
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    let file = stage_file(&dump, "input");
+    let input = read(&file);
+    let flipped = input
+        .clone()
+        .permuted_axes(IxDyn(&[0, 1, 3, 2]))
+        .as_standard_layout()
+        .into_owned();
+    let mut swapped = flipped.clone();
+    swapped
+        .index_axis_mut(Axis(1), 0)
+        .assign(&flipped.index_axis(Axis(1), 2));
+    write(&file, &swapped);
+    assert_eq!(verify(&[path(&dump)]).status.code(), Some(1));
+}
