@@ -269,7 +269,7 @@ fn upto_stops_after_the_named_stage() {
     let last_stage = text
         .lines()
         .filter(|l| l.contains(" succ ") && !l.starts_with("layer ") && !l.starts_with("block "))
-        .last()
+        .next_back()
         .unwrap();
     assert!(last_stage.starts_with("layer3 "), "{last_stage}");
     assert!(
