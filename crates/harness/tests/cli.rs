@@ -268,8 +268,7 @@ fn upto_stops_after_the_named_stage() {
     let text = stdout(&output);
     let last_stage = text
         .lines()
-        .filter(|l| l.contains(" succ ") && !l.starts_with("layer ") && !l.starts_with("block "))
-        .next_back()
+        .rfind(|l| l.contains(" succ ") && !l.starts_with("layer ") && !l.starts_with("block "))
         .unwrap();
     assert!(last_stage.starts_with("layer3 "), "{last_stage}");
     assert!(
