@@ -84,10 +84,17 @@ impl Network {
             architecture.num_classes,
         )?;
 
-        let released_after = release_schedule(&net.stages);
+        let last_reader = last_readers(&net.stages);
+        let mut released_after = vec![Vec::new(); net.stages.len()];
+        for (producer, reader) in last_reader.iter().enumerate() {
+            if let Some(reader) = *reader {
+                released_after[reader].push(producer);
+            }
+        }
         Ok(Network {
             architecture: architecture.clone(),
             stages: net.stages,
+            last_reader,
             released_after,
         })
     }
@@ -394,9 +401,9 @@ impl Builder<'_> {
     }
 }
 
-/// For each stage, the values that may be dropped once it has run: those
-/// whose last reader it is. A container reads its last child's value.
-fn release_schedule(stages: &[Stage]) -> Vec<Vec<usize>> {
+/// For each stage, the last stage that reads its value, if any. A container
+/// reads its last child's value.
+fn last_readers(stages: &[Stage]) -> Vec<Option<usize>> {
     let mut last_reader: Vec<Option<usize>> = vec![None; stages.len()];
     for (index, stage) in stages.iter().enumerate() {
         let reads: Vec<usize> = match stage.operation {
@@ -407,11 +414,5 @@ fn release_schedule(stages: &[Stage]) -> Vec<Vec<usize>> {
             last_reader[producer] = Some(index);
         }
     }
-    let mut released_after = vec![Vec::new(); stages.len()];
-    for (producer, reader) in last_reader.into_iter().enumerate() {
-        if let Some(reader) = reader {
-            released_after[reader].push(producer);
-        }
-    }
-    released_after
+    last_reader
 }

@@ -22,6 +22,8 @@ use crate::{Architecture, CoreError, Tensor};
 pub struct Network {
     architecture: Architecture,
     stages: Vec<Stage>,
+    /// For each stage, the last stage that reads its value.
+    last_reader: Vec<Option<usize>>,
     /// For each stage, the stages whose values are not needed once it ran.
     released_after: Vec<Vec<usize>>,
 }
@@ -139,16 +141,28 @@ impl Network {
                     .clone()
                     .expect("a container follows its last child"),
                 _ => {
-                    let inputs: Vec<&Tensor> = stage
-                        .inputs
-                        .iter()
-                        .map(|&producer| {
-                            values[producer]
-                                .as_deref()
-                                .expect("producers run before consumers")
-                        })
-                        .collect();
-                    Rc::new(stage.apply(&inputs)?)
+                    let first_input = stage.inputs[0];
+                    let reusable = stage.operation.works_in_place()
+                        && self.last_reader[first_input] == Some(index);
+                    // Nothing later reads the input (and no one else holds
+                    // it): overwrite it rather than copy it.
+                    let owned = reusable
+                        .then(|| values[first_input].take())
+                        .flatten()
+                        .and_then(|value| match Rc::try_unwrap(value) {
+                            Ok(tensor) => Some(tensor),
+                            Err(shared) => {
+                                values[first_input] = Some(shared);
+                                None
+                            }
+                        });
+                    let output = match owned {
+                        Some(tensor) => {
+                            stage.apply_in_place(tensor, &gather(&values, &stage.inputs[1..]))?
+                        }
+                        None => stage.apply(&gather(&values, &stage.inputs))?,
+                    };
+                    Rc::new(output)
                 }
             };
             if observer(stage, &output).is_break() {
@@ -163,4 +177,16 @@ impl Network {
         }
         Ok(values[last].take())
     }
+}
+
+/// The values of `producers`, which have all run.
+fn gather<'a>(values: &'a [Option<Rc<Tensor>>], producers: &[usize]) -> Vec<&'a Tensor> {
+    producers
+        .iter()
+        .map(|&producer| {
+            values[producer]
+                .as_deref()
+                .expect("producers run before consumers")
+        })
+        .collect()
 }

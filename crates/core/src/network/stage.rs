@@ -83,6 +83,16 @@ pub(crate) enum Operation {
     },
 }
 
+impl Operation {
+    /// Whether the output can overwrite the first input.
+    pub(crate) fn works_in_place(&self) -> bool {
+        matches!(
+            self,
+            Operation::BatchNorm(_) | Operation::Relu | Operation::AddRelu
+        )
+    }
+}
+
 /// One observable point of the network, named as the reference dump names
 /// it: the torch module path, with `#k` for the k-th call of a module that
 /// is called more than once (`layer1.0.relu#2`).
@@ -130,11 +140,37 @@ impl Stage {
             Operation::Linear(linear) => linear.forward(x),
             Operation::Container { .. } => unreachable!("containers are run by the network"),
         };
-        result.map_err(|reason| CoreError::StageInputShape {
+        result.map_err(|reason| self.shape_error(x, reason))
+    }
+
+    /// [`Stage::apply`] for an operation that `works_in_place`, writing its
+    /// output over `first`, its first input, which nothing else needs.
+    pub(crate) fn apply_in_place(
+        &self,
+        mut first: Tensor,
+        rest: &[&Tensor],
+    ) -> Result<Tensor, CoreError> {
+        let result = match (&self.operation, rest) {
+            (Operation::BatchNorm(norm), []) => norm.forward_in_place(&mut first),
+            (Operation::Relu, []) => {
+                ops::relu_in_place(&mut first);
+                Ok(())
+            }
+            (Operation::AddRelu, [identity]) => ops::add_relu_in_place(&mut first, identity),
+            _ => unreachable!("only operations that work in place, with their inputs"),
+        };
+        match result {
+            Ok(()) => Ok(first),
+            Err(reason) => Err(self.shape_error(&first, reason)),
+        }
+    }
+
+    fn shape_error(&self, input: &Tensor, reason: String) -> CoreError {
+        CoreError::StageInputShape {
             stage: self.name.clone(),
-            found: x.nhwc_shape().to_vec(),
+            found: input.nhwc_shape().to_vec(),
             reason,
-        })
+        }
     }
 }
 

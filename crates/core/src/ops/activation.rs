@@ -3,12 +3,23 @@ use crate::Tensor;
 
 pub fn relu(x: &Tensor) -> Tensor {
     let mut out = x.clone();
-    out.as_slice_mut().iter_mut().for_each(|v| *v = v.max(0.0));
+    relu_in_place(&mut out);
     out
+}
+
+pub fn relu_in_place(x: &mut Tensor) {
+    x.as_slice_mut().iter_mut().for_each(|v| *v = v.max(0.0));
 }
 
 /// The end of every residual block: `relu(residual + identity)`.
 pub fn add_relu(residual: &Tensor, identity: &Tensor) -> Result<Tensor, ShapeError> {
+    let mut out = residual.clone();
+    add_relu_in_place(&mut out, identity)?;
+    Ok(out)
+}
+
+/// [`add_relu`], written over the residual.
+pub fn add_relu_in_place(residual: &mut Tensor, identity: &Tensor) -> Result<(), ShapeError> {
     if residual.nhwc_shape() != identity.nhwc_shape() {
         return Err(format!(
             "the residual {:?} and the identity {:?} must have the same shape",
@@ -16,9 +27,8 @@ pub fn add_relu(residual: &Tensor, identity: &Tensor) -> Result<Tensor, ShapeErr
             identity.nhwc_shape()
         ));
     }
-    let mut out = residual.clone();
-    for (sum, &skip) in out.as_slice_mut().iter_mut().zip(identity.as_slice()) {
+    for (sum, &skip) in residual.as_slice_mut().iter_mut().zip(identity.as_slice()) {
         *sum = (*sum + skip).max(0.0);
     }
-    Ok(out)
+    Ok(())
 }

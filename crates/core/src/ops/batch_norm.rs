@@ -46,6 +46,12 @@ impl BatchNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ShapeError> {
+        let mut out = x.clone();
+        self.forward_in_place(&mut out)?;
+        Ok(out)
+    }
+
+    pub fn forward_in_place(&self, x: &mut Tensor) -> Result<(), ShapeError> {
         if x.channels() != self.channels() {
             return Err(format!(
                 "expected {} channels, got {}",
@@ -53,12 +59,11 @@ impl BatchNorm {
                 x.channels()
             ));
         }
-        let mut out = x.clone();
-        for pixel in out.as_slice_mut().chunks_exact_mut(self.channels()) {
+        for pixel in x.as_slice_mut().chunks_exact_mut(self.channels()) {
             for ((v, &s), &t) in pixel.iter_mut().zip(&self.scale).zip(&self.shift) {
                 *v = *v * s + t;
             }
         }
-        Ok(out)
+        Ok(())
     }
 }

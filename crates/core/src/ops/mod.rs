@@ -9,7 +9,7 @@ mod linear;
 mod matmul;
 mod pool;
 
-pub use activation::{add_relu, relu};
+pub use activation::{add_relu, add_relu_in_place, relu, relu_in_place};
 pub use batch_norm::BatchNorm;
 pub use conv::{Conv2d, ConvGeometry};
 pub use linear::Linear;

@@ -1,0 +1,56 @@
+//! The core's side of scripts/bench-core: loads a dump's weights and input
+//! once, then runs one timed forward pass (no observer) per line `run` on
+//! stdin and answers with the milliseconds it took, so that the script can
+//! alternate the core with PyTorch within one run.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use resnet_core::Network;
+use resnet_dump::Dump;
+use resnet_verify::layout::{reference_tensor, to_nchw};
+
+/// Serve timed forward passes of the core for scripts/bench-core.
+#[derive(Parser)]
+struct Cli {
+    /// A dump made by `python -m reference.dump`
+    dump: PathBuf,
+    /// Threads for the core
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(cli.threads)
+        .build_global()
+        .context("thread pool")?;
+    let dump = Dump::open(&cli.dump)?;
+    let network = Network::from_weights(dump.architecture()?, &dump.weights())?;
+    let entry = dump.stage("input").context("the dump has no input stage")?;
+    let input = to_nchw(dump.load_stage(entry)?.data, dump.manifest().layout);
+    let Some(input) = reference_tensor(&input) else {
+        bail!("the input is not NCHW")
+    };
+
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        if line?.trim() != "run" {
+            break;
+        }
+        let started = Instant::now();
+        let logits = network.forward(input.clone())?;
+        let elapsed = started.elapsed().as_secs_f64() * 1e3;
+        std::hint::black_box(logits);
+        writeln!(out, "{elapsed:.3}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
