@@ -228,7 +228,7 @@ impl Run<'_> {
         stage: &Stage,
         output: Option<&Tensor>,
     ) -> Result<Option<StageReport>, VerifyError> {
-        let reference = self.load_reference(index)?;
+        let (reference, converted_from) = self.load_reference_noting(index)?;
         if self.options.mode.isolated() {
             self.references.offer(index, &reference);
         }
@@ -278,7 +278,10 @@ impl Run<'_> {
             verdict: if failed { Verdict::Fail } else { Verdict::Succ },
             cumulative,
             isolated,
-            notes: Vec::new(),
+            notes: converted_from
+                .map(|dtype| format!("reference stored as {dtype}, converted to float32"))
+                .into_iter()
+                .collect(),
         }))
     }
 
@@ -308,11 +311,18 @@ impl Run<'_> {
 
     /// The reference's stage `index`, in NCHW order.
     fn load_reference(&self, index: usize) -> Result<ArrayD<f32>, VerifyError> {
+        Ok(self.load_reference_noting(index)?.0)
+    }
+
+    /// [`Run::load_reference`], and the dtype it was converted from, if any.
+    fn load_reference_noting(
+        &self,
+        index: usize,
+    ) -> Result<(ArrayD<f32>, Option<String>), VerifyError> {
         let entry = &self.dump.manifest().stages[self.entries[index]];
-        Ok(to_nchw(
-            self.dump.load_stage(entry)?.data,
-            self.dump.manifest().layout,
-        ))
+        let loaded = self.dump.load_stage(entry)?;
+        let layout = self.dump.manifest().layout;
+        Ok((to_nchw(loaded.data, layout), loaded.converted_from))
     }
 
     fn reference_input(&mut self, producer: usize) -> Result<Tensor, VerifyError> {

@@ -1,92 +1,11 @@
 //! `verify` as users and CI run it: on the committed fixtures, on copies of
 //! them with the seed's bugs injected, and on broken input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use common::*;
 use ndarray::{ArrayD, Axis, IxDyn};
-use ndarray_npy::{ReadNpyExt, WriteNpyExt};
 use serde_json::Value;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures")
-        .join(name)
-}
-
-fn verify(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_verify"))
-        .args(args)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("verify runs")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// A writable copy of a fixture.
-fn copy_fixture(name: &str, into: &Path) -> PathBuf {
-    fn copy(from: &Path, to: &Path) {
-        std::fs::create_dir_all(to).unwrap();
-        for entry in std::fs::read_dir(from).unwrap() {
-            let entry = entry.unwrap();
-            let target = to.join(entry.file_name());
-            if entry.file_type().unwrap().is_dir() {
-                copy(&entry.path(), &target);
-            } else {
-                std::fs::copy(entry.path(), target).unwrap();
-            }
-        }
-    }
-    let target = into.join(name);
-    copy(&fixture(name), &target);
-    target
-}
-
-fn edit_manifest(dump: &Path, edit: impl FnOnce(&mut Value)) {
-    let file = dump.join("manifest.json");
-    let mut manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    edit(&mut manifest);
-    std::fs::write(file, serde_json::to_string(&manifest).unwrap()).unwrap();
-}
-
-fn read(file: &Path) -> ArrayD<f32> {
-    ArrayD::<f32>::read_npy(std::fs::File::open(file).unwrap()).unwrap()
-}
-
-fn write(file: &Path, array: &ArrayD<f32>) {
-    array
-        .write_npy(std::fs::File::create(file).unwrap())
-        .unwrap();
-}
-
-fn stage_file(dump: &Path, stage: &str) -> PathBuf {
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(dump.join("manifest.json")).unwrap())
-            .unwrap();
-    let entry = manifest["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == stage)
-        .unwrap();
-    dump.join(entry["file"].as_str().unwrap())
-}
-
-fn json_report(output: &Output) -> Value {
-    serde_json::from_slice(&output.stdout).expect("JSON on stdout")
-}
 
 #[test]
 fn every_eval_fixture_is_succ_at_every_stage() {
