@@ -1,10 +1,9 @@
-use std::collections::HashSet;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use ndarray::ArrayD;
 use resnet_core::{Architecture, CoreError, WeightSource, WeightTensor};
 
-use crate::manifest::{Manifest, StageEntry, FORMAT_NAME, SCHEMA_VERSION};
+use crate::manifest::{check_relative, Manifest, ManifestProblem, StageEntry};
 use crate::npy;
 use crate::DumpError;
 
@@ -33,46 +32,27 @@ impl Dump {
             path: manifest_path.clone(),
             source,
         })?;
-        let invalid = |reason: String| DumpError::Manifest {
-            path: manifest_path.clone(),
-            reason,
-        };
-        let raw: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|error| invalid(format!("malformed JSON: {error}")))?;
-        match raw.get("format").and_then(|format| format.as_str()) {
-            Some(FORMAT_NAME) => {}
-            Some(other) => {
-                return Err(invalid(format!(
-                    "format is `{other}`, expected `{FORMAT_NAME}`"
-                )))
-            }
-            None => {
-                return Err(invalid(format!(
-                    "no `format` field; is this a {FORMAT_NAME} manifest?"
-                )))
-            }
-        }
-        match raw.get("schema_version").and_then(|version| version.as_u64()) {
-            Some(version) if version == SCHEMA_VERSION as u64 => {}
-            Some(version) => {
-                return Err(invalid(format!("schema version {version} is not supported (this build reads version {SCHEMA_VERSION})")))
-            }
-            None => return Err(invalid("`schema_version` is missing or not a number".into())),
-        }
-        let manifest: Manifest =
-            serde_json::from_value(raw).map_err(|error| invalid(error.to_string()))?;
+        let manifest = Manifest::parse(&text).map_err(|problem| match problem {
+            ManifestProblem::Invalid(reason) => DumpError::Manifest {
+                path: manifest_path.clone(),
+                reason,
+            },
+            ManifestProblem::Field { field, reason } => DumpError::Field {
+                path: manifest_path.clone(),
+                field,
+                reason,
+            },
+        })?;
 
         let root = dir.canonicalize().map_err(|source| DumpError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
-        let dump = Dump {
+        Ok(Dump {
             root,
             manifest_path,
             manifest,
-        };
-        dump.check_entries()?;
-        Ok(dump)
+        })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -126,40 +106,6 @@ impl Dump {
         DumpWeights { dump: self }
     }
 
-    fn check_entries(&self) -> Result<(), DumpError> {
-        let field_error = |field: String, reason: String| DumpError::Field {
-            path: self.manifest_path.clone(),
-            field,
-            reason,
-        };
-        if self.manifest.stages.is_empty() {
-            return Err(field_error("stages".into(), "no stages listed".into()));
-        }
-        let mut names = HashSet::new();
-        for (index, stage) in self.manifest.stages.iter().enumerate() {
-            if !names.insert(stage.name.as_str()) {
-                return Err(field_error(
-                    format!("stages[{index}].name"),
-                    format!("duplicate stage name `{}`", stage.name),
-                ));
-            }
-            check_relative(&stage.file)
-                .map_err(|reason| field_error(format!("stages[{index}].file"), reason))?;
-        }
-        let mut weight_names = HashSet::new();
-        for (index, weight) in self.manifest.weights.iter().enumerate() {
-            if !weight_names.insert(weight.name.as_str()) {
-                return Err(field_error(
-                    format!("weights[{index}].name"),
-                    format!("duplicate weight `{}`", weight.name),
-                ));
-            }
-            check_relative(&weight.file)
-                .map_err(|reason| field_error(format!("weights[{index}].file"), reason))?;
-        }
-        Ok(())
-    }
-
     /// Joins a manifest file name to the dump directory, refusing anything
     /// that leads out of it, symbolic links included.
     fn resolve(&self, file: &str, field: &str) -> Result<PathBuf, DumpError> {
@@ -185,25 +131,6 @@ impl Dump {
         }
         Ok(real)
     }
-}
-
-fn check_relative(file: &str) -> Result<(), String> {
-    let path = Path::new(file);
-    if file.is_empty() {
-        return Err("empty file name".into());
-    }
-    if path.is_absolute() || path.has_root() {
-        return Err(format!(
-            "`{file}` is an absolute path; files must be relative to the dump directory"
-        ));
-    }
-    if path
-        .components()
-        .any(|component| !matches!(component, Component::Normal(_) | Component::CurDir))
-    {
-        return Err(format!("`{file}` leads out of the dump directory"));
-    }
-    Ok(())
 }
 
 /// A dump's weights, read on demand as the core asks for them.

@@ -1,5 +1,8 @@
 //! `manifest.json`, as docs/dump-format.md describes it.
 
+use std::collections::HashSet;
+use std::path::{Component, Path};
+
 use resnet_core::Architecture;
 use serde::{Deserialize, Serialize};
 
@@ -81,10 +84,97 @@ pub struct Manifest {
     pub classes: Option<Vec<String>>,
 }
 
+/// What is wrong with a manifest's text, found before any file is read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ManifestProblem {
+    /// The document as a whole: not JSON, not ours, another version.
+    Invalid(String),
+    /// One field.
+    Field { field: String, reason: String },
+}
+
 impl Manifest {
+    /// Parses and checks a manifest: format, schema version, fields, unique
+    /// stage and weight names, and file names that stay inside the dump.
+    pub fn parse(text: &str) -> Result<Manifest, ManifestProblem> {
+        let invalid = |reason: String| ManifestProblem::Invalid(reason);
+        let raw: serde_json::Value = serde_json::from_str(text)
+            .map_err(|error| invalid(format!("malformed JSON: {error}")))?;
+        match raw.get("format").and_then(|format| format.as_str()) {
+            Some(FORMAT_NAME) => {}
+            Some(other) => {
+                return Err(invalid(format!(
+                    "format is `{other}`, expected `{FORMAT_NAME}`"
+                )))
+            }
+            None => {
+                return Err(invalid(format!(
+                    "no `format` field; is this a {FORMAT_NAME} manifest?"
+                )))
+            }
+        }
+        match raw.get("schema_version").and_then(|version| version.as_u64()) {
+            Some(version) if version == SCHEMA_VERSION as u64 => {}
+            Some(version) => {
+                return Err(invalid(format!("schema version {version} is not supported (this build reads version {SCHEMA_VERSION})")))
+            }
+            None => return Err(invalid("`schema_version` is missing or not a number".into())),
+        }
+        let manifest: Manifest =
+            serde_json::from_value(raw).map_err(|error| invalid(error.to_string()))?;
+        manifest.check_entries()?;
+        Ok(manifest)
+    }
+
+    fn check_entries(&self) -> Result<(), ManifestProblem> {
+        let problem = |field: String, reason: String| ManifestProblem::Field { field, reason };
+        if self.stages.is_empty() {
+            return Err(problem("stages".into(), "no stages listed".into()));
+        }
+        let mut names = HashSet::new();
+        for (index, stage) in self.stages.iter().enumerate() {
+            if !names.insert(stage.name.as_str()) {
+                let reason = format!("duplicate stage name `{}`", stage.name);
+                return Err(problem(format!("stages[{index}].name"), reason));
+            }
+            check_relative(&stage.file)
+                .map_err(|reason| problem(format!("stages[{index}].file"), reason))?;
+        }
+        let mut weight_names = HashSet::new();
+        for (index, weight) in self.weights.iter().enumerate() {
+            if !weight_names.insert(weight.name.as_str()) {
+                let reason = format!("duplicate weight `{}`", weight.name);
+                return Err(problem(format!("weights[{index}].name"), reason));
+            }
+            check_relative(&weight.file)
+                .map_err(|reason| problem(format!("weights[{index}].file"), reason))?;
+        }
+        Ok(())
+    }
+
     pub fn model_name(&self) -> &str {
         self.model
             .as_ref()
             .map_or("unnamed model", |model| model.name.as_str())
     }
+}
+
+/// A manifest's file name must be relative and stay below the dump directory.
+pub(crate) fn check_relative(file: &str) -> Result<(), String> {
+    let path = Path::new(file);
+    if file.is_empty() {
+        return Err("empty file name".into());
+    }
+    if path.is_absolute() || path.has_root() {
+        return Err(format!(
+            "`{file}` is an absolute path; files must be relative to the dump directory"
+        ));
+    }
+    if path
+        .components()
+        .any(|component| !matches!(component, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(format!("`{file}` leads out of the dump directory"));
+    }
+    Ok(())
 }
