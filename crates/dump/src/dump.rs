@@ -1,3 +1,4 @@
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use ndarray::ArrayD;
@@ -7,12 +8,21 @@ use crate::manifest::{check_relative, Manifest, ManifestProblem, StageEntry};
 use crate::npy;
 use crate::DumpError;
 
-/// An opened dump directory whose manifest has been checked.
+/// An opened dump whose manifest has been checked: a directory, or arrays
+/// held in memory (a live torch model, through the Python bindings).
 #[derive(Debug)]
 pub struct Dump {
     root: PathBuf,
     manifest_path: PathBuf,
     manifest: Manifest,
+    storage: Storage,
+}
+
+#[derive(Debug)]
+enum Storage {
+    Directory,
+    /// Arrays under the names the manifest gives as their `file`.
+    Memory(HashMap<String, ArrayD<f32>>),
 }
 
 /// A stage's data as stored (in the manifest's layout), and a note if it had
@@ -52,6 +62,34 @@ impl Dump {
             root,
             manifest_path,
             manifest,
+            storage: Storage::Directory,
+        })
+    }
+
+    /// A dump whose arrays are already in memory: `arrays` maps each stage's
+    /// and weight's `file` to its array. `label` names it in messages.
+    pub fn from_memory(
+        label: &str,
+        manifest_text: &str,
+        arrays: HashMap<String, ArrayD<f32>>,
+    ) -> Result<Dump, DumpError> {
+        let manifest_path = PathBuf::from(label);
+        let manifest = Manifest::parse(manifest_text).map_err(|problem| match problem {
+            ManifestProblem::Invalid(reason) => DumpError::Manifest {
+                path: manifest_path.clone(),
+                reason,
+            },
+            ManifestProblem::Field { field, reason } => DumpError::Field {
+                path: manifest_path.clone(),
+                field,
+                reason,
+            },
+        })?;
+        Ok(Dump {
+            root: manifest_path.clone(),
+            manifest_path,
+            manifest,
+            storage: Storage::Memory(arrays),
         })
     }
 
@@ -85,8 +123,8 @@ impl Dump {
 
     /// Reads a stage's file and checks it against the manifest's shape.
     pub fn load_stage(&self, stage: &StageEntry) -> Result<LoadedStage, DumpError> {
-        let path = self.resolve(&stage.file, &format!("stages[{}].file", stage.name))?;
-        let array = npy::read_f32(&path)?;
+        let (path, array) =
+            self.read_array(&stage.file, &format!("stages[{}].file", stage.name))?;
         if array.data.shape() != stage.shape.as_slice() {
             return Err(DumpError::StageShape {
                 path,
@@ -104,6 +142,32 @@ impl Dump {
     /// The weights, for the core.
     pub fn weights(&self) -> DumpWeights<'_> {
         DumpWeights { dump: self }
+    }
+
+    /// The array a manifest's `file` names, and the path to name in errors.
+    fn read_array(&self, file: &str, field: &str) -> Result<(PathBuf, npy::NpyArray), DumpError> {
+        match &self.storage {
+            Storage::Directory => {
+                let path = self.resolve(file, field)?;
+                let array = npy::read_f32(&path)?;
+                Ok((path, array))
+            }
+            Storage::Memory(arrays) => {
+                let path = self.root.join(file);
+                let data = arrays.get(file).cloned().ok_or_else(|| DumpError::Field {
+                    path: self.manifest_path.clone(),
+                    field: field.into(),
+                    reason: format!("no array was given for `{file}`"),
+                })?;
+                Ok((
+                    path,
+                    npy::NpyArray {
+                        data,
+                        converted_from: None,
+                    },
+                ))
+            }
+        }
     }
 
     /// Joins a manifest file name to the dump directory, refusing anything
@@ -141,10 +205,9 @@ pub struct DumpWeights<'a> {
 impl DumpWeights<'_> {
     fn load(&self, index: usize) -> Result<ArrayD<f32>, DumpError> {
         let entry = &self.dump.manifest.weights[index];
-        let path = self
+        let (path, array) = self
             .dump
-            .resolve(&entry.file, &format!("weights[{index}].file"))?;
-        let array = npy::read_f32(&path)?;
+            .read_array(&entry.file, &format!("weights[{index}].file"))?;
         if array.data.shape() != entry.shape.as_slice() {
             return Err(DumpError::Field {
                 path,

@@ -16,4 +16,4 @@ pub use error::VerifyError;
 pub use metrics::{compare, Comparison, Verdict};
 pub use report::{Event, Report, RunMode};
 pub use tolerance::{AbsoluteTolerance, Tolerance};
-pub use verify::{verify, VerifyOptions};
+pub use verify::{verify, verify_dump, VerifyOptions};

@@ -38,14 +38,23 @@ pub fn verify(
     options: &VerifyOptions,
     listener: &mut dyn FnMut(Event),
 ) -> Result<Report, VerifyError> {
-    let dump = Dump::open(&options.dump)?;
+    verify_dump(&Dump::open(&options.dump)?, options, listener)
+}
+
+/// [`verify`] on a dump already opened (or held in memory); `options.dump`
+/// only names it.
+pub fn verify_dump(
+    dump: &Dump,
+    options: &VerifyOptions,
+    listener: &mut dyn FnMut(Event),
+) -> Result<Report, VerifyError> {
     let core_error = |source| VerifyError::Core {
         dump: options.dump.clone(),
         source,
     };
     let network =
         Network::from_weights(dump.architecture()?, &dump.weights()).map_err(core_error)?;
-    let entries = match_stages(&dump, &network, options)?;
+    let entries = match_stages(dump, &network, options)?;
     let last = match &options.upto {
         Some(name) => network
             .stage_index(name)
@@ -53,7 +62,7 @@ pub fn verify(
         None => network.stages().len() - 1,
     };
 
-    let reference_check = check_reference(&dump, &network)?;
+    let reference_check = check_reference(dump, &network)?;
     let mut report = Report {
         schema: REPORT_SCHEMA,
         schema_version: REPORT_SCHEMA_VERSION,
@@ -84,7 +93,7 @@ pub fn verify(
     });
 
     let mut run = Run {
-        dump: &dump,
+        dump,
         network: &network,
         options,
         entries,

@@ -253,7 +253,7 @@ fn report(
         let _ = stdout.write_all(text::summary(&report).as_bytes());
     }
     let rendered = match common.format {
-        Format::Text => (common.output.is_some()).then(|| full_text(&report, mode)),
+        Format::Text => (common.output.is_some()).then(|| text::full(&report, mode)),
         Format::Json => Some(json::render(&report)),
         Format::Junit => Some(junit::render(&report)),
     };
@@ -267,35 +267,4 @@ fn report(
         }
     }
     Ok(report)
-}
-
-/// The text report again, without colour, for --output FILE.
-fn full_text(report: &Report, mode: RunMode) -> String {
-    let mut out = text::render(
-        &Event::Start {
-            report,
-            stages: report.stages.len().max(1),
-        },
-        mode,
-    );
-    for stage in &report.stages {
-        out.push_str(&text::render(&Event::Stage(stage), mode));
-        let closing = report
-            .blocks
-            .iter()
-            .find(|b| b.name == stage.name)
-            .map(Event::Block)
-            .or_else(|| {
-                report
-                    .layers
-                    .iter()
-                    .find(|l| l.name == stage.name)
-                    .map(Event::Layer)
-            });
-        if let Some(event) = closing {
-            out.push_str(&text::render(&event, mode));
-        }
-    }
-    out.push_str(&text::summary(report));
-    anstream::adapter::strip_str(&out).to_string()
 }

@@ -238,3 +238,34 @@ fn top_lines(top5: &TopClasses) -> String {
     }
     out
 }
+
+/// The whole report as one text, without colour: for files and for the
+/// Python bindings.
+pub fn full(report: &Report, mode: RunMode) -> String {
+    let stages = if report.summary.compared == 0 && report.summary.stopped.is_some() {
+        0
+    } else {
+        report.stages.len().max(1)
+    };
+    let mut out = render(&Event::Start { report, stages }, mode);
+    for stage in &report.stages {
+        out.push_str(&render(&Event::Stage(stage), mode));
+        let closing = report
+            .blocks
+            .iter()
+            .find(|b| b.name == stage.name)
+            .map(Event::Block)
+            .or_else(|| {
+                report
+                    .layers
+                    .iter()
+                    .find(|l| l.name == stage.name)
+                    .map(Event::Layer)
+            });
+        if let Some(event) = closing {
+            out.push_str(&render(&event, mode));
+        }
+    }
+    out.push_str(&summary(report));
+    anstream::adapter::strip_str(&out).to_string()
+}
