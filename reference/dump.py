@@ -9,7 +9,6 @@ torch's own layouts). docs/dump-format.md describes the format.
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import sys
@@ -21,6 +20,7 @@ import torchvision
 from torch import nn
 
 from . import FORMAT_NAME, SCHEMA_VERSION, models, preprocess
+from . import hooks
 
 
 def parse_args(argv):
@@ -50,16 +50,6 @@ def parse_args(argv):
     return args
 
 
-def call_names(calls):
-    """Stage names for module calls given as (module path, call index):
-    a module called once keeps its path; one called several times gets
-    `path#k` for its k-th call (from 0), for every call."""
-    counts = {}
-    for path, _ in calls:
-        counts[path] = counts.get(path, 0) + 1
-    return [path if counts[path] == 1 else f"{path}#{index}" for path, index in calls]
-
-
 def module_params(module):
     """The hyperparameters a re-implementation of the module needs."""
     if isinstance(module, nn.Conv2d):
@@ -87,40 +77,6 @@ def module_params(module):
     if isinstance(module, nn.ReLU):
         return {"inplace": module.inplace}
     return {}
-
-
-def parents(path):
-    """(block, layer) that contain module `path`, e.g. layer1.0.conv1 -> (layer1.0, layer1)."""
-    parts = path.split(".")
-    layer = parts[0] if parts[0].startswith("layer") and len(parts) > 1 else None
-    block = ".".join(parts[:2]) if layer and len(parts) > 2 else None
-    return block, layer
-
-
-def capture(model, x):
-    """Runs the model once and returns [(path, call index, module, output copy)]
-    in execution order (forward hooks fire when a module's forward returns,
-    so a container follows its children)."""
-    calls = []
-    counts = {}
-
-    def hook(path):
-        def record(module, inputs, output):
-            index = counts.get(path, 0)
-            counts[path] = index + 1
-            # torchvision's ReLUs are in place, and Bottleneck adds the identity
-            # into bn3's output in place: copy now, or the stored tensor changes.
-            calls.append((path, index, module, output.detach().clone()))
-        return record
-
-    handles = [module.register_forward_hook(hook(path)) for path, module in model.named_modules() if path]
-    try:
-        with torch.no_grad():
-            logits = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls, logits
 
 
 def save(path, array):
@@ -191,22 +147,14 @@ def write(out, model, architecture, x, *, model_name, weights_description, input
         # The same float32 weights and input, computed exactly (to float64).
         model, x = model.double(), x.double()
     model.train(train_mode)
-    calls, logits = capture(model, x)
-
-    stages = [{
-        "name": "input", "module_type": "Input", "module_path": "", "call_index": 0,
-        "block": None, "layer": None, "shape": list(x.shape), "file": "stages/000_input.npy", "params": {},
-    }]
-    save(out / stages[0]["file"], x.numpy())
-    for number, ((path, index, module, output), name) in enumerate(zip(calls, call_names([(c[0], c[1]) for c in calls])), start=1):
-        block, layer = parents(path)
-        file = f"stages/{number:03d}_{name.replace('#', '@')}.npy"
-        save(out / file, output.numpy())
-        stages.append({
-            "name": name, "module_type": type(module).__name__, "module_path": path, "call_index": index,
-            "block": block if block != path else None, "layer": layer if layer != path else None,
-            "shape": list(output.shape), "file": file, "params": module_params(module),
-        })
+    stages = []
+    recorded, logits = hooks.stages(model, x)
+    for number, stage in enumerate(recorded):
+        module, output = stage.pop("module"), stage.pop("output")
+        stage["file"] = f"stages/{number:03d}_{stage['name'].replace('#', '@')}.npy"
+        stage["params"] = module_params(module) if module is not None else {}
+        save(out / stage["file"], output.numpy())
+        stages.append(stage)
 
     categories = None
     if architecture["num_classes"] == 1000:

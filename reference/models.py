@@ -48,16 +48,32 @@ def build(name, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group
         for module in model.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    return model, {
+    return model, describe(model)
+
+
+def describe(model):
+    """The manifest's `architecture` of a live torchvision ResNet, read off
+    its modules (so that it also describes a model built elsewhere)."""
+    if not isinstance(model, tv.ResNet):
+        raise TypeError(f"{type(model).__name__} is not a torchvision ResNet (torchvision.models.resnet.ResNet)")
+    layers = [getattr(model, f"layer{index}") for index in range(1, 5)]
+    block = type(layers[0][0])
+    if block not in (tv.BasicBlock, tv.Bottleneck):
+        raise TypeError(f"blocks of type {block.__name__} are not supported (BasicBlock and Bottleneck are)")
+    eps = {module.eps for module in model.modules() if isinstance(module, nn.BatchNorm2d)}
+    if len(eps) != 1:
+        raise ValueError(f"the BatchNorms have different eps {sorted(eps)}; the core takes one")
+    last_norm = "bn3" if block is tv.Bottleneck else "bn2"
+    return {
         "block": block.__name__,
-        "layers": layers,
-        "groups": groups,
-        "width_per_group": width_per_group,
-        "stem_channels": width,
-        "planes": [width, width * 2, width * 4, width * 8],
-        "num_classes": num_classes,
-        "in_channels": 3,
-        "batch_norm_eps": model.bn1.eps,
+        "layers": [len(layer) for layer in layers],
+        "groups": model.groups,
+        "width_per_group": model.base_width,
+        "stem_channels": model.conv1.out_channels,
+        "planes": [getattr(layer[0], last_norm).num_features // block.expansion for layer in layers],
+        "num_classes": model.fc.out_features,
+        "in_channels": model.conv1.in_channels,
+        "batch_norm_eps": eps.pop(),
     }
 
 

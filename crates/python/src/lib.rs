@@ -1,0 +1,274 @@
+//! `resnet_verify._native`: the core and the harness, called in-process from
+//! Python. The Python package `resnet_verify` wraps these functions; the
+//! reports are the CLI's own (JSON text plus the text report), and errors
+//! carry the CLI's messages.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use ndarray::ArrayD;
+use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use resnet_core::{Architecture, Network, Tensor};
+use resnet_dump::{Dump, Mode};
+use resnet_verify::layout::reference_tensor;
+use resnet_verify::reference_check::ReferenceCheck;
+use resnet_verify::report::{json, text};
+use resnet_verify::{verify_dump, AbsoluteTolerance, Report, RunMode, Tolerance, VerifyOptions};
+
+create_exception!(
+    _native,
+    VerifyError,
+    PyValueError,
+    "Bad input: the message names the file or field, as the CLI's does."
+);
+create_exception!(
+    _native,
+    TrainModeError,
+    VerifyError,
+    "The reference (or the torch model) is in train mode."
+);
+
+fn error(message: impl std::fmt::Display) -> PyErr {
+    VerifyError::new_err(message.to_string())
+}
+
+fn tolerance(atol: Option<f64>, rtol: Option<f64>, equal_nan: bool) -> Tolerance {
+    let default = Tolerance::default();
+    Tolerance {
+        rtol: rtol.unwrap_or(default.rtol),
+        atol: atol.map_or(default.atol, AbsoluteTolerance::Fixed),
+        equal_nan,
+    }
+}
+
+/// Runs verify on an opened dump; returns (JSON report, text report), or
+/// raises TrainModeError with the CLI's message.
+fn run_verify(py: Python<'_>, dump: &Dump, options: VerifyOptions) -> PyResult<(String, String)> {
+    let mode = options.mode;
+    let report: Report = py
+        .detach(|| verify_dump(dump, &options, &mut |_| {}))
+        .map_err(error)?;
+    if let Some(message) = report
+        .reference_check
+        .as_ref()
+        .and_then(ReferenceCheck::message)
+    {
+        if !options.allow_train_reference {
+            return Err(TrainModeError::new_err(message));
+        }
+    }
+    Ok((json::render(&report), text::full(&report, mode)))
+}
+
+fn options(
+    label: PathBuf,
+    upto: Option<String>,
+    isolate: bool,
+    atol: Option<f64>,
+    rtol: Option<f64>,
+    allow_train_reference: bool,
+) -> VerifyOptions {
+    VerifyOptions {
+        dump: label,
+        upto,
+        only: None,
+        fail_fast: false,
+        tolerance: tolerance(atol, rtol, false),
+        mode: if isolate {
+            RunMode::Isolated
+        } else {
+            RunMode::Cumulative
+        },
+        allow_train_reference,
+    }
+}
+
+/// verify(dump_dir, upto=None, isolate=False, atol=None, rtol=None, allow_train_reference=False) -> (json, text)
+#[pyfunction]
+#[pyo3(signature = (dump_dir, upto=None, isolate=false, atol=None, rtol=None, allow_train_reference=false))]
+fn verify(
+    py: Python<'_>,
+    dump_dir: PathBuf,
+    upto: Option<String>,
+    isolate: bool,
+    atol: Option<f64>,
+    rtol: Option<f64>,
+    allow_train_reference: bool,
+) -> PyResult<(String, String)> {
+    let dump = Dump::open(&dump_dir).map_err(error)?;
+    run_verify(
+        py,
+        &dump,
+        options(dump_dir, upto, isolate, atol, rtol, allow_train_reference),
+    )
+}
+
+/// The arrays of a dict, read as f32 (one copy: the core keeps its own).
+fn arrays(dict: &Bound<'_, PyDict>) -> PyResult<HashMap<String, ArrayD<f32>>> {
+    let mut arrays = HashMap::with_capacity(dict.len());
+    for (name, array) in dict.iter() {
+        let name: String = name.extract()?;
+        let array: PyReadonlyArrayDyn<'_, f32> = array
+            .extract()
+            .map_err(|_| error(format!("`{name}`: expected a float32 numpy array")))?;
+        arrays.insert(name, array.as_array().to_owned());
+    }
+    Ok(arrays)
+}
+
+/// verify_arrays(label, manifest_json, arrays, upto=None, isolate=False, atol=None, rtol=None) -> (json, text)
+///
+/// A dump held in memory: `arrays` maps each manifest `file` to its array.
+#[pyfunction]
+#[pyo3(signature = (label, manifest_json, arrays_by_file, upto=None, isolate=false, atol=None, rtol=None))]
+#[allow(clippy::too_many_arguments)]
+fn verify_arrays(
+    py: Python<'_>,
+    label: &str,
+    manifest_json: &str,
+    arrays_by_file: &Bound<'_, PyDict>,
+    upto: Option<String>,
+    isolate: bool,
+    atol: Option<f64>,
+    rtol: Option<f64>,
+) -> PyResult<(String, String)> {
+    let dump = Dump::from_memory(label, manifest_json, arrays(arrays_by_file)?).map_err(error)?;
+    run_verify(
+        py,
+        &dump,
+        options(PathBuf::from(label), upto, isolate, atol, rtol, false),
+    )
+}
+
+/// The message verify gives for a reference whose manifest says train mode.
+#[pyfunction]
+fn train_mode_message() -> String {
+    let check = ReferenceCheck {
+        manifest_mode: Mode::Train,
+        evidence: Vec::new(),
+        train_mode: true,
+    };
+    check.message().expect("train mode has a message")
+}
+
+/// Every stage's output, NCHW (the logits `[N, classes]`), by stage name.
+fn forward_outputs<'py>(
+    py: Python<'py>,
+    network: &Network,
+    x: PyReadonlyArrayDyn<'_, f32>,
+    upto: Option<String>,
+) -> PyResult<Bound<'py, PyDict>> {
+    if x.ndim() != 4 {
+        return Err(error(format!(
+            "x must be NCHW (4-D), got shape {:?}",
+            x.shape()
+        )));
+    }
+    let input =
+        reference_tensor(&x.as_array().to_owned()).ok_or_else(|| error("x must be NCHW"))?;
+    let last = upto
+        .map(|name| network.stage_index(&name))
+        .transpose()
+        .map_err(error)?;
+    let mut outputs: Vec<(String, ArrayD<f32>)> = Vec::new();
+    py.detach(|| {
+        network.forward_observed(input, last, &mut |stage, output: &Tensor| {
+            let nchw = output.to_nchw().into_dyn();
+            let nchw = if stage.name == "fc" {
+                let [n, c, _, _] = output.nchw_shape();
+                nchw.into_shape_with_order(ndarray::IxDyn(&[n, c]))
+                    .expect("1x1 logits")
+            } else {
+                nchw
+            };
+            outputs.push((stage.name.clone(), nchw));
+            ControlFlow::Continue(())
+        })
+    })
+    .map_err(error)?;
+    let result = PyDict::new(py);
+    for (name, array) in outputs {
+        let array: Bound<'py, PyArrayDyn<f32>> = array.into_pyarray(py);
+        result.set_item(name, array)?;
+    }
+    Ok(result)
+}
+
+/// forward_dump(dump_dir, x, upto=None) -> dict[str, ndarray]
+#[pyfunction]
+#[pyo3(signature = (dump_dir, x, upto=None))]
+fn forward_dump<'py>(
+    py: Python<'py>,
+    dump_dir: PathBuf,
+    x: PyReadonlyArrayDyn<'_, f32>,
+    upto: Option<String>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let dump = Dump::open(&dump_dir).map_err(error)?;
+    let network = Network::from_weights(dump.architecture().map_err(error)?, &dump.weights())
+        .map_err(|source| error(format!("{}: {source}", dump_dir.display())))?;
+    forward_outputs(py, &network, x, upto)
+}
+
+/// forward_arrays(architecture_json, weights, x, upto=None) -> dict[str, ndarray]
+#[pyfunction]
+#[pyo3(signature = (architecture_json, weights, x, upto=None))]
+fn forward_arrays<'py>(
+    py: Python<'py>,
+    architecture_json: &str,
+    weights: &Bound<'_, PyDict>,
+    x: PyReadonlyArrayDyn<'_, f32>,
+    upto: Option<String>,
+) -> PyResult<Bound<'py, PyDict>> {
+    let architecture: Architecture =
+        serde_json::from_str(architecture_json).map_err(|e| error(format!("architecture: {e}")))?;
+    let network = Network::from_weights(&architecture, &arrays(weights)?).map_err(error)?;
+    forward_outputs(py, &network, x, upto)
+}
+
+/// compare(reference, candidate, atol=None, rtol=None, equal_nan=False) -> json
+#[pyfunction]
+#[pyo3(signature = (reference, candidate, atol=None, rtol=None, equal_nan=false))]
+fn compare(
+    reference: PyReadonlyArrayDyn<'_, f32>,
+    candidate: PyReadonlyArrayDyn<'_, f32>,
+    atol: Option<f64>,
+    rtol: Option<f64>,
+    equal_nan: bool,
+) -> PyResult<String> {
+    if reference.shape() != candidate.shape() {
+        return Err(error(format!(
+            "shapes differ: reference {:?}, candidate {:?}",
+            reference.shape(),
+            candidate.shape()
+        )));
+    }
+    // Views when both are C-contiguous; a copy only for strided arrays.
+    let (reference_view, candidate_view) = (reference.as_array(), candidate.as_array());
+    let reference_data = reference_view.as_standard_layout();
+    let candidate_data = candidate_view.as_standard_layout();
+    let comparison = resnet_verify::compare(
+        reference_data.as_slice().expect("standard layout"),
+        candidate_data.as_slice().expect("standard layout"),
+        reference.shape(),
+        &tolerance(atol, rtol, equal_nan),
+    );
+    serde_json::to_string(&comparison).map_err(error)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("VerifyError", m.py().get_type::<VerifyError>())?;
+    m.add("TrainModeError", m.py().get_type::<TrainModeError>())?;
+    m.add_function(wrap_pyfunction!(verify, m)?)?;
+    m.add_function(wrap_pyfunction!(verify_arrays, m)?)?;
+    m.add_function(wrap_pyfunction!(train_mode_message, m)?)?;
+    m.add_function(wrap_pyfunction!(forward_dump, m)?)?;
+    m.add_function(wrap_pyfunction!(forward_arrays, m)?)?;
+    m.add_function(wrap_pyfunction!(compare, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,141 @@
+"""resnet_verify: the Rust ResNet core and its stage-by-stage comparison with
+PyTorch, in-process.
+
+    import torch, torchvision, resnet_verify
+    model = torchvision.models.resnet50().eval()
+    x = torch.randn(1, 3, 224, 224)
+    report = resnet_verify.verify_torch(model, x, print_report=True)
+    assert report.passed
+
+Reports are the CLI's JSON report (a dict) with `.text` (the text report)
+and `.passed`; errors raise VerifyError (TrainModeError for a model or
+reference in train mode) with the CLI's messages.
+"""
+
+import json
+import os
+
+import numpy as np
+
+from . import _native
+from ._native import TrainModeError, VerifyError
+
+__all__ = ["forward", "compare", "verify", "verify_torch", "Report", "VerifyError", "TrainModeError"]
+
+
+class Report(dict):
+    """The CLI's JSON report, as a dict, with the text report in `.text`."""
+
+    def __init__(self, json_text, text):
+        super().__init__(json.loads(json_text))
+        self.text = text
+
+    @property
+    def passed(self):
+        return self["summary"]["verdict"] == "succ"
+
+    def failures(self):
+        return [stage["name"] for stage in self["stages"] if stage["verdict"] == "fail"]
+
+    def __repr__(self):
+        s = self["summary"]
+        return (f"<Report {self['model']}: {s['compared']} stages, {s['succ']} succ, {s['fail']} fail, "
+                f"first failure {s['first_failure']}>")
+
+
+def _float32(array):
+    """A float32 numpy view of `array` (a torch tensor or anything array-like),
+    copied only when its dtype or memory order requires it."""
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _torch_weights(model):
+    from reference.models import describe
+
+    weights = {name: _float32(tensor) for name, tensor in model.state_dict().items()
+               if not name.endswith("num_batches_tracked")}
+    return weights, describe(model)
+
+
+def forward(weights_or_dump, x, upto=None, architecture=None):
+    """Runs the core; returns every stage's output (NCHW numpy arrays; `fc`
+    as [N, classes]) by stage name, up to and including `upto`.
+
+    `weights_or_dump`: a dump directory, a torchvision ResNet (its
+    state_dict and architecture are used), or a dict of state_dict arrays
+    with `architecture` (the manifest's architecture dict)."""
+    x = _float32(x)
+    if isinstance(weights_or_dump, (str, os.PathLike)):
+        return _native.forward_dump(os.fspath(weights_or_dump), x, upto)
+    if hasattr(weights_or_dump, "state_dict"):
+        weights, architecture = _torch_weights(weights_or_dump)
+    else:
+        if architecture is None:
+            raise VerifyError("forward(weights, x): a dict of weights needs architecture=")
+        weights = {name: _float32(array) for name, array in weights_or_dump.items()}
+    return _native.forward_arrays(json.dumps(architecture), weights, x, upto)
+
+
+def compare(ref, cand, atol=None, rtol=None, equal_nan=False):
+    """Compares two arrays of the same shape with the CLI's rule and metrics;
+    returns a dict: verdict, max_abs_error, relative_error,
+    cosine_similarity, mismatched, worst (index, reference, candidate), ..."""
+    return json.loads(_native.compare(_float32(ref), _float32(cand), atol, rtol, equal_nan))
+
+
+def verify(dump_dir, upto=None, isolate=False, atol=None, rtol=None, allow_train_reference=False, print_report=False):
+    """`verify DUMP_DIR` in-process; returns the Report."""
+    report = Report(*_native.verify(os.fspath(dump_dir), upto, isolate, atol, rtol, allow_train_reference))
+    if print_report:
+        print(report.text, end="")
+    return report
+
+
+def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print_report=False):
+    """Verifies the core against a live torch model: hooks every module,
+    runs the model once on `x` (NCHW), and compares each stage, without
+    writing files. A model in train mode is refused (TrainModeError) before
+    it runs, since a train-mode pass would also change its running
+    statistics."""
+    import torch
+    from reference import hooks
+
+    if model.training:
+        raise TrainModeError(_native.train_mode_message() + " (The torch model is in train mode: call model.eval().)")
+    weights, architecture = _torch_weights(model)
+    x = torch.as_tensor(_float32(x))
+    stages, _ = hooks.stages(model, x)
+    arrays = {f"weights/{name}": array for name, array in weights.items()}
+    entries = []
+    for stage in stages:
+        output = stage.pop("output")
+        stage.pop("module")
+        stage["file"] = f"stages/{stage['name']}"
+        arrays[stage["file"]] = _float32(output)
+        entries.append(stage)
+    manifest = {
+        "format": "resnet-verify-dump",
+        "schema_version": 1,
+        "model": {"name": f"live {type(model).__name__} ({architecture['block']}, layers {architecture['layers']})"},
+        "architecture": architecture,
+        "mode": "eval",
+        "layout": "NCHW",
+        "stages": entries,
+        "weights": [{"name": name, "shape": list(array.shape), "file": f"weights/{name}"} for name, array in weights.items()],
+        "classes": _categories() if architecture["num_classes"] == 1000 else None,
+    }
+    report = Report(*_native.verify_arrays("<torch model>", json.dumps(manifest), arrays, upto, isolate, atol, rtol))
+    if print_report:
+        print(report.text, end="")
+    return report
+
+
+def _categories():
+    try:
+        import torchvision
+
+        return torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    except (ImportError, AttributeError):
+        return None

@@ -1,0 +1,114 @@
+"""The Python bindings (resnet_verify), built by scripts/test with maturin:
+the same core, comparison and reports as the CLI, in-process."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import resnet_verify as rv
+from conftest import ROOT
+from reference import models
+
+FIXTURES = ROOT / "fixtures"
+
+
+def test_verify_torch_on_a_live_resnet18():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18().eval()
+    report = rv.verify_torch(model, torch.randn(1, 3, 64, 64))
+    assert report.passed, report.failures()
+    assert report["summary"]["compared"] == 75
+    assert report["reference_check"]["manifest_mode"] == "eval"
+    assert "summary succ: 75 stages compared" in report.text
+    # The bindings name stages as the dumps do.
+    assert [s["name"] for s in report["stages"]][:7] == ["conv1", "bn1", "relu", "maxpool", "layer1.0.conv1", "layer1.0.bn1", "layer1.0.relu#0"]
+
+
+def test_verify_torch_resnet50_every_stage_succ():
+    torch.manual_seed(0)
+    report = rv.verify_torch(torchvision.models.resnet50().eval(), torch.randn(1, 3, 224, 224))
+    assert report.passed and report["summary"]["compared"] == 182
+    assert len(report["top5"]["candidate"]) == 5 and report["top5"]["candidate"][0]["name"]
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_verify_torch_on_every_torchvision_variant(name):
+    model, _ = models.seeded(name, 0, 32)
+    report = rv.verify_torch(model, torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)), upto="layer2")
+    assert report.passed, report.failures()
+    assert report["stages"][-1]["name"] == "layer2"
+
+
+def test_a_model_in_train_mode_is_refused_with_the_clis_message():
+    model, _ = models.seeded("resnet18", 0, 32, width=8, num_classes=10)
+    running_mean = model.bn1.running_mean.clone()
+    with pytest.raises(rv.TrainModeError) as refused:
+        rv.verify_torch(model.train(), torch.randn(2, 3, 32, 32))
+    message = str(refused.value)
+    cli = subprocess.run([str(ROOT / "target/release/verify"), str(FIXTURES / "resnet18-w8-train")], capture_output=True, text=True)
+    assert "THE REFERENCE WAS DUMPED IN TRAIN MODE" in message and "THE REFERENCE WAS DUMPED IN TRAIN MODE" in cli.stdout
+    assert message.startswith(rv._native.train_mode_message())
+    assert torch.equal(model.bn1.running_mean, running_mean), "the refused model must not have run"
+
+
+def test_verify_matches_the_cli_json_report():
+    report = rv.verify(FIXTURES / "resnext50-w8")
+    cli = subprocess.run([str(ROOT / "target/release/verify"), str(FIXTURES / "resnext50-w8"), "--format", "json"],
+                         capture_output=True, text=True, check=True)
+    expected = json.loads(cli.stdout)
+    assert report["summary"] == expected["summary"]
+    assert [(s["name"], s["verdict"], s["cumulative"]["max_abs_error"]) for s in report["stages"]] == \
+           [(s["name"], s["verdict"], s["cumulative"]["max_abs_error"]) for s in expected["stages"]]
+    isolated = rv.verify(FIXTURES / "resnext50-w8", upto="layer1", isolate=True)
+    assert isolated.passed and isolated["mode"] == "isolated" and isolated["stages"][-1]["name"] == "layer1"
+    with pytest.raises(rv.TrainModeError):
+        rv.verify(FIXTURES / "resnet18-w8-train")
+    assert not rv.verify(FIXTURES / "resnet18-w8-train", allow_train_reference=True).passed
+
+
+def test_errors_carry_the_clis_messages():
+    with pytest.raises(rv.VerifyError, match="nowhere/manifest.json"):
+        rv.verify(ROOT / "nowhere")
+    with pytest.raises(rv.VerifyError, match="--upto layer9: no such stage"):
+        rv.verify(FIXTURES / "resnet18-w8", upto="layer9")
+    with pytest.raises(rv.VerifyError, match="shapes differ"):
+        rv.compare(np.zeros(3), np.zeros(4))
+
+
+def test_forward_returns_nchw_stages_equal_to_the_reference():
+    dump = FIXTURES / "resnet50-w8"
+    manifest = json.loads((dump / "manifest.json").read_text())
+    x = np.load(dump / "stages/000_input.npy")
+    outputs = rv.forward(dump, x)
+    assert list(outputs) == [stage["name"] for stage in manifest["stages"]]
+    for stage in manifest["stages"]:
+        reference = np.load(dump / stage["file"])
+        assert outputs[stage["name"]].shape == reference.shape
+        assert rv.compare(reference, outputs[stage["name"]])["verdict"] == "succ", stage["name"]
+    upto = rv.forward(dump, x, upto="layer2.0")
+    assert list(upto)[-1] == "layer2.0"
+    # The same from a torch model, and from a dict of arrays with its architecture.
+    model, architecture = models.seeded("resnet18", 0, 32, width=8, num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        logits = model(x).numpy()
+    assert rv.compare(logits, rv.forward(model, x)["fc"])["verdict"] == "succ"
+    weights = {k: v.numpy() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert rv.compare(logits, rv.forward(weights, x.numpy(), architecture=architecture)["fc"])["verdict"] == "succ"
+
+
+def test_compare_gives_the_clis_metrics():
+    reference = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4)
+    candidate = reference.copy()
+    candidate[0, 1, 2, 3] += 1.0
+    result = rv.compare(reference, candidate)
+    assert result["verdict"] == "fail" and result["mismatched"] == 1
+    assert result["worst"] == {"index": [0, 1, 2, 3], "reference": 23.0, "candidate": 24.0}
+    assert result["relative_error"] == pytest.approx(1 / 23)
+    assert rv.compare(reference, candidate, atol=1.0)["verdict"] == "succ"
+    # Strided input is read as what it means.
+    assert rv.compare(reference.transpose(0, 1, 3, 2), reference.transpose(0, 1, 3, 2).copy())["verdict"] == "succ"
