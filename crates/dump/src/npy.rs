@@ -17,6 +17,59 @@ pub struct NpyArray {
     pub converted_from: Option<String>,
 }
 
+/// numpy itself refuses headers longer than 10000 bytes by default.
+const MAX_HEADER_BYTES: usize = 65_536;
+/// A valid header nests two levels (`{'shape': (1, 2)}`).
+const MAX_HEADER_NESTING: usize = 8;
+
+/// Refuses, before the header is parsed, what would make the parser
+/// allocate or work without bound: an over-long header, or brackets nested
+/// deeply (the literal parser takes exponential time on `[[[[...`; found by
+/// fuzzing). Anything else malformed is left to the parser to describe.
+fn check_header_text(bytes: &[u8]) -> Result<(), String> {
+    let (Some(b"\x93NUMPY"), Some(&major)) = (bytes.get(..6), bytes.get(6)) else {
+        return Ok(());
+    };
+    let (length, start) = match major {
+        1 => (
+            bytes
+                .get(8..10)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize),
+            10,
+        ),
+        _ => (
+            bytes
+                .get(8..12)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize),
+            12,
+        ),
+    };
+    let Some(length) = length else { return Ok(()) };
+    if length > MAX_HEADER_BYTES {
+        return Err(format!(
+            "bad header: {length} bytes long, more than the {MAX_HEADER_BYTES} accepted"
+        ));
+    }
+    let text = &bytes[start.min(bytes.len())..(start + length).min(bytes.len())];
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    for &byte in text {
+        match byte {
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_HEADER_NESTING {
+        return Err(format!(
+            "bad header: brackets nested {deepest} deep (a .npy header needs 2)"
+        ));
+    }
+    Ok(())
+}
+
 /// Reads a float array into f32, in standard (C) order. f32 in either byte
 /// order and Fortran order are read as they are; f64 is converted (and the
 /// conversion reported); everything else is refused.
@@ -34,6 +87,7 @@ pub fn read_f32(path: &Path) -> Result<NpyArray, DumpError> {
 
 /// [`read_f32`] on the bytes of a file; the error says what is wrong.
 pub fn decode_f32(bytes: &[u8]) -> Result<NpyArray, String> {
+    check_header_text(bytes)?;
     let mut rest = bytes;
     let header = Header::from_reader(&mut rest).map_err(|error| format!("bad header: {error}"))?;
     let data_size = rest.len() as u64;
@@ -83,4 +137,53 @@ pub fn decode_f32(bytes: &[u8]) -> Result<NpyArray, String> {
         data,
         converted_from,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn npy(header: &str, data: &[u8]) -> Vec<u8> {
+        let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+        bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(data);
+        bytes
+    }
+
+    #[test]
+    fn reads_a_plain_float32_array() {
+        let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let array = decode_f32(&npy(
+            "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }\n",
+            &data,
+        ))
+        .unwrap();
+        assert_eq!(array.data.shape(), &[2, 3]);
+        assert_eq!(array.data[[1, 2]], 6.0);
+        assert!(array.converted_from.is_none());
+    }
+
+    #[test]
+    fn deeply_nested_headers_are_refused_at_once() {
+        // Found by the npy fuzz target: this header took the literal parser
+        // longer than the fuzzer's timeout.
+        let header = format!("{{'': {}3),!}}': (2, 3{}", "[".repeat(20), "[".repeat(7));
+        let started = std::time::Instant::now();
+        let error = decode_f32(&npy(&header, &[0; 32])).unwrap_err();
+        assert!(error.contains("nested"), "{error}");
+        assert!(started.elapsed().as_secs() < 1);
+    }
+
+    #[test]
+    fn a_huge_header_length_is_refused_before_allocating() {
+        let mut bytes = b"\x93NUMPY\x02\x00".to_vec();
+        bytes.extend_from_slice(&u32::MAX.to_le_bytes());
+        bytes.extend_from_slice(b"{'descr'");
+        let error = decode_f32(&bytes).unwrap_err();
+        assert!(error.contains("4294967295 bytes long"), "{error}");
+    }
 }
