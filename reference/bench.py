@@ -32,9 +32,10 @@ def multiply_adds(manifest):
 
 
 class Core:
-    def __init__(self, dump_dir, threads):
+    def __init__(self, dump_dir, threads, observed=False):
         self.process = subprocess.Popen(
-            [str(ROOT / "target/release/resnet-bench"), str(dump_dir), "--threads", str(threads)],
+            [str(ROOT / "target/release/resnet-bench"), str(dump_dir), "--threads", str(threads)]
+            + (["--observed"] if observed else []),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if self.process.stdout.readline().strip() != "ready":
             raise SystemExit("resnet-bench did not start")
@@ -84,12 +85,14 @@ def main(argv=None):
 
     print(f"{args.model}, batch 1, 224x224, fp32: {flops / 1e9:.2f} GFLOP per image; "
           f"{args.iterations} timed iterations per engine after {args.warmup} warm-up, engines alternating")
-    print(f"{'threads':>7} {'core ms':>9} {'torch ms':>9} {'ort ms':>9} {'core/torch':>11} {'core/ort':>9} {'core GFLOP/s':>13}")
+    print("core: the fused inference path; observed: stage by stage, as verify runs it")
+    print(f"{'threads':>7} {'core ms':>9} {'observed':>9} {'torch ms':>9} {'ort ms':>9} {'core/torch':>11} {'core/ort':>9} {'core GFLOP/s':>13}")
     results = {}
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         core = Core(work / "dump", threads)
-        engines = {"core": core.run}
+        observed = Core(work / "dump", threads, observed=True)
+        engines = {"core": core.run, "observed": observed.run}
         with torch.no_grad():
             engines["torch"] = lambda: timed(lambda: model(x))
         if onnx_path:
@@ -107,9 +110,10 @@ def main(argv=None):
                     if iteration >= args.warmup:
                         times[name].append(elapsed)
         core.close()
+        observed.close()
         median = {name: statistics.median(values) for name, values in times.items()}
         ort = median.get("ort", float("nan"))
-        print(f"{threads:>7} {median['core']:>9.1f} {median['torch']:>9.1f} {ort:>9.1f} "
+        print(f"{threads:>7} {median['core']:>9.1f} {median['observed']:>9.1f} {median['torch']:>9.1f} {ort:>9.1f} "
               f"{median['core'] / median['torch']:>11.2f} {median['core'] / ort:>9.2f} {flops / median['core'] / 1e6:>13.1f}")
         results[threads] = median
     shutil.rmtree(work)

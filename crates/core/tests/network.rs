@@ -281,3 +281,27 @@ fn bad_weights_and_inputs_are_named() {
         .unwrap_err();
     assert!(error.to_string().contains("layer1.0.conv2"), "{error}");
 }
+
+#[test]
+fn the_fused_inference_path_computes_the_same_logits() {
+    for arch in [
+        architecture(BlockKind::Bottleneck, 2, 32),
+        architecture(BlockKind::BasicBlock, 1, 64),
+    ] {
+        let network = Network::from_weights(&arch, &random_weights(&arch, 8)).unwrap();
+        let observed = network.forward(random_input(9)).unwrap();
+        let fused = network.infer(random_input(9)).unwrap();
+        assert_eq!(observed.nhwc_shape(), fused.nhwc_shape());
+        let scale = observed.as_slice().iter().fold(0f32, |m, v| m.max(v.abs()));
+        let error = observed
+            .as_slice()
+            .iter()
+            .zip(fused.as_slice())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            error <= 1e-5 * scale,
+            "fused logits differ by {error} (scale {scale})"
+        );
+        assert_ne!(error, f32::NAN);
+    }
+}

@@ -96,6 +96,7 @@ impl Network {
             stages: net.stages,
             last_reader,
             released_after,
+            fused: std::sync::OnceLock::new(),
         })
     }
 }

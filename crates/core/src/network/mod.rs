@@ -8,6 +8,7 @@
 //! by the caller.
 
 mod build;
+mod fused;
 mod stage;
 
 use std::ops::ControlFlow;
@@ -26,6 +27,8 @@ pub struct Network {
     last_reader: Vec<Option<usize>>,
     /// For each stage, the stages whose values are not needed once it ran.
     released_after: Vec<Vec<usize>>,
+    /// The inference path, built on first use.
+    fused: std::sync::OnceLock<fused::FusedPlan>,
 }
 
 impl Network {
@@ -58,6 +61,23 @@ impl Network {
     /// The indices of the stages that feed stage `index`.
     pub fn stage_input_indices(&self, index: usize) -> &[usize] {
         &self.stages[index].inputs
+    }
+
+    /// The logits (`[N, 1, 1, classes]`) by the inference path: BatchNorm
+    /// folded into the convs, ReLU and the residual add fused into their
+    /// output pass. Nothing is observable; [`Network::forward`] computes the
+    /// same function stage by stage.
+    pub fn infer(&self, input: Tensor) -> Result<Tensor, CoreError> {
+        let channels = self.architecture.in_channels;
+        if input.channels() != channels || input.as_slice().is_empty() {
+            return Err(CoreError::InputShape {
+                found: input.nhwc_shape().to_vec(),
+                expected_channels: channels,
+            });
+        }
+        self.fused
+            .get_or_init(|| fused::FusedPlan::build(self))
+            .run(input)
     }
 
     /// The logits (`[N, 1, 1, classes]`), with nothing observed or copied.

@@ -1,5 +1,11 @@
+use rayon::prelude::*;
+
 use super::ShapeError;
 use crate::Tensor;
+
+/// Elements per parallel task in element-wise passes: large enough that a
+/// task outweighs its scheduling.
+pub(crate) const PARALLEL_CHUNK: usize = 1 << 15;
 
 pub fn relu(x: &Tensor) -> Tensor {
     let mut out = x.clone();
@@ -8,7 +14,9 @@ pub fn relu(x: &Tensor) -> Tensor {
 }
 
 pub fn relu_in_place(x: &mut Tensor) {
-    x.as_slice_mut().iter_mut().for_each(|v| *v = v.max(0.0));
+    x.as_slice_mut()
+        .par_chunks_mut(PARALLEL_CHUNK)
+        .for_each(|chunk| chunk.iter_mut().for_each(|v| *v = v.max(0.0)));
 }
 
 /// The end of every residual block: `relu(residual + identity)`.
@@ -27,8 +35,14 @@ pub fn add_relu_in_place(residual: &mut Tensor, identity: &Tensor) -> Result<(),
             identity.nhwc_shape()
         ));
     }
-    for (sum, &skip) in residual.as_slice_mut().iter_mut().zip(identity.as_slice()) {
-        *sum = (*sum + skip).max(0.0);
-    }
+    residual
+        .as_slice_mut()
+        .par_chunks_mut(PARALLEL_CHUNK)
+        .zip(identity.as_slice().par_chunks(PARALLEL_CHUNK))
+        .for_each(|(sums, skips)| {
+            for (sum, &skip) in sums.iter_mut().zip(skips) {
+                *sum = (*sum + skip).max(0.0);
+            }
+        });
     Ok(())
 }

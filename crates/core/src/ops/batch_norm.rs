@@ -1,3 +1,5 @@
+use rayon::prelude::*;
+
 use super::ShapeError;
 use crate::Tensor;
 
@@ -41,6 +43,11 @@ impl BatchNorm {
         BatchNorm { scale, shift }
     }
 
+    /// The per-channel `(scale, shift)` of `x * scale + shift`.
+    pub fn scale_and_shift(&self) -> (&[f32], &[f32]) {
+        (&self.scale, &self.shift)
+    }
+
     pub fn channels(&self) -> usize {
         self.scale.len()
     }
@@ -59,11 +66,16 @@ impl BatchNorm {
                 x.channels()
             ));
         }
-        for pixel in x.as_slice_mut().chunks_exact_mut(self.channels()) {
-            for ((v, &s), &t) in pixel.iter_mut().zip(&self.scale).zip(&self.shift) {
-                *v = *v * s + t;
+        let channels = self.channels();
+        // Whole pixels per task, so that each task's channels line up.
+        let chunk = (super::activation::PARALLEL_CHUNK / channels).max(1) * channels;
+        x.as_slice_mut().par_chunks_mut(chunk).for_each(|pixels| {
+            for pixel in pixels.chunks_exact_mut(channels) {
+                for ((v, &s), &t) in pixel.iter_mut().zip(&self.scale).zip(&self.shift) {
+                    *v = *v * s + t;
+                }
             }
-        }
+        });
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{available_threads, multiply, MatrixView, OutputBlock};
+use super::BatchNorm;
 use super::ShapeError;
 use crate::Tensor;
 
@@ -95,6 +96,19 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ShapeError> {
+        self.forward_fused(x, None, false)
+    }
+
+    /// The conv, then in the same pass over its output: `+ residual` (if
+    /// given) and ReLU (if `relu`). With BatchNorm folded in
+    /// ([`Conv2d::fold_batch_norm`]) this is a whole `conv-bn-relu` or
+    /// `conv-bn-add-relu` in one step.
+    pub fn forward_fused(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<Tensor, ShapeError> {
         let [batch, height, width, channels] = x.nhwc_shape();
         if channels != self.in_channels {
             return Err(format!(
@@ -150,12 +164,80 @@ impl Conv2d {
                 .for_each(|group| run_group(group, 1));
         }
 
-        if let Some(bias) = &self.bias {
-            for pixel in out.as_slice_mut().chunks_exact_mut(self.out_channels) {
-                pixel.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+        if let Some(residual) = residual {
+            if residual.nhwc_shape() != out.nhwc_shape() {
+                return Err(format!(
+                    "the residual {:?} does not match the conv's output {:?}",
+                    residual.nhwc_shape(),
+                    out.nhwc_shape()
+                ));
             }
         }
+        if self.bias.is_some() || residual.is_some() || relu {
+            let channels = self.out_channels;
+            let rows = (out_w * channels).max(1);
+            let zeros = vec![0f32; channels];
+            let bias = self.bias.as_deref().unwrap_or(&zeros);
+            out.as_slice_mut()
+                .par_chunks_mut(rows)
+                .enumerate()
+                .for_each(|(row, values)| {
+                    let skip =
+                        residual.map(|r| &r.as_slice()[row * rows..row * rows + values.len()]);
+                    for (pixel, start) in values
+                        .chunks_exact_mut(channels)
+                        .zip((0..).step_by(channels))
+                    {
+                        for (c, v) in pixel.iter_mut().enumerate() {
+                            let mut sum = *v + bias[c];
+                            if let Some(skip) = skip {
+                                sum += skip[start + c];
+                            }
+                            *v = if relu { sum.max(0.0) } else { sum };
+                        }
+                    }
+                });
+        }
         Ok(out)
+    }
+
+    /// This conv followed by `norm`, as one conv: each output channel's
+    /// weights scaled by the BatchNorm's scale, its shift as the bias.
+    /// Computed in f64 and rounded once.
+    pub fn fold_batch_norm(&self, norm: &BatchNorm) -> Conv2d {
+        let (scale, shift) = norm.scale_and_shift();
+        let out_per_group = self.out_channels / self.geometry.groups;
+        let weight = self
+            .weight
+            .iter()
+            .enumerate()
+            .map(|(index, &w)| {
+                let group = index / (self.weight.len() / self.geometry.groups);
+                let channel = group * out_per_group + index % out_per_group;
+                (w as f64 * scale[channel] as f64) as f32
+            })
+            .collect();
+        let bias = (0..self.out_channels)
+            .map(|c| {
+                let conv_bias = self.bias.as_ref().map_or(0.0, |b| b[c] as f64);
+                (conv_bias * scale[c] as f64 + shift[c] as f64) as f32
+            })
+            .collect();
+        Conv2d {
+            weight,
+            bias: Some(bias),
+            ..self.clone_without_weights()
+        }
+    }
+
+    fn clone_without_weights(&self) -> Conv2d {
+        Conv2d {
+            in_channels: self.in_channels,
+            out_channels: self.out_channels,
+            geometry: self.geometry,
+            weight: Vec::new(),
+            bias: None,
+        }
     }
 
     /// One row per output pixel; within a row, for each group, the patch in
