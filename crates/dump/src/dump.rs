@@ -42,17 +42,7 @@ impl Dump {
             path: manifest_path.clone(),
             source,
         })?;
-        let manifest = Manifest::parse(&text).map_err(|problem| match problem {
-            ManifestProblem::Invalid(reason) => DumpError::Manifest {
-                path: manifest_path.clone(),
-                reason,
-            },
-            ManifestProblem::Field { field, reason } => DumpError::Field {
-                path: manifest_path.clone(),
-                field,
-                reason,
-            },
-        })?;
+        let manifest = parse_manifest(&text, &manifest_path)?;
 
         let root = dir.canonicalize().map_err(|source| DumpError::Io {
             path: dir.to_path_buf(),
@@ -74,17 +64,7 @@ impl Dump {
         arrays: HashMap<String, ArrayD<f32>>,
     ) -> Result<Dump, DumpError> {
         let manifest_path = PathBuf::from(label);
-        let manifest = Manifest::parse(manifest_text).map_err(|problem| match problem {
-            ManifestProblem::Invalid(reason) => DumpError::Manifest {
-                path: manifest_path.clone(),
-                reason,
-            },
-            ManifestProblem::Field { field, reason } => DumpError::Field {
-                path: manifest_path.clone(),
-                field,
-                reason,
-            },
-        })?;
+        let manifest = parse_manifest(manifest_text, &manifest_path)?;
         Ok(Dump {
             root: manifest_path.clone(),
             manifest_path,
@@ -195,6 +175,21 @@ impl Dump {
         }
         Ok(real)
     }
+}
+
+/// Parses a manifest's text, naming `path` in any error.
+fn parse_manifest(text: &str, path: &Path) -> Result<Manifest, DumpError> {
+    Manifest::parse(text).map_err(|problem| match problem {
+        ManifestProblem::Invalid(reason) => DumpError::Manifest {
+            path: path.to_path_buf(),
+            reason,
+        },
+        ManifestProblem::Field { field, reason } => DumpError::Field {
+            path: path.to_path_buf(),
+            field,
+            reason,
+        },
+    })
 }
 
 /// A dump's weights, read on demand as the core asks for them.

@@ -11,10 +11,7 @@ use resnet_dump::{Dump, Layout};
 use crate::layout::to_nchw;
 use crate::metrics::{compare, Verdict};
 use crate::reference_check::{check_reference, ReferenceCheck};
-use crate::report::{
-    empty_summary, Event, Report, ReportBuilder, RunMode, StageReport, TopClasses, REPORT_SCHEMA,
-    REPORT_SCHEMA_VERSION,
-};
+use crate::report::{Event, Report, ReportBuilder, RunMode, StageReport, TopClasses};
 use crate::verify::top5;
 use crate::{Tolerance, VerifyError};
 
@@ -66,35 +63,18 @@ pub fn compare_dumps(
             train_mode: reference.manifest().mode == resnet_dump::Mode::Train,
         },
     };
-    let mut report = Report {
-        schema: REPORT_SCHEMA,
-        schema_version: REPORT_SCHEMA_VERSION,
-        reference: options.reference.display().to_string(),
-        candidate: options.candidate.display().to_string(),
-        model: reference.manifest().model_name().to_string(),
-        mode: RunMode::Dumps,
-        tolerance: options.tolerance,
-        reference_check: Some(reference_check.clone()),
-        stages: Vec::new(),
-        blocks: Vec::new(),
-        layers: Vec::new(),
-        top5: None,
-        summary: empty_summary(),
-    };
-    if reference_check.train_mode && !options.allow_train_reference {
-        report.summary.verdict = Verdict::Fail;
-        report.summary.stopped = reference_check.message();
-        listener(Event::Start {
-            report: &report,
-            stages: 0,
-        });
+    let stages = &reference.manifest().stages;
+    let mut report = Report::new(
+        options.reference.display().to_string(),
+        options.candidate.display().to_string(),
+        reference.manifest().model_name().to_string(),
+        RunMode::Dumps,
+        options.tolerance,
+        reference_check,
+    );
+    if !report.start(stages.len(), options.allow_train_reference, listener) {
         return Ok(report);
     }
-    let stages = &reference.manifest().stages;
-    listener(Event::Start {
-        report: &report,
-        stages: stages.len(),
-    });
 
     let mut builder = ReportBuilder::new(report);
     let mut missing = Vec::new();

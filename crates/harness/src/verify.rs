@@ -13,10 +13,7 @@ use resnet_dump::{Dump, Manifest};
 use crate::layout::{candidate_nchw, reference_tensor, to_nchw};
 use crate::metrics::{compare, Comparison, Verdict};
 use crate::reference_check::check_reference;
-use crate::report::{
-    empty_summary, ClassScore, Event, Report, ReportBuilder, RunMode, StageReport, TopClasses,
-    REPORT_SCHEMA, REPORT_SCHEMA_VERSION,
-};
+use crate::report::{ClassScore, Event, Report, ReportBuilder, RunMode, StageReport, TopClasses};
 use crate::{Tolerance, VerifyError};
 
 #[derive(Clone, Debug)]
@@ -63,34 +60,17 @@ pub fn verify_dump(
     };
 
     let reference_check = check_reference(dump, &network)?;
-    let mut report = Report {
-        schema: REPORT_SCHEMA,
-        schema_version: REPORT_SCHEMA_VERSION,
-        reference: options.dump.display().to_string(),
-        candidate: "resnet-core".into(),
-        model: dump.manifest().model_name().to_string(),
-        mode: options.mode,
-        tolerance: options.tolerance,
-        reference_check: Some(reference_check.clone()),
-        stages: Vec::new(),
-        blocks: Vec::new(),
-        layers: Vec::new(),
-        top5: None,
-        summary: empty_summary(),
-    };
-    if reference_check.train_mode && !options.allow_train_reference {
-        report.summary.verdict = Verdict::Fail;
-        report.summary.stopped = reference_check.message();
-        listener(Event::Start {
-            report: &report,
-            stages: 0,
-        });
+    let mut report = Report::new(
+        options.dump.display().to_string(),
+        "resnet-core".into(),
+        dump.manifest().model_name().to_string(),
+        options.mode,
+        options.tolerance,
+        reference_check,
+    );
+    if !report.start(last + 1, options.allow_train_reference, listener) {
         return Ok(report);
     }
-    listener(Event::Start {
-        report: &report,
-        stages: last + 1,
-    });
 
     let mut run = Run {
         dump,

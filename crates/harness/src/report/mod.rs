@@ -135,6 +135,59 @@ pub struct Report {
 }
 
 impl Report {
+    /// An empty report, before any stage is compared.
+    pub fn new(
+        reference: String,
+        candidate: String,
+        model: String,
+        mode: RunMode,
+        tolerance: Tolerance,
+        reference_check: ReferenceCheck,
+    ) -> Report {
+        Report {
+            schema: REPORT_SCHEMA,
+            schema_version: REPORT_SCHEMA_VERSION,
+            reference,
+            candidate,
+            model,
+            mode,
+            tolerance,
+            reference_check: Some(reference_check),
+            stages: Vec::new(),
+            blocks: Vec::new(),
+            layers: Vec::new(),
+            top5: None,
+            summary: empty_summary(),
+        }
+    }
+
+    /// Starts the run (tells `listener`) and returns true, unless the
+    /// reference is in train mode and that was not allowed: then the report
+    /// is final and failed, with the train-mode message as the reason, and
+    /// nothing is to be compared.
+    pub(crate) fn start(
+        &mut self,
+        stages: usize,
+        allow_train_reference: bool,
+        listener: &mut dyn FnMut(Event),
+    ) -> bool {
+        let check = self.reference_check.as_ref();
+        if check.is_some_and(|check| check.train_mode) && !allow_train_reference {
+            self.summary.verdict = Verdict::Fail;
+            self.summary.stopped = check.and_then(ReferenceCheck::message);
+            listener(Event::Start {
+                report: self,
+                stages: 0,
+            });
+            return false;
+        }
+        listener(Event::Start {
+            report: self,
+            stages,
+        });
+        true
+    }
+
     pub fn passed(&self) -> bool {
         self.summary.verdict == Verdict::Succ
     }
