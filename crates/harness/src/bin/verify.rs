@@ -261,9 +261,13 @@ fn report(
         match &common.output {
             Some(path) => std::fs::write(path, rendered)
                 .with_context(|| format!("cannot write {}", path.display()))?,
-            None => stdout
-                .write_all(rendered.as_bytes())
-                .context("cannot write to stdout")?,
+            // A reader that stopped early (`| head`) is not an error.
+            None => match stdout.write_all(rendered.as_bytes()) {
+                Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
+                    return Err(error).context("cannot write to stdout")
+                }
+                _ => {}
+            },
         }
     }
     Ok(report)
