@@ -34,28 +34,6 @@ impl StageKind {
             StageKind::Sequential => "Sequential",
         }
     }
-
-    pub fn from_torch_name(name: &str) -> Option<Self> {
-        use StageKind::*;
-        [
-            Input,
-            Conv2d,
-            BatchNorm2d,
-            ReLU,
-            MaxPool2d,
-            AdaptiveAvgPool2d,
-            Linear,
-            BasicBlock,
-            Bottleneck,
-            Sequential,
-        ]
-        .into_iter()
-        .find(|kind| kind.torch_name() == name)
-    }
-
-    pub fn is_block(self) -> bool {
-        matches!(self, StageKind::BasicBlock | StageKind::Bottleneck)
-    }
 }
 
 impl fmt::Display for StageKind {
