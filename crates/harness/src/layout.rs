@@ -1,7 +1,7 @@
 //! Bringing stored arrays into torch's NCHW order, the order every report
 //! speaks in.
 
-use ndarray::{ArrayD, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use resnet_core::Tensor;
 use resnet_dump::Layout;
 
@@ -31,13 +31,13 @@ pub fn candidate_nchw(tensor: &Tensor, reference_shape: &[usize]) -> Option<Arra
 }
 
 /// An NCHW reference (or `[N, C]` logits) as the core's input tensor.
-pub fn reference_tensor(nchw: &ArrayD<f32>) -> Option<Tensor> {
+pub fn reference_tensor(nchw: ArrayViewD<'_, f32>) -> Option<Tensor> {
     match *nchw.shape() {
         [n, c, h, w] => Some(Tensor::from_nchw(
-            nchw.view().into_shape_with_order((n, c, h, w)).ok()?,
+            nchw.into_shape_with_order((n, c, h, w)).ok()?,
         )),
         [n, c] => Some(Tensor::from_nhwc(
-            nchw.to_owned().into_shape_with_order((n, 1, 1, c)).ok()?,
+            nchw.into_shape_with_order((n, 1, 1, c)).ok()?.to_owned(),
         )),
         _ => None,
     }

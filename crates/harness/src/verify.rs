@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use globset::GlobMatcher;
 use ndarray::ArrayD;
-use resnet_core::{Network, Stage, Tensor};
+use resnet_core::{Network, Stage, StageKind, Tensor};
 use resnet_dump::{Dump, Manifest};
 
 use crate::layout::{candidate_nchw, reference_tensor, to_nchw};
@@ -83,7 +83,7 @@ pub fn verify_dump(
         stopped: None,
     };
     let input = run.load_reference(0)?;
-    let input = reference_tensor(&input)
+    let input = reference_tensor(input.view())
         .ok_or_else(|| run.mismatch(0, "the input is not a 4-D NCHW tensor".into()))?;
 
     if options.mode.cumulative() {
@@ -193,9 +193,6 @@ impl Run<'_> {
         match self.compare_stage(index, stage, output) {
             Ok(None) => ControlFlow::Continue(()),
             Ok(Some(report)) => {
-                if stage.name == "fc" {
-                    self.record_top5(index, output);
-                }
                 let failed = report.verdict == Verdict::Fail;
                 self.builder.push(report, listener);
                 if failed && self.options.fail_fast {
@@ -229,6 +226,9 @@ impl Run<'_> {
         if index == 0 || !shown {
             self.references.release_after(index);
             return Ok(None);
+        }
+        if stage.kind == StageKind::Linear {
+            self.record_top5(&reference, output);
         }
         let cumulative = match output {
             Some(output) => Some(self.compare_output(index, output, &reference)?),
@@ -319,22 +319,20 @@ impl Run<'_> {
             return Ok(tensor.clone());
         }
         let reference = self.load_reference(producer)?;
-        reference_tensor(&reference)
+        reference_tensor(reference.view())
             .ok_or_else(|| self.mismatch(producer, "cannot be fed to the core".into()))
     }
 
-    fn record_top5(&mut self, index: usize, output: Option<&Tensor>) {
-        let Ok(reference) = self.load_reference(index) else {
-            return;
-        };
+    /// The first batch item's top-5 classes, from the logits already loaded
+    /// and computed for the comparison.
+    fn record_top5(&mut self, reference: &ArrayD<f32>, output: Option<&Tensor>) {
         let classes = self.dump.manifest().classes.as_deref();
-        let candidate = output.map(|tensor| tensor.as_slice().to_vec());
         let features = reference.shape().last().copied().unwrap_or(0);
         let reference_row = &reference.as_slice().expect("standard layout")[..features];
         self.builder.report.top5 = Some(TopClasses {
             reference: top5(reference_row, classes),
-            candidate: candidate
-                .map(|row| top5(&row[..features], classes))
+            candidate: output
+                .map(|tensor| top5(&tensor.as_slice()[..features], classes))
                 .unwrap_or_default(),
         });
     }
@@ -385,7 +383,7 @@ impl ReferenceCache {
 
     fn offer(&mut self, index: usize, reference: &ArrayD<f32>) {
         if self.last_reader[index].is_some() {
-            if let Some(tensor) = reference_tensor(reference) {
+            if let Some(tensor) = reference_tensor(reference.view()) {
                 self.kept.insert(index, tensor);
             }
         }

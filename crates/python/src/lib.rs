@@ -13,9 +13,9 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use resnet_core::{Architecture, Network, Tensor};
+use resnet_core::{Architecture, Network, StageKind, Tensor};
 use resnet_dump::{Dump, Mode};
-use resnet_verify::layout::reference_tensor;
+use resnet_verify::layout::{candidate_nchw, reference_tensor};
 use resnet_verify::reference_check::ReferenceCheck;
 use resnet_verify::report::{json, text};
 use resnet_verify::{verify_dump, AbsoluteTolerance, Report, RunMode, Tolerance, VerifyOptions};
@@ -169,8 +169,7 @@ fn forward_outputs<'py>(
             x.shape()
         )));
     }
-    let input =
-        reference_tensor(&x.as_array().to_owned()).ok_or_else(|| error("x must be NCHW"))?;
+    let input = reference_tensor(x.as_array()).ok_or_else(|| error("x must be NCHW"))?;
     let last = upto
         .map(|name| network.stage_index(&name))
         .transpose()
@@ -178,14 +177,14 @@ fn forward_outputs<'py>(
     let mut outputs: Vec<(String, ArrayD<f32>)> = Vec::new();
     py.detach(|| {
         network.forward_observed(input, last, &mut |stage, output: &Tensor| {
-            let nchw = output.to_nchw().into_dyn();
-            let nchw = if stage.name == "fc" {
-                let [n, c, _, _] = output.nchw_shape();
-                nchw.into_shape_with_order(ndarray::IxDyn(&[n, c]))
-                    .expect("1x1 logits")
+            // torch's shapes: NCHW, and `[N, classes]` after flatten for fc.
+            let [n, c, h, w] = output.nchw_shape();
+            let shape = if stage.kind == StageKind::Linear {
+                vec![n, c]
             } else {
-                nchw
+                vec![n, c, h, w]
             };
+            let nchw = candidate_nchw(output, &shape).expect("the shape is the tensor's own");
             outputs.push((stage.name.clone(), nchw));
             ControlFlow::Continue(())
         })

@@ -224,19 +224,11 @@ impl Conv2d {
             })
             .collect();
         Conv2d {
-            weight,
-            bias: Some(bias),
-            ..self.clone_without_weights()
-        }
-    }
-
-    fn clone_without_weights(&self) -> Conv2d {
-        Conv2d {
             in_channels: self.in_channels,
             out_channels: self.out_channels,
             geometry: self.geometry,
-            weight: Vec::new(),
-            bias: None,
+            weight,
+            bias: Some(bias),
         }
     }
 

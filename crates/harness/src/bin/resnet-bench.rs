@@ -37,7 +37,7 @@ fn main() -> anyhow::Result<()> {
     let network = Network::from_weights(dump.architecture()?, &dump.weights())?;
     let entry = dump.stage("input").context("the dump has no input stage")?;
     let input = to_nchw(dump.load_stage(entry)?.data, dump.manifest().layout);
-    let Some(input) = reference_tensor(&input) else {
+    let Some(input) = reference_tensor(input.view()) else {
         bail!("the input is not NCHW")
     };
 
