@@ -12,6 +12,6 @@ pub mod npy;
 pub use dump::{Dump, DumpWeights, LoadedStage};
 pub use error::DumpError;
 pub use manifest::{
-    Layout, Manifest, ManifestProblem, Mode, StageEntry, TopClass, WeightEntry, FORMAT_NAME,
-    SCHEMA_VERSION,
+    InputInfo, Layout, Manifest, ManifestProblem, Mode, StageEntry, TopClass, WeightEntry,
+    FORMAT_NAME, SCHEMA_VERSION,
 };

@@ -62,6 +62,21 @@ pub struct ModelInfo {
     pub name: String,
 }
 
+/// How the input image was preprocessed, as far as the harness needs it to
+/// recognise another preprocessing in a candidate's input.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct InputInfo {
+    /// Per-channel mean subtracted after scaling to 0-1.
+    #[serde(default)]
+    pub mean: Option<Vec<f64>>,
+    /// Per-channel std divided by after subtracting the mean.
+    #[serde(default)]
+    pub std: Option<Vec<f64>>,
+    /// Channel order, `RGB` for torchvision's models.
+    #[serde(default)]
+    pub color: Option<String>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,
@@ -72,6 +87,9 @@ pub struct Manifest {
     #[serde(default)]
     pub architecture: Option<Architecture>,
     pub mode: Mode,
+    /// The preprocessing of the input stage; a candidate's may be absent.
+    #[serde(default)]
+    pub input: Option<InputInfo>,
     pub layout: Layout,
     pub stages: Vec<StageEntry>,
     #[serde(default)]

@@ -8,10 +8,11 @@ use globset::GlobMatcher;
 use resnet_core::Network;
 use resnet_dump::{Dump, Layout};
 
+use crate::diagnosis::{layout, Evidence, Observed};
 use crate::layout::to_nchw;
 use crate::metrics::{compare, Verdict};
 use crate::reference_check::{check_reference, ReferenceCheck};
-use crate::report::{Event, Report, ReportBuilder, RunMode, StageReport, TopClasses};
+use crate::report::{abbreviate, Event, Report, ReportBuilder, RunMode, StageReport, TopClasses};
 use crate::verify::top5;
 use crate::{Tolerance, VerifyError};
 
@@ -46,17 +47,19 @@ pub fn compare_dumps(
         CandidateLayout::Nhwc => Layout::NHWC,
         CandidateLayout::Auto => candidate.manifest().layout,
     };
-    let reference_check = match reference.manifest().architecture.as_ref() {
-        Some(architecture) => {
-            let network =
-                Network::from_weights(architecture, &reference.weights()).map_err(|source| {
-                    VerifyError::Core {
-                        dump: options.reference.clone(),
-                        source,
-                    }
-                })?;
-            check_reference(&reference, &network)?
-        }
+    let network = match reference.manifest().architecture.as_ref() {
+        Some(architecture) => Some(
+            Network::from_weights(architecture, &reference.weights()).map_err(|source| {
+                VerifyError::Core {
+                    dump: options.reference.clone(),
+                    source,
+                }
+            })?,
+        ),
+        None => None,
+    };
+    let reference_check = match &network {
+        Some(network) => check_reference(&reference, network)?,
         None => ReferenceCheck {
             manifest_mode: reference.manifest().mode,
             evidence: Vec::new(),
@@ -76,6 +79,7 @@ pub fn compare_dumps(
         return Ok(report);
     }
 
+    let evidence = Evidence::new(&reference, network.as_ref(), &options.tolerance);
     let mut builder = ReportBuilder::new(report);
     let mut missing = Vec::new();
     let mut stopped = None;
@@ -100,6 +104,7 @@ pub fn compare_dumps(
         if let Some(dtype) = &loaded.converted_from {
             notes.push(format!("candidate stored as {dtype}, converted to float32"));
         }
+        let stored = loaded.data.clone();
         let actual = to_nchw(loaded.data, layout);
         let comparison = if actual.shape() == expected.shape() {
             Some(compare(
@@ -129,6 +134,32 @@ pub fn compare_dumps(
             }
         }
         let verdict = comparison.as_ref().map_or(Verdict::Fail, |c| c.verdict);
+        let origin = builder.origin(verdict == Verdict::Fail, false, false);
+        let mut hints = Vec::new();
+        if builder.should_diagnose(&origin) {
+            if let Some(found) = layout::find(&evidence, &stored, layout, &expected) {
+                if let Some(confirmed) =
+                    confirm_layout(&evidence, &reference, &candidate, index, &found)?
+                {
+                    builder.report.summary.hint = Some(found.hint.clone());
+                    stopped = Some(format!(
+                        "every stage checked ({}) is the reference in {} order, so the rest would fail the same way; rerun with --cand-layout {}",
+                        confirmed.join(", "),
+                        layout::order_name(found.order, "NCHW"),
+                        layout::order_name(found.order, "NCHW").to_lowercase(),
+                    ));
+                }
+                hints.push(found.hint);
+            } else if actual.shape() == expected.shape() {
+                hints = evidence.diagnose(
+                    &entry.name,
+                    &Observed {
+                        reference: &expected,
+                        candidate: &actual,
+                    },
+                );
+            }
+        }
         builder.push(
             StageReport {
                 index,
@@ -141,9 +172,14 @@ pub fn compare_dumps(
                 cumulative: comparison,
                 isolated: None,
                 notes,
+                origin,
+                hints,
             },
             listener,
         );
+        if stopped.is_some() {
+            break;
+        }
         if verdict == Verdict::Fail && options.fail_fast {
             stopped = Some(format!("--fail-fast: stopped after {}", entry.name));
             break;
@@ -161,17 +197,44 @@ pub fn compare_dumps(
         stopped = Some(format!(
             "{} reference stage(s) not in the candidate, not compared: {}",
             missing.len(),
-            abbreviate(&missing)
+            abbreviate(&missing, 5)
         ));
     }
     Ok(builder.finish(stopped))
 }
 
-fn abbreviate(names: &[String]) -> String {
-    let shown: Vec<&str> = names.iter().take(5).map(String::as_str).collect();
-    if names.len() > shown.len() {
-        format!("{}, ...", shown.join(", "))
-    } else {
-        shown.join(", ")
+/// Stages checked after the first, to tell a candidate stored in another
+/// layout throughout from one stage written wrong.
+const LAYOUT_CONFIRMATIONS: usize = 3;
+
+/// The stages (this one and up to [`LAYOUT_CONFIRMATIONS`] more 4-D ones)
+/// that `found` explains, if it explains every one checked.
+fn confirm_layout(
+    evidence: &Evidence,
+    reference: &Dump,
+    candidate: &Dump,
+    index: usize,
+    found: &layout::LayoutMatch,
+) -> Result<Option<Vec<String>>, VerifyError> {
+    let stages = &reference.manifest().stages;
+    let mut confirmed = vec![stages[index].name.clone()];
+    for entry in stages[index + 1..]
+        .iter()
+        .filter(|entry| entry.shape.len() == 4)
+        .take(LAYOUT_CONFIRMATIONS)
+    {
+        let Some(candidate_entry) = candidate.stage(&entry.name) else {
+            continue;
+        };
+        let expected = to_nchw(
+            reference.load_stage(entry)?.data,
+            reference.manifest().layout,
+        );
+        let stored = candidate.load_stage(candidate_entry)?.data;
+        if !layout::holds(evidence, &stored, found.order, &expected) {
+            return Ok(None);
+        }
+        confirmed.push(entry.name.clone());
     }
+    Ok(Some(confirmed))
 }

@@ -3,6 +3,7 @@
 //! block and layer.
 
 pub mod compare_dumps;
+pub mod diagnosis;
 mod error;
 pub mod layout;
 pub mod metrics;

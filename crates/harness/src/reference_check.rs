@@ -8,11 +8,12 @@
 //! statistics and with the batch's own; whichever reproduces the stored
 //! output tells the mode the reference really ran in.
 
-use ndarray::{ArrayD, Axis};
+use ndarray::ArrayD;
 use resnet_core::{Network, StageKind, WeightSource};
 use resnet_dump::{Dump, Mode};
 use serde::Serialize;
 
+use crate::diagnosis::batch_norm::{channel_statistics, normalise, Parameters};
 use crate::layout::to_nchw;
 use crate::VerifyError;
 
@@ -106,32 +107,28 @@ pub fn check_reference(dump: &Dump, network: &Network) -> Result<ReferenceCheck,
         if input.ndim() != 4 || input.shape() != output.shape() {
             continue;
         }
-        let parameter = |part: &str| -> Result<Vec<f64>, VerifyError> {
-            let tensor = weights
-                .weight(&format!("{}.{part}", stage.module))
-                .map_err(|source| VerifyError::Core {
-                    dump: dump.root().to_path_buf(),
-                    source,
-                })?;
-            Ok(tensor.iter().map(|&v| v as f64).collect())
-        };
-        let (weight, bias) = (parameter("weight")?, parameter("bias")?);
-        let (mean, var) = (parameter("running_mean")?, parameter("running_var")?);
+        let parameters = Parameters::load(&stage.module, |name| weights.weight(name).ok())
+            .ok_or_else(|| VerifyError::Mismatch {
+                dump: dump.root().to_path_buf(),
+                reason: format!("the weights of `{}` are missing", stage.module),
+            })?;
+        let Parameters {
+            weight,
+            bias,
+            mean,
+            var,
+        } = &parameters;
         let eps = network.architecture().batch_norm_eps;
         let (batch_mean, batch_var) = channel_statistics(&input);
         evidence.push(BatchNormEvidence {
             stage: stage.name.clone(),
-            running_statistics_error: recompute_error(
-                &input, &output, &mean, &var, &weight, &bias, eps,
-            ),
-            batch_statistics_error: recompute_error(
-                &input,
+            running_statistics_error: relative_error(
+                &normalise(&input, mean, var, weight, bias, eps),
                 &output,
-                &batch_mean,
-                &batch_var,
-                &weight,
-                &bias,
-                eps,
+            ),
+            batch_statistics_error: relative_error(
+                &normalise(&input, &batch_mean, &batch_var, weight, bias, eps),
+                &output,
             ),
         });
     }
@@ -144,47 +141,12 @@ pub fn check_reference(dump: &Dump, network: &Network) -> Result<ReferenceCheck,
     })
 }
 
-/// Per-channel mean and biased variance over N, H and W (what torch's
-/// BatchNorm uses to normalise in train mode).
-fn channel_statistics(nchw: &ArrayD<f32>) -> (Vec<f64>, Vec<f64>) {
-    let channels = nchw.shape()[1];
-    let mut means = Vec::with_capacity(channels);
-    let mut variances = Vec::with_capacity(channels);
-    for channel in 0..channels {
-        let values = nchw.index_axis(Axis(1), channel);
-        let count = values.len() as f64;
-        let mean = values.iter().map(|&v| v as f64).sum::<f64>() / count;
-        let variance = values
-            .iter()
-            .map(|&v| (v as f64 - mean).powi(2))
-            .sum::<f64>()
-            / count;
-        means.push(mean);
-        variances.push(variance);
-    }
-    (means, variances)
-}
-
-fn recompute_error(
-    input: &ArrayD<f32>,
-    output: &ArrayD<f32>,
-    mean: &[f64],
-    var: &[f64],
-    weight: &[f64],
-    bias: &[f64],
-    eps: f64,
-) -> f64 {
-    let mut max_error = 0f64;
-    let mut scale = 0f64;
-    for channel in 0..input.shape()[1] {
-        let factor = weight[channel] / (var[channel] + eps).sqrt();
-        let x = input.index_axis(Axis(1), channel);
-        let y = output.index_axis(Axis(1), channel);
-        for (&x, &y) in x.iter().zip(y.iter()) {
-            let predicted = (x as f64 - mean[channel]) * factor + bias[channel];
-            max_error = max_error.max((predicted - y as f64).abs());
-            scale = scale.max((y as f64).abs());
-        }
+/// max|recomputed - output| / max|output|.
+fn relative_error(recomputed: &ArrayD<f32>, output: &ArrayD<f32>) -> f64 {
+    let (mut max_error, mut scale) = (0f64, 0f64);
+    for (&r, &y) in recomputed.iter().zip(output.iter()) {
+        max_error = max_error.max((r as f64 - y as f64).abs());
+        scale = scale.max((y as f64).abs());
     }
     max_error / scale.max(f32::MIN_POSITIVE as f64)
 }

@@ -10,6 +10,7 @@ use ndarray::ArrayD;
 use resnet_core::{Network, Stage, StageKind, Tensor};
 use resnet_dump::{Dump, Manifest};
 
+use crate::diagnosis::{Evidence, Observed};
 use crate::layout::{candidate_nchw, reference_tensor, to_nchw};
 use crate::metrics::{compare, Comparison, Verdict};
 use crate::reference_check::check_reference;
@@ -253,10 +254,39 @@ impl Run<'_> {
         };
         self.references.release_after(index);
 
+        let failed_in = |compared: &Option<(Comparison, ArrayD<f32>)>| {
+            compared
+                .as_ref()
+                .is_some_and(|(c, _)| c.verdict == Verdict::Fail)
+        };
+        let (cumulative_failed, isolated_failed) = (failed_in(&cumulative), failed_in(&isolated));
+        let origin = self
+            .builder
+            .origin(cumulative_failed, isolated_failed, stage.is_container());
+        let mut hints = Vec::new();
+        if self.builder.should_diagnose(&origin) {
+            // The stage's own error shows best with the reference's inputs.
+            let candidate = if isolated_failed {
+                &isolated
+            } else {
+                &cumulative
+            };
+            if let Some((_, candidate)) = candidate {
+                let evidence =
+                    Evidence::new(self.dump, Some(self.network), &self.options.tolerance);
+                hints = evidence.diagnose(
+                    &stage.name,
+                    &Observed {
+                        reference: &reference,
+                        candidate,
+                    },
+                );
+            }
+        }
+        let (cumulative, isolated) = (cumulative.map(|(c, _)| c), isolated.map(|(c, _)| c));
+
         let entry = &self.dump.manifest().stages[self.entries[index]];
-        let failed = [&cumulative, &isolated]
-            .iter()
-            .any(|c| c.as_ref().is_some_and(|c| c.verdict == Verdict::Fail));
+        let failed = cumulative_failed || isolated_failed;
         Ok(Some(StageReport {
             index,
             name: stage.name.clone(),
@@ -271,6 +301,8 @@ impl Run<'_> {
                 .map(|dtype| format!("reference stored as {dtype}, converted to float32"))
                 .into_iter()
                 .collect(),
+            origin,
+            hints,
         }))
     }
 
@@ -279,7 +311,7 @@ impl Run<'_> {
         index: usize,
         output: &Tensor,
         reference: &ArrayD<f32>,
-    ) -> Result<Comparison, VerifyError> {
+    ) -> Result<(Comparison, ArrayD<f32>), VerifyError> {
         let candidate = candidate_nchw(output, reference.shape()).ok_or_else(|| {
             self.mismatch(
                 index,
@@ -290,12 +322,13 @@ impl Run<'_> {
                 ),
             )
         })?;
-        Ok(compare(
+        let comparison = compare(
             reference.as_slice().expect("standard layout"),
             candidate.as_slice().expect("standard layout"),
             reference.shape(),
             &self.options.tolerance,
-        ))
+        );
+        Ok((comparison, candidate))
     }
 
     /// The reference's stage `index`, in NCHW order.

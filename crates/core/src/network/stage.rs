@@ -90,6 +90,14 @@ pub struct Stage {
 }
 
 impl Stage {
+    /// The conv this stage runs, if it is a conv.
+    pub fn conv(&self) -> Option<&Conv2d> {
+        match &self.operation {
+            Operation::Conv(conv) => Some(conv),
+            _ => None,
+        }
+    }
+
     pub fn is_container(&self) -> bool {
         matches!(self.operation, Operation::Container { .. })
     }

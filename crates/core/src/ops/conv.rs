@@ -1,8 +1,10 @@
+use ndarray::ArrayView4;
 use rayon::prelude::*;
 
 use super::matmul::{available_threads, multiply, MatrixView, OutputBlock};
 use super::BatchNorm;
 use super::ShapeError;
+use crate::weights::conv_weight_from_oihw;
 use crate::Tensor;
 
 /// Kernel, stride, padding, dilation and groups, as `(height, width)` pairs
@@ -93,6 +95,19 @@ impl Conv2d {
 
     pub fn geometry(&self) -> &ConvGeometry {
         &self.geometry
+    }
+
+    /// The same conv (geometry, bias) with another torch (OIHW) weight of
+    /// the same shape: what the harness recomputes when it asks whether an
+    /// implementation read its weights in another order.
+    pub fn with_oihw_weight(&self, weight: ArrayView4<'_, f32>) -> Conv2d {
+        Conv2d::new(
+            self.in_channels,
+            self.out_channels,
+            self.geometry,
+            conv_weight_from_oihw(weight, self.geometry.groups),
+            self.bias.clone(),
+        )
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ShapeError> {

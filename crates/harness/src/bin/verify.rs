@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use resnet_verify::report::{json, junit, text};
+use resnet_verify::report::{json, junit, plot, text};
 use resnet_verify::{
     compare_dumps, verify, AbsoluteTolerance, CandidateLayout, CompareOptions, Event, Report,
     RunMode, Tolerance, VerifyOptions,
@@ -26,7 +26,17 @@ use resnet_verify::{
 ///   verify out/resnet50                  every stage, cumulative
 ///   verify out/resnet50 --upto layer3    stop after layer3
 ///   verify out/resnet50 --both           error made here vs carried in
+///   verify out/resnet50 --plot error.svg error growth along the depth
 ///   verify compare out/resnet50 my-engine-dump --cand-layout nhwc
+///
+/// A failing stage is marked as the root (the first to fail end to end),
+/// carried (its inputs were already wrong) or as introducing error (it
+/// fails on the reference's own inputs: --isolate, --both). For roots and
+/// introducers, the harness tests the classic mistakes on the data (weights
+/// read in another axis order, BatchNorm with batch statistics or another
+/// eps, a ReLU too many or too few, a missing residual add, another input
+/// preprocessing, a layout mix-up) and prints each one that reproduces the
+/// data as a `hint:` line. docs/diagnosis.md lists them.
 #[derive(Parser)]
 #[command(
     name = "verify",
@@ -112,6 +122,10 @@ struct Common {
     /// Write the report in --format to FILE; the text report still goes to stdout
     #[arg(long, value_name = "FILE")]
     output: Option<PathBuf>,
+
+    /// Draw each stage's error relative to its scale along the network's depth (log scale, with the tolerance and the first failure) as an SVG
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -269,6 +283,11 @@ fn report(
                 _ => {}
             },
         }
+    }
+    if let Some(path) = &common.plot {
+        let drawn = plot::svg(&report)
+            .map_err(|reason| anyhow::anyhow!("cannot draw the plot: {reason}"))?;
+        std::fs::write(path, drawn).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(report)
 }

@@ -3,10 +3,14 @@
 
 pub mod json;
 pub mod junit;
+pub mod plot;
 pub mod text;
+
+use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::diagnosis::{origin, Hint, Origin};
 use crate::metrics::{Comparison, Verdict};
 use crate::reference_check::ReferenceCheck;
 use crate::Tolerance;
@@ -54,6 +58,10 @@ pub struct StageReport {
     pub isolated: Option<Comparison>,
     /// Something worth knowing that is not an error (a converted dtype).
     pub notes: Vec<String>,
+    /// For a failure: the root, carried, or introduced here.
+    pub origin: Option<Origin>,
+    /// For a root or introducing failure: the hypotheses that explain it.
+    pub hints: Vec<Hint>,
 }
 
 impl StageReport {
@@ -111,6 +119,14 @@ pub struct Summary {
     pub succ: usize,
     pub fail: usize,
     pub first_failure: Option<String>,
+    /// The first stage that fails end to end; every later end-to-end
+    /// failure is carried from it or from a stage that introduces error.
+    pub root: Option<String>,
+    /// The stages that fail when fed the reference's inputs (isolated).
+    pub introduced_at: Vec<String>,
+    /// A hypothesis that explains the whole run (a candidate stored in
+    /// another layout), given once instead of a wall of failures.
+    pub hint: Option<Hint>,
     /// Why the run ended before the last stage, if it did.
     pub stopped: Option<String>,
     pub verdict: Verdict,
@@ -206,11 +222,16 @@ pub enum Event<'a> {
     Layer(&'a GroupSummary),
 }
 
+/// Failures diagnosed per run at most: the hypotheses recompute stages, and
+/// past the first few roots the hints say nothing new.
+const DIAGNOSED_AT_MOST: usize = 16;
+
 /// Accumulates stage results into block and layer counts and the summary.
 pub(crate) struct ReportBuilder {
     pub report: Report,
     open_blocks: Vec<GroupSummary>,
     open_layers: Vec<GroupSummary>,
+    diagnosed: usize,
 }
 
 impl ReportBuilder {
@@ -219,7 +240,36 @@ impl ReportBuilder {
             report,
             open_blocks: Vec::new(),
             open_layers: Vec::new(),
+            diagnosed: 0,
         }
+    }
+
+    /// The origin of the next stage's failure, from which of its
+    /// comparisons failed.
+    pub fn origin(
+        &self,
+        cumulative_failed: bool,
+        isolated_failed: bool,
+        container: bool,
+    ) -> Option<Origin> {
+        let summary = &self.report.summary;
+        let upstream = summary.introduced_at.last().or(summary.root.as_ref());
+        origin(
+            cumulative_failed,
+            isolated_failed,
+            container,
+            upstream.map(String::as_str),
+        )
+    }
+
+    /// Whether a failure of this origin gets its hypotheses tested: roots
+    /// and stages that introduce error, up to a budget. Carried failures
+    /// say nothing new.
+    pub fn should_diagnose(&mut self, origin: &Option<Origin>) -> bool {
+        let wanted = matches!(origin, Some(Origin::Root | Origin::Introduces))
+            && self.diagnosed < DIAGNOSED_AT_MOST;
+        self.diagnosed += wanted as usize;
+        wanted
     }
 
     /// Records a stage and tells `listener`, closing a block or layer when
@@ -236,6 +286,20 @@ impl ReportBuilder {
                 .first_failure
                 .get_or_insert_with(|| stage.name.clone());
             summary.verdict = Verdict::Fail;
+        }
+        let failed_end_to_end = stage
+            .cumulative
+            .as_ref()
+            .is_some_and(|c| c.verdict == Verdict::Fail);
+        match &stage.origin {
+            Some(Origin::Root) => summary.root = Some(stage.name.clone()),
+            Some(Origin::Introduces) => {
+                if failed_end_to_end && summary.root.is_none() {
+                    summary.root = Some(stage.name.clone());
+                }
+                summary.introduced_at.push(stage.name.clone());
+            }
+            _ => {}
         }
         let is_block = matches!(stage.module_type.as_str(), "Bottleneck" | "BasicBlock");
         let is_layer =
@@ -314,12 +378,29 @@ fn take(groups: &mut Vec<GroupSummary>, name: &str) -> GroupSummary {
     }
 }
 
+/// The first `shown` names, and how many more there are.
+pub(crate) fn abbreviate(names: &[String], shown: usize) -> String {
+    let mut text = names
+        .iter()
+        .take(shown)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > shown {
+        let _ = write!(text, ", ... ({} more)", names.len() - shown);
+    }
+    text
+}
+
 pub(crate) fn empty_summary() -> Summary {
     Summary {
         compared: 0,
         succ: 0,
         fail: 0,
         first_failure: None,
+        root: None,
+        introduced_at: Vec::new(),
+        hint: None,
         stopped: None,
         verdict: Verdict::Succ,
     }

@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 
 use anstyle::{AnsiColor, Style};
 
-use super::{Event, GroupSummary, Report, RunMode, StageReport, TopClasses};
+use super::{abbreviate, Event, GroupSummary, Report, RunMode, StageReport, TopClasses};
+use crate::diagnosis::{Hint, Origin};
 use crate::metrics::{Comparison, Verdict};
 
 const NAME_WIDTH: usize = 26;
@@ -15,6 +16,7 @@ const DIM: Style = Style::new().dimmed();
 const GREEN: Style = AnsiColor::Green.on_default();
 const RED: Style = AnsiColor::Red.on_default().bold();
 const YELLOW: Style = AnsiColor::Yellow.on_default().bold();
+const CYAN: Style = AnsiColor::Cyan.on_default().bold();
 
 /// The text for one event; colour codes are always written, and the output
 /// stream drops them where colour is not wanted (anstream).
@@ -129,10 +131,36 @@ fn stage_line(stage: &StageReport, mode: RunMode) -> String {
             out.push('\n');
         }
     }
+    match &stage.origin {
+        Some(Origin::Root) => {
+            let _ = writeln!(out, "    origin: root, the first stage to fail end to end");
+        }
+        Some(Origin::Introduces) => {
+            let _ = writeln!(
+                out,
+                "    origin: introduces error (fails on the reference's own inputs)"
+            );
+        }
+        Some(Origin::Carried { from }) => {
+            let _ = writeln!(out, "    origin: carried from {from}");
+        }
+        None => {}
+    }
+    for hint in &stage.hints {
+        out.push_str(&paint(CYAN, hint_line("    ", hint)));
+        out.push('\n');
+    }
     for note in &stage.notes {
         let _ = writeln!(out, "    note: {note}");
     }
     out
+}
+
+fn hint_line(indent: &str, hint: &Hint) -> String {
+    format!(
+        "{indent}hint: {} (max rel err {:.1e})",
+        hint.message, hint.relative_error
+    )
 }
 
 fn failure_detail(label: &str, comparison: &Comparison) -> String {
@@ -198,6 +226,23 @@ pub fn summary(report: &Report) -> String {
     let s = &report.summary;
     if let Some(top5) = &report.top5 {
         out.push_str(&top_lines(top5));
+    }
+    if let Some(hint) = &s.hint {
+        let _ = writeln!(out, "{}", paint(CYAN, hint_line("", hint)));
+    }
+    if let Some(root) = &s.root {
+        let _ = writeln!(
+            out,
+            "root: {root} (the first stage to fail end to end; later end-to-end failures are carried)"
+        );
+    }
+    if !s.introduced_at.is_empty() {
+        let _ = writeln!(
+            out,
+            "error introduced at ({}): {}",
+            s.introduced_at.len(),
+            abbreviate(&s.introduced_at, 12)
+        );
     }
     if let Some(stopped) = &s.stopped {
         if report

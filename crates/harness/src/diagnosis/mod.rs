@@ -1,0 +1,206 @@
+//! Why a stage failed. A wall of `fail` lines says that something is wrong,
+//! not what; but the classic mistakes of a hand-written network each leave a
+//! signature in the data. For a failing stage, every hypothesis below is
+//! tested on what the run already has (the stage's reference inputs and
+//! output, the candidate's output, the weights and the manifest) by
+//! recomputing the stage with the mistake made, and comparing under the
+//! run's own tolerance. Each hypothesis that reproduces the data becomes a
+//! [`Hint`], with the error it reproduces it to as evidence.
+//! docs/diagnosis.md lists them.
+
+mod activation;
+pub(crate) mod batch_norm;
+pub(crate) mod layout;
+mod origin;
+mod preprocessing;
+mod residual;
+mod weight_order;
+
+use ndarray::ArrayD;
+use resnet_core::{Network, StageKind, WeightSource};
+use resnet_dump::Dump;
+use serde::Serialize;
+
+use crate::layout::{candidate_nchw, reference_tensor, to_nchw};
+use crate::metrics::{compare, Verdict};
+use crate::Tolerance;
+
+pub use origin::{origin, Origin};
+
+/// The hypotheses, as the JSON report names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hypothesis {
+    /// The candidate's values are the reference's with the axes in another order.
+    Layout,
+    /// A conv computed with its weight data read in another axis order.
+    WeightOrder,
+    /// BatchNorm normalised with the batch's own mean and variance.
+    BatchStatistics,
+    /// BatchNorm with another eps.
+    BatchNormEps,
+    /// BatchNorm's weight and bias swapped, or one of them missing.
+    BatchNormAffine,
+    /// BatchNorm's running_mean and running_var swapped.
+    BatchNormStatisticsSwapped,
+    MissingRelu,
+    ExtraRelu,
+    /// A block's `+ identity` left out.
+    MissingResidual,
+    /// A block's downsample path (or its BatchNorm) left out.
+    SkippedDownsample,
+    /// The input image normalised or scaled differently.
+    Preprocessing,
+}
+
+/// One hypothesis that holds, with its evidence.
+#[derive(Clone, Debug, Serialize)]
+pub struct Hint {
+    pub hypothesis: Hypothesis,
+    /// What holds and what to look at, in one sentence.
+    pub message: String,
+    /// How closely the hypothesis reproduces the data: max|err|/max|x| of
+    /// the recomputation against the side it explains.
+    pub relative_error: f64,
+}
+
+/// Which side of the comparison a hypothesis explains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Side {
+    Candidate,
+    Reference,
+}
+
+impl Side {
+    pub fn subject(self) -> &'static str {
+        match self {
+            Side::Candidate => "the candidate",
+            Side::Reference => "the reference",
+        }
+    }
+}
+
+/// A failing stage's two outputs, NCHW, of the same shape.
+pub(crate) struct Observed<'a> {
+    pub reference: &'a ArrayD<f32>,
+    pub candidate: &'a ArrayD<f32>,
+}
+
+/// What the hypotheses may consult: the reference dump (stage outputs,
+/// weights, manifest), the network's stage graph, and the run's tolerance.
+pub(crate) struct Evidence<'a> {
+    pub dump: &'a Dump,
+    pub network: Option<&'a Network>,
+    /// The run's tolerance, with NaN matching NaN: a recomputation that
+    /// makes NaN where the data has NaN reproduces it.
+    tolerance: Tolerance,
+}
+
+impl<'a> Evidence<'a> {
+    pub fn new(dump: &'a Dump, network: Option<&'a Network>, tolerance: &Tolerance) -> Self {
+        Evidence {
+            dump,
+            network,
+            tolerance: Tolerance {
+                equal_nan: true,
+                ..*tolerance
+            },
+        }
+    }
+
+    /// Every hypothesis that explains why stage `name` failed. Best effort:
+    /// a hypothesis that lacks what it needs (a weight, a stage the
+    /// reference did not store) is skipped, never an error.
+    pub fn diagnose(&self, name: &str, observed: &Observed) -> Vec<Hint> {
+        let mut hints = activation::hints(self, observed);
+        let Some((network, index)) = self
+            .network
+            .and_then(|network| Some((network, network.stage_index(name).ok()?)))
+        else {
+            return hints;
+        };
+        let stage = &network.stages()[index];
+        match stage.kind {
+            StageKind::Input => hints.extend(preprocessing::hints(self, observed)),
+            StageKind::Conv2d => hints.extend(weight_order::hints(self, index, observed)),
+            StageKind::BatchNorm2d => hints.extend(batch_norm::hints(self, index, observed)),
+            _ => {}
+        }
+        if network.stage_input_indices(index).len() == 2 {
+            hints.extend(residual::hints(self, index, observed));
+        }
+        hints
+    }
+
+    /// The relative error to which `recomputed` reproduces `observed`, if
+    /// it does within the tolerance.
+    pub fn reproduces(&self, recomputed: &ArrayD<f32>, observed: &ArrayD<f32>) -> Option<f64> {
+        if recomputed.shape() != observed.shape() {
+            return None;
+        }
+        let observed = observed.as_standard_layout();
+        let recomputed = recomputed.as_standard_layout();
+        let comparison = compare(
+            observed.as_slice()?,
+            recomputed.as_slice()?,
+            observed.shape(),
+            &self.tolerance,
+        );
+        (comparison.verdict == Verdict::Succ).then_some(comparison.relative_error)
+    }
+
+    /// Which side `recomputed` reproduces: the candidate first (the usual
+    /// suspect), else the reference.
+    pub fn explains(&self, recomputed: &ArrayD<f32>, observed: &Observed) -> Option<(Side, f64)> {
+        if let Some(error) = self.reproduces(recomputed, observed.candidate) {
+            return Some((Side::Candidate, error));
+        }
+        self.reproduces(recomputed, observed.reference)
+            .map(|error| (Side::Reference, error))
+    }
+
+    /// The reference's output of stage `index` of the network, NCHW.
+    pub fn reference_output(&self, index: usize) -> Option<ArrayD<f32>> {
+        let name = &self.network?.stages()[index].name;
+        self.reference_named(name)
+    }
+
+    pub fn reference_named(&self, name: &str) -> Option<ArrayD<f32>> {
+        let entry = self.dump.stage(name)?;
+        let loaded = self.dump.load_stage(entry).ok()?;
+        Some(to_nchw(loaded.data, self.dump.manifest().layout))
+    }
+
+    /// The reference's (single) input to stage `index`.
+    pub fn reference_input(&self, index: usize) -> Option<ArrayD<f32>> {
+        let &producer = self.network?.stage_input_indices(index).first()?;
+        self.reference_output(producer)
+    }
+
+    pub fn weight(&self, name: &str) -> Option<ArrayD<f32>> {
+        self.dump.weights().weight(name).ok()
+    }
+
+    /// Runs the core's stage `index` as given (a conv with other weights,
+    /// say) on an NCHW input, and returns its output NCHW.
+    pub fn run_conv(
+        &self,
+        conv: &resnet_core::ops::Conv2d,
+        input: &ArrayD<f32>,
+        output_shape: &[usize],
+    ) -> Option<ArrayD<f32>> {
+        let tensor = reference_tensor(input.view())?;
+        let output = conv.forward(&tensor).ok()?;
+        candidate_nchw(&output, output_shape)
+    }
+}
+
+/// `max(x, 0)` element by element.
+pub(crate) fn relu(values: &ArrayD<f32>) -> ArrayD<f32> {
+    values.mapv(|v| v.max(0.0))
+}
+
+/// Whether any element is below zero (a ReLU would change it).
+pub(crate) fn has_negatives(values: &ArrayD<f32>) -> bool {
+    values.iter().any(|&v| v < 0.0)
+}

@@ -1,0 +1,73 @@
+//! Where an error was born. Run end to end, one wrong stage makes every
+//! stage after it fail too; the first failure is the root, and what follows
+//! is carried. Fed the reference's inputs (isolated), a stage fails only if
+//! it makes error itself: it introduces error. With both modes, a stage
+//! that fails end to end but not alone carries error from upstream.
+
+use serde::Serialize;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Origin {
+    /// The first stage that fails end to end.
+    Root,
+    /// Fails when fed the reference's inputs: this stage makes error.
+    Introduces,
+    /// Fails only because its inputs were already wrong.
+    Carried {
+        /// The root, or the nearest stage upstream that introduced error.
+        from: String,
+    },
+}
+
+/// The origin of a stage's failure, given the comparisons that failed and
+/// the stage that error would have been carried from (the root, or the
+/// latest stage that introduced error). None for a stage that passed. A
+/// container (block, layer, downsample) computes nothing of its own: its
+/// output is its last child's, so its failure is carried from inside it.
+pub fn origin(
+    cumulative_failed: bool,
+    isolated_failed: bool,
+    container: bool,
+    upstream: Option<&str>,
+) -> Option<Origin> {
+    if isolated_failed && !container {
+        return Some(Origin::Introduces);
+    }
+    if !(cumulative_failed || isolated_failed) {
+        return None;
+    }
+    Some(match upstream {
+        Some(from) => Origin::Carried { from: from.into() },
+        None => Origin::Root,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_failure_is_the_root_and_later_ones_are_carried() {
+        assert_eq!(origin(true, false, false, None), Some(Origin::Root));
+        assert_eq!(
+            origin(true, false, false, Some("conv1")),
+            Some(Origin::Carried {
+                from: "conv1".into()
+            })
+        );
+        assert_eq!(
+            origin(false, true, false, Some("bn1")),
+            Some(Origin::Introduces)
+        );
+        assert_eq!(origin(true, true, false, None), Some(Origin::Introduces));
+        assert_eq!(origin(false, false, false, None), None);
+        // A block fails because a stage inside it does.
+        assert_eq!(
+            origin(false, true, true, Some("layer1.0.bn3")),
+            Some(Origin::Carried {
+                from: "layer1.0.bn3".into()
+            })
+        );
+    }
+}

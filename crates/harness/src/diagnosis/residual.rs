@@ -1,0 +1,68 @@
+//! A block's end, `relu(residual + identity)`, with the identity wrong: the
+//! add left out, the downsample path skipped (the block's input added
+//! unchanged), or the downsample's BatchNorm skipped.
+
+use ndarray::ArrayD;
+use resnet_core::StageKind;
+
+use super::{relu, Evidence, Hint, Hypothesis, Observed, Side};
+
+pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> Vec<Hint> {
+    let Some(network) = evidence.network else {
+        return Vec::new();
+    };
+    let stages = network.stages();
+    let &[residual, identity] = network.stage_input_indices(index) else {
+        return Vec::new();
+    };
+    let Some(branch) = evidence.reference_output(residual) else {
+        return Vec::new();
+    };
+    let (branch_name, identity_name) = (&stages[residual].name, &stages[identity].name);
+
+    let mut hints = Vec::new();
+    let mut test = |hypothesis, recomputed: ArrayD<f32>, what: String| {
+        if let Some((side, error)) = evidence.explains(&recomputed, observed) {
+            hints.push(Hint {
+                hypothesis,
+                message: format!("{} {what}", side_verb(side)),
+                relative_error: error,
+            });
+        }
+    };
+    test(
+        Hypothesis::MissingResidual,
+        relu(&branch),
+        format!("relu({branch_name}) without `+ {identity_name}`: the residual add is missing"),
+    );
+    let is_downsample = stages[identity].kind == StageKind::Sequential
+        && stages[identity].module.ends_with(".downsample");
+    if is_downsample {
+        if let Some(block_input) = evidence.reference_input(identity) {
+            if block_input.shape() == branch.shape() {
+                test(
+                    Hypothesis::SkippedDownsample,
+                    relu(&(&branch + &block_input)),
+                    format!("relu({branch_name} + block input): the downsample path was skipped"),
+                );
+            }
+        }
+        let conv_name = format!("{identity_name}.0");
+        if let Some(conv_only) = evidence.reference_named(&conv_name) {
+            if conv_only.shape() == branch.shape() {
+                test(
+                    Hypothesis::SkippedDownsample,
+                    relu(&(&branch + &conv_only)),
+                    format!(
+                        "relu({branch_name} + {conv_name}): the downsample's BatchNorm ({identity_name}.1) was skipped"
+                    ),
+                );
+            }
+        }
+    }
+    hints
+}
+
+fn side_verb(side: Side) -> String {
+    format!("{} equals", side.subject())
+}

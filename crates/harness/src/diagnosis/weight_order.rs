@@ -1,0 +1,60 @@
+//! A conv whose weights were read in the wrong order: torch stores them
+//! OIHW; an implementation that flattens them and reads the numbers back as
+//! OHWI (or HWIO, ...) without a transpose runs the right values in the
+//! wrong places. The test recomputes the conv on the reference's input with
+//! the weight data read in each other order.
+
+use ndarray::{ArrayD, Ix4};
+
+use super::layout::{order_name, other_orders, read_in_order, AxisOrder};
+use super::{Evidence, Hint, Hypothesis, Observed, Side};
+
+const OIHW: AxisOrder = [0, 1, 2, 3];
+
+pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> Vec<Hint> {
+    let Some(stage) = evidence.network.map(|network| &network.stages()[index]) else {
+        return Vec::new();
+    };
+    let (Some(conv), Some(weight), Some(input)) = (
+        stage.conv(),
+        evidence.weight(&format!("{}.weight", stage.module)),
+        evidence.reference_input(index),
+    ) else {
+        return Vec::new();
+    };
+    if weight.ndim() != 4 {
+        return Vec::new();
+    }
+    let buffer: Vec<f32> = weight.iter().copied().collect();
+    for order in other_orders(weight.shape(), OIHW) {
+        let Some(reordered) = read_in_order(&buffer, weight.shape(), order)
+            .and_then(|w: ArrayD<f32>| w.into_dimensionality::<Ix4>().ok())
+        else {
+            continue;
+        };
+        let Some(output) = evidence.run_conv(
+            &conv.with_oihw_weight(reordered.view()),
+            &input,
+            observed.reference.shape(),
+        ) else {
+            continue;
+        };
+        if let Some((side, error)) = evidence.explains(&output, observed) {
+            let name = order_name(order, "OIHW");
+            let message = match side {
+                Side::Candidate => format!(
+                    "the candidate matches this conv with its OIHW weights read as {name}: the weight data was reshaped without a transpose"
+                ),
+                Side::Reference => format!(
+                    "the reference matches this conv with the dump's weights read as {name}: the weights in the dump are the reference's in another axis order"
+                ),
+            };
+            return vec![Hint {
+                hypothesis: Hypothesis::WeightOrder,
+                message,
+                relative_error: error,
+            }];
+        }
+    }
+    Vec::new()
+}
