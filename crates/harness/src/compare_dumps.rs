@@ -141,15 +141,17 @@ pub fn compare_dumps(
                 if let Some(confirmed) =
                     confirm_layout(&evidence, &reference, &candidate, index, &found)?
                 {
-                    builder.report.summary.hint = Some(found.hint.clone());
+                    // Said once for the run, not again on the stage.
+                    builder.report.summary.hint = Some(found.hint);
                     stopped = Some(format!(
                         "every stage checked ({}) is the reference in {} order, so the rest would fail the same way; rerun with --cand-layout {}",
                         confirmed.join(", "),
                         layout::order_name(found.order, "NCHW"),
                         layout::order_name(found.order, "NCHW").to_lowercase(),
                     ));
+                } else {
+                    hints.push(found.hint);
                 }
-                hints.push(found.hint);
             } else if actual.shape() == expected.shape() {
                 hints = evidence.diagnose(
                     &entry.name,

@@ -152,7 +152,7 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             hints.push(Hint {
                 hypothesis: Hypothesis::BatchNormEps,
                 message: format!(
-                    "{} matches BatchNorm with eps = {solved:.2e} (solved from the data), not the model's {eps:e}",
+                    "{} matches BatchNorm with eps = {solved:.1e} (solved from the data), not the model's {eps:e}",
                     side.subject()
                 ),
                 relative_error: error,

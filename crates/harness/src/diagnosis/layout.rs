@@ -87,6 +87,22 @@ pub fn read_in_order(buffer: &[f32], shape: &[usize], order: AxisOrder) -> Optio
     )
 }
 
+/// The inverse of [`read_in_order`]: `array` transposed to `order` and its
+/// memory read back in logical order, as a saver that transposed without
+/// reshaping would leave it.
+pub fn written_in_order(array: &ArrayD<f32>, order: AxisOrder) -> Option<ArrayD<f32>> {
+    if array.ndim() != 4 {
+        return None;
+    }
+    let buffer: Vec<f32> = array
+        .view()
+        .permuted_axes(order.to_vec())
+        .iter()
+        .copied()
+        .collect();
+    ArrayD::from_shape_vec(array.shape(), buffer).ok()
+}
+
 /// A layout that turns the candidate's stored data into the reference.
 #[derive(Clone, Debug)]
 pub struct LayoutMatch {
@@ -116,18 +132,20 @@ pub(crate) fn find(
             continue;
         };
         let name = order_name(order, "NCHW");
-        let message = if stored.shape() == stored_shape(reference.shape(), order) {
+        let assumed_name = order_name(assumed_order, "NCHW");
+        let message = if stored.shape() == stored_shape(reference.shape(), assumed_order) {
             format!(
-                "the candidate's file is the reference stored {name} (shape {:?}), read as {}; pass --cand-layout {} or write {}",
+                "the candidate holds the reference's values in {name} order under its {assumed_name} shape {:?}: a reshape without a transpose",
                 stored.shape(),
-                order_name(assumed_order, "NCHW"),
-                name.to_lowercase(),
-                order_name(assumed_order, "NCHW"),
             )
         } else {
+            let flag = if [NCHW, NHWC].contains(&order) {
+                format!("pass --cand-layout {} or ", name.to_lowercase())
+            } else {
+                String::new()
+            };
             format!(
-                "the candidate holds the reference's values in {name} order under a {} shape {:?}: a reshape without a transpose",
-                order_name(assumed_order, "NCHW"),
+                "the candidate's file is the reference stored {name} (shape {:?}), read as {assumed_name}; {flag}write {assumed_name}",
                 stored.shape(),
             )
         };
@@ -178,6 +196,8 @@ mod tests {
             .collect();
         assert_eq!(read_in_order(&nhwc, nchw.shape(), NHWC).unwrap(), nchw);
         assert_ne!(read_in_order(&nhwc, nchw.shape(), NCHW).unwrap(), nchw);
+        let misread = read_in_order(nchw.as_slice().unwrap(), nchw.shape(), NHWC).unwrap();
+        assert_eq!(written_in_order(&misread, NHWC).unwrap(), nchw);
     }
 
     #[test]

@@ -4,9 +4,9 @@
 //! wrong places. The test recomputes the conv on the reference's input with
 //! the weight data read in each other order.
 
-use ndarray::{ArrayD, Ix4};
+use ndarray::Ix4;
 
-use super::layout::{order_name, other_orders, read_in_order, AxisOrder};
+use super::layout::{order_name, other_orders, read_in_order, written_in_order, AxisOrder};
 use super::{Evidence, Hint, Hypothesis, Observed, Side};
 
 const OIHW: AxisOrder = [0, 1, 2, 3];
@@ -27,26 +27,40 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
     }
     let buffer: Vec<f32> = weight.iter().copied().collect();
     for order in other_orders(weight.shape(), OIHW) {
-        let Some(reordered) = read_in_order(&buffer, weight.shape(), order)
-            .and_then(|w: ArrayD<f32>| w.into_dimensionality::<Ix4>().ok())
-        else {
-            continue;
-        };
-        let Some(output) = evidence.run_conv(
-            &conv.with_oihw_weight(reordered.view()),
-            &input,
-            observed.reference.shape(),
-        ) else {
-            continue;
-        };
-        if let Some((side, error)) = evidence.explains(&output, observed) {
-            let name = order_name(order, "OIHW");
-            let message = match side {
-                Side::Candidate => format!(
+        let name = order_name(order, "OIHW");
+        // The weights read in `order` (the mistake made), or written in
+        // `order` and read as OIHW (the mistake undone).
+        let attempts = [
+            (read_in_order(&buffer, weight.shape(), order), true),
+            (written_in_order(&weight, order), false),
+        ];
+        for (reordered, misread) in attempts {
+            let Some(reordered) = reordered.and_then(|w| w.into_dimensionality::<Ix4>().ok())
+            else {
+                continue;
+            };
+            let Some(output) = evidence.run_conv(
+                &conv.with_oihw_weight(reordered.view()),
+                &input,
+                observed.reference.shape(),
+            ) else {
+                continue;
+            };
+            let Some((side, error)) = evidence.explains(&output, observed) else {
+                continue;
+            };
+            let message = match (side, misread) {
+                (Side::Candidate, true) => format!(
                     "the candidate matches this conv with its OIHW weights read as {name}: the weight data was reshaped without a transpose"
                 ),
-                Side::Reference => format!(
-                    "the reference matches this conv with the dump's weights read as {name}: the weights in the dump are the reference's in another axis order"
+                (Side::Candidate, false) => format!(
+                    "the candidate matches this conv with its weights transposed to {name} and the data read as OIHW: a transpose without a reshape"
+                ),
+                (Side::Reference, true) => format!(
+                    "the reference matches this conv with the dump's weights read as {name}: the dump's weights are the reference's in another axis order"
+                ),
+                (Side::Reference, false) => format!(
+                    "the reference matches this conv with the dump's weights transposed to {name} and read as OIHW: the dump holds the reference's OIHW weights read as {name}"
                 ),
             };
             return vec![Hint {

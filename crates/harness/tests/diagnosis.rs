@@ -1,0 +1,573 @@
+//! Each classic mistake, injected into a fixture, must be named by a hint
+//! at the stage where it was made; correct runs must get no hint at all.
+//! Most mistakes are made the way another engine would make them: the
+//! candidate dump is the reference with one stage recomputed wrongly, and
+//! `verify compare` must explain it. Mistakes on the reference's side
+//! (train mode, another eps, weights stored in another order) are run
+//! through the core.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use ndarray::{ArrayD, Axis, Ix4, IxDyn};
+use resnet_core::ops::{Conv2d, ConvGeometry};
+use resnet_core::weights::conv_weight_from_oihw;
+use resnet_core::Tensor;
+use serde_json::Value;
+
+/// `verify compare` of `name` against a copy of it that `edit` changed.
+fn compare_edited(name: &str, edit: impl FnOnce(&Path)) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture(name, dir.path());
+    edit(&candidate);
+    let output = verify(&[
+        "compare",
+        path(&fixture(name)),
+        path(&candidate),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    json_report(&output)
+}
+
+fn stage<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == name)
+        .unwrap_or_else(|| panic!("no stage {name}"))
+}
+
+/// The (hypothesis, message) of every hint at stage `name`.
+fn hints(report: &Value, name: &str) -> Vec<(String, String)> {
+    stage(report, name)["hints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            (
+                h["hypothesis"].as_str().unwrap().to_string(),
+                h["message"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn assert_hint(report: &Value, name: &str, hypothesis: &str, says: &str) {
+    let found = hints(report, name);
+    assert!(
+        found
+            .iter()
+            .any(|(h, m)| h == hypothesis && m.contains(says)),
+        "{name}: expected a {hypothesis} hint saying {says:?}, got {found:?}"
+    );
+    assert_eq!(report["summary"]["root"], name);
+    assert_eq!(stage(report, name)["origin"]["kind"], "root");
+}
+
+fn weight(dump: &Path, name: &str) -> Vec<f64> {
+    read(&dump.join("weights").join(format!("{name}.npy")))
+        .iter()
+        .map(|&v| v as f64)
+        .collect()
+}
+
+fn replace_stage(dump: &Path, name: &str, value: &ArrayD<f32>) {
+    write(&stage_file(dump, name), value);
+}
+
+fn stage_output(dump: &Path, name: &str) -> ArrayD<f32> {
+    read(&stage_file(dump, name))
+}
+
+/// BatchNorm of an NCHW tensor with the given per-channel parameters.
+fn batch_norm(
+    x: &ArrayD<f32>,
+    mean: &[f64],
+    var: &[f64],
+    w: &[f64],
+    b: &[f64],
+    eps: f64,
+) -> ArrayD<f32> {
+    let mut y = x.clone();
+    for (c, mut values) in y.axis_iter_mut(Axis(1)).enumerate() {
+        values
+            .mapv_inplace(|v| ((v as f64 - mean[c]) / (var[c] + eps).sqrt() * w[c] + b[c]) as f32);
+    }
+    y
+}
+
+/// (weight, bias, running_mean, running_var) made wrong.
+type BatchNormMistake = fn([Vec<f64>; 4]) -> [Vec<f64>; 4];
+/// The 0-1 RGB image to a network input.
+type Preprocessing = fn(&ArrayD<f32>) -> ArrayD<f32>;
+
+/// The candidate's bn1, computed from the reference's conv1 with
+/// `parameters` turning the true (weight, bias, mean, var) into the wrong ones.
+fn wrong_bn1(
+    dump: &Path,
+    eps: f64,
+    parameters: impl Fn([Vec<f64>; 4]) -> [Vec<f64>; 4],
+) -> ArrayD<f32> {
+    let x = stage_output(dump, "conv1");
+    let [w, b, mean, var] = parameters([
+        weight(dump, "bn1.weight"),
+        weight(dump, "bn1.bias"),
+        weight(dump, "bn1.running_mean"),
+        weight(dump, "bn1.running_var"),
+    ]);
+    batch_norm(&x, &mean, &var, &w, &b, eps)
+}
+
+#[test]
+fn correct_runs_get_no_hint_at_all() {
+    for name in ["resnet50-w8", "resnet18-w8", "resnext50-w8"] {
+        let output = verify(&[path(&fixture(name)), "--both", "--format", "json"]);
+        assert_eq!(output.status.code(), Some(0), "{name}");
+        let report = json_report(&output);
+        for stage in report["stages"].as_array().unwrap() {
+            assert_eq!(
+                stage["hints"],
+                serde_json::json!([]),
+                "{name} {}",
+                stage["name"]
+            );
+            assert!(stage["origin"].is_null(), "{name} {}", stage["name"]);
+        }
+        let summary = &report["summary"];
+        assert!(
+            summary["root"].is_null() && summary["hint"].is_null(),
+            "{name}"
+        );
+        assert_eq!(summary["introduced_at"], serde_json::json!([]), "{name}");
+        let text = stdout(&verify(&[path(&fixture(name)), "--both"]));
+        assert!(
+            !text.contains("hint:") && !text.contains("origin:"),
+            "{text}"
+        );
+    }
+    let same = verify(&[
+        "compare",
+        path(&fixture("resnet18-w8")),
+        path(&fixture("resnet18-w8")),
+    ]);
+    assert_eq!(same.status.code(), Some(0));
+    assert!(!stdout(&same).contains("hint:"));
+}
+
+#[test]
+fn batch_statistics_in_the_candidate() {
+    let report = compare_edited("resnet18-w8", |dump| {
+        let x = stage_output(dump, "conv1");
+        let (mut mean, mut var) = (Vec::new(), Vec::new());
+        for values in x.axis_iter(Axis(1)) {
+            let m = values.iter().map(|&v| v as f64).sum::<f64>() / values.len() as f64;
+            mean.push(m);
+            var.push(
+                values.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / values.len() as f64,
+            );
+        }
+        let bn1 = wrong_bn1(dump, 1e-5, |[w, b, _, _]| [w, b, mean.clone(), var.clone()]);
+        replace_stage(dump, "bn1", &bn1);
+    });
+    assert_hint(
+        &report,
+        "bn1",
+        "batch_statistics",
+        "the candidate matches BatchNorm with batch statistics",
+    );
+}
+
+#[test]
+fn batch_statistics_in_a_train_mode_reference() {
+    let output = verify(&[
+        path(&fixture("resnet18-w8-train")),
+        "--allow-train-reference",
+        "--isolate",
+        "--format",
+        "json",
+    ]);
+    let report = json_report(&output);
+    let found = hints(&report, "bn1");
+    assert!(
+        found.iter().any(|(h, m)| h == "batch_statistics" && m.contains("the reference matches BatchNorm with batch statistics: it was dumped in train mode")),
+        "{found:?}"
+    );
+    assert_eq!(stage(&report, "bn1")["origin"]["kind"], "introduces");
+}
+
+#[test]
+fn another_eps_is_solved_for() {
+    let report = compare_edited("resnet18-w8", |dump| {
+        replace_stage(dump, "bn1", &wrong_bn1(dump, 1e-3, |p| p));
+    });
+    assert_hint(
+        &report,
+        "bn1",
+        "batch_norm_eps",
+        "the candidate matches BatchNorm with eps = 1.0e-3",
+    );
+
+    // The core run with eps 1e-3 from an edited manifest: the reference is
+    // the one that matches the model's true 1e-5.
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet50-w8", dir.path());
+    edit_manifest(&dump, |m| m["architecture"]["batch_norm_eps"] = 1e-3.into());
+    let report = json_report(&verify(&[path(&dump), "--format", "json"]));
+    assert_hint(
+        &report,
+        "bn1",
+        "batch_norm_eps",
+        "the reference matches BatchNorm with eps = 1.0e-5",
+    );
+}
+
+#[test]
+fn weight_and_bias_swapped_or_missing() {
+    let cases: [(&str, BatchNormMistake); 4] = [
+        ("weight and bias swapped", |[w, b, m, v]| [b, w, m, v]),
+        ("weight missing", |[w, b, m, v]| {
+            [vec![1.0; w.len()], b, m, v]
+        }),
+        ("bias missing", |[w, b, m, v]| [w, vec![0.0; b.len()], m, v]),
+        ("weight and bias both missing", |[w, b, m, v]| {
+            [vec![1.0; w.len()], vec![0.0; b.len()], m, v]
+        }),
+    ];
+    for (says, mistake) in cases {
+        let report = compare_edited("resnet18-w8", |dump| {
+            replace_stage(dump, "bn1", &wrong_bn1(dump, 1e-5, mistake));
+        });
+        assert_hint(&report, "bn1", "batch_norm_affine", says);
+    }
+}
+
+#[test]
+fn running_mean_and_var_swapped() {
+    let report = compare_edited("resnet18-w8", |dump| {
+        replace_stage(
+            dump,
+            "bn1",
+            &wrong_bn1(dump, 1e-5, |[w, b, m, v]| [w, b, v, m]),
+        );
+    });
+    assert_hint(
+        &report,
+        "bn1",
+        "batch_norm_statistics_swapped",
+        "running_mean and running_var swapped",
+    );
+}
+
+#[test]
+fn a_missing_relu() {
+    let report = compare_edited("resnet18-w8", |dump| {
+        std::fs::copy(
+            stage_file(dump, "layer2.0.bn1"),
+            stage_file(dump, "layer2.0.relu#0"),
+        )
+        .unwrap();
+    });
+    assert_hint(
+        &report,
+        "layer2.0.relu#0",
+        "missing_relu",
+        "relu(candidate) equals the reference",
+    );
+}
+
+#[test]
+fn an_extra_relu() {
+    let report = compare_edited("resnet18-w8", |dump| {
+        let bn = stage_output(dump, "layer1.0.bn2");
+        replace_stage(dump, "layer1.0.bn2", &bn.mapv(|v| v.max(0.0)));
+    });
+    assert_hint(
+        &report,
+        "layer1.0.bn2",
+        "extra_relu",
+        "the candidate equals relu(reference)",
+    );
+}
+
+#[test]
+fn a_missing_residual_add() {
+    let report = compare_edited("resnet50-w8", |dump| {
+        let branch = stage_output(dump, "layer1.1.bn3");
+        replace_stage(dump, "layer1.1.relu#2", &branch.mapv(|v| v.max(0.0)));
+    });
+    assert_hint(
+        &report,
+        "layer1.1.relu#2",
+        "missing_residual",
+        "relu(layer1.1.bn3) without `+ layer1.0`: the residual add is missing",
+    );
+}
+
+#[test]
+fn a_skipped_downsample_batch_norm() {
+    let report = compare_edited("resnet50-w8", |dump| {
+        let branch = stage_output(dump, "layer2.0.bn3");
+        let projected = stage_output(dump, "layer2.0.downsample.0");
+        replace_stage(
+            dump,
+            "layer2.0.relu#2",
+            &(&branch + &projected).mapv(|v| v.max(0.0)),
+        );
+    });
+    assert_hint(
+        &report,
+        "layer2.0.relu#2",
+        "skipped_downsample",
+        "the downsample's BatchNorm (layer2.0.downsample.1) was skipped",
+    );
+}
+
+/// The reference's input undone to the 0-1 RGB image.
+fn image(dump: &Path) -> ArrayD<f32> {
+    let (mean, std) = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]);
+    let mut x = stage_output(dump, "input");
+    for (c, mut values) in x.axis_iter_mut(Axis(1)).enumerate() {
+        values.mapv_inplace(|v| v * std[c] + mean[c]);
+    }
+    x
+}
+
+fn normalised(image: &ArrayD<f32>, scale: f32, mean: [f32; 3], std: [f32; 3]) -> ArrayD<f32> {
+    let mut x = image.clone();
+    for (c, mut values) in x.axis_iter_mut(Axis(1)).enumerate() {
+        values.mapv_inplace(|v| (v * scale - mean[c]) / std[c]);
+    }
+    x
+}
+
+#[test]
+fn input_preprocessing_differs() {
+    let cases: [(&str, Preprocessing); 3] = [
+        ("is the image in BGR order, not RGB", |image| {
+            let mut bgr = image.clone();
+            bgr.invert_axis(Axis(1));
+            normalised(&bgr, 1.0, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        }),
+        ("is the image scaled 0-255, not 0-1", |image| {
+            normalised(image, 255.0, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+        }),
+        (
+            "is normalised with mean [0.500, 0.500, 0.500] and std [0.500, 0.500, 0.500]",
+            |image| normalised(image, 1.0, [0.5; 3], [0.5; 3]),
+        ),
+    ];
+    for (says, preprocess) in cases {
+        let report = compare_edited("resnet18-w8", |dump| {
+            let input = preprocess(&image(dump));
+            replace_stage(dump, "input", &input);
+        });
+        assert_hint(&report, "input", "preprocessing", says);
+    }
+}
+
+#[test]
+fn conv_weights_read_in_another_order() {
+    // The candidate's conv1 ran with the OIHW weights read back as OHWI.
+    let report = compare_edited("resnet18-w8", |dump| {
+        let w = read(&dump.join("weights/conv1.weight.npy"));
+        let shape = w.shape().to_vec();
+        let flat: Vec<f32> = w.iter().copied().collect();
+        let misread =
+            ArrayD::from_shape_vec(IxDyn(&[shape[0], shape[2], shape[3], shape[1]]), flat)
+                .unwrap()
+                .permuted_axes(IxDyn(&[0, 3, 1, 2]))
+                .as_standard_layout()
+                .into_owned()
+                .into_dimensionality::<Ix4>()
+                .unwrap();
+        let conv = Conv2d::new(
+            shape[1],
+            shape[0],
+            ConvGeometry::square(7, 2, 3, 1),
+            conv_weight_from_oihw(misread.view(), 1),
+            None,
+        );
+        let input = stage_output(dump, "input")
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let output = conv.forward(&Tensor::from_nchw(input.view())).unwrap();
+        replace_stage(dump, "conv1", &output.to_nchw().into_dyn());
+    });
+    assert_hint(
+        &report,
+        "conv1",
+        "weight_order",
+        "its OIHW weights read as OHWI",
+    );
+}
+
+#[test]
+fn weights_stored_in_another_order_are_found_by_the_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    let file = dump.join("weights/conv1.weight.npy");
+    let w = read(&file);
+    let shape = w.shape().to_vec();
+    let flat: Vec<f32> = w.iter().copied().collect();
+    let misread = ArrayD::from_shape_vec(IxDyn(&[shape[0], shape[2], shape[3], shape[1]]), flat)
+        .unwrap()
+        .permuted_axes(IxDyn(&[0, 3, 1, 2]))
+        .as_standard_layout()
+        .into_owned();
+    write(&file, &misread);
+    let report = json_report(&verify(&[path(&dump), "--format", "json"]));
+    let found = hints(&report, "conv1");
+    assert!(
+        found.iter().any(|(h, m)| h == "weight_order"
+            && m.contains("the dump holds the reference's OIHW weights read as OHWI")),
+        "{found:?}"
+    );
+}
+
+fn stored_in(dump: &Path, name: &str, axes: [usize; 4]) {
+    let file = stage_file(dump, name);
+    let array = read(&file);
+    let permuted = array
+        .permuted_axes(IxDyn(&axes))
+        .as_standard_layout()
+        .into_owned();
+    write(&file, &permuted);
+}
+
+#[test]
+fn a_candidate_stored_nhwc_gets_one_layout_hint_not_a_wall_of_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture("resnet18-w8", dir.path());
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(candidate.join("manifest.json")).unwrap())
+            .unwrap();
+    for entry in manifest["stages"].as_array().unwrap() {
+        if entry["shape"].as_array().unwrap().len() == 4 {
+            stored_in(&candidate, entry["name"].as_str().unwrap(), [0, 2, 3, 1]);
+        }
+    }
+    // The engine's manifest gives its files' shapes, but says NCHW.
+    edit_manifest(&candidate, |m| {
+        for stage in m["stages"].as_array_mut().unwrap() {
+            let shape = stage["shape"].as_array().unwrap().clone();
+            if shape.len() == 4 {
+                stage["shape"] = serde_json::json!([shape[0], shape[2], shape[3], shape[1]]);
+            }
+        }
+    });
+    let output = verify(&["compare", path(&fixture("resnet18-w8")), path(&candidate)]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    assert_eq!(text.matches("hint:").count(), 1, "{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l
+                .split_once("] ")
+                .is_some_and(|(_, verdict)| verdict.trim_start().starts_with("fail")))
+            .count(),
+        1,
+        "{text}"
+    );
+    assert!(
+        text.contains("hint: the candidate's file is the reference stored NHWC (shape [1, 32, 32, 3]), read as NCHW; pass --cand-layout nhwc"),
+        "{text}"
+    );
+    assert!(text.contains("rerun with --cand-layout nhwc"), "{text}");
+}
+
+#[test]
+fn height_and_width_swapped_under_the_same_shape() {
+    // A reshape without a transpose: the values of an H x W map written as
+    // W x H under the original shape (the maps are square here).
+    let report = compare_edited("resnet18-w8", |dump| {
+        stored_in(dump, "layer1.0.conv1", [0, 1, 3, 2]);
+    });
+    assert_hint(
+        &report,
+        "layer1.0.conv1",
+        "layout",
+        "in NCWH order under its NCHW shape [1, 8, 8, 8]: a reshape without a transpose",
+    );
+}
+
+#[test]
+fn the_root_is_named_and_later_failures_are_carried() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    edit_manifest(&dump, |m| m["architecture"]["batch_norm_eps"] = 1e-2.into());
+    let report = json_report(&verify(&[path(&dump), "--format", "json"]));
+    assert_eq!(report["summary"]["root"], "bn1");
+    let failing: Vec<&Value> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["verdict"] == "fail")
+        .collect();
+    assert!(failing.len() > 10);
+    assert_eq!(failing[0]["origin"]["kind"], "root");
+    assert!(failing[1..]
+        .iter()
+        .all(|s| s["origin"] == serde_json::json!({"kind": "carried", "from": "bn1"})));
+    let text = stdout(&verify(&[path(&dump)]));
+    assert!(
+        text.contains("root: bn1 (the first stage to fail end to end"),
+        "{text}"
+    );
+    assert!(text.contains("    origin: carried from bn1"), "{text}");
+}
+
+#[test]
+fn isolated_runs_name_the_stages_that_introduce_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    edit_manifest(&dump, |m| m["architecture"]["batch_norm_eps"] = 1e-2.into());
+    let report = json_report(&verify(&[path(&dump), "--isolate", "--format", "json"]));
+    let introducers = report["summary"]["introduced_at"].as_array().unwrap();
+    assert!(!introducers.is_empty());
+    for name in introducers {
+        let stage = stage(&report, name.as_str().unwrap());
+        assert_eq!(
+            stage["module_type"], "BatchNorm2d",
+            "{name}: only BatchNorms make error here"
+        );
+        assert_eq!(stage["origin"]["kind"], "introduces");
+    }
+    let text = stdout(&verify(&[path(&dump), "--isolate"]));
+    assert!(text.contains("error introduced at ("), "{text}");
+}
+
+#[test]
+fn the_plot_draws_both_modes_the_tolerance_and_the_first_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    edit_manifest(&dump, |m| m["architecture"]["batch_norm_eps"] = 1e-2.into());
+    let svg: PathBuf = dir.path().join("error.svg");
+    let output = verify(&[path(&dump), "--both", "--plot", path(&svg)]);
+    assert_eq!(output.status.code(), Some(1));
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert!(drawn.starts_with("<svg") && drawn.trim_end().ends_with("</svg>"));
+    for label in [
+        "cumulative (end to end)",
+        "isolated (reference inputs)",
+        "tolerance",
+        "first failure: bn1",
+        "layer4",
+    ] {
+        assert!(drawn.contains(label), "no {label:?} in the plot");
+    }
+    // One point per compared stage and series, at least.
+    assert!(drawn.matches("<circle").count() >= 2 * 75);
+
+    let bad = verify(&[
+        path(&fixture("resnet18-w8")),
+        "--plot",
+        "/nonexistent-dir/x.svg",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("cannot write /nonexistent-dir/x.svg"));
+}
