@@ -2,6 +2,7 @@ use ndarray::ArrayView4;
 use rayon::prelude::*;
 
 use super::matmul::{available_threads, multiply, MatrixView, OutputBlock};
+use super::packed_gemm::{self, Epilogue, PackedWeights};
 use super::BatchNorm;
 use super::ShapeError;
 use crate::weights::conv_weight_from_oihw;
@@ -55,6 +56,10 @@ pub struct Conv2d {
     /// group; see `weights::conv_weight_from_oihw`.
     weight: Vec<f32>,
     bias: Option<Vec<f32>>,
+    /// The weights packed for the AVX2 kernel, once, where it runs and the
+    /// conv is not grouped (grouped convs are many narrow products, which
+    /// the `gemm` crate runs in parallel over the groups).
+    packed: Option<PackedWeights>,
 }
 
 impl Conv2d {
@@ -84,12 +89,15 @@ impl Conv2d {
         if let Some(bias) = &bias {
             assert_eq!(bias.len(), out_channels);
         }
+        let packed = (geometry.groups == 1 && packed_gemm::available())
+            .then(|| PackedWeights::pack(&weight_panels, kh * kw * in_channels, out_channels));
         Conv2d {
             in_channels,
             out_channels,
             geometry,
             weight: weight_panels,
             bias,
+            packed,
         }
     }
 
@@ -155,7 +163,34 @@ impl Conv2d {
             &patches[..]
         };
 
+        if let Some(residual) = residual {
+            if residual.nhwc_shape() != [batch, out_h, out_w, self.out_channels] {
+                return Err(format!(
+                    "the residual {:?} does not match the conv's output {:?}",
+                    residual.nhwc_shape(),
+                    [batch, out_h, out_w, self.out_channels]
+                ));
+            }
+        }
+        let threads = available_threads();
         let mut out = Tensor::zeros(batch, out_h, out_w, self.out_channels);
+        if let Some(packed) = &self.packed {
+            let epilogue = Epilogue {
+                bias: self.bias.as_deref(),
+                residual: residual.map(Tensor::as_slice),
+                relu,
+            };
+            packed_gemm::multiply(
+                pixels,
+                lhs_data,
+                depth,
+                packed,
+                out.as_slice_mut(),
+                epilogue,
+                threads,
+            );
+            return Ok(out);
+        }
         let output = OutputBlock {
             data: out.as_slice_mut().as_mut_ptr(),
             row_stride: self.out_channels,
@@ -169,7 +204,6 @@ impl Conv2d {
             // SAFETY: each group writes only its own `out_per_group` columns.
             unsafe { multiply(pixels, out_per_group, depth, lhs, rhs, block, threads) };
         };
-        let threads = available_threads();
         if groups == 1 {
             run_group(0, threads);
         } else {
@@ -179,15 +213,6 @@ impl Conv2d {
                 .for_each(|group| run_group(group, 1));
         }
 
-        if let Some(residual) = residual {
-            if residual.nhwc_shape() != out.nhwc_shape() {
-                return Err(format!(
-                    "the residual {:?} does not match the conv's output {:?}",
-                    residual.nhwc_shape(),
-                    out.nhwc_shape()
-                ));
-            }
-        }
         if self.bias.is_some() || residual.is_some() || relu {
             let channels = self.out_channels;
             let rows = (out_w * channels).max(1);
@@ -238,13 +263,13 @@ impl Conv2d {
                 (conv_bias * scale[c] as f64 + shift[c] as f64) as f32
             })
             .collect();
-        Conv2d {
-            in_channels: self.in_channels,
-            out_channels: self.out_channels,
-            geometry: self.geometry,
+        Conv2d::new(
+            self.in_channels,
+            self.out_channels,
+            self.geometry,
             weight,
-            bias: Some(bias),
-        }
+            Some(bias),
+        )
     }
 
     /// One row per output pixel; within a row, for each group, the patch in

@@ -7,6 +7,7 @@ mod batch_norm;
 mod conv;
 mod linear;
 mod matmul;
+mod packed_gemm;
 mod pool;
 
 pub use activation::{add_relu, add_relu_in_place, relu, relu_in_place};
