@@ -243,8 +243,8 @@ unsafe fn kernel(depth: usize, a: &[*const f32; MR], b: *const f32, tile: &Tile)
         let zero = _mm256_setzero_ps();
         for (r, acc) in acc.iter().enumerate() {
             let out = tile.output.add(r * tile.stride);
-            for half in 0..2 {
-                let mut sum = acc[half];
+            for (half, &sum) in acc.iter().enumerate() {
+                let mut sum = sum;
                 if let Some(bias) = tile.bias {
                     sum = _mm256_add_ps(sum, _mm256_loadu_ps(bias.add(8 * half)));
                 }
