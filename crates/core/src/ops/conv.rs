@@ -2,7 +2,7 @@ use ndarray::ArrayView4;
 use rayon::prelude::*;
 
 use super::matmul::{available_threads, multiply, MatrixView, OutputBlock};
-use super::packed_gemm::{self, Epilogue, PackedWeights};
+use super::packed_gemm::{self, Epilogue, PackedWeights, Rows};
 use super::BatchNorm;
 use super::ShapeError;
 use crate::weights::conv_weight_from_oihw;
@@ -155,14 +155,6 @@ impl Conv2d {
         let depth = kh * kw * in_per_group; // rows of one group's weight matrix
         let pixels = batch * out_h * out_w;
 
-        let patches;
-        let lhs_data = if self.geometry.is_pointwise() {
-            x.as_slice()
-        } else {
-            patches = self.im2col(x, out_h, out_w);
-            &patches[..]
-        };
-
         if let Some(residual) = residual {
             if residual.nhwc_shape() != [batch, out_h, out_w, self.out_channels] {
                 return Err(format!(
@@ -180,10 +172,10 @@ impl Conv2d {
                 residual: residual.map(Tensor::as_slice),
                 relu,
             };
-            packed_gemm::multiply(
-                pixels,
-                lhs_data,
-                depth,
+            self.multiply_packed(
+                x,
+                out_h,
+                out_w,
                 packed,
                 out.as_slice_mut(),
                 epilogue,
@@ -191,6 +183,14 @@ impl Conv2d {
             );
             return Ok(out);
         }
+
+        let patches;
+        let lhs_data = if self.geometry.is_pointwise() {
+            x.as_slice()
+        } else {
+            patches = self.im2col(x, out_h, out_w);
+            &patches[..]
+        };
         let output = OutputBlock {
             data: out.as_slice_mut().as_mut_ptr(),
             row_stride: self.out_channels,
@@ -239,6 +239,69 @@ impl Conv2d {
                 });
         }
         Ok(out)
+    }
+
+    /// The packed kernel's product. The patches are read straight from the
+    /// input, a run of channels per kernel tap, except for inputs with few
+    /// channels (the stem's RGB), whose runs would be too short to pay.
+    #[allow(clippy::too_many_arguments)]
+    fn multiply_packed(
+        &self,
+        x: &Tensor,
+        out_h: usize,
+        out_w: usize,
+        packed: &PackedWeights,
+        output: &mut [f32],
+        epilogue: Epilogue<'_>,
+        threads: usize,
+    ) {
+        const SHORTEST_RUN: usize = 16;
+        let [batch, height, width, channels] = x.nhwc_shape();
+        let pixels = batch * out_h * out_w;
+        let g = self.geometry;
+        let [kh, kw] = g.kernel;
+        if channels < SHORTEST_RUN && !g.is_pointwise() {
+            let patches = self.im2col(x, out_h, out_w);
+            let depth = kh * kw * channels;
+            let locate = |row: usize, starts: &mut [*const f32]| {
+                starts[0] = patches[row * depth..].as_ptr();
+            };
+            let rows = Rows {
+                taps: 1,
+                segment: depth,
+                locate: &locate,
+            };
+            packed_gemm::multiply(pixels, &rows, packed, output, epilogue, threads);
+            return;
+        }
+        let input = x.as_slice();
+        let zeros = vec![0f32; channels];
+        let locate = |row: usize, starts: &mut [*const f32]| {
+            let (n, pixel) = (row / (out_h * out_w), row % (out_h * out_w));
+            let (oy, ox) = (pixel / out_w, pixel % out_w);
+            for ky in 0..kh {
+                let iy = (oy * g.stride[0] + ky * g.dilation[0])
+                    .checked_sub(g.padding[0])
+                    .filter(|&iy| iy < height);
+                for kx in 0..kw {
+                    let ix = (ox * g.stride[1] + kx * g.dilation[1])
+                        .checked_sub(g.padding[1])
+                        .filter(|&ix| ix < width);
+                    starts[ky * kw + kx] = match (iy, ix) {
+                        (Some(iy), Some(ix)) => {
+                            input[((n * height + iy) * width + ix) * channels..].as_ptr()
+                        }
+                        _ => zeros.as_ptr(),
+                    };
+                }
+            }
+        };
+        let rows = Rows {
+            taps: kh * kw,
+            segment: channels,
+            locate: &locate,
+        };
+        packed_gemm::multiply(pixels, &rows, packed, output, epilogue, threads);
     }
 
     /// This conv followed by `norm`, as one conv: each output channel's

@@ -88,6 +88,18 @@ pub(crate) struct Epilogue<'a> {
     pub relu: bool,
 }
 
+/// The left-hand matrix (activations), row by row: each row is `taps` runs
+/// of `segment` contiguous values. A plain row-major matrix is one run per
+/// row; a conv's patches are one run of input channels per kernel tap,
+/// read straight from the NHWC input, so no im2col copy is made.
+pub(crate) struct Rows<'a> {
+    pub taps: usize,
+    pub segment: usize,
+    /// Writes where row `row`'s runs start; each must be readable for
+    /// `segment` values (padding points at zeros).
+    pub locate: &'a (dyn Fn(usize, &mut [*const f32]) + Sync),
+}
+
 /// The output, shared by tasks that write disjoint tiles of it.
 #[derive(Clone, Copy)]
 struct Output {
@@ -98,12 +110,11 @@ struct Output {
 unsafe impl Send for Output {}
 unsafe impl Sync for Output {}
 
-/// `output (rows x weights.columns, row-major) = lhs (rows x depth, row
-/// stride lhs_stride) x weights`, then the epilogue; split over `threads`.
+/// `output (rows x weights.columns, row-major) = lhs (rows x depth) x
+/// weights`, then the epilogue; split over `threads`.
 pub(crate) fn multiply(
     rows: usize,
-    lhs: &[f32],
-    lhs_stride: usize,
+    lhs: &Rows<'_>,
     weights: &PackedWeights,
     output: &mut [f32],
     epilogue: Epilogue<'_>,
@@ -114,7 +125,7 @@ pub(crate) fn multiply(
     if rows == 0 || columns == 0 {
         return;
     }
-    assert!(lhs_stride >= depth && lhs.len() >= (rows - 1) * lhs_stride + depth);
+    assert_eq!(lhs.taps * lhs.segment, depth);
     assert_eq!(output.len(), rows * columns);
     if let Some(bias) = epilogue.bias {
         assert_eq!(bias.len(), columns);
@@ -147,8 +158,7 @@ pub(crate) fn multiply(
         // were checked above.
         unsafe {
             block(
-                &lhs[first_row * lhs_stride..],
-                lhs_stride,
+                lhs,
                 block_rows,
                 weights,
                 first_panel..last_panel,
@@ -170,8 +180,7 @@ pub(crate) fn multiply(
 #[allow(clippy::too_many_arguments)]
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
 unsafe fn block(
-    lhs: &[f32],
-    lhs_stride: usize,
+    lhs: &Rows<'_>,
     rows: usize,
     weights: &PackedWeights,
     panels: std::ops::Range<usize>,
@@ -179,7 +188,11 @@ unsafe fn block(
     first_row: usize,
     epilogue: Epilogue<'_>,
 ) {
-    let depth = weights.depth;
+    let taps = lhs.taps;
+    let mut starts = vec![std::ptr::null(); rows * taps];
+    for (row, row_starts) in starts.chunks_exact_mut(taps).enumerate() {
+        (lhs.locate)(first_row + row, row_starts);
+    }
     for panel in panels {
         let weight_panel = weights.panel(panel);
         let first_column = panel * NR;
@@ -191,9 +204,7 @@ unsafe fn block(
             // row, the last row again (computed, never stored).
             let mut lhs_rows = [std::ptr::null(); MR];
             for (r, pointer) in lhs_rows.iter_mut().enumerate() {
-                *pointer = lhs
-                    .as_ptr()
-                    .add((first + r.min(tile_rows - 1)) * lhs_stride);
+                *pointer = starts.as_ptr().add((first + r.min(tile_rows - 1)) * taps);
             }
             let row = first_row + first;
             let tile = Tile {
@@ -207,7 +218,7 @@ unsafe fn block(
                     .map(|r| r.as_ptr().add(row * out.columns + first_column)),
                 relu: epilogue.relu,
             };
-            kernel(depth, &lhs_rows, weight_panel.as_ptr(), &tile);
+            kernel(taps, lhs.segment, &lhs_rows, weight_panel.as_ptr(), &tile);
         }
     }
 }
@@ -225,17 +236,28 @@ struct Tile {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel(depth: usize, a: &[*const f32; MR], b: *const f32, tile: &Tile) {
+unsafe fn kernel(
+    taps: usize,
+    segment: usize,
+    rows: &[*const *const f32; MR],
+    b: *const f32,
+    tile: &Tile,
+) {
     use std::arch::x86_64::*;
 
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    for step in 0..depth {
-        let b0 = _mm256_loadu_ps(b.add(step * NR));
-        let b1 = _mm256_loadu_ps(b.add(step * NR + 8));
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let value = _mm256_broadcast_ss(&*a[r].add(step));
-            acc[0] = _mm256_fmadd_ps(value, b0, acc[0]);
-            acc[1] = _mm256_fmadd_ps(value, b1, acc[1]);
+    let mut b = b;
+    for tap in 0..taps {
+        let a: [*const f32; MR] = std::array::from_fn(|r| *rows[r].add(tap));
+        for step in 0..segment {
+            let b0 = _mm256_loadu_ps(b);
+            let b1 = _mm256_loadu_ps(b.add(8));
+            b = b.add(NR);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let value = _mm256_broadcast_ss(&*a[r].add(step));
+                acc[0] = _mm256_fmadd_ps(value, b0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(value, b1, acc[1]);
+            }
         }
     }
 
@@ -270,7 +292,7 @@ unsafe fn kernel(depth: usize, a: &[*const f32; MR], b: *const f32, tile: &Tile)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel(_: usize, _: &[*const f32; MR], _: *const f32, _: &Tile) {
+unsafe fn kernel(_: usize, _: usize, _: &[*const *const f32; MR], _: *const f32, _: &Tile) {
     unreachable!("available() is false off x86_64")
 }
 
@@ -343,6 +365,7 @@ mod tests {
             (1, 1, 1),
             (7, 3, 17),
             (97, 300, 33),
+            (13, 9, 20),
             (200, 600, 64),
             (49, 64, 2048),
         ] {
@@ -367,7 +390,26 @@ mod tests {
                 let expected = naive(rows, depth, columns, &a, &b, epilogue);
                 for threads in [1, 3] {
                     let mut output = vec![f32::NAN; rows * columns];
-                    multiply(rows, &a, depth, &packed, &mut output, epilogue, threads);
+                    let locate = |row: usize, starts: &mut [*const f32]| {
+                        // Three runs per row, as a conv's taps would be.
+                        for (tap, start) in starts.iter_mut().enumerate() {
+                            *start = a[row * depth + tap * depth / 3..].as_ptr();
+                        }
+                    };
+                    let (taps, segment) = if depth % 3 == 0 {
+                        (3, depth / 3)
+                    } else {
+                        (1, depth)
+                    };
+                    let plain = |row: usize, starts: &mut [*const f32]| {
+                        starts[0] = a[row * depth..].as_ptr();
+                    };
+                    let lhs = Rows {
+                        taps,
+                        segment,
+                        locate: if taps == 3 { &locate } else { &plain },
+                    };
+                    multiply(rows, &lhs, &packed, &mut output, epilogue, threads);
                     for (index, (&got, &want)) in output.iter().zip(&expected).enumerate() {
                         assert!(
                             (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (depth as f32).sqrt(),
