@@ -16,6 +16,8 @@ import torch
 from . import dump, models
 
 ROOT = Path(__file__).resolve().parents[1]
+# Between two timed runs, long enough for spinning worker threads to sleep.
+PAUSE_S = 0.05
 
 
 def multiply_adds(manifest):
@@ -104,9 +106,16 @@ def main(argv=None):
             engines["ort"] = lambda: timed(lambda: onnx_session.run(None, feed))
         times = {name: [] for name in engines}
         with torch.no_grad():
+            names = list(engines)
             for iteration in range(args.warmup + args.iterations):
-                for name, run in engines.items():
-                    elapsed = run()
+                # Each engine goes first in turn, and each run starts after
+                # a pause: PyTorch's OpenMP and ONNX Runtime's threads spin
+                # for a while after a run, and would otherwise take the
+                # cores from whichever engine comes next.
+                order = names[iteration % len(names):] + names[:iteration % len(names)]
+                for name in order:
+                    time.sleep(PAUSE_S)
+                    elapsed = engines[name]()
                     if iteration >= args.warmup:
                         times[name].append(elapsed)
         core.close()
