@@ -34,11 +34,34 @@ impl Tensor {
 
     /// A copy in torch's NCHW order.
     pub fn to_nchw(&self) -> Array4<f32> {
-        self.0
-            .view()
-            .permuted_axes([0, 3, 1, 2])
-            .as_standard_layout()
-            .into_owned()
+        // A transpose of each image's (pixels x channels) matrix, 16 pixels
+        // at a time: their channels stay in L1 while each channel's run of
+        // 16 is written. ndarray's generic strided copy is several times
+        // slower, and verify does this for every stage.
+        const TILE: usize = 16;
+        let [batch, height, width, channels] = self.nhwc_shape();
+        let pixels = height * width;
+        let input = self.as_slice();
+        let mut output = vec![0f32; input.len()];
+        for (image, out) in input
+            .chunks_exact((pixels * channels).max(1))
+            .zip(output.chunks_exact_mut((pixels * channels).max(1)))
+        {
+            for first in (0..pixels).step_by(TILE) {
+                let count = TILE.min(pixels - first);
+                let tile = &image[first * channels..(first + count) * channels];
+                for (channel, run) in out.chunks_exact_mut(pixels).enumerate() {
+                    for (value, pixel) in run[first..first + count]
+                        .iter_mut()
+                        .zip(tile.chunks_exact(channels))
+                    {
+                        *value = pixel[channel];
+                    }
+                }
+            }
+        }
+        Array4::from_shape_vec((batch, channels, height, width), output)
+            .expect("the same number of elements")
     }
 
     /// The shape in torch's NCHW order, for reports.

@@ -9,7 +9,7 @@
 //! the bug this project exists to catch. So the reordering is explicit,
 //! written once, and tested element by element.
 
-use ndarray::{ArrayD, ArrayView4, Axis};
+use ndarray::{ArrayD, ArrayView4};
 
 use crate::CoreError;
 
@@ -58,19 +58,20 @@ pub(crate) fn load_with_shape(
 pub fn conv_weight_from_oihw(weight: ArrayView4<'_, f32>, groups: usize) -> Vec<f32> {
     let (out_channels, in_per_group, kernel_y, kernel_x) = weight.dim();
     let out_per_group = out_channels / groups;
-    let mut panels = Vec::with_capacity(weight.len());
-    for group in 0..groups {
-        let group_weight = weight.slice_axis(
-            Axis(0),
-            ndarray::Slice::from(group * out_per_group..(group + 1) * out_per_group),
-        );
-        // (o, i, y, x) -> (y, x, i, o)
-        let reordered = group_weight.permuted_axes([2, 3, 1, 0]);
-        debug_assert_eq!(
-            reordered.dim(),
-            (kernel_y, kernel_x, in_per_group, out_per_group)
-        );
-        panels.extend(reordered.iter().copied());
+    let taps = kernel_y * kernel_x;
+    let weight = weight.as_standard_layout();
+    let source = weight.as_slice().expect("standard layout");
+    let mut panels = vec![0f32; source.len()];
+    // Read in torch's order, each value written to its place: (o, i, tap)
+    // goes to (group, tap, i, o within the group).
+    for (o, filter) in source.chunks_exact(in_per_group * taps).enumerate() {
+        let (group, o_in_group) = (o / out_per_group, o % out_per_group);
+        let panel = &mut panels[group * taps * in_per_group * out_per_group..];
+        for (i, kernel) in filter.chunks_exact(taps).enumerate() {
+            for (tap, &value) in kernel.iter().enumerate() {
+                panel[(tap * in_per_group + i) * out_per_group + o_in_group] = value;
+            }
+        }
     }
     panels
 }

@@ -3,6 +3,7 @@
 //! error relative to the reference's scale, the cosine similarity, and how
 //! many elements break the tolerance.
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::Tolerance;
@@ -66,48 +67,41 @@ pub fn compare(
         "compare needs arrays of equal length"
     );
     let scale = reference
-        .iter()
-        .filter(|v| v.is_finite())
-        .fold(0f64, |max, &v| max.max((v as f64).abs()));
+        .par_chunks(CHUNK)
+        .map(|chunk| {
+            chunk
+                .iter()
+                .filter(|v| v.is_finite())
+                .fold(0f32, |max, &v| max.max(v.abs()))
+        })
+        .reduce(|| 0f32, f32::max) as f64;
     let atol = tolerance.atol_for(scale);
 
-    let (mut max_abs_error, mut worst_at) = (0f64, None);
-    let (mut dot, mut reference_norm, mut candidate_norm) = (0f64, 0f64, 0f64);
-    let mut mismatched = 0;
-    let (mut reference_nan, mut candidate_nan, mut reference_inf, mut candidate_inf) = (0, 0, 0, 0);
-    for (index, (&r, &c)) in reference.iter().zip(candidate).enumerate() {
-        reference_nan += r.is_nan() as usize;
-        candidate_nan += c.is_nan() as usize;
-        reference_inf += r.is_infinite() as usize;
-        candidate_inf += c.is_infinite() as usize;
-        let (r, c) = (r as f64, c as f64);
-        let matches = if r.is_nan() || c.is_nan() {
-            tolerance.equal_nan && r.is_nan() && c.is_nan()
-        } else if r.is_infinite() || c.is_infinite() {
-            r == c
-        } else {
-            (c - r).abs() <= atol + tolerance.rtol * r.abs()
-        };
-        if !matches {
-            mismatched += 1;
-        }
-        let error = if r.is_finite() && c.is_finite() {
-            (c - r).abs()
-        } else if matches {
-            0.0
-        } else {
-            f64::INFINITY
-        };
-        if error > max_abs_error || (worst_at.is_none() && !matches) {
-            max_abs_error = error;
-            worst_at = Some(index);
-        }
-        if r.is_finite() && c.is_finite() {
-            dot += r * c;
-            reference_norm += r * r;
-            candidate_norm += c * c;
-        }
-    }
+    // In chunks, in parallel; the partial results are merged in order, so
+    // that the figures do not depend on the number of threads.
+    let partials: Vec<Partial> = reference
+        .par_chunks(CHUNK)
+        .zip(candidate.par_chunks(CHUNK))
+        .enumerate()
+        .map(|(chunk, (r, c))| Partial::of(r, c, chunk * CHUNK, atol, tolerance))
+        .collect();
+    let Partial {
+        max_abs_error,
+        worst_at,
+        dot,
+        reference_norm,
+        candidate_norm,
+        mismatched,
+        reference_nan,
+        candidate_nan,
+        reference_inf,
+        candidate_inf,
+    } = partials.into_iter().fold(Partial::default(), Partial::then);
+    let (dot, reference_norm, candidate_norm) = (
+        dot.iter().sum::<f64>(),
+        reference_norm.iter().sum::<f64>(),
+        candidate_norm.iter().sum::<f64>(),
+    );
     let cosine_similarity = match (reference_norm > 0.0, candidate_norm > 0.0) {
         (true, true) => dot / (reference_norm.sqrt() * candidate_norm.sqrt()),
         (false, false) => 1.0,
@@ -135,6 +129,157 @@ pub fn compare(
         candidate_nan,
         reference_inf,
         candidate_inf,
+    }
+}
+
+/// Elements per parallel piece of a comparison.
+const CHUNK: usize = 1 << 16;
+/// Independent sums per piece: one long chain of f64 additions would cost
+/// an addition's latency per element.
+const LANES: usize = 8;
+
+/// The figures of one piece of a comparison.
+#[derive(Default)]
+struct Partial {
+    max_abs_error: f64,
+    worst_at: Option<usize>,
+    dot: [f64; LANES],
+    reference_norm: [f64; LANES],
+    candidate_norm: [f64; LANES],
+    mismatched: usize,
+    reference_nan: usize,
+    candidate_nan: usize,
+    reference_inf: usize,
+    candidate_inf: usize,
+}
+
+impl Partial {
+    fn of(
+        reference: &[f32],
+        candidate: &[f32],
+        offset: usize,
+        atol: f64,
+        tolerance: &Tolerance,
+    ) -> Self {
+        // A fold, not `all`: no early exit, so it vectorises.
+        let finite = |values: &[f32]| values.iter().fold(true, |all, v| all & v.is_finite());
+        if finite(reference) && finite(candidate) {
+            Self::finite(reference, candidate, offset, atol, tolerance.rtol)
+        } else {
+            Self::with_non_finite(reference, candidate, offset, atol, tolerance)
+        }
+    }
+
+    /// The common case, written so that it vectorises: lanes of
+    /// independent sums and maxima, and a second look for where the
+    /// largest error is only when there is one.
+    fn finite(reference: &[f32], candidate: &[f32], offset: usize, atol: f64, rtol: f64) -> Self {
+        let mut part = Partial::default();
+        let mut max_error = [0f64; LANES];
+        let mut mismatched = [0usize; LANES];
+        let mut step = |lane: usize, r: f32, c: f32| {
+            let (r, c) = (r as f64, c as f64);
+            let error = (c - r).abs();
+            max_error[lane] = max_error[lane].max(error);
+            mismatched[lane] += (error > atol + rtol * r.abs()) as usize;
+            part.dot[lane] += r * c;
+            part.reference_norm[lane] += r * r;
+            part.candidate_norm[lane] += c * c;
+        };
+        let whole = reference.len() / LANES * LANES;
+        for (r, c) in reference[..whole]
+            .chunks_exact(LANES)
+            .zip(candidate[..whole].chunks_exact(LANES))
+        {
+            for lane in 0..LANES {
+                step(lane, r[lane], c[lane]);
+            }
+        }
+        for (&r, &c) in reference[whole..].iter().zip(&candidate[whole..]) {
+            step(0, r, c);
+        }
+        part.mismatched = mismatched.iter().sum();
+        part.max_abs_error = max_error.iter().copied().fold(0.0, f64::max);
+        if part.max_abs_error > 0.0 {
+            part.worst_at = reference
+                .iter()
+                .zip(candidate)
+                .position(|(&r, &c)| (c as f64 - r as f64).abs() == part.max_abs_error)
+                .map(|index| offset + index);
+        }
+        part
+    }
+
+    /// Element by element, with NaN and Inf counted and matched as the
+    /// tolerance says.
+    fn with_non_finite(
+        reference: &[f32],
+        candidate: &[f32],
+        offset: usize,
+        atol: f64,
+        tolerance: &Tolerance,
+    ) -> Self {
+        let mut part = Partial::default();
+        for (index, (&r, &c)) in reference.iter().zip(candidate).enumerate() {
+            let (r, c) = (r as f64, c as f64);
+            part.reference_nan += r.is_nan() as usize;
+            part.candidate_nan += c.is_nan() as usize;
+            part.reference_inf += r.is_infinite() as usize;
+            part.candidate_inf += c.is_infinite() as usize;
+            let finite = r.is_finite() && c.is_finite();
+            let matches = if r.is_nan() || c.is_nan() {
+                tolerance.equal_nan && r.is_nan() && c.is_nan()
+            } else if !finite {
+                r == c
+            } else {
+                (c - r).abs() <= atol + tolerance.rtol * r.abs()
+            };
+            part.mismatched += !matches as usize;
+            let error = if finite {
+                (c - r).abs()
+            } else if matches {
+                0.0
+            } else {
+                f64::INFINITY
+            };
+            if error > part.max_abs_error || (part.worst_at.is_none() && !matches) {
+                part.max_abs_error = error;
+                part.worst_at = Some(offset + index);
+            }
+            if finite {
+                part.dot[0] += r * c;
+                part.reference_norm[0] += r * r;
+                part.candidate_norm[0] += c * c;
+            }
+        }
+        part
+    }
+
+    /// This piece followed by `next`.
+    fn then(self, next: Partial) -> Partial {
+        let take_next = next.max_abs_error > self.max_abs_error
+            || (self.worst_at.is_none() && next.worst_at.is_some());
+        let add = |a: [f64; LANES], b: [f64; LANES]| std::array::from_fn(|lane| a[lane] + b[lane]);
+        Partial {
+            max_abs_error: if take_next {
+                next.max_abs_error
+            } else {
+                self.max_abs_error
+            },
+            worst_at: if take_next {
+                next.worst_at
+            } else {
+                self.worst_at
+            },
+            dot: add(self.dot, next.dot),
+            reference_norm: add(self.reference_norm, next.reference_norm),
+            candidate_norm: add(self.candidate_norm, next.candidate_norm),
+            mismatched: self.mismatched + next.mismatched,
+            reference_nan: self.reference_nan + next.reference_nan,
+            candidate_nan: self.candidate_nan + next.candidate_nan,
+            reference_inf: self.reference_inf + next.reference_inf,
+            candidate_inf: self.candidate_inf + next.candidate_inf,
+        }
     }
 }
 
