@@ -56,20 +56,35 @@ pub(crate) fn load_with_shape(
 /// x out_per_group` matrix. Output channel `o` belongs to group
 /// `o / out_per_group`, as in torch.
 pub fn conv_weight_from_oihw(weight: ArrayView4<'_, f32>, groups: usize) -> Vec<f32> {
+    const TILE: usize = 16;
     let (out_channels, in_per_group, kernel_y, kernel_x) = weight.dim();
     let out_per_group = out_channels / groups;
     let taps = kernel_y * kernel_x;
+    let filter_len = in_per_group * taps;
     let weight = weight.as_standard_layout();
     let source = weight.as_slice().expect("standard layout");
     let mut panels = vec![0f32; source.len()];
-    // Read in torch's order, each value written to its place: (o, i, tap)
-    // goes to (group, tap, i, o within the group).
-    for (o, filter) in source.chunks_exact(in_per_group * taps).enumerate() {
-        let (group, o_in_group) = (o / out_per_group, o % out_per_group);
-        let panel = &mut panels[group * taps * in_per_group * out_per_group..];
-        for (i, kernel) in filter.chunks_exact(taps).enumerate() {
-            for (tap, &value) in kernel.iter().enumerate() {
-                panel[(tap * in_per_group + i) * out_per_group + o_in_group] = value;
+    // 16 output channels at a time: 16 filters read as 16 sequential
+    // streams, each destination row written 16 values (a cache line) at a
+    // time. (o, i, tap) goes to (group, tap, i, o within the group).
+    for (group, panel) in panels
+        .chunks_exact_mut((filter_len * out_per_group).max(1))
+        .enumerate()
+    {
+        let filters = &source[group * out_per_group * filter_len..][..out_per_group * filter_len];
+        for first in (0..out_per_group).step_by(TILE) {
+            let count = TILE.min(out_per_group - first);
+            let tile = &filters[first * filter_len..(first + count) * filter_len];
+            for i in 0..in_per_group {
+                for tap in 0..taps {
+                    let row = (tap * in_per_group + i) * out_per_group + first;
+                    for (value, filter) in panel[row..row + count]
+                        .iter_mut()
+                        .zip(tile.chunks_exact(filter_len))
+                    {
+                        *value = filter[i * taps + tap];
+                    }
+                }
             }
         }
     }
