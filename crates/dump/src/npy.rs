@@ -2,6 +2,8 @@
 //! dtype must be a float, and the data must be exactly as long as the
 //! header's shape says, all before any array is allocated.
 
+use std::fs::File;
+use std::io::Read;
 use std::path::Path;
 
 use ndarray::ArrayD;
@@ -21,6 +23,9 @@ pub struct NpyArray {
 const MAX_HEADER_BYTES: usize = 65_536;
 /// A valid header nests two levels (`{'shape': (1, 2)}`).
 const MAX_HEADER_NESTING: usize = 8;
+/// The most of a file read to find its header: the longest header, and
+/// the fixed fields before it.
+const HEAD_BYTES: u64 = MAX_HEADER_BYTES as u64 + 12;
 
 /// Refuses, before the header is parsed, what would make the parser
 /// allocate or work without bound: an over-long header, or brackets nested
@@ -70,27 +75,26 @@ fn check_header_text(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// Reads a float array into f32, in standard (C) order. f32 in either byte
-/// order and Fortran order are read as they are; f64 is converted (and the
-/// conversion reported); everything else is refused.
-pub fn read_f32(path: &Path) -> Result<NpyArray, DumpError> {
-    // The whole file, never more: its size, not the header, bounds what is read.
-    let bytes = std::fs::read(path).map_err(|source| DumpError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    decode_f32(&bytes).map_err(|reason| DumpError::Npy {
-        path: path.to_path_buf(),
-        reason,
-    })
+/// What a header says about the data after it.
+struct DataLayout {
+    shape: Vec<usize>,
+    /// Little-endian f32 in C order, as numpy writes it on every common
+    /// machine: the bytes are the values, and are read straight into place.
+    native_f32: bool,
+    /// 4 for f32, 8 for f64.
+    element_size: u64,
+    /// Where the data starts.
+    offset: usize,
 }
 
-/// [`read_f32`] on the bytes of a file; the error says what is wrong.
-pub fn decode_f32(bytes: &[u8]) -> Result<NpyArray, String> {
+/// Parses and checks the header at the start of `bytes` (which may hold
+/// only the header), against `data_size`, the number of bytes after it.
+fn parse_header(bytes: &[u8], data_size: impl Fn(usize) -> u64) -> Result<DataLayout, String> {
     check_header_text(bytes)?;
     let mut rest = bytes;
     let header = Header::from_reader(&mut rest).map_err(|error| format!("bad header: {error}"))?;
-    let data_size = rest.len() as u64;
+    let offset = bytes.len() - rest.len();
+    let data_size = data_size(offset);
 
     let descriptor = header.type_descriptor.to_string();
     let descriptor = descriptor.trim_matches(|c| c == '\'' || c == '"');
@@ -120,17 +124,66 @@ pub fn decode_f32(bytes: &[u8]) -> Result<NpyArray, String> {
             }
         ));
     }
-
-    let little_endian_f32 =
+    let little_endian =
         descriptor == "<f4" || (descriptor == "=f4" && cfg!(target_endian = "little"));
-    if little_endian_f32 && !header.layout.is_fortran() {
-        // What every dump holds: read straight into place (ndarray-npy's
-        // reader goes element by element, about 8% of a verify run).
-        let mut values = vec![0f32; rest.len() / 4];
-        for (value, bytes) in values.iter_mut().zip(rest.chunks_exact(4)) {
-            *value = f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
-        }
-        let data = ArrayD::from_shape_vec(header.shape.clone(), values)
+    Ok(DataLayout {
+        shape: header.shape,
+        native_f32: little_endian && cfg!(target_endian = "little") && !header.layout.is_fortran(),
+        element_size,
+        offset,
+    })
+}
+
+/// Reads a float array into f32, in standard (C) order. f32 in either byte
+/// order and Fortran order are read as they are; f64 is converted (and the
+/// conversion reported); everything else is refused.
+pub fn read_f32(path: &Path) -> Result<NpyArray, DumpError> {
+    let io = |source| DumpError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let npy = |reason| DumpError::Npy {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut file = File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    // The header, never more than its limit: the file's size, not the
+    // header, bounds what is read.
+    let mut head = Vec::new();
+    (&mut file)
+        .take(HEAD_BYTES.min(size))
+        .read_to_end(&mut head)
+        .map_err(io)?;
+    let layout = parse_header(&head, |offset| size - offset as u64).map_err(npy)?;
+    if !layout.native_f32 {
+        file.read_to_end(&mut head).map_err(io)?;
+        return decode_f32(&head).map_err(npy);
+    }
+    // Straight into the array's memory: one copy from the file, no
+    // intermediate bytes.
+    let count = layout.shape.iter().product();
+    let mut values = vec![0f32; count];
+    let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut values);
+    let in_head = head.len() - layout.offset;
+    bytes[..in_head].copy_from_slice(&head[layout.offset..]);
+    file.read_exact(&mut bytes[in_head..]).map_err(io)?;
+    let data = ArrayD::from_shape_vec(layout.shape, values)
+        .map_err(|error| npy(format!("cannot read the data: {error}")))?;
+    Ok(NpyArray {
+        data,
+        converted_from: None,
+    })
+}
+
+/// [`read_f32`] on the bytes of a file; the error says what is wrong.
+pub fn decode_f32(bytes: &[u8]) -> Result<NpyArray, String> {
+    let layout = parse_header(bytes, |offset| (bytes.len() - offset) as u64)?;
+    let data = &bytes[layout.offset..];
+    if layout.native_f32 {
+        let mut values = vec![0f32; data.len() / 4];
+        bytemuck::cast_slice_mut::<f32, u8>(&mut values).copy_from_slice(data);
+        let data = ArrayD::from_shape_vec(layout.shape, values)
             .map_err(|error| format!("cannot read the data: {error}"))?;
         return Ok(NpyArray {
             data,
@@ -138,7 +191,7 @@ pub fn decode_f32(bytes: &[u8]) -> Result<NpyArray, String> {
         });
     }
     let bad_data = |error: ndarray_npy::ReadNpyError| format!("cannot read the data: {error}");
-    let (data, converted_from) = if element_size == 4 {
+    let (data, converted_from) = if layout.element_size == 4 {
         (ArrayD::<f32>::read_npy(bytes).map_err(bad_data)?, None)
     } else {
         let wide = ArrayD::<f64>::read_npy(bytes).map_err(bad_data)?;
