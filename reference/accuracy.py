@@ -33,6 +33,21 @@ def report(*arguments):
     return {stage["name"]: (stage["cumulative"]["relative_error"], stage["verdict"]) for stage in stages}
 
 
+def fused_logits_error(dump_dir):
+    """max|err|/max|ref| of the fused inference path's logits (BatchNorm
+    folded into the convs, ReLU and residual in the GEMM epilogue), which
+    verify does not run, against the float64 logits."""
+    import numpy as np
+    logits = Path(dump_dir) / "fused-logits.npy"
+    subprocess.run([str(ROOT / "target" / "release" / "resnet-bench"), str(dump_dir), "--logits", str(logits)],
+                   input="", text=True, check=True, capture_output=True)
+    manifest = json.loads((Path(dump_dir) / "manifest.json").read_text())
+    fc = next(stage for stage in manifest["stages"] if stage["name"] == "fc")
+    exact = np.load(Path(dump_dir) / fc["file"]).astype(np.float64)
+    fused = np.load(logits).astype(np.float64)
+    return float(np.abs(fused - exact).max() / max(np.abs(exact).max(), FLOOR))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="scripts/measure-accuracy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +66,7 @@ def main(argv=None):
         # torch.testing.assert_close's float32 defaults, on PyTorch's own float32 result.
         testing_defaults = report("compare", work / "float64", work / "float32", "--rtol", "1.3e-6", "--atol", "1e-5")
         core_verdicts = report(work / "float64")
+        fused_error = fused_logits_error(work / "float64")
     finally:
         shutil.rmtree(work)
 
@@ -70,6 +86,10 @@ def main(argv=None):
         print(f"{row[1]:<26} {row[2]:>10.2e} {row[3]:>11.2e} {row[0]:>7.2f}")
     for name in ("layer4", "fc"):
         print(f"{name:<26} {core_error[name]:>10.2e} {torch_error[name]:>11.2e} {core_error[name] / max(torch_error[name], FLOOR):>7.2f}")
+    fused_ratio = fused_error / max(torch_error["fc"], FLOOR)
+    print(f"{'fc (fused path)':<26} {fused_error:>10.2e} {torch_error['fc']:>11.2e} {fused_ratio:>7.2f}")
+    if fused_ratio > args.limit:
+        over.append((fused_ratio, "fc (fused path)", fused_error, torch_error["fc"]))
     print(f"largest core error {max(core_error.values()):.2e}, largest torch fp32 error {max(torch_error.values()):.2e}; "
           f"worst ratio {worst[0]:.2f} at {worst[1]}; {len(over)} stage(s) over {args.limit}x")
     failing_defaults = sum(verdict == "fail" for _, verdict in testing_defaults.values())

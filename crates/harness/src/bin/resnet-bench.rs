@@ -15,7 +15,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use resnet_core::Network;
+use ndarray_npy::WriteNpyExt;
+use resnet_core::{Network, Tensor};
 use resnet_dump::Dump;
 use resnet_verify::layout::{reference_tensor, to_nchw};
 
@@ -31,6 +32,10 @@ struct Cli {
     /// the fused inference path
     #[arg(long)]
     observed: bool,
+    /// Write the logits of one pass (of the path timed) to FILE as .npy,
+    /// then run as usual; scripts/measure-accuracy checks them
+    #[arg(long, value_name = "FILE")]
+    logits: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +53,26 @@ fn main() -> anyhow::Result<()> {
     };
 
     let observed = cli.observed;
+    let run = |input: Tensor| {
+        if observed {
+            network.forward(input)
+        } else {
+            network.infer(input)
+        }
+    };
+    if let Some(path) = &cli.logits {
+        let logits = run(input.clone())?;
+        let [batch, _, _, classes] = logits.nhwc_shape();
+        let logits = logits
+            .into_array()
+            .into_shape_with_order((batch, classes))
+            .context("logits")?;
+        let file = std::fs::File::create(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        logits
+            .write_npy(std::io::BufWriter::new(file))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     writeln!(out, "ready")?;
@@ -57,11 +82,7 @@ fn main() -> anyhow::Result<()> {
             break;
         }
         let started = Instant::now();
-        let logits = if observed {
-            network.forward(input.clone())?
-        } else {
-            network.infer(input.clone())?
-        };
+        let logits = run(input.clone())?;
         let elapsed = started.elapsed().as_secs_f64() * 1e3;
         std::hint::black_box(logits);
         writeln!(out, "{elapsed:.3}")?;
