@@ -1,4 +1,6 @@
-use ndarray::ArrayView4;
+use std::mem::MaybeUninit;
+
+use ndarray::{Array4, ArrayView4};
 use rayon::prelude::*;
 
 use super::matmul::{available_threads, multiply, MatrixView, OutputBlock};
@@ -165,24 +167,20 @@ impl Conv2d {
             }
         }
         let threads = available_threads();
-        let mut out = Tensor::zeros(batch, out_h, out_w, self.out_channels);
         if let Some(packed) = &self.packed {
             let epilogue = Epilogue {
                 bias: self.bias.as_deref(),
                 residual: residual.map(Tensor::as_slice),
                 relu,
             };
-            self.multiply_packed(
-                x,
-                out_h,
-                out_w,
-                packed,
-                out.as_slice_mut(),
-                epilogue,
-                threads,
-            );
-            return Ok(out);
+            // Not zeroed first: the kernel writes every element.
+            let mut out = Array4::<f32>::uninit((batch, out_h, out_w, self.out_channels));
+            let slice = out.as_slice_mut().expect("a new array is contiguous");
+            self.multiply_packed(x, out_h, out_w, packed, slice, epilogue, threads);
+            // SAFETY: `packed_gemm::multiply` wrote every element.
+            return Ok(Tensor::from_nhwc(unsafe { out.assume_init() }));
         }
+        let mut out = Tensor::zeros(batch, out_h, out_w, self.out_channels);
 
         let patches;
         let lhs_data = if self.geometry.is_pointwise() {
@@ -251,7 +249,7 @@ impl Conv2d {
         out_h: usize,
         out_w: usize,
         packed: &PackedWeights,
-        output: &mut [f32],
+        output: &mut [MaybeUninit<f32>],
         epilogue: Epilogue<'_>,
         threads: usize,
     ) {

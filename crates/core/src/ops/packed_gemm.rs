@@ -16,6 +16,8 @@
 //! an activation block stays in L2 while the weight panels pass over it.
 //! CPUs without AVX2 and FMA use the `gemm` crate (see `conv.rs`).
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 /// Rows of the register tile (output pixels).
@@ -111,12 +113,13 @@ unsafe impl Send for Output {}
 unsafe impl Sync for Output {}
 
 /// `output (rows x weights.columns, row-major) = lhs (rows x depth) x
-/// weights`, then the epilogue; split over `threads`.
+/// weights`, then the epilogue; split over `threads`. Every element of
+/// `output` is written (it need not be initialised first).
 pub(crate) fn multiply(
     rows: usize,
     lhs: &Rows<'_>,
     weights: &PackedWeights,
-    output: &mut [f32],
+    output: &mut [MaybeUninit<f32>],
     epilogue: Epilogue<'_>,
     threads: usize,
 ) {
@@ -145,7 +148,7 @@ pub(crate) fn multiply(
     let panels_per_task = panels.div_ceil(panel_splits);
     let tasks = row_blocks * panels.div_ceil(panels_per_task);
     let out = Output {
-        data: output.as_mut_ptr(),
+        data: output.as_mut_ptr().cast::<f32>(),
         columns,
     };
     let task = |task: usize| {
@@ -389,7 +392,7 @@ mod tests {
             ] {
                 let expected = naive(rows, depth, columns, &a, &b, epilogue);
                 for threads in [1, 3] {
-                    let mut output = vec![f32::NAN; rows * columns];
+                    let mut output = vec![MaybeUninit::new(f32::NAN); rows * columns];
                     let locate = |row: usize, starts: &mut [*const f32]| {
                         // Three runs per row, as a conv's taps would be.
                         for (tap, start) in starts.iter_mut().enumerate() {
@@ -410,7 +413,9 @@ mod tests {
                         locate: if taps == 3 { &locate } else { &plain },
                     };
                     multiply(rows, &lhs, &packed, &mut output, epilogue, threads);
-                    for (index, (&got, &want)) in output.iter().zip(&expected).enumerate() {
+                    for (index, (got, &want)) in output.iter().zip(&expected).enumerate() {
+                        // SAFETY: `multiply` wrote every element.
+                        let got = unsafe { got.assume_init() };
                         assert!(
                             (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (depth as f32).sqrt(),
                             "{rows}x{depth}x{columns}, {threads} threads, element {index}: {got} vs {want}"
