@@ -239,9 +239,8 @@ impl Conv2d {
         Ok(out)
     }
 
-    /// The packed kernel's product. The patches are read straight from the
-    /// input, a run of channels per kernel tap, except for inputs with few
-    /// channels (the stem's RGB), whose runs would be too short to pay.
+    /// The packed kernel's product, its patches read straight from the
+    /// input (no im2col copy).
     #[allow(clippy::too_many_arguments)]
     fn multiply_packed(
         &self,
@@ -253,50 +252,52 @@ impl Conv2d {
         epilogue: Epilogue<'_>,
         threads: usize,
     ) {
-        const SHORTEST_RUN: usize = 16;
         let [batch, height, width, channels] = x.nhwc_shape();
         let pixels = batch * out_h * out_w;
         let g = self.geometry;
         let [kh, kw] = g.kernel;
-        if channels < SHORTEST_RUN && !g.is_pointwise() {
-            let patches = self.im2col(x, out_h, out_w);
-            let depth = kh * kw * channels;
-            let locate = |row: usize, starts: &mut [*const f32]| {
-                starts[0] = patches[row * depth..].as_ptr();
-            };
-            let rows = Rows {
-                taps: 1,
-                segment: depth,
-                locate: &locate,
-            };
-            packed_gemm::multiply(pixels, &rows, packed, output, epilogue, threads);
-            return;
-        }
-        let input = x.as_slice();
-        let zeros = vec![0f32; channels];
+        // Padded once, so that every patch is inside the input: then a
+        // patch's row of taps (kernel x, channel) is one run of kw * C
+        // contiguous values (the stem's 7 x 3 = 21, not seven runs of 3).
+        let padded;
+        let (input, height, width) = if g.padding == [0, 0] {
+            (x.as_slice(), height, width)
+        } else {
+            padded = pad(x, g.padding);
+            (
+                &padded[..],
+                height + 2 * g.padding[0],
+                width + 2 * g.padding[1],
+            )
+        };
+        let row_runs = g.dilation[1] == 1;
         let locate = |row: usize, starts: &mut [*const f32]| {
             let (n, pixel) = (row / (out_h * out_w), row % (out_h * out_w));
             let (oy, ox) = (pixel / out_w, pixel % out_w);
             for ky in 0..kh {
-                let iy = (oy * g.stride[0] + ky * g.dilation[0])
-                    .checked_sub(g.padding[0])
-                    .filter(|&iy| iy < height);
+                let iy = oy * g.stride[0] + ky * g.dilation[0];
+                let line = (n * height + iy) * width;
+                if row_runs {
+                    starts[ky] = input[(line + ox * g.stride[1]) * channels..].as_ptr();
+                    continue;
+                }
                 for kx in 0..kw {
-                    let ix = (ox * g.stride[1] + kx * g.dilation[1])
-                        .checked_sub(g.padding[1])
-                        .filter(|&ix| ix < width);
-                    starts[ky * kw + kx] = match (iy, ix) {
-                        (Some(iy), Some(ix)) => {
-                            input[((n * height + iy) * width + ix) * channels..].as_ptr()
-                        }
-                        _ => zeros.as_ptr(),
-                    };
+                    let ix = ox * g.stride[1] + kx * g.dilation[1];
+                    starts[ky * kw + kx] = input[(line + ix) * channels..].as_ptr();
                 }
             }
         };
+        let (taps, segment) = if row_runs {
+            (kh, kw * channels)
+        } else {
+            (kh * kw, channels)
+        };
         let rows = Rows {
-            taps: kh * kw,
-            segment: channels,
+            taps,
+            segment,
+            // Neighbouring output pixels share most of a patch; what each
+            // brings of its own is about stride_y * stride_x pixels.
+            own_per_row: g.stride[0] * g.stride[1] * channels,
             locate: &locate,
         };
         packed_gemm::multiply(pixels, &rows, packed, output, epilogue, threads);
@@ -381,4 +382,24 @@ impl Conv2d {
             });
         patches
     }
+}
+
+/// `x` with `padding` zeros around each image (NHWC).
+fn pad(x: &Tensor, padding: [usize; 2]) -> Vec<f32> {
+    let [batch, height, width, channels] = x.nhwc_shape();
+    let [py, px] = padding;
+    let padded_width = width + 2 * px;
+    let line = padded_width * channels;
+    let mut padded = vec![0f32; batch * (height + 2 * py) * line];
+    for (n, image) in x
+        .as_slice()
+        .chunks_exact((height * width * channels).max(1))
+        .enumerate()
+    {
+        for (y, source) in image.chunks_exact((width * channels).max(1)).enumerate() {
+            let start = ((n * (height + 2 * py) + y + py) * padded_width + px) * channels;
+            padded[start..start + source.len()].copy_from_slice(source);
+        }
+    }
+    padded
 }

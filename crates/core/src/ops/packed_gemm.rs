@@ -28,10 +28,14 @@ const NR: usize = 16;
 /// every weight panel passes over it.
 const BLOCK_FLOATS: usize = 64 * 1024;
 
-/// Rows of one activation block for a given depth: as many as fit
-/// [`BLOCK_FLOATS`], whole register tiles, 24 to 384.
-fn block_rows(depth: usize) -> usize {
-    (BLOCK_FLOATS / depth.max(1) / MR * MR).clamp(4 * MR, 64 * MR)
+/// Rows of each activation block: as many as fit [`BLOCK_FLOATS`] (24 to
+/// 384), in blocks of about equal height: every block is one more pass of
+/// all the weights through the cache, so a last block of one row (ResNet50's
+/// 49-pixel late layers) would cost as much as a full one.
+fn block_rows(rows: usize, own_per_row: usize) -> usize {
+    let most = (BLOCK_FLOATS / own_per_row.max(1)).clamp(4 * MR, 64 * MR);
+    let blocks = rows.div_ceil(most);
+    rows.div_ceil(blocks.max(1)).next_multiple_of(MR)
 }
 
 /// Whether this CPU runs the kernel (checked once; the std macro caches it).
@@ -97,6 +101,10 @@ pub(crate) struct Epilogue<'a> {
 pub(crate) struct Rows<'a> {
     pub taps: usize,
     pub segment: usize,
+    /// Values of the activations that a row reads and its neighbours do
+    /// not (`depth` for a plain matrix; for a conv's patches, about its
+    /// strides' worth of pixels): what a block of rows keeps in cache.
+    pub own_per_row: usize,
     /// Writes where row `row`'s runs start; each must be readable for
     /// `segment` values (padding points at zeros).
     pub locate: &'a (dyn Fn(usize, &mut [*const f32]) + Sync),
@@ -137,7 +145,7 @@ pub(crate) fn multiply(
         assert_eq!(residual.len(), output.len());
     }
 
-    let block_height = block_rows(depth);
+    let block_height = block_rows(rows, lhs.own_per_row);
     let row_blocks = rows.div_ceil(block_height);
     let panels = columns.div_ceil(NR);
     // Enough tasks for every thread, more for balance: a late layer of
@@ -410,6 +418,7 @@ mod tests {
                     let lhs = Rows {
                         taps,
                         segment,
+                        own_per_row: depth,
                         locate: if taps == 3 { &locate } else { &plain },
                     };
                     multiply(rows, &lhs, &packed, &mut output, epilogue, threads);
