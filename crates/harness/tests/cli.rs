@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use ndarray::{ArrayD, Axis, IxDyn};
+use ndarray::{Axis, IxDyn};
 use serde_json::Value;
 
 #[test]
@@ -140,17 +140,7 @@ fn conv_weights_read_in_the_wrong_layout_fail() {
         if weight.ndim() != 4 || weight.shape()[2] == 1 {
             continue; // 1x1 kernels read the same either way
         }
-        let (o, i, h, w) = (
-            weight.shape()[0],
-            weight.shape()[1],
-            weight.shape()[2],
-            weight.shape()[3],
-        );
-        let flat: Vec<f32> = weight.iter().copied().collect();
-        let misread = ArrayD::from_shape_vec(IxDyn(&[o, h, w, i]), flat)
-            .unwrap()
-            .permuted_axes(IxDyn(&[0, 3, 1, 2]));
-        write(&file, &misread.as_standard_layout().into_owned());
+        write(&file, &read_as_ohwi(&weight));
     }
     let output = verify(&[path(&dump), "--format", "json"]);
     assert_eq!(output.status.code(), Some(1));

@@ -376,15 +376,7 @@ fn conv_weights_read_in_another_order() {
     let report = compare_edited("resnet18-w8", |dump| {
         let w = read(&dump.join("weights/conv1.weight.npy"));
         let shape = w.shape().to_vec();
-        let flat: Vec<f32> = w.iter().copied().collect();
-        let misread =
-            ArrayD::from_shape_vec(IxDyn(&[shape[0], shape[2], shape[3], shape[1]]), flat)
-                .unwrap()
-                .permuted_axes(IxDyn(&[0, 3, 1, 2]))
-                .as_standard_layout()
-                .into_owned()
-                .into_dimensionality::<Ix4>()
-                .unwrap();
+        let misread = read_as_ohwi(&w).into_dimensionality::<Ix4>().unwrap();
         let conv = Conv2d::new(
             shape[1],
             shape[0],
@@ -412,14 +404,7 @@ fn weights_stored_in_another_order_are_found_by_the_core() {
     let dump = copy_fixture("resnet18-w8", dir.path());
     let file = dump.join("weights/conv1.weight.npy");
     let w = read(&file);
-    let shape = w.shape().to_vec();
-    let flat: Vec<f32> = w.iter().copied().collect();
-    let misread = ArrayD::from_shape_vec(IxDyn(&[shape[0], shape[2], shape[3], shape[1]]), flat)
-        .unwrap()
-        .permuted_axes(IxDyn(&[0, 3, 1, 2]))
-        .as_standard_layout()
-        .into_owned();
-    write(&file, &misread);
+    write(&file, &read_as_ohwi(&w));
     let report = json_report(&verify(&[path(&dump), "--format", "json"]));
     let found = hints(&report, "conv1");
     assert!(

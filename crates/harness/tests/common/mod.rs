@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use ndarray::ArrayD;
+use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::{ReadNpyExt, WriteNpyExt};
 use serde_json::Value;
 
@@ -87,4 +87,16 @@ pub fn stage_file(dump: &Path, stage: &str) -> PathBuf {
 
 pub fn json_report(output: &Output) -> Value {
     serde_json::from_slice(&output.stdout).expect("JSON on stdout")
+}
+
+/// What a reader sees that flattens an OIHW conv weight in torch's order
+/// and reads the numbers back as OHWI: the seed's first bug.
+pub fn read_as_ohwi(weight: &ArrayD<f32>) -> ArrayD<f32> {
+    let shape = weight.shape();
+    let flat: Vec<f32> = weight.iter().copied().collect();
+    ArrayD::from_shape_vec(IxDyn(&[shape[0], shape[2], shape[3], shape[1]]), flat)
+        .unwrap()
+        .permuted_axes(IxDyn(&[0, 3, 1, 2]))
+        .as_standard_layout()
+        .into_owned()
 }
