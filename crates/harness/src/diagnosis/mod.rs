@@ -181,8 +181,8 @@ impl<'a> Evidence<'a> {
         self.dump.weights().weight(name).ok()
     }
 
-    /// Runs the core's stage `index` as given (a conv with other weights,
-    /// say) on an NCHW input, and returns its output NCHW.
+    /// Runs `conv` (a stage's conv with other weights, say) on an NCHW
+    /// input, and returns its output NCHW, shaped like `output_shape`.
     pub fn run_conv(
         &self,
         conv: &resnet_core::ops::Conv2d,
