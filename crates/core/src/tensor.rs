@@ -1,4 +1,5 @@
 use ndarray::{Array4, ArrayView4, ArrayViewMut4};
+use rayon::prelude::*;
 
 /// Activations in NHWC order (batch, height, width, channels), f32, always in
 /// standard (row-major) layout, so that a pixel's channels are contiguous.
@@ -36,30 +37,40 @@ impl Tensor {
     pub fn to_nchw(&self) -> Array4<f32> {
         // A transpose of each image's (pixels x channels) matrix, 16 pixels
         // at a time: their channels stay in L1 while each channel's run of
-        // 16 is written. ndarray's generic strided copy is several times
-        // slower, and verify does this for every stage.
+        // 16 is written; blocks of channels in parallel. ndarray's generic
+        // strided copy is several times slower, and verify does this for
+        // every stage.
         const TILE: usize = 16;
+        const CHANNEL_BLOCK: usize = 32;
         let [batch, height, width, channels] = self.nhwc_shape();
         let pixels = height * width;
         let input = self.as_slice();
         let mut output = vec![0f32; input.len()];
-        for (image, out) in input
-            .chunks_exact((pixels * channels).max(1))
-            .zip(output.chunks_exact_mut((pixels * channels).max(1)))
-        {
-            for first in (0..pixels).step_by(TILE) {
-                let count = TILE.min(pixels - first);
-                let tile = &image[first * channels..(first + count) * channels];
-                for (channel, run) in out.chunks_exact_mut(pixels).enumerate() {
-                    for (value, pixel) in run[first..first + count]
-                        .iter_mut()
-                        .zip(tile.chunks_exact(channels))
-                    {
-                        *value = pixel[channel];
-                    }
-                }
-            }
-        }
+        let image_len = (pixels * channels).max(1);
+        output
+            .par_chunks_mut(image_len)
+            .zip(input.par_chunks(image_len))
+            .for_each(|(out_image, image)| {
+                out_image
+                    .par_chunks_mut((pixels * CHANNEL_BLOCK).max(1))
+                    .enumerate()
+                    .for_each(|(block, out)| {
+                        let first_channel = block * CHANNEL_BLOCK;
+                        for first in (0..pixels).step_by(TILE) {
+                            let count = TILE.min(pixels - first);
+                            let tile = &image[first * channels..(first + count) * channels];
+                            for (offset, run) in out.chunks_exact_mut(pixels).enumerate() {
+                                let channel = first_channel + offset;
+                                for (value, pixel) in run[first..first + count]
+                                    .iter_mut()
+                                    .zip(tile.chunks_exact(channels))
+                                {
+                                    *value = pixel[channel];
+                                }
+                            }
+                        }
+                    });
+            });
         Array4::from_shape_vec((batch, channels, height, width), output)
             .expect("the same number of elements")
     }
