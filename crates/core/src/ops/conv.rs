@@ -47,8 +47,10 @@ impl ConvGeometry {
 }
 
 /// Conv2d as GEMM. An NHWC patch (kernel y, kernel x, channel) is contiguous
-/// channel runs, so im2col is a sequence of memcpys, and a 1x1 stride-1 conv
-/// needs no im2col at all: the activation already is the GEMM's left matrix.
+/// channel runs: the packed kernel (`packed_gemm`) reads them straight from
+/// the input, and where it does not run (grouped convs, CPUs without AVX2),
+/// im2col is a sequence of memcpys for the `gemm` crate; a 1x1 stride-1 conv
+/// needs neither: the activation already is the GEMM's left matrix.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Conv2d {
     in_channels: usize,
