@@ -103,6 +103,7 @@ fn draw<'a>(report: &Report, text: &'a mut String) -> Result<(), Box<dyn std::er
     // Where each layer starts, so that depth reads as the network's parts.
     let grey = RGBColor(150, 150, 150);
     let mut previous_layer: Option<&str> = None;
+    let mut labels = 0;
     for (position, stage) in report.stages.iter().enumerate() {
         // A layer's own stage (its output) has no enclosing layer.
         let is_layer = stage.module_type == "Sequential" && !stage.name.contains('.');
@@ -118,11 +119,14 @@ fn draw<'a>(report: &Report, text: &'a mut String) -> Result<(), Box<dyn std::er
                 vec![(x, low), (x, high)],
                 grey.stroke_width(1),
             )))?;
+            // Alternate heights: the stem is only four stages wide.
+            let height = if labels % 2 == 0 { 3.0 } else { 12.0 };
             chart.draw_series(std::iter::once(Text::new(
                 format!(" {layer}"),
-                (x, low * 3.0),
+                (x, low * height),
                 ("sans-serif", 14).into_font().color(&grey),
             )))?;
+            labels += 1;
         }
         previous_layer = Some(layer);
     }
@@ -158,13 +162,20 @@ fn draw<'a>(report: &Report, text: &'a mut String) -> Result<(), Box<dyn std::er
             ))?;
         }
         chart
-            .draw_series(points.iter().map(|&(x, y, failed)| {
-                // Failing stages in red, whichever the series.
-                let fill = if failed { red } else { color };
-                Circle::new((x, y), if failed { 3 } else { 2 }, fill.filled())
-            }))?
+            .draw_series(
+                points
+                    .iter()
+                    .map(|&(x, y, _)| Circle::new((x, y), 3, color.filled())),
+            )?
             .label(label)
             .legend(move |(x, y)| Circle::new((x + 10, y), 3, color.filled()));
+        // Failing stages ringed in red, each in its series' colour.
+        chart.draw_series(
+            points
+                .iter()
+                .filter(|&&(_, _, failed)| failed)
+                .map(|&(x, y, _)| Circle::new((x, y), 5, red.stroke_width(2))),
+        )?;
     }
     if let Some(first) = &report.summary.first_failure {
         if let Some(position) = report.stages.iter().position(|s| &s.name == first) {
