@@ -405,3 +405,86 @@ fn pad(x: &Tensor, padding: [usize; 2]) -> Vec<f32> {
     }
     padded
 }
+
+#[cfg(test)]
+mod tests {
+    use ndarray::Array4;
+
+    use super::*;
+
+    /// Deterministic values in [-0.5, 0.5).
+    fn values(count: usize, seed: u32) -> Vec<f32> {
+        (0..count)
+            .map(|i| {
+                let bits = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+                bits as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    /// The packed kernel and the `gemm` crate path (what a CPU without
+    /// AVX2 runs, untested otherwise on one that has it) give the same
+    /// conv, bias, residual and ReLU.
+    #[test]
+    fn the_packed_kernel_and_the_gemm_crate_path_agree() {
+        if !packed_gemm::available() {
+            return;
+        }
+        let geometries = [
+            ConvGeometry::square(1, 1, 0, 1),
+            ConvGeometry::square(1, 2, 0, 1),
+            ConvGeometry::square(3, 1, 1, 1),
+            ConvGeometry::square(3, 2, 1, 1),
+            ConvGeometry::square(7, 2, 3, 1),
+            ConvGeometry {
+                kernel: [3, 2],
+                stride: [1, 2],
+                padding: [2, 1],
+                dilation: [2, 3],
+                groups: 1,
+            },
+        ];
+        for (case, geometry) in geometries.into_iter().enumerate() {
+            let (in_channels, out_channels) = (if case == 4 { 3 } else { 20 }, 37);
+            let [kh, kw] = geometry.kernel;
+            let weight = values(out_channels * in_channels * kh * kw, 1);
+            let packed = Conv2d::new(
+                in_channels,
+                out_channels,
+                geometry,
+                weight,
+                Some(values(out_channels, 2)),
+            );
+            assert!(packed.packed.is_some());
+            let plain = Conv2d {
+                packed: None,
+                ..packed.clone()
+            };
+            let x = Tensor::from_nhwc(
+                Array4::from_shape_vec(
+                    (2, 11, 13, in_channels),
+                    values(2 * 11 * 13 * in_channels, 3),
+                )
+                .unwrap(),
+            );
+            let shape = plain.forward(&x).unwrap().nhwc_shape();
+            let residual = Tensor::from_nhwc(
+                Array4::from_shape_vec(
+                    (shape[0], shape[1], shape[2], shape[3]),
+                    values(shape.iter().product(), 4),
+                )
+                .unwrap(),
+            );
+            for (residual, relu) in [(None, false), (Some(&residual), true)] {
+                let a = packed.forward_fused(&x, residual, relu).unwrap();
+                let b = plain.forward_fused(&x, residual, relu).unwrap();
+                for (index, (a, b)) in a.as_slice().iter().zip(b.as_slice()).enumerate() {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "case {case}, element {index}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}
