@@ -9,7 +9,7 @@ use resnet_core::Network;
 use resnet_dump::{Dump, Layout};
 
 use crate::diagnosis::{layout, Evidence, Observed};
-use crate::layout::to_nchw;
+use crate::layout::{as_stored, to_nchw};
 use crate::metrics::{compare, Verdict};
 use crate::reference_check::{check_reference, ReferenceCheck};
 use crate::report::{abbreviate, Event, Report, ReportBuilder, RunMode, StageReport, TopClasses};
@@ -104,7 +104,6 @@ pub fn compare_dumps(
         if let Some(dtype) = &loaded.converted_from {
             notes.push(format!("candidate stored as {dtype}, converted to float32"));
         }
-        let stored = loaded.data.clone();
         let actual = to_nchw(loaded.data, layout);
         let comparison = if actual.shape() == expected.shape() {
             Some(compare(
@@ -137,7 +136,8 @@ pub fn compare_dumps(
         let origin = builder.origin(verdict == Verdict::Fail, false, false);
         let mut hints = Vec::new();
         if builder.should_diagnose(&origin) {
-            if let Some(found) = layout::find(&evidence, &stored, layout, &expected) {
+            let stored = as_stored(&actual, layout);
+            if let Some(found) = layout::find(&evidence, stored, layout, &expected) {
                 if let Some(confirmed) =
                     confirm_layout(&evidence, &reference, &candidate, index, &found)?
                 {
@@ -233,7 +233,7 @@ fn confirm_layout(
             reference.manifest().layout,
         );
         let stored = candidate.load_stage(candidate_entry)?.data;
-        if !layout::holds(evidence, &stored, found.order, &expected) {
+        if !layout::holds(evidence, stored.view(), found.order, &expected) {
             return Ok(None);
         }
         confirmed.push(entry.name.clone());

@@ -16,6 +16,16 @@ pub fn to_nchw(array: ArrayD<f32>, layout: Layout) -> ArrayD<f32> {
     }
 }
 
+/// The inverse of [`to_nchw`], without a copy: an NCHW array seen in the
+/// axis order of a file stored in `layout`, so that iterating it walks the
+/// file's memory order.
+pub fn as_stored(nchw: &ArrayD<f32>, layout: Layout) -> ArrayViewD<'_, f32> {
+    match (layout, nchw.ndim()) {
+        (Layout::NHWC, 4) => nchw.view().permuted_axes(IxDyn(&[0, 2, 3, 1])),
+        _ => nchw.view(),
+    }
+}
+
 /// The core's NHWC tensor as NCHW, shaped like `reference_shape` where the
 /// two agree element for element (the logits: `[N, 1, 1, C]` is `[N, C]`).
 pub fn candidate_nchw(tensor: &Tensor, reference_shape: &[usize]) -> Option<ArrayD<f32>> {
@@ -40,5 +50,24 @@ pub fn reference_tensor(nchw: ArrayViewD<'_, f32>) -> Option<Tensor> {
             nchw.into_shape_with_order((n, 1, 1, c)).ok()?.to_owned(),
         )),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn as_stored_walks_the_file_order_back() {
+        let nhwc = ArrayD::from_shape_fn(IxDyn(&[2, 3, 4, 5]), |i| {
+            (i[0] * 1000 + i[1] * 100 + i[2] * 10 + i[3]) as f32
+        });
+        let file_order: Vec<f32> = nhwc.iter().copied().collect();
+        for layout in [Layout::NHWC, Layout::NCHW] {
+            let nchw = to_nchw(nhwc.clone(), layout);
+            let stored = as_stored(&nchw, layout);
+            assert_eq!(stored.shape(), nhwc.shape());
+            assert_eq!(stored.iter().copied().collect::<Vec<_>>(), file_order);
+        }
     }
 }

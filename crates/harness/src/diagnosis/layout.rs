@@ -4,7 +4,7 @@
 //! without a transpose). Both are the same test on the stored buffer: read
 //! it in every other axis order and see whether one gives the reference.
 
-use ndarray::{Array4, ArrayD};
+use ndarray::{Array4, ArrayD, ArrayViewD};
 use resnet_dump::Layout;
 
 use super::{Evidence, Hint, Hypothesis};
@@ -115,20 +115,14 @@ pub struct LayoutMatch {
 /// in another axis order.
 pub(crate) fn find(
     evidence: &Evidence,
-    stored: &ArrayD<f32>,
+    stored: ArrayViewD<'_, f32>,
     assumed: Layout,
     reference: &ArrayD<f32>,
 ) -> Option<LayoutMatch> {
-    if reference.ndim() != 4 || stored.len() != reference.len() {
-        return None;
-    }
-    let buffer: Vec<f32> = stored.iter().copied().collect();
+    let buffer = stored_buffer(stored.view(), reference)?;
     let assumed_order = layout_order(assumed);
     for order in other_orders(reference.shape(), assumed_order) {
-        let Some(read) = read_in_order(&buffer, reference.shape(), order) else {
-            continue;
-        };
-        let Some(error) = evidence.reproduces(&read, reference) else {
+        let Some(error) = reproduced_in_order(evidence, &buffer, order, reference) else {
             continue;
         };
         let name = order_name(order, "NCHW");
@@ -165,17 +159,29 @@ pub(crate) fn find(
 /// stages a layout found on one).
 pub(crate) fn holds(
     evidence: &Evidence,
-    stored: &ArrayD<f32>,
+    stored: ArrayViewD<'_, f32>,
     order: AxisOrder,
     reference: &ArrayD<f32>,
 ) -> bool {
-    if reference.ndim() != 4 || stored.len() != reference.len() {
-        return false;
-    }
-    let buffer: Vec<f32> = stored.iter().copied().collect();
-    read_in_order(&buffer, reference.shape(), order)
-        .and_then(|read| evidence.reproduces(&read, reference))
+    stored_buffer(stored, reference)
+        .and_then(|buffer| reproduced_in_order(evidence, &buffer, order, reference))
         .is_some()
+}
+
+/// The stored values in memory order, if they could be a 4-D reference's.
+fn stored_buffer(stored: ArrayViewD<'_, f32>, reference: &ArrayD<f32>) -> Option<Vec<f32>> {
+    (reference.ndim() == 4 && stored.len() == reference.len())
+        .then(|| stored.iter().copied().collect())
+}
+
+/// How closely `buffer` read in `order` reproduces the reference, if it does.
+fn reproduced_in_order(
+    evidence: &Evidence,
+    buffer: &[f32],
+    order: AxisOrder,
+    reference: &ArrayD<f32>,
+) -> Option<f64> {
+    evidence.reproduces(&read_in_order(buffer, reference.shape(), order)?, reference)
 }
 
 #[cfg(test)]
