@@ -107,10 +107,12 @@ pub fn check_reference(dump: &Dump, network: &Network) -> Result<ReferenceCheck,
         if input.ndim() != 4 || input.shape() != output.shape() {
             continue;
         }
-        let parameters = Parameters::load(&stage.module, |name| weights.weight(name).ok())
-            .ok_or_else(|| VerifyError::Mismatch {
-                dump: dump.root().to_path_buf(),
-                reason: format!("the weights of `{}` are missing", stage.module),
+        let parameters =
+            Parameters::load(&stage.module, |name| weights.weight(name)).map_err(|source| {
+                VerifyError::Core {
+                    dump: dump.root().to_path_buf(),
+                    source,
+                }
             })?;
         let Parameters {
             weight,

@@ -17,17 +17,18 @@ pub(crate) struct Parameters {
 }
 
 impl Parameters {
-    /// `module`'s parameters from a weight lookup.
-    pub fn load(module: &str, lookup: impl Fn(&str) -> Option<ArrayD<f32>>) -> Option<Self> {
-        let part = |name: &str| -> Option<Vec<f64>> {
-            Some(
-                lookup(&format!("{module}.{name}"))?
-                    .iter()
-                    .map(|&v| v as f64)
-                    .collect(),
-            )
+    /// `module`'s parameters from a weight lookup, failing as it fails.
+    pub fn load<E>(
+        module: &str,
+        lookup: impl Fn(&str) -> Result<ArrayD<f32>, E>,
+    ) -> Result<Self, E> {
+        let part = |name: &str| -> Result<Vec<f64>, E> {
+            Ok(lookup(&format!("{module}.{name}"))?
+                .iter()
+                .map(|&v| v as f64)
+                .collect())
         };
-        Some(Parameters {
+        Ok(Parameters {
             weight: part("weight")?,
             bias: part("bias")?,
             mean: part("running_mean")?,
@@ -79,7 +80,8 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
     let Some(input) = evidence.reference_input(index) else {
         return Vec::new();
     };
-    let Some(p) = Parameters::load(&stage.module, |name| evidence.weight(name)) else {
+    let Some(p) = Parameters::load(&stage.module, |name| evidence.weight(name).ok_or(())).ok()
+    else {
         return Vec::new();
     };
     let channels = input.shape().get(1).copied().unwrap_or(0);
