@@ -149,25 +149,16 @@ impl Manifest {
         if self.stages.is_empty() {
             return Err(problem("stages".into(), "no stages listed".into()));
         }
-        let mut names = HashSet::new();
-        for (index, stage) in self.stages.iter().enumerate() {
-            if !names.insert(stage.name.as_str()) {
-                let reason = format!("duplicate stage name `{}`", stage.name);
-                return Err(problem(format!("stages[{index}].name"), reason));
-            }
-            check_relative(&stage.file)
-                .map_err(|reason| problem(format!("stages[{index}].file"), reason))?;
-        }
-        let mut weight_names = HashSet::new();
-        for (index, weight) in self.weights.iter().enumerate() {
-            if !weight_names.insert(weight.name.as_str()) {
-                let reason = format!("duplicate weight `{}`", weight.name);
-                return Err(problem(format!("weights[{index}].name"), reason));
-            }
-            check_relative(&weight.file)
-                .map_err(|reason| problem(format!("weights[{index}].file"), reason))?;
-        }
-        Ok(())
+        let stages = self
+            .stages
+            .iter()
+            .map(|s| (s.name.as_str(), s.file.as_str()));
+        check_named_files("stages", "stage name", stages)?;
+        let weights = self
+            .weights
+            .iter()
+            .map(|w| (w.name.as_str(), w.file.as_str()));
+        check_named_files("weights", "weight", weights)
     }
 
     pub fn model_name(&self) -> &str {
@@ -175,6 +166,25 @@ impl Manifest {
             .as_ref()
             .map_or("unnamed model", |model| model.name.as_str())
     }
+}
+
+/// The entries of the list `field` (name, file): unique names, and files
+/// inside the dump.
+fn check_named_files<'a>(
+    field: &str,
+    what: &str,
+    entries: impl Iterator<Item = (&'a str, &'a str)>,
+) -> Result<(), ManifestProblem> {
+    let problem = |field: String, reason: String| ManifestProblem::Field { field, reason };
+    let mut names = HashSet::new();
+    for (index, (name, file)) in entries.enumerate() {
+        if !names.insert(name) {
+            let reason = format!("duplicate {what} `{name}`");
+            return Err(problem(format!("{field}[{index}].name"), reason));
+        }
+        check_relative(file).map_err(|reason| problem(format!("{field}[{index}].file"), reason))?;
+    }
+    Ok(())
 }
 
 /// A manifest's file name must be relative and stay below the dump directory.
