@@ -34,12 +34,7 @@ fn compare_edited(name: &str, edit: impl FnOnce(&Path)) -> Value {
 }
 
 fn stage<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap_or_else(|| panic!("no stage {name}"))
+    entry(report, "stages", name)
 }
 
 /// The (hypothesis, message) of every hint at stage `name`.

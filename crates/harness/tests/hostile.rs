@@ -222,13 +222,7 @@ fn zero_sized_dimensions_are_a_clear_mismatch() {
         "stage `layer1.0.conv1` has shape [1, 0, 8, 8], but the manifest says [1, 8, 8, 8]",
     );
     edit_manifest(&dump, |m| {
-        let stage = m["stages"]
-            .as_array_mut()
-            .unwrap()
-            .iter_mut()
-            .find(|s| s["name"] == "layer1.0.conv1")
-            .unwrap();
-        stage["shape"] = serde_json::json!([1, 0, 8, 8]);
+        entry_mut(m, "stages", "layer1.0.conv1")["shape"] = serde_json::json!([1, 0, 8, 8]);
     });
     expect(&verify(&[path(&dump)]), 2, "stage `layer1.0.conv1`: the core's output [1, 8, 8, 8] (NCHW) does not match the reference shape [1, 0, 8, 8]");
 }
@@ -328,13 +322,7 @@ fn manifest_problems_name_the_field() {
         (
             "weight shape in manifest",
             Box::new(|m| {
-                let w = m["weights"]
-                    .as_array_mut()
-                    .unwrap()
-                    .iter_mut()
-                    .find(|w| w["name"] == "fc.weight")
-                    .unwrap();
-                w["shape"] = serde_json::json!([10, 32]);
+                entry_mut(m, "weights", "fc.weight")["shape"] = serde_json::json!([10, 32]);
             }),
             "weight `fc.weight` has shape [10, 64] in its file, but the manifest says [10, 32]",
         ),
@@ -364,13 +352,8 @@ fn a_weight_of_the_wrong_shape_names_the_weight_and_both_shapes() {
         &ndarray::ArrayD::zeros(ndarray::IxDyn(&[16, 8, 1, 1])),
     );
     edit_manifest(&dump, |m| {
-        let w = m["weights"]
-            .as_array_mut()
-            .unwrap()
-            .iter_mut()
-            .find(|w| w["name"] == "layer2.0.conv1.weight")
-            .unwrap();
-        w["shape"] = serde_json::json!([16, 8, 1, 1]);
+        entry_mut(m, "weights", "layer2.0.conv1.weight")["shape"] =
+            serde_json::json!([16, 8, 1, 1]);
     });
     expect(&verify(&[path(&dump)]), 2, "weight `layer2.0.conv1.weight` has shape [16, 8, 1, 1], but the architecture needs [16, 8, 3, 3]");
 }

@@ -76,13 +76,28 @@ pub fn stage_file(dump: &Path, stage: &str) -> PathBuf {
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(dump.join("manifest.json")).unwrap())
             .unwrap();
-    let entry = manifest["stages"]
+    dump.join(entry(&manifest, "stages", stage)["file"].as_str().unwrap())
+}
+
+/// The entry named `name` in the list `list` of a manifest or a report
+/// (`stages`, `weights`).
+pub fn entry<'a>(document: &'a Value, list: &str, name: &str) -> &'a Value {
+    document[list]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["name"] == stage)
-        .unwrap();
-    dump.join(entry["file"].as_str().unwrap())
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list}"))
+}
+
+/// [`entry`], to edit.
+pub fn entry_mut<'a>(document: &'a mut Value, list: &str, name: &str) -> &'a mut Value {
+    document[list]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|e| e["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list}"))
 }
 
 pub fn json_report(output: &Output) -> Value {
