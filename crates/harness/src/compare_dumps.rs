@@ -9,7 +9,7 @@ use resnet_core::Network;
 use resnet_dump::{Dump, Layout};
 
 use crate::diagnosis::{layout, Evidence, Observed};
-use crate::layout::{as_stored, to_nchw};
+use crate::layout::{as_stored, load_nchw, to_nchw};
 use crate::metrics::{compare, Verdict};
 use crate::reference_check::{check_reference, ReferenceCheck};
 use crate::report::{abbreviate, Event, Report, ReportBuilder, RunMode, StageReport, TopClasses};
@@ -95,10 +95,7 @@ pub fn compare_dumps(
             missing.push(entry.name.clone());
             continue;
         };
-        let expected = to_nchw(
-            reference.load_stage(entry)?.data,
-            reference.manifest().layout,
-        );
+        let expected = load_nchw(&reference, entry)?;
         let loaded = candidate.load_stage(candidate_entry)?;
         let mut notes = Vec::new();
         if let Some(dtype) = &loaded.converted_from {
@@ -228,10 +225,7 @@ fn confirm_layout(
         let Some(candidate_entry) = candidate.stage(&entry.name) else {
             continue;
         };
-        let expected = to_nchw(
-            reference.load_stage(entry)?.data,
-            reference.manifest().layout,
-        );
+        let expected = load_nchw(reference, entry)?;
         let stored = candidate.load_stage(candidate_entry)?.data;
         if !layout::holds(evidence, stored.view(), found.order, &expected) {
             return Ok(None);

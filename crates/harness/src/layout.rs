@@ -3,7 +3,7 @@
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use resnet_core::Tensor;
-use resnet_dump::Layout;
+use resnet_dump::{Dump, DumpError, Layout, StageEntry};
 
 /// An activation in NCHW order (4-D), or `[N, features]` for `fc`.
 pub fn to_nchw(array: ArrayD<f32>, layout: Layout) -> ArrayD<f32> {
@@ -14,6 +14,14 @@ pub fn to_nchw(array: ArrayD<f32>, layout: Layout) -> ArrayD<f32> {
             .into_owned(),
         _ => array,
     }
+}
+
+/// A dump's stage, read and brought into NCHW order.
+pub fn load_nchw(dump: &Dump, entry: &StageEntry) -> Result<ArrayD<f32>, DumpError> {
+    Ok(to_nchw(
+        dump.load_stage(entry)?.data,
+        dump.manifest().layout,
+    ))
 }
 
 /// The inverse of [`to_nchw`], without a copy: an NCHW array seen in the

@@ -14,7 +14,7 @@ use resnet_dump::{Dump, Mode};
 use serde::Serialize;
 
 use crate::diagnosis::batch_norm::{channel_statistics, normalise, Parameters};
-use crate::layout::to_nchw;
+use crate::layout::load_nchw;
 use crate::VerifyError;
 
 /// BatchNorm stages examined; the first few are enough and are the cheapest
@@ -102,8 +102,8 @@ pub fn check_reference(dump: &Dump, network: &Network) -> Result<ReferenceCheck,
         else {
             continue;
         };
-        let input = to_nchw(dump.load_stage(input_entry)?.data, manifest.layout);
-        let output = to_nchw(dump.load_stage(output_entry)?.data, manifest.layout);
+        let input = load_nchw(dump, input_entry)?;
+        let output = load_nchw(dump, output_entry)?;
         if input.ndim() != 4 || input.shape() != output.shape() {
             continue;
         }

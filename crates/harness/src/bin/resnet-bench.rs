@@ -18,7 +18,7 @@ use clap::Parser;
 use ndarray_npy::WriteNpyExt;
 use resnet_core::{Network, Tensor};
 use resnet_dump::Dump;
-use resnet_verify::layout::{reference_tensor, to_nchw};
+use resnet_verify::layout::{load_nchw, reference_tensor};
 
 /// Serve timed forward passes of the core for scripts/bench-core.
 #[derive(Parser)]
@@ -47,7 +47,7 @@ fn main() -> anyhow::Result<()> {
     let dump = Dump::open(&cli.dump)?;
     let network = Network::from_weights(dump.architecture()?, &dump.weights())?;
     let entry = dump.stage("input").context("the dump has no input stage")?;
-    let input = to_nchw(dump.load_stage(entry)?.data, dump.manifest().layout);
+    let input = load_nchw(&dump, entry)?;
     let Some(input) = reference_tensor(input.view()) else {
         bail!("the input is not NCHW")
     };

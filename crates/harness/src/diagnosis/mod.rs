@@ -21,7 +21,7 @@ use resnet_core::{Network, StageKind, WeightSource};
 use resnet_dump::Dump;
 use serde::Serialize;
 
-use crate::layout::{candidate_nchw, reference_tensor, to_nchw};
+use crate::layout::{candidate_nchw, load_nchw, reference_tensor};
 use crate::metrics::{compare, Verdict};
 use crate::Tolerance;
 
@@ -166,9 +166,7 @@ impl<'a> Evidence<'a> {
     }
 
     pub fn reference_named(&self, name: &str) -> Option<ArrayD<f32>> {
-        let entry = self.dump.stage(name)?;
-        let loaded = self.dump.load_stage(entry).ok()?;
-        Some(to_nchw(loaded.data, self.dump.manifest().layout))
+        load_nchw(self.dump, self.dump.stage(name)?).ok()
     }
 
     /// The reference's (single) input to stage `index`.
