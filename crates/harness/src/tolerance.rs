@@ -35,6 +35,18 @@ impl Tolerance {
     /// The default atol, as a fraction of the stage's largest |ref|.
     pub const DEFAULT_ATOL_SCALE: f64 = 1e-4;
 
+    /// The default, with what a user gave (`--atol`, `--rtol`,
+    /// `--equal-nan`, or the bindings' arguments) in its place: a given atol
+    /// is fixed, no longer relative to the stage's scale.
+    pub fn with_overrides(atol: Option<f64>, rtol: Option<f64>, equal_nan: bool) -> Self {
+        let default = Tolerance::default();
+        Tolerance {
+            rtol: rtol.unwrap_or(default.rtol),
+            atol: atol.map_or(default.atol, AbsoluteTolerance::Fixed),
+            equal_nan,
+        }
+    }
+
     /// The absolute tolerance for a stage whose largest |ref| is `scale`.
     pub fn atol_for(&self, scale: f64) -> f64 {
         match self.atol {

@@ -18,7 +18,7 @@ use resnet_dump::{Dump, Mode};
 use resnet_verify::layout::{candidate_nchw, reference_tensor};
 use resnet_verify::reference_check::ReferenceCheck;
 use resnet_verify::report::{json, text};
-use resnet_verify::{verify_dump, AbsoluteTolerance, Report, RunMode, Tolerance, VerifyOptions};
+use resnet_verify::{verify_dump, Report, RunMode, Tolerance, VerifyOptions};
 
 create_exception!(
     _native,
@@ -35,15 +35,6 @@ create_exception!(
 
 fn error(message: impl std::fmt::Display) -> PyErr {
     VerifyError::new_err(message.to_string())
-}
-
-fn tolerance(atol: Option<f64>, rtol: Option<f64>, equal_nan: bool) -> Tolerance {
-    let default = Tolerance::default();
-    Tolerance {
-        rtol: rtol.unwrap_or(default.rtol),
-        atol: atol.map_or(default.atol, AbsoluteTolerance::Fixed),
-        equal_nan,
-    }
 }
 
 /// Runs verify on an opened dump; returns (JSON report, text report), or
@@ -78,7 +69,7 @@ fn options(
         upto,
         only: None,
         fail_fast: false,
-        tolerance: tolerance(atol, rtol, false),
+        tolerance: Tolerance::with_overrides(atol, rtol, false),
         mode: if isolate {
             RunMode::Isolated
         } else {
@@ -254,7 +245,7 @@ fn compare(
         reference_data.as_slice().expect("standard layout"),
         candidate_data.as_slice().expect("standard layout"),
         reference.shape(),
-        &tolerance(atol, rtol, equal_nan),
+        &Tolerance::with_overrides(atol, rtol, equal_nan),
     );
     serde_json::to_string(&comparison).map_err(error)
 }

@@ -16,8 +16,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use resnet_verify::report::{json, junit, plot, text};
 use resnet_verify::{
-    compare_dumps, verify, AbsoluteTolerance, CandidateLayout, CompareOptions, Event, Report,
-    RunMode, Tolerance, VerifyOptions,
+    compare_dumps, verify, CandidateLayout, CompareOptions, Event, Report, RunMode, Tolerance,
+    VerifyOptions,
 };
 
 /// Proves that the Rust ResNet core computes what PyTorch computes, stage by
@@ -214,12 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
 }
 
 fn tolerance(common: &Common) -> Tolerance {
-    let default = Tolerance::default();
-    Tolerance {
-        rtol: common.rtol.unwrap_or(default.rtol),
-        atol: common.atol.map_or(default.atol, AbsoluteTolerance::Fixed),
-        equal_nan: common.equal_nan,
-    }
+    Tolerance::with_overrides(common.atol, common.rtol, common.equal_nan)
 }
 
 fn glob(pattern: &Option<String>) -> anyhow::Result<Option<globset::GlobMatcher>> {
