@@ -122,8 +122,9 @@ def build(args):
         model, architecture = models.seeded(args.model, args.seed, args.size, **shape_options)
         weights_description = {
             "source": "seeded", "seed": args.seed,
+            "init": "conv ~ N(0, 2/fan_out) (Irwin-Hall of 12), fc ~ U(+-1/sqrt(fan_in)), integer draws: same bits on any CPU",
             "batch_norm_affine": "weight ~ U[0.5, 1.5), bias ~ U[-0.25, 0.25)",
-            "calibration": {"batches": 2, "batch_size": 4, "input": "standard normal", "momentum": None},
+            "calibration": {"batches": 2, "batch_size": 4, "input": "standard normal (Irwin-Hall of 12)", "momentum": None},
         }
     x, input_description = preprocess.make_input(args.image, args.size, args.batch, args.seed)
     return model, architecture, weights_description, x, input_description

@@ -1,6 +1,8 @@
 """torchvision ResNets, full size or width-reduced, with seeded weights whose
 BatchNorm running statistics are calibrated on seeded inputs."""
 
+import math
+
 import torch
 from torch import nn
 from torchvision.models import resnet as tv
@@ -45,9 +47,6 @@ def build(name, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group
         model.layer3 = model._make_layer(block, width * 4, layers[2], stride=2)
         model.layer4 = model._make_layer(block, width * 8, layers[3], stride=2)
         model.fc = nn.Linear(width * 8 * block.expansion, num_classes)
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
     return model, describe(model)
 
 
@@ -77,20 +76,56 @@ def describe(model):
     }
 
 
-def randomize_batch_norm_affine(model, generator):
-    """torchvision starts every BatchNorm at weight 1, bias 0, which would hide
-    any bug that swaps or drops them. Seeded values away from 1 and 0 make
-    such bugs visible."""
+# Seeded weights must be the same bits on every machine, so that a fixture
+# regenerated elsewhere holds the same weights. torch's normal_ is not: it
+# draws with a vectorised Box-Muller whose log/cos differ by CPU kernel
+# (ATEN_CPU_CAPABILITY), and uniform_ may fuse its scale and shift. These
+# draws use integers only and round once, in float64, to float32.
+UNIT = 2**24
+
+
+def draw_uniform(generator, shape, low, high):
+    """U[low, high) on a grid of 2**24 steps."""
+    steps = torch.randint(0, UNIT, shape, generator=generator, dtype=torch.int64)
+    return (low + steps.double() * ((high - low) / UNIT)).float()
+
+
+def draw_normal(generator, shape, std):
+    """N(0, std**2), approximately: the Irwin-Hall sum of 12 uniform draws,
+    centred (mean 0, variance 1, tails cut at 6 std), summed exactly as integers."""
+    steps = torch.randint(0, UNIT, (12, *shape), generator=generator, dtype=torch.int64)
+    return ((steps.sum(0) - 6 * UNIT).double() * (std / UNIT)).float()
+
+
+def initialize(model, generator):
+    """torchvision's initialisation, drawn so that it is the same everywhere:
+    convs kaiming-normal (fan_out, ReLU gain), fc uniform in +-1/sqrt(fan_in).
+    BatchNorm's weight and bias are drawn away from torchvision's 1 and 0,
+    which would hide any bug that swaps or drops them."""
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-                module.bias.copy_((torch.rand(module.num_features, generator=generator) - 0.5) * 0.5)
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1]
+                module.weight.copy_(draw_normal(generator, module.weight.shape, math.sqrt(2.0 / fan_out)))
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.BatchNorm2d):
+                module.weight.copy_(draw_uniform(generator, module.weight.shape, 0.5, 1.5))
+                module.bias.copy_(draw_uniform(generator, module.bias.shape, -0.25, 0.25))
+            elif isinstance(module, nn.Linear):
+                bound = 1.0 / math.sqrt(module.in_features)
+                module.weight.copy_(draw_uniform(generator, module.weight.shape, -bound, bound))
+                module.bias.copy_(draw_uniform(generator, module.bias.shape, -bound, bound))
 
 
 def calibrate_batch_norm(model, generator, size, batches, batch_size):
     """Fills running_mean and running_var with the exact average over seeded
-    inputs: train mode, momentum=None (cumulative average), no gradients."""
+    inputs: train mode, momentum=None (cumulative average), no gradients.
+    The inputs are the same everywhere. The passes run in float64 and the
+    statistics are rounded once to float32, so that they agree across CPUs
+    to the last bit or, rarely, one unit in it: in float32 they differ by up
+    to 2% between CPU kernels, since a 1x1 map in a small batch leaves some
+    channels a variance near zero that magnifies every rounding."""
     saved_momenta = {}
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
@@ -98,9 +133,11 @@ def calibrate_batch_norm(model, generator, size, batches, batch_size):
             saved_momenta[module] = module.momentum
             module.momentum = None
     model.train()
+    model.double()
     with torch.no_grad():
         for _ in range(batches):
-            model(torch.randn(batch_size, 3, size, size, generator=generator))
+            model(draw_normal(generator, (batch_size, 3, size, size), 1.0).double())
+    model.float()
     for module, momentum in saved_momenta.items():
         module.momentum = momentum
     model.eval()
@@ -111,7 +148,7 @@ def seeded(name, seed, size, width=FULL_WIDTH, num_classes=1000, groups=None, wi
     torch.manual_seed(seed)
     model, architecture = build(name, width, num_classes, groups, width_per_group)
     generator = torch.Generator().manual_seed(seed)
-    randomize_batch_norm_affine(model, generator)
+    initialize(model, generator)
     calibrate_batch_norm(model, generator, size, calibration_batches, calibration_batch_size)
     return model, architecture
 

@@ -35,14 +35,17 @@ impl Tolerance {
     /// The default atol, as a fraction of the stage's largest |ref|.
     pub const DEFAULT_ATOL_SCALE: f64 = 1e-4;
 
-    /// The default, with what a user gave (`--atol`, `--rtol`,
-    /// `--equal-nan`, or the bindings' arguments) in its place: a given atol
-    /// is fixed, no longer relative to the stage's scale.
-    pub fn with_overrides(atol: Option<f64>, rtol: Option<f64>, equal_nan: bool) -> Self {
+    /// The default, with what a user gave (`--atol` or `--atol-scale`,
+    /// `--rtol`, `--equal-nan`, or the bindings' arguments) in its place.
+    pub fn with_overrides(
+        atol: Option<AbsoluteTolerance>,
+        rtol: Option<f64>,
+        equal_nan: bool,
+    ) -> Self {
         let default = Tolerance::default();
         Tolerance {
             rtol: rtol.unwrap_or(default.rtol),
-            atol: atol.map_or(default.atol, AbsoluteTolerance::Fixed),
+            atol: atol.unwrap_or(default.atol),
             equal_nan,
         }
     }

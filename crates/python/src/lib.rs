@@ -18,7 +18,7 @@ use resnet_dump::{Dump, Mode};
 use resnet_verify::layout::{candidate_nchw, reference_tensor};
 use resnet_verify::reference_check::ReferenceCheck;
 use resnet_verify::report::{json, text};
-use resnet_verify::{verify_dump, Report, RunMode, Tolerance, VerifyOptions};
+use resnet_verify::{verify_dump, AbsoluteTolerance, Report, RunMode, Tolerance, VerifyOptions};
 
 create_exception!(
     _native,
@@ -69,7 +69,7 @@ fn options(
         upto,
         only: None,
         fail_fast: false,
-        tolerance: Tolerance::with_overrides(atol, rtol, false),
+        tolerance: Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, false),
         mode: if isolate {
             RunMode::Isolated
         } else {
@@ -245,7 +245,7 @@ fn compare(
         reference_data.as_slice().expect("standard layout"),
         candidate_data.as_slice().expect("standard layout"),
         reference.shape(),
-        &Tolerance::with_overrides(atol, rtol, equal_nan),
+        &Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, equal_nan),
     );
     serde_json::to_string(&comparison).map_err(error)
 }

@@ -16,8 +16,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use resnet_verify::report::{json, junit, plot, text};
 use resnet_verify::{
-    compare_dumps, verify, CandidateLayout, CompareOptions, Event, Report, RunMode, Tolerance,
-    VerifyOptions,
+    compare_dumps, verify, AbsoluteTolerance, CandidateLayout, CompareOptions, Event, Report,
+    RunMode, Tolerance, VerifyOptions,
 };
 
 /// Proves that the Rust ResNet core computes what PyTorch computes, stage by
@@ -108,6 +108,10 @@ struct Common {
     /// Absolute tolerance (torch's rule |cand - ref| <= atol + rtol * |ref|); default: 1e-4 x the stage's max|ref|
     #[arg(long)]
     atol: Option<f64>,
+
+    /// Absolute tolerance as a fraction of each stage's max|ref| (the default's form: 1e-4)
+    #[arg(long, value_name = "FRACTION", conflicts_with = "atol")]
+    atol_scale: Option<f64>,
 
     /// Relative tolerance (torch's rule); default 1e-4
     #[arg(long)]
@@ -214,7 +218,12 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
 }
 
 fn tolerance(common: &Common) -> Tolerance {
-    Tolerance::with_overrides(common.atol, common.rtol, common.equal_nan)
+    let atol = match (common.atol, common.atol_scale) {
+        (Some(atol), _) => Some(AbsoluteTolerance::Fixed(atol)),
+        (None, Some(fraction)) => Some(AbsoluteTolerance::ScaleRelative(fraction)),
+        (None, None) => None,
+    };
+    Tolerance::with_overrides(atol, common.rtol, common.equal_nan)
 }
 
 fn glob(pattern: &Option<String>) -> anyhow::Result<Option<globset::GlobMatcher>> {
