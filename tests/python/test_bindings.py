@@ -32,7 +32,20 @@ def test_verify_torch_resnet50_every_stage_succ():
     torch.manual_seed(0)
     report = rv.verify_torch(torchvision.models.resnet50().eval(), torch.randn(1, 3, 224, 224))
     assert report.passed and report["summary"]["compared"] == 182
-    assert len(report["top5"]["candidate"]) == 5 and report["top5"]["candidate"][0]["name"]
+    # Both sides' top-5, best first, each named after its ImageNet class.
+    categories = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    top5 = report["top5"]
+    for side in ("reference", "candidate"):
+        indices, logits = [c["index"] for c in top5[side]], [c["logit"] for c in top5[side]]
+        assert len(set(indices)) == 5, side
+        assert logits == sorted(logits, reverse=True), side
+        assert [c["name"] for c in top5[side]] == [categories[i] for i in indices], side
+    # The k-th largest of two vectors differ by no more than the vectors do
+    # (the logits are float32, printed shortest: np.float32 gives them back).
+    fc = next(s for s in report["stages"] if s["name"] == "fc")["cumulative"]
+    for reference, candidate in zip(top5["reference"], top5["candidate"]):
+        difference = abs(float(np.float32(candidate["logit"])) - float(np.float32(reference["logit"])))
+        assert difference <= fc["max_abs_error"], (reference, candidate, fc["max_abs_error"])
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))

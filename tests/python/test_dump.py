@@ -44,7 +44,17 @@ def test_every_torchvision_resnet_dumps_a_valid_manifest(tmp_path, model):
     # Conv weights are stored in torch's OIHW layout.
     conv1 = next(w for w in manifest["weights"] if w["name"] == "conv1.weight")
     assert conv1["shape"] == [64, 3, 7, 7]
-    assert len(manifest["top5"][0]) == 5 and manifest["top5"][0][0]["name"]
+    # The top-5 are the five largest of the first batch item's fc outputs,
+    # best first, each named after its ImageNet class.
+    assert len(manifest["classes"]) == 1000
+    fc = np.load(tmp_path / model / manifest["stages"][-1]["file"])[0]
+    top = manifest["top5"][0]
+    indices, logits = [entry["index"] for entry in top], [entry["logit"] for entry in top]
+    assert len(set(indices)) == 5
+    assert logits == sorted(logits, reverse=True)
+    assert logits == [float(fc[index]) for index in indices]
+    assert [entry["name"] for entry in top] == [manifest["classes"][index] for index in indices]
+    assert logits[-1] >= np.delete(fc, indices).max()
 
 
 def test_bottleneck_relu_calls_are_named_and_blocks_follow_children(dump):
@@ -78,7 +88,7 @@ def test_bottleneck_bn3_is_copied_before_the_residual_add(dump):
     manifest, out = dump("r50", "--model", "resnet50", "--width", 8, "--size", 32)
     by_name = {stage["name"]: np.load(out / stage["file"]) for stage in manifest["stages"]}
     bn3, identity, relu = by_name["layer1.1.bn3"], by_name["layer1.0"], by_name["layer1.1.relu#2"]
-    np.testing.assert_allclose(np.maximum(bn3 + identity, 0), relu, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.maximum(bn3 + identity, 0), relu, rtol=1e-6, atol=1e-6, equal_nan=False)
     assert (bn3 < 0).any()
 
 
@@ -143,4 +153,5 @@ def test_refuses_to_overwrite_a_directory_that_is_not_a_dump(tmp_path):
     result = subprocess.run([sys.executable, "-m", "reference.dump", "--model", "resnet18", "--out", str(tmp_path / "precious")],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "not a dump" in result.stderr
-    assert (tmp_path / "precious" / "thesis.tex").exists()
+    assert (tmp_path / "precious" / "thesis.tex").read_text() == "..."
+    assert [p.name for p in (tmp_path / "precious").iterdir()] == ["thesis.tex"]

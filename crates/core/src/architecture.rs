@@ -157,26 +157,43 @@ mod tests {
         assert_eq!(resnet50.feature_channels(), 2048);
     }
 
+    /// The reason `architecture` is refused for.
+    fn refusal(architecture: &Architecture) -> String {
+        match architecture.validate() {
+            Err(CoreError::UnsupportedArchitecture(why)) => why,
+            other => panic!("expected an unsupported architecture, got {other:?}"),
+        }
+    }
+
     #[test]
     fn validation_refuses_what_torchvision_refuses() {
-        assert!(resnet50().validate().is_ok());
+        assert_eq!(resnet50().validate(), Ok(()));
         let grouped_basic = Architecture {
             block: BlockKind::BasicBlock,
             groups: 2,
             ..resnet50()
         };
-        assert!(grouped_basic.validate().is_err());
+        assert_eq!(
+            refusal(&grouped_basic),
+            "BasicBlock only supports groups=1 and width_per_group=64 (as in torchvision)"
+        );
         // int(8 * 1 / 64) * 1 = 0 channels inside the first Bottleneck.
         let empty = Architecture {
             width_per_group: 1,
             planes: vec![8, 16, 32, 64],
             ..resnet50()
         };
-        assert!(empty.validate().is_err());
+        assert_eq!(
+            refusal(&empty),
+            "a Bottleneck with planes 8, width_per_group 1 and groups 1 has no channels"
+        );
         let mismatched = Architecture {
             layers: vec![1, 1],
             ..resnet50()
         };
-        assert!(mismatched.validate().is_err());
+        assert_eq!(
+            refusal(&mismatched),
+            "`layers` ([1, 1]) and `planes` ([64, 128, 256, 512]) must be non-empty and of equal length"
+        );
     }
 }

@@ -18,6 +18,15 @@ fn random_array4(rng: &mut StdRng, shape: (usize, usize, usize, usize)) -> Array
 /// max |a - b| / max(1, max |b|): the f32 result against the f64 one.
 fn assert_close(actual: &Array4<f32>, expected: &Array4<f64>, what: &str) {
     assert_eq!(actual.shape(), expected.shape(), "{what}: shape");
+    // The max folds below drop NaN (f64::max returns the other operand), so
+    // a NaN or infinite output must fail here, not pass as error 0.
+    if let Some((index, value)) = actual.indexed_iter().find(|(_, v)| !v.is_finite()) {
+        panic!("{what}: output {index:?} is {value}");
+    }
+    assert!(
+        expected.iter().all(|v| v.is_finite()),
+        "{what}: the naive result is not finite"
+    );
     let scale = expected.iter().fold(1f64, |m, v| m.max(v.abs()));
     let error = actual
         .iter()
@@ -236,7 +245,10 @@ fn relu_and_residual_add() {
         &expected,
         "add relu",
     );
-    assert!(add_relu(&ta, &Tensor::zeros(2, 4, 5, 4)).is_err());
+    assert_eq!(
+        add_relu(&ta, &Tensor::zeros(2, 4, 5, 4)).unwrap_err(),
+        "the residual [2, 4, 5, 3] and the identity [2, 4, 5, 4] must have the same shape"
+    );
 }
 
 #[test]

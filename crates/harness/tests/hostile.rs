@@ -455,7 +455,21 @@ fn an_all_zero_reference_has_well_defined_metrics() {
     ]);
     assert_eq!(output.status.code(), Some(0));
     let report = json_report(&output);
-    let comparison = &report["stages"][0]["cumulative"];
+    // Every other stage is identical on both sides too (relative error 0,
+    // cosine 1): the zeroed stage must be the one looked at.
+    let stages = report["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 1, "{stages:?}");
+    assert_eq!(stages[0]["name"], "layer1.0.conv1");
+    let comparison = &stages[0]["cumulative"];
+    assert_eq!(
+        (
+            comparison["scale"].as_f64(),
+            comparison["max_abs_error"].as_f64(),
+            comparison["elements"].as_u64()
+        ),
+        (Some(0.0), Some(0.0), Some(512)),
+        "{comparison}"
+    );
     assert_eq!(
         (
             comparison["relative_error"].as_f64(),
