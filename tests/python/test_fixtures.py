@@ -174,8 +174,14 @@ def test_a_genuinely_wrong_fixture_is_caught_naming_the_stage(regenerated, tmp_p
 
 
 def test_committed_fixtures_match_their_checksums():
+    listed = {}
     for line in (FIXTURES / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split(maxsplit=1)
+        listed[name] = digest
+    present = {str(p.relative_to(FIXTURES)) for p in FIXTURES.rglob("*") if p.is_file()} - {"SHA256SUMS"}
+    assert set(listed) == present, f"not listed: {sorted(present - set(listed))[:5]}, missing: {sorted(set(listed) - present)[:5]}"
+    assert len(listed) > 1000
+    for name, digest in listed.items():
         assert sha256(FIXTURES / name) == digest, name
 
 

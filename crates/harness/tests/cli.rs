@@ -269,14 +269,23 @@ fn json_and_junit_reports() {
     let conv1 = &report["stages"][0];
     assert_eq!(conv1["name"], "conv1");
     assert_eq!(conv1["shape"], serde_json::json!([1, 8, 16, 16]));
-    for field in [
-        "max_abs_error",
-        "relative_error",
-        "cosine_similarity",
-        "mismatched",
-    ] {
-        assert!(conv1["cumulative"][field].is_number(), "{field}");
-    }
+    // The core against its own fixture: conv1 agrees, and the figures say so.
+    let metrics = &conv1["cumulative"];
+    assert_eq!(metrics["verdict"], "succ");
+    assert_eq!(metrics["mismatched"], 0);
+    assert_eq!(metrics["elements"], 8 * 16 * 16);
+    let scale = metrics["scale"].as_f64().unwrap();
+    let max_abs_error = metrics["max_abs_error"].as_f64().unwrap();
+    assert!(scale > 0.1, "{metrics}");
+    assert!(max_abs_error <= 1e-4 * scale, "{metrics}");
+    assert_eq!(
+        metrics["relative_error"].as_f64(),
+        Some(max_abs_error / scale)
+    );
+    assert!(
+        metrics["cosine_similarity"].as_f64().unwrap() > 1.0 - 1e-9,
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -320,6 +329,12 @@ fn compare_reads_nhwc_candidates() {
         "nchw",
     ]);
     assert_eq!(forced.status.code(), Some(1));
+    // Read as NCHW, the first 4-D stage already fails on its shape.
+    assert!(
+        stdout(&forced).contains("first failure: input"),
+        "{}",
+        stdout(&forced)
+    );
 }
 
 #[test]
@@ -402,5 +417,9 @@ fn the_reference_input_is_what_the_core_runs_on() {
         .index_axis_mut(Axis(1), 0)
         .assign(&flipped.index_axis(Axis(1), 2));
     write(&file, &swapped);
-    assert_eq!(verify(&[path(&dump)]).status.code(), Some(1));
+    let output = verify(&[path(&dump), "--format", "json"]);
+    assert_eq!(output.status.code(), Some(1));
+    let report = json_report(&output);
+    assert_eq!(report["summary"]["first_failure"], "conv1", "{report}");
+    assert_eq!(report["reference_check"]["train_mode"], false);
 }
