@@ -3,8 +3,8 @@
 //!
 //! The network is a flat list of [`Stage`]s in torch's execution order, named
 //! exactly as the reference dumps name them (`layer2.0.downsample.0`,
-//! `layer1.0.relu#2`). Every stage's output can be handed to an observer, a
-//! forward pass can stop after any stage, and any single stage can be run
+//! `layer1.0.relu#2`). A forward pass yields every stage's output in turn
+//! ([`Network::steps`]) and can stop after any stage, and any single stage can be run
 //! from inputs supplied by the caller: the three things a layer-by-layer
 //! comparison needs.
 
@@ -17,6 +17,6 @@ pub mod weights;
 
 pub use architecture::{Architecture, BlockKind};
 pub use error::CoreError;
-pub use network::{Network, Stage, StageKind};
+pub use network::{Network, Stage, StageKind, Steps};
 pub use tensor::Tensor;
 pub use weights::{WeightSource, WeightTensor};

@@ -2,7 +2,6 @@
 //! every stage with the reference as it is produced.
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use globset::GlobMatcher;
@@ -80,33 +79,37 @@ pub fn verify_dump(
         entries,
         references: ReferenceCache::new(&network),
         builder: ReportBuilder::new(report),
-        error: None,
-        stopped: None,
     };
     let input = run.load_reference(0)?;
     let input = reference_tensor(input.view())
         .ok_or_else(|| run.mismatch(0, "the input is not a 4-D NCHW tensor".into()))?;
 
-    if options.mode.cumulative() {
-        let mut index = 0;
-        network
-            .forward_observed(input, Some(last), &mut |stage, output| {
-                let flow = run.stage_done(index, stage, Some(output), listener);
-                index += 1;
-                flow
+    let mut outputs = options
+        .mode
+        .cumulative()
+        .then(|| network.steps(input, Some(last)));
+    let mut stopped = None;
+    for (index, stage) in network.stages()[..=last].iter().enumerate() {
+        let output = outputs
+            .as_mut()
+            .map(|steps| {
+                steps
+                    .next()
+                    .expect("a pass yields every stage up to the last")
             })
+            .transpose()
             .map_err(core_error)?;
-    } else {
-        for (index, stage) in network.stages().iter().enumerate().take(last + 1) {
-            if run.stage_done(index, stage, None, listener).is_break() {
-                break;
-            }
+        let Some(report) = run.compare_stage(index, stage, output.as_ref().map(|(_, o)| &**o))?
+        else {
+            continue;
+        };
+        let failed = report.verdict == Verdict::Fail;
+        run.builder.push(report, listener);
+        if failed && options.fail_fast {
+            stopped = Some(format!("--fail-fast: stopped after {}", stage.name));
+            break;
         }
     }
-    if let Some(error) = run.error.take() {
-        return Err(error);
-    }
-    let stopped = run.stopped.take();
     Ok(run.builder.finish(stopped))
 }
 
@@ -177,38 +180,9 @@ struct Run<'a> {
     entries: Vec<usize>,
     references: ReferenceCache,
     builder: ReportBuilder,
-    error: Option<VerifyError>,
-    stopped: Option<String>,
 }
 
 impl Run<'_> {
-    /// Compares stage `index` (the core's `output` in cumulative mode) and
-    /// reports it. Breaks on an error, or on a failure with --fail-fast.
-    fn stage_done(
-        &mut self,
-        index: usize,
-        stage: &Stage,
-        output: Option<&Tensor>,
-        listener: &mut dyn FnMut(Event),
-    ) -> ControlFlow<()> {
-        match self.compare_stage(index, stage, output) {
-            Ok(None) => ControlFlow::Continue(()),
-            Ok(Some(report)) => {
-                let failed = report.verdict == Verdict::Fail;
-                self.builder.push(report, listener);
-                if failed && self.options.fail_fast {
-                    self.stopped = Some(format!("--fail-fast: stopped after {}", stage.name));
-                    return ControlFlow::Break(());
-                }
-                ControlFlow::Continue(())
-            }
-            Err(error) => {
-                self.error = Some(error);
-                ControlFlow::Break(())
-            }
-        }
-    }
-
     fn compare_stage(
         &mut self,
         index: usize,

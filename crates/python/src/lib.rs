@@ -4,7 +4,6 @@
 //! carry the CLI's messages.
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use ndarray::ArrayD;
@@ -13,7 +12,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use resnet_core::{Architecture, Network, StageKind, Tensor};
+use resnet_core::{Architecture, Network, StageKind};
 use resnet_dump::{Dump, Mode};
 use resnet_verify::layout::{candidate_nchw, reference_tensor};
 use resnet_verify::reference_check::ReferenceCheck;
@@ -167,7 +166,8 @@ fn forward_outputs<'py>(
         .map_err(error)?;
     let mut outputs: Vec<(String, ArrayD<f32>)> = Vec::new();
     py.detach(|| {
-        network.forward_observed(input, last, &mut |stage, output: &Tensor| {
+        for step in network.steps(input, last) {
+            let (stage, output) = step?;
             // torch's shapes: NCHW, and `[N, classes]` after flatten for fc.
             let [n, c, h, w] = output.nchw_shape();
             let shape = if stage.kind == StageKind::Linear {
@@ -175,10 +175,10 @@ fn forward_outputs<'py>(
             } else {
                 vec![n, c, h, w]
             };
-            let nchw = candidate_nchw(output, &shape).expect("the shape is the tensor's own");
+            let nchw = candidate_nchw(&output, &shape).expect("the shape is the tensor's own");
             outputs.push((stage.name.clone(), nchw));
-            ControlFlow::Continue(())
-        })
+        }
+        Ok::<_, resnet_core::CoreError>(())
     })
     .map_err(error)?;
     let result = PyDict::new(py);

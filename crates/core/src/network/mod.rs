@@ -82,37 +82,56 @@ impl Network {
 
     /// The logits (`[N, 1, 1, classes]`), with nothing observed or copied.
     pub fn forward(&self, input: Tensor) -> Result<Tensor, CoreError> {
-        let output = self.forward_observed(input, None, &mut |_, _| ControlFlow::Continue(()))?;
-        Ok(output.expect("an unobserved pass runs to the end"))
+        let mut logits = None;
+        for step in self.steps(input, None) {
+            logits = Some(step?.1);
+        }
+        Ok(Rc::unwrap_or_clone(
+            logits.expect("a pass yields the input at least"),
+        ))
     }
 
-    /// Runs from the input up to and including stage `upto` (the whole
-    /// network when `None`), handing every stage's output to `observer` as
-    /// it is produced. Nothing after `upto` is computed. Returns the last
-    /// computed output, or `None` when the observer asked to stop.
+    /// A pass from the input up to and including stage `upto` (the whole
+    /// network when `None`), one stage at a time: each item is a stage and
+    /// its output, computed when it is asked for, so nothing after the last
+    /// item taken is computed. The first item is the input itself, or the
+    /// error that it cannot be fed to the network; after an error, nothing.
+    ///
+    /// An output held past the next step costs that step a copy: a stage
+    /// overwrites its input in place only when no one else holds it.
+    pub fn steps(&self, input: Tensor, upto: Option<usize>) -> Steps<'_> {
+        let last = upto.unwrap_or(self.stages.len() - 1);
+        let channels = self.architecture.in_channels;
+        if input.channels() != channels || input.as_slice().is_empty() {
+            return Steps {
+                error: Some(CoreError::InputShape {
+                    found: input.nhwc_shape().to_vec(),
+                    expected_channels: channels,
+                }),
+                ..Steps::new(self, 0, None, 0, last)
+            };
+        }
+        Steps::new(self, 0, Some(Rc::new(input)), 0, last)
+    }
+
+    /// [`Network::steps`] with a callback: `observer` is handed every
+    /// stage's output and may stop the pass. Returns the last computed
+    /// output, or `None` when the observer asked to stop.
     pub fn forward_observed(
         &self,
         input: Tensor,
         upto: Option<usize>,
         observer: &mut dyn FnMut(&Stage, &Tensor) -> ControlFlow<()>,
     ) -> Result<Option<Tensor>, CoreError> {
-        let channels = self.architecture.in_channels;
-        if input.channels() != channels || input.as_slice().is_empty() {
-            return Err(CoreError::InputShape {
-                found: input.nhwc_shape().to_vec(),
-                expected_channels: channels,
-            });
+        let mut last = None;
+        for step in self.steps(input, upto) {
+            let (stage, output) = step?;
+            if observer(stage, &output).is_break() {
+                return Ok(None);
+            }
+            last = Some(output);
         }
-        let input = Rc::new(input);
-        if observer(&self.stages[0], &input).is_break() {
-            return Ok(None);
-        }
-        let last = upto.unwrap_or(self.stages.len() - 1);
-        if last == 0 {
-            return Ok(Some(Rc::unwrap_or_clone(input)));
-        }
-        let output = self.execute(0, input, 1, last, observer)?;
-        Ok(output.map(Rc::unwrap_or_clone))
+        Ok(last.map(Rc::unwrap_or_clone))
     }
 
     /// Runs stage `index` alone on the given inputs (one per
@@ -129,73 +148,123 @@ impl Network {
         match stage.operation {
             Operation::Container { first_child } => {
                 let seed = Rc::new(inputs[0].clone());
-                let output =
-                    self.execute(stage.inputs[0], seed, first_child, index, &mut |_, _| {
-                        ControlFlow::Continue(())
-                    })?;
+                let steps = Steps::new(self, stage.inputs[0], Some(seed), first_child, index);
+                let mut output = None;
+                for step in steps {
+                    output = Some(step?.1);
+                }
                 Ok(Rc::unwrap_or_clone(
-                    output.expect("an unobserved run goes to the end"),
+                    output.expect("a container has children"),
                 ))
             }
             _ => stage.apply(inputs),
         }
     }
+}
 
+/// The stages of a pass, run one per item: see [`Network::steps`].
+/// Values are released as soon as no later stage needs them, so a pass
+/// holds a handful of activations, not all of them.
+pub struct Steps<'a> {
+    network: &'a Network,
+    values: Vec<Option<Rc<Tensor>>>,
+    /// The stage to run next.
+    next: usize,
+    last: usize,
+    /// Yielded as the next item, and the pass ends.
+    error: Option<CoreError>,
+}
+
+impl<'a> Steps<'a> {
     /// Runs stages `first..=last`, with the value of stage `seed_index`
-    /// given. Values are released as soon as no later stage needs them, so
-    /// a pass holds a handful of activations, not all of them.
-    fn execute(
-        &self,
+    /// given; when `first` is the seed's own stage, it is yielded first.
+    fn new(
+        network: &'a Network,
         seed_index: usize,
-        seed: Rc<Tensor>,
+        seed: Option<Rc<Tensor>>,
         first: usize,
         last: usize,
-        observer: &mut dyn FnMut(&Stage, &Tensor) -> ControlFlow<()>,
-    ) -> Result<Option<Rc<Tensor>>, CoreError> {
-        let mut values: Vec<Option<Rc<Tensor>>> = vec![None; self.stages.len()];
-        values[seed_index] = Some(seed);
-        for index in first..=last {
-            let stage = &self.stages[index];
-            let output = match stage.operation {
-                Operation::Container { .. } => values[index - 1]
-                    .clone()
-                    .expect("a container follows its last child"),
-                _ => {
-                    let first_input = stage.inputs[0];
-                    let reusable = stage.operation.works_in_place()
-                        && self.last_reader[first_input] == Some(index);
-                    // Nothing later reads the input (and no one else holds
-                    // it): overwrite it rather than copy it.
-                    let owned = reusable
-                        .then(|| values[first_input].take())
-                        .flatten()
-                        .and_then(|value| match Rc::try_unwrap(value) {
-                            Ok(tensor) => Some(tensor),
-                            Err(shared) => {
-                                values[first_input] = Some(shared);
-                                None
-                            }
-                        });
-                    let output = match owned {
-                        Some(tensor) => {
-                            stage.apply_in_place(tensor, &gather(&values, &stage.inputs[1..]))?
+    ) -> Self {
+        let mut values: Vec<Option<Rc<Tensor>>> = vec![None; network.stages.len()];
+        values[seed_index] = seed;
+        Steps {
+            network,
+            values,
+            next: first,
+            last,
+            error: None,
+        }
+    }
+
+    fn run(&mut self, index: usize) -> Result<Rc<Tensor>, CoreError> {
+        let network = self.network;
+        let stage = &network.stages[index];
+        let values = &mut self.values;
+        if let Some(seed) = &values[index] {
+            return Ok(seed.clone());
+        }
+        Ok(match stage.operation {
+            Operation::Container { .. } => values[index - 1]
+                .clone()
+                .expect("a container follows its last child"),
+            _ => {
+                let first_input = stage.inputs[0];
+                let reusable = stage.operation.works_in_place()
+                    && network.last_reader[first_input] == Some(index);
+                // Nothing later reads the input (and no one else holds
+                // it): overwrite it rather than copy it.
+                let owned = reusable
+                    .then(|| values[first_input].take())
+                    .flatten()
+                    .and_then(|value| match Rc::try_unwrap(value) {
+                        Ok(tensor) => Some(tensor),
+                        Err(shared) => {
+                            values[first_input] = Some(shared);
+                            None
                         }
-                        None => stage.apply(&gather(&values, &stage.inputs))?,
-                    };
-                    Rc::new(output)
-                }
-            };
-            if observer(stage, &output).is_break() {
-                return Ok(None);
+                    });
+                let output = match owned {
+                    Some(tensor) => {
+                        stage.apply_in_place(tensor, &gather(values, &stage.inputs[1..]))?
+                    }
+                    None => stage.apply(&gather(values, &stage.inputs))?,
+                };
+                Rc::new(output)
             }
-            values[index] = Some(output);
-            if index != last {
-                for &released in &self.released_after[index] {
-                    values[released] = None;
-                }
+        })
+    }
+}
+
+impl<'a> Iterator for Steps<'a> {
+    type Item = Result<(&'a Stage, Rc<Tensor>), CoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(error) = self.error.take() {
+            self.next = self.last + 1;
+            return Some(Err(error));
+        }
+        if self.next > self.last {
+            return None;
+        }
+        let index = self.next;
+        self.next += 1;
+        let output = match self.run(index) {
+            Ok(output) => output,
+            Err(error) => {
+                self.next = self.last + 1;
+                return Some(Err(error));
+            }
+        };
+        if index == self.last {
+            // The pass is over: the output is the caller's alone.
+            self.values.clear();
+        } else {
+            self.values[index] = Some(output.clone());
+            for &released in &self.network.released_after[index] {
+                self.values[released] = None;
             }
         }
-        Ok(values[last].take())
+        Some(Ok((&self.network.stages[index], output)))
     }
 }
 
