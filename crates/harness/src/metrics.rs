@@ -15,15 +15,6 @@ pub enum Verdict {
     Fail,
 }
 
-impl Verdict {
-    pub fn word(self) -> &'static str {
-        match self {
-            Verdict::Succ => "succ",
-            Verdict::Fail => "fail",
-        }
-    }
-}
-
 /// The element that differs most.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct WorstElement {
@@ -378,6 +369,122 @@ mod tests {
             },
         );
         assert_eq!(lenient.verdict, Verdict::Succ);
+    }
+
+    /// The cosine of the angle between two vectors, in f64, the slow way.
+    fn cosine(a: &[f32], b: &[f32]) -> f64 {
+        let dot: f64 = a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum();
+        let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+        dot / (norm(a) * norm(b))
+    }
+
+    #[test]
+    fn cosine_similarity_is_the_cosine_of_the_angle() {
+        // 29 elements: three full lanes of 8 and a tail of 5, each lane used.
+        let reference: Vec<f32> = (0..29).map(|i| (i as f32 * 0.7).sin() + 0.2).collect();
+        let candidate: Vec<f32> = (0..29).map(|i| (i as f32 * 1.3).cos() - 0.1).collect();
+        let result = compare(&reference, &candidate, &[29], &Tolerance::default());
+        let expected = cosine(&reference, &candidate);
+        assert!(expected.abs() < 0.9, "a test angle that tells: {expected}");
+        assert!(
+            (result.cosine_similarity - expected).abs() < 1e-12,
+            "{} against {expected}",
+            result.cosine_similarity
+        );
+        let opposite: Vec<f32> = reference.iter().map(|v| -2.0 * v).collect();
+        let result = compare(&reference, &opposite, &[29], &Tolerance::default());
+        assert!((result.cosine_similarity + 1.0).abs() < 1e-12);
+        // Nothing against something is no similarity; nothing against nothing is equal.
+        let zeros = [0f32; 29];
+        assert_eq!(
+            compare(&reference, &zeros, &[29], &Tolerance::default()).cosine_similarity,
+            0.0
+        );
+        assert_eq!(
+            compare(&zeros, &reference, &[29], &Tolerance::default()).cosine_similarity,
+            0.0
+        );
+    }
+
+    #[test]
+    fn pieces_are_merged_in_order() {
+        // Four parallel pieces; the largest error (2) is in the third, after
+        // a smaller one in the first, and the same error again later in the
+        // third and in the fourth: the first of equals is the one named.
+        let length = 3 * CHUNK + 7;
+        let mut reference: Vec<f32> = (0..length).map(|i| (i % 97) as f32 * 0.01).collect();
+        let worst = 2 * CHUNK + 11;
+        let ties = [worst + 100, 3 * CHUNK + 3];
+        for at in [worst, ties[0], ties[1]] {
+            reference[at] = 0.25;
+        }
+        let mut candidate = reference.clone();
+        candidate[5] += 0.5;
+        for at in [worst, ties[0], ties[1]] {
+            candidate[at] = 2.25;
+        }
+        let result = compare(&reference, &candidate, &[length], &fixed(0.0, 1e-3));
+        assert_eq!(result.mismatched, 4);
+        assert_eq!(result.elements, length);
+        assert_eq!(result.max_abs_error, 2.0);
+        assert_eq!(result.worst.unwrap().index, vec![worst]);
+        assert_eq!(result.scale, 0.96f32 as f64);
+        assert!((result.cosine_similarity - cosine(&reference, &candidate)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn infinities_match_only_themselves_and_are_left_out_of_the_scale() {
+        let reference = [f32::INFINITY, 2.0, f32::NEG_INFINITY, -4.0];
+        let same = compare(&reference, &reference, &[4], &Tolerance::default());
+        assert_eq!(
+            (
+                same.verdict,
+                same.mismatched,
+                same.max_abs_error,
+                same.scale
+            ),
+            (Verdict::Succ, 0, 0.0, 4.0)
+        );
+        assert_eq!((same.reference_inf, same.candidate_inf), (2, 2));
+        assert!(same.worst.is_none());
+        // The finite elements count in the cosine, the infinite ones do not.
+        assert!((same.cosine_similarity - 1.0).abs() < 1e-12);
+
+        let candidate = [f32::INFINITY, 2.0, 7.0, -4.0];
+        let off = compare(&reference, &candidate, &[4], &Tolerance::default());
+        assert_eq!((off.verdict, off.mismatched), (Verdict::Fail, 1));
+        assert_eq!((off.reference_inf, off.candidate_inf), (2, 1));
+        assert_eq!(off.max_abs_error, f64::INFINITY);
+        assert_eq!(off.worst.unwrap().index, vec![2]);
+    }
+
+    #[test]
+    fn a_nan_mismatch_is_the_worst_element_even_beside_finite_errors() {
+        let reference = [1.0, 2.0, 3.0, f32::NAN];
+        let candidate = [1.0, 2.5, f32::NAN, f32::NAN];
+        let result = compare(&reference, &candidate, &[4], &fixed(0.0, 1.0));
+        // 0.5 is within atol 1; the NaNs are not.
+        assert_eq!((result.verdict, result.mismatched), (Verdict::Fail, 2));
+        assert_eq!((result.reference_nan, result.candidate_nan), (1, 2));
+        assert_eq!(result.max_abs_error, f64::INFINITY);
+        assert_eq!(result.worst.unwrap().index, vec![2]);
+        assert_eq!(result.scale, 3.0);
+        // Within tolerance, the first element that fails is still named.
+        let first = compare(&[1.0, f32::NAN], &[1.0, 0.0], &[2], &fixed(0.0, 1.0));
+        assert_eq!(first.worst.unwrap().index, vec![1]);
+    }
+
+    #[test]
+    fn equal_arrays_have_no_worst_element() {
+        let values = [1.0, -2.0, 3.5];
+        let result = compare(&values, &values, &[3], &Tolerance::default());
+        assert_eq!((result.max_abs_error, result.worst), (0.0, None));
+    }
+
+    #[test]
+    fn verdicts_are_written_as_the_report_words() {
+        assert_eq!(serde_json::to_value(Verdict::Succ).unwrap(), "succ");
+        assert_eq!(serde_json::to_value(Verdict::Fail).unwrap(), "fail");
     }
 
     #[test]

@@ -134,13 +134,20 @@ pub fn check_reference(dump: &Dump, network: &Network) -> Result<ReferenceCheck,
             ),
         });
     }
-    let shown = evidence.iter().filter(|e| e.shows_train_mode()).count();
-    let train_mode = manifest.mode == Mode::Train || (shown > 0 && shown * 2 >= evidence.len());
+    let train_mode = manifest.mode == Mode::Train || data_shows_train_mode(&evidence);
     Ok(ReferenceCheck {
         manifest_mode: manifest.mode,
         evidence,
         train_mode,
     })
+}
+
+/// At least half of the BatchNorms examined, and at least one, were
+/// computed with batch statistics. A tie counts as train mode: a reference
+/// that reproduces batch statistics anywhere is not to be trusted.
+fn data_shows_train_mode(evidence: &[BatchNormEvidence]) -> bool {
+    let shown = evidence.iter().filter(|e| e.shows_train_mode()).count();
+    shown > 0 && shown * 2 >= evidence.len()
 }
 
 /// max|recomputed - output| / max|output|.
@@ -151,4 +158,83 @@ fn relative_error(recomputed: &ArrayD<f32>, output: &ArrayD<f32>) -> f64 {
         scale = scale.max((y as f64).abs());
     }
     max_error / scale.max(f32::MIN_POSITIVE as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::IxDyn;
+
+    fn evidence(stage: &str, running: f64, batch: f64) -> BatchNormEvidence {
+        BatchNormEvidence {
+            stage: stage.into(),
+            running_statistics_error: running,
+            batch_statistics_error: batch,
+        }
+    }
+
+    #[test]
+    fn batch_statistics_must_reproduce_the_output_and_beat_running_ones_tenfold() {
+        assert!(evidence("bn1", 0.5, 1e-7).shows_train_mode());
+        // Not reproduced: batch statistics miss as well.
+        assert!(!evidence("bn1", 0.5, 1e-3).shows_train_mode());
+        assert!(evidence("bn1", 0.5, 0.99e-3).shows_train_mode());
+        // Reproduced, but running statistics reproduce it about as well
+        // (a map with one value per channel makes both the same).
+        assert!(!evidence("bn1", 1e-6, 1e-7).shows_train_mode());
+        assert!(evidence("bn1", 1.01e-6, 1e-7).shows_train_mode());
+        assert!(!evidence("bn1", 1e-7, 1e-7).shows_train_mode());
+    }
+
+    #[test]
+    fn half_the_batch_norms_examined_decide() {
+        let train = || evidence("a", 0.5, 1e-7);
+        let eval = || evidence("b", 1e-7, 0.5);
+        assert!(!data_shows_train_mode(&[]));
+        assert!(!data_shows_train_mode(&[eval(), eval(), eval()]));
+        assert!(!data_shows_train_mode(&[train(), eval(), eval()]));
+        assert!(data_shows_train_mode(&[train(), train(), eval()]));
+        assert!(data_shows_train_mode(&[eval(), train()]));
+        assert!(data_shows_train_mode(&[train()]));
+    }
+
+    #[test]
+    fn the_message_gives_every_reason_and_only_for_train_mode() {
+        let eval = ReferenceCheck {
+            manifest_mode: Mode::Eval,
+            evidence: vec![evidence("bn1", 1e-7, 0.5)],
+            train_mode: false,
+        };
+        assert_eq!(eval.message(), None);
+        let both = ReferenceCheck {
+            manifest_mode: Mode::Train,
+            evidence: vec![
+                evidence("bn1", 0.5, 1.1e-7),
+                evidence("layer1.0.bn1", 1e-7, 0.5),
+            ],
+            train_mode: true,
+        };
+        let message = both.message().unwrap();
+        assert!(message.starts_with("THE REFERENCE WAS DUMPED IN TRAIN MODE: its manifest records mode \"train\", and its BatchNorm outputs were computed with batch statistics: bn1 (batch stats reproduce it to 1.1e-7, running stats only to 5.0e-1). Its BatchNorms used"), "{message}");
+        assert!(!message.contains("layer1.0.bn1"), "{message}");
+        let manifest_only = ReferenceCheck {
+            manifest_mode: Mode::Train,
+            evidence: vec![],
+            train_mode: true,
+        };
+        assert!(manifest_only.message().unwrap().starts_with(
+            "THE REFERENCE WAS DUMPED IN TRAIN MODE: its manifest records mode \"train\". Its"
+        ));
+    }
+
+    #[test]
+    fn relative_error_is_the_largest_error_over_the_largest_output() {
+        let output = ArrayD::from_shape_vec(IxDyn(&[4]), vec![1.0f32, -4.0, 2.0, 0.0]).unwrap();
+        let recomputed = ArrayD::from_shape_vec(IxDyn(&[4]), vec![1.5f32, -4.0, 1.0, 0.0]).unwrap();
+        assert_eq!(relative_error(&recomputed, &output), 1.0 / 4.0);
+        // An all-zero output keeps the figure finite.
+        let zeros = ArrayD::zeros(IxDyn(&[4]));
+        assert_eq!(relative_error(&zeros, &zeros), 0.0);
+        assert!(relative_error(&output, &zeros).is_finite());
+    }
 }

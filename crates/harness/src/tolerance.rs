@@ -79,3 +79,49 @@ impl Default for Tolerance {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_scales_atol_with_the_stage() {
+        let default = Tolerance::default();
+        assert_eq!(default.rtol, 1e-4);
+        assert!(!default.equal_nan);
+        assert_eq!(default.atol_for(250.0), 250.0 * 1e-4);
+        assert_eq!(
+            default.describe(),
+            "|cand - ref| <= atol + rtol * |ref| with rtol 1e-4, atol 1e-4 x max|ref|"
+        );
+    }
+
+    #[test]
+    fn what_the_user_gives_replaces_the_default_part_by_part() {
+        assert_eq!(
+            Tolerance::with_overrides(None, None, false),
+            Tolerance::default()
+        );
+        let fixed = Tolerance::with_overrides(Some(AbsoluteTolerance::Fixed(0.5)), None, true);
+        assert_eq!(
+            (fixed.rtol, fixed.atol, fixed.equal_nan),
+            (1e-4, AbsoluteTolerance::Fixed(0.5), true)
+        );
+        // A fixed atol does not follow the stage's scale.
+        assert_eq!(fixed.atol_for(1000.0), 0.5);
+        assert_eq!(
+            fixed.describe(),
+            "|cand - ref| <= atol + rtol * |ref| with rtol 1e-4, atol 5e-1"
+        );
+        let scaled = Tolerance::with_overrides(
+            Some(AbsoluteTolerance::ScaleRelative(3e-5)),
+            Some(2e-6),
+            false,
+        );
+        assert_eq!(scaled.atol_for(10.0), 10.0 * 3e-5);
+        assert_eq!(
+            scaled.describe(),
+            "|cand - ref| <= atol + rtol * |ref| with rtol 2e-6, atol 3e-5 x max|ref|"
+        );
+    }
+}

@@ -423,3 +423,68 @@ fn the_reference_input_is_what_the_core_runs_on() {
     assert_eq!(report["summary"]["first_failure"], "conv1", "{report}");
     assert_eq!(report["reference_check"]["train_mode"], false);
 }
+
+#[test]
+fn atol_can_follow_each_stage_scale_with_another_fraction() {
+    let output = verify(&[
+        path(&fixture("resnet18-w8")),
+        "--atol-scale",
+        "3e-5",
+        "--rtol",
+        "3e-5",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert!(
+        stdout(&output).contains("with rtol 3e-5, atol 3e-5 x max|ref|"),
+        "{}",
+        stdout(&output)
+    );
+    // Too tight for float32 summation orders: the figure really is used.
+    let tight = verify(&[
+        path(&fixture("resnet18-w8")),
+        "--atol-scale",
+        "1e-9",
+        "--rtol",
+        "0",
+    ]);
+    assert_eq!(tight.status.code(), Some(1), "{}", stdout(&tight));
+    let both = verify(&[
+        path(&fixture("resnet18-w8")),
+        "--atol",
+        "1",
+        "--atol-scale",
+        "1e-4",
+    ]);
+    assert_eq!(both.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&both.stderr).contains("cannot be used with"));
+}
+
+#[test]
+fn the_reference_check_recomputes_the_first_three_batch_norms_both_ways() {
+    for (name, train) in [("resnet18-w8", false), ("resnet18-w8-train", true)] {
+        let output = verify(&[
+            path(&fixture(name)),
+            "--allow-train-reference",
+            "--upto",
+            "conv1",
+            "--format",
+            "json",
+        ]);
+        let check = &json_report(&output)["reference_check"];
+        assert_eq!(check["train_mode"], train, "{name}: {check}");
+        let evidence = check["evidence"].as_array().unwrap();
+        let stages: Vec<_> = evidence.iter().map(|e| e["stage"].clone()).collect();
+        assert_eq!(stages, ["bn1", "layer1.0.bn1", "layer1.0.bn2"], "{name}");
+        for e in evidence {
+            let (matching, other) = if train {
+                ("batch_statistics_error", "running_statistics_error")
+            } else {
+                ("running_statistics_error", "batch_statistics_error")
+            };
+            // One way reproduces the stored output to float32 rounding,
+            // the other misses it by far.
+            assert!(e[matching].as_f64().unwrap() < 1e-6, "{name}: {e}");
+            assert!(e[other].as_f64().unwrap() > 1e-2, "{name}: {e}");
+        }
+    }
+}

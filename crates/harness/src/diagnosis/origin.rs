@@ -69,5 +69,15 @@ mod tests {
                 from: "layer1.0.bn3".into()
             })
         );
+        assert_eq!(
+            origin(true, true, true, Some("layer1.0.bn3")),
+            Some(Origin::Carried {
+                from: "layer1.0.bn3".into()
+            })
+        );
+        // A block that is the first failure end to end is the root.
+        assert_eq!(origin(true, false, true, None), Some(Origin::Root));
+        assert_eq!(origin(false, false, true, Some("conv1")), None);
+        assert_eq!(origin(false, false, false, Some("conv1")), None);
     }
 }
