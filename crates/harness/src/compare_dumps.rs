@@ -5,15 +5,17 @@
 use std::path::PathBuf;
 
 use globset::GlobMatcher;
+use ndarray::ArrayD;
 use resnet_core::Network;
 use resnet_dump::{Dump, Layout};
 
-use crate::diagnosis::{layout, Evidence, Observed};
+use crate::diagnosis::{layout, Evidence};
 use crate::layout::{as_stored, load_nchw, to_nchw};
-use crate::metrics::{compare, Verdict};
+use crate::pipeline::{
+    compare_stages, shown, Candidate, Explained, Feed, LoopOptions, Output, Row,
+};
 use crate::reference_check::{check_reference, ReferenceCheck};
-use crate::report::{abbreviate, Event, Report, ReportBuilder, RunMode, StageReport, TopClasses};
-use crate::verify::top5;
+use crate::report::{Event, Report, ReportBuilder, RunMode};
 use crate::{Tolerance, VerifyError};
 
 /// How the candidate's stage files are laid out.
@@ -66,7 +68,6 @@ pub fn compare_dumps(
             train_mode: reference.manifest().mode == resnet_dump::Mode::Train,
         },
     };
-    let stages = &reference.manifest().stages;
     let mut report = Report::new(
         options.reference.display().to_string(),
         options.candidate.display().to_string(),
@@ -75,115 +76,43 @@ pub fn compare_dumps(
         options.tolerance,
         reference_check,
     );
+    let stages = &reference.manifest().stages;
     if !report.start(stages.len(), options.allow_train_reference, listener) {
         return Ok(report);
     }
 
-    let evidence = Evidence::new(&reference, network.as_ref(), &options.tolerance);
+    let rows: Vec<Row> = stages
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| Row {
+            index,
+            entry,
+            block: &entry.block,
+            layer: &entry.layer,
+            container: false,
+            shown: shown(index, &entry.name, options.only.as_ref(), false),
+        })
+        .collect();
+    let mut source = OtherEngine {
+        reference: &reference,
+        candidate: &candidate,
+        layout,
+    };
     let mut builder = ReportBuilder::new(report);
-    let mut missing = Vec::new();
-    let mut stopped = None;
-    for (index, entry) in stages.iter().enumerate() {
-        if !options
-            .only
-            .as_ref()
-            .is_none_or(|glob| glob.is_match(&entry.name))
-        {
-            continue;
-        }
-        let Some(candidate_entry) = candidate.stage(&entry.name) else {
-            missing.push(entry.name.clone());
-            continue;
-        };
-        let expected = load_nchw(&reference, entry)?;
-        let loaded = candidate.load_stage(candidate_entry)?;
-        let mut notes = Vec::new();
-        if let Some(dtype) = &loaded.converted_from {
-            notes.push(format!("candidate stored as {dtype}, converted to float32"));
-        }
-        let actual = to_nchw(loaded.data, layout);
-        let comparison = if actual.shape() == expected.shape() {
-            Some(compare(
-                expected.as_slice().expect("standard"),
-                actual.as_slice().expect("standard"),
-                expected.shape(),
-                &options.tolerance,
-            ))
-        } else {
-            notes.push(format!(
-                "shape {:?} (read as {layout:?}) is not the reference's {:?}",
-                actual.shape(),
-                expected.shape()
-            ));
-            None
-        };
-        if entry.name == "fc" {
-            if let (Some(reference_row), Some(candidate_row)) = (
-                expected.rows().into_iter().next(),
-                actual.rows().into_iter().next(),
-            ) {
-                let classes = reference.manifest().classes.as_deref();
-                builder.report.top5 = Some(TopClasses {
-                    reference: top5(&reference_row.to_vec(), classes),
-                    candidate: top5(&candidate_row.to_vec(), classes),
-                });
-            }
-        }
-        let verdict = comparison.as_ref().map_or(Verdict::Fail, |c| c.verdict);
-        let origin = builder.origin(verdict == Verdict::Fail, false, false);
-        let mut hints = Vec::new();
-        if builder.should_diagnose(&origin) {
-            let stored = as_stored(&actual, layout);
-            if let Some(found) = layout::find(&evidence, stored, layout, &expected) {
-                if let Some(confirmed) =
-                    confirm_layout(&evidence, &reference, &candidate, index, &found)?
-                {
-                    // Said once for the run, not again on the stage.
-                    builder.report.summary.hint = Some(found.hint);
-                    stopped = Some(format!(
-                        "every stage checked ({}) is the reference in {} order, so the rest would fail the same way; rerun with --cand-layout {}",
-                        confirmed.join(", "),
-                        layout::order_name(found.order, "NCHW"),
-                        layout::order_name(found.order, "NCHW").to_lowercase(),
-                    ));
-                } else {
-                    hints.push(found.hint);
-                }
-            } else if actual.shape() == expected.shape() {
-                hints = evidence.diagnose(
-                    &entry.name,
-                    &Observed {
-                        reference: &expected,
-                        candidate: &actual,
-                    },
-                );
-            }
-        }
-        builder.push(
-            StageReport {
-                index,
-                name: entry.name.clone(),
-                module_type: entry.module_type.clone(),
-                shape: expected.shape().to_vec(),
-                block: entry.block.clone(),
-                layer: entry.layer.clone(),
-                verdict,
-                cumulative: comparison,
-                isolated: None,
-                notes,
-                origin,
-                hints,
-            },
-            listener,
-        );
-        if stopped.is_some() {
-            break;
-        }
-        if verdict == Verdict::Fail && options.fail_fast {
-            stopped = Some(format!("--fail-fast: stopped after {}", entry.name));
-            break;
-        }
-    }
+    let stopped = compare_stages(
+        &rows,
+        &mut [&mut source],
+        &LoopOptions {
+            reference: &reference,
+            evidence: Evidence::new(&reference, network.as_ref(), &options.tolerance),
+            tolerance: &options.tolerance,
+            fail_fast: options.fail_fast,
+            read_hidden: false,
+            note_reference_dtype: false,
+        },
+        &mut builder,
+        listener,
+    )?;
     if builder.report.summary.compared == 0 {
         return Err(VerifyError::Mismatch {
             dump: options.candidate.clone(),
@@ -192,14 +121,75 @@ pub fn compare_dumps(
                     .into(),
         });
     }
-    if !missing.is_empty() && stopped.is_none() {
-        stopped = Some(format!(
-            "{} reference stage(s) not in the candidate, not compared: {}",
-            missing.len(),
-            abbreviate(&missing, 5)
-        ));
-    }
     Ok(builder.finish(stopped))
+}
+
+/// Another engine's dump: its stage of the reference's stage's name.
+struct OtherEngine<'a> {
+    reference: &'a Dump,
+    candidate: &'a Dump,
+    /// How its stage files are laid out.
+    layout: Layout,
+}
+
+impl Candidate for OtherEngine<'_> {
+    fn feed(&self) -> Feed {
+        Feed::EndToEnd
+    }
+
+    fn advance(&mut self, row: &Row) -> Result<bool, VerifyError> {
+        Ok(!row.shown || self.candidate.stage(&row.entry.name).is_some())
+    }
+
+    fn output(
+        &mut self,
+        row: &Row,
+        reference: &ArrayD<f32>,
+    ) -> Result<Option<Output>, VerifyError> {
+        let entry = self.candidate.stage(&row.entry.name).expect("advanced");
+        let loaded = self.candidate.load_stage(entry)?;
+        let mut notes = Vec::new();
+        if let Some(dtype) = &loaded.converted_from {
+            notes.push(format!("candidate stored as {dtype}, converted to float32"));
+        }
+        let data = to_nchw(loaded.data, self.layout);
+        if data.shape() != reference.shape() {
+            notes.push(format!(
+                "shape {:?} (read as {:?}) is not the reference's {:?}",
+                data.shape(),
+                self.layout,
+                reference.shape()
+            ));
+        }
+        Ok(Some(Output { data, notes }))
+    }
+
+    fn explain(
+        &self,
+        row: &Row,
+        reference: &ArrayD<f32>,
+        output: &ArrayD<f32>,
+        evidence: &Evidence,
+    ) -> Result<Option<Explained>, VerifyError> {
+        let stored = as_stored(output, self.layout);
+        let Some(found) = layout::find(evidence, stored, self.layout, reference) else {
+            return Ok(None);
+        };
+        Ok(Some(
+            match confirm_layout(evidence, self.reference, self.candidate, row.index, &found)? {
+                Some(confirmed) => Explained::Run {
+                    stopped: format!(
+                        "every stage checked ({}) is the reference in {} order, so the rest would fail the same way; rerun with --cand-layout {}",
+                        confirmed.join(", "),
+                        layout::order_name(found.order, "NCHW"),
+                        layout::order_name(found.order, "NCHW").to_lowercase(),
+                    ),
+                    hint: found.hint,
+                },
+                None => Explained::Stage(found.hint),
+            },
+        ))
+    }
 }
 
 /// Stages checked after the first, to tell a candidate stored in another

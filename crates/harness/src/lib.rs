@@ -7,6 +7,7 @@ pub mod diagnosis;
 mod error;
 pub mod layout;
 pub mod metrics;
+mod pipeline;
 pub mod reference_check;
 pub mod report;
 pub mod tolerance;

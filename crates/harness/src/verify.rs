@@ -3,17 +3,18 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::rc::Rc;
 
 use globset::GlobMatcher;
 use ndarray::ArrayD;
-use resnet_core::{Network, Stage, StageKind, Tensor};
-use resnet_dump::{Dump, Manifest};
+use resnet_core::{CoreError, Network, Steps, Tensor};
+use resnet_dump::{Dump, Manifest, StageEntry};
 
-use crate::diagnosis::{Evidence, Observed};
-use crate::layout::{candidate_nchw, reference_tensor, to_nchw};
-use crate::metrics::{compare, Comparison, Verdict};
+use crate::diagnosis::Evidence;
+use crate::layout::{candidate_nchw, load_nchw, reference_tensor};
+use crate::pipeline::{compare_stages, shown, Candidate, Feed, LoopOptions, Output, Row};
 use crate::reference_check::check_reference;
-use crate::report::{ClassScore, Event, Report, ReportBuilder, RunMode, StageReport, TopClasses};
+use crate::report::{Event, Report, ReportBuilder, RunMode};
 use crate::{Tolerance, VerifyError};
 
 #[derive(Clone, Debug)]
@@ -72,45 +73,63 @@ pub fn verify_dump(
         return Ok(report);
     }
 
-    let mut run = Run {
+    let references = References {
         dump,
         network: &network,
-        options,
-        entries,
-        references: ReferenceCache::new(&network),
-        builder: ReportBuilder::new(report),
+        path: &options.dump,
+        entries: entries
+            .iter()
+            .map(|&entry| &dump.manifest().stages[entry])
+            .collect(),
     };
-    let input = run.load_reference(0)?;
+    let rows: Vec<Row> = network.stages()[..=last]
+        .iter()
+        .enumerate()
+        .map(|(index, stage)| Row {
+            index,
+            entry: references.entries[index],
+            block: &stage.block,
+            layer: &stage.layer,
+            container: stage.is_container(),
+            shown: shown(index, &stage.name, options.only.as_ref(), true),
+        })
+        .collect();
+    let input = references.load(0)?;
     let input = reference_tensor(input.view())
-        .ok_or_else(|| run.mismatch(0, "the input is not a 4-D NCHW tensor".into()))?;
+        .ok_or_else(|| references.mismatch(0, "the input is not a 4-D NCHW tensor".into()))?;
 
-    let mut outputs = options
-        .mode
-        .cumulative()
-        .then(|| network.steps(input, Some(last)));
-    let mut stopped = None;
-    for (index, stage) in network.stages()[..=last].iter().enumerate() {
-        let output = outputs
-            .as_mut()
-            .map(|steps| {
-                steps
-                    .next()
-                    .expect("a pass yields every stage up to the last")
-            })
-            .transpose()
-            .map_err(core_error)?;
-        let Some(report) = run.compare_stage(index, stage, output.as_ref().map(|(_, o)| &**o))?
-        else {
-            continue;
-        };
-        let failed = report.verdict == Verdict::Fail;
-        run.builder.push(report, listener);
-        if failed && options.fail_fast {
-            stopped = Some(format!("--fail-fast: stopped after {}", stage.name));
-            break;
-        }
+    let mut cumulative = EndToEnd {
+        references: &references,
+        steps: network.steps(input, Some(last)),
+        output: None,
+    };
+    let mut isolated = Isolated {
+        references: &references,
+        kept: ReferenceCache::new(&network),
+    };
+    let mut sources: Vec<&mut dyn Candidate> = Vec::new();
+    if options.mode.cumulative() {
+        sources.push(&mut cumulative);
     }
-    Ok(run.builder.finish(stopped))
+    if options.mode.isolated() {
+        sources.push(&mut isolated);
+    }
+    let mut builder = ReportBuilder::new(report);
+    let stopped = compare_stages(
+        &rows,
+        &mut sources,
+        &LoopOptions {
+            reference: dump,
+            evidence: Evidence::new(dump, Some(&network), &options.tolerance),
+            tolerance: &options.tolerance,
+            fail_fast: options.fail_fast,
+            read_hidden: true,
+            note_reference_dtype: true,
+        },
+        &mut builder,
+        listener,
+    )?;
+    Ok(builder.finish(stopped))
 }
 
 /// The reference entry for every core stage, checked to cover each other.
@@ -172,121 +191,44 @@ fn unknown_stage(name: &str, network: &Network) -> VerifyError {
     VerifyError::Usage(format!("--upto {name}: no such stage; {hint}"))
 }
 
-struct Run<'a> {
+/// The reference's stages as the core names them.
+struct References<'a> {
     dump: &'a Dump,
     network: &'a Network,
-    options: &'a VerifyOptions,
-    /// Manifest position of each core stage.
-    entries: Vec<usize>,
-    references: ReferenceCache,
-    builder: ReportBuilder,
+    path: &'a PathBuf,
+    /// The reference's entry for each core stage.
+    entries: Vec<&'a StageEntry>,
 }
 
-impl Run<'_> {
-    fn compare_stage(
-        &mut self,
-        index: usize,
-        stage: &Stage,
-        output: Option<&Tensor>,
-    ) -> Result<Option<StageReport>, VerifyError> {
-        let (reference, converted_from) = self.load_reference_noting(index)?;
-        if self.options.mode.isolated() {
-            self.references.offer(index, &reference);
-        }
-        let shown = self
-            .options
-            .only
-            .as_ref()
-            .is_none_or(|glob| glob.is_match(&stage.name));
-        if index == 0 || !shown {
-            self.references.release_after(index);
-            return Ok(None);
-        }
-        if stage.kind == StageKind::Linear {
-            self.record_top5(&reference, output);
-        }
-        let cumulative = match output {
-            Some(output) => Some(self.compare_output(index, output, &reference)?),
-            None => None,
-        };
-        let isolated = if self.options.mode.isolated() {
-            let mut tensors = Vec::new();
-            for &producer in self.network.stage_input_indices(index) {
-                tensors.push(self.reference_input(producer)?);
-            }
-            let borrowed: Vec<&Tensor> = tensors.iter().collect();
-            let output =
-                self.network
-                    .run_stage(index, &borrowed)
-                    .map_err(|source| VerifyError::Core {
-                        dump: self.options.dump.clone(),
-                        source,
-                    })?;
-            Some(self.compare_output(index, &output, &reference)?)
-        } else {
-            None
-        };
-        self.references.release_after(index);
-
-        let failed_in = |compared: &Option<(Comparison, ArrayD<f32>)>| {
-            compared
-                .as_ref()
-                .is_some_and(|(c, _)| c.verdict == Verdict::Fail)
-        };
-        let (cumulative_failed, isolated_failed) = (failed_in(&cumulative), failed_in(&isolated));
-        let origin = self
-            .builder
-            .origin(cumulative_failed, isolated_failed, stage.is_container());
-        let mut hints = Vec::new();
-        if self.builder.should_diagnose(&origin) {
-            // The stage's own error shows best with the reference's inputs.
-            let candidate = if isolated_failed {
-                &isolated
-            } else {
-                &cumulative
-            };
-            if let Some((_, candidate)) = candidate {
-                let evidence =
-                    Evidence::new(self.dump, Some(self.network), &self.options.tolerance);
-                hints = evidence.diagnose(
-                    &stage.name,
-                    &Observed {
-                        reference: &reference,
-                        candidate,
-                    },
-                );
-            }
-        }
-        let (cumulative, isolated) = (cumulative.map(|(c, _)| c), isolated.map(|(c, _)| c));
-
-        let entry = &self.dump.manifest().stages[self.entries[index]];
-        let failed = cumulative_failed || isolated_failed;
-        Ok(Some(StageReport {
-            index,
-            name: stage.name.clone(),
-            module_type: entry.module_type.clone(),
-            shape: reference.shape().to_vec(),
-            block: stage.block.clone(),
-            layer: stage.layer.clone(),
-            verdict: if failed { Verdict::Fail } else { Verdict::Succ },
-            cumulative,
-            isolated,
-            notes: converted_from
-                .map(|dtype| format!("reference stored as {dtype}, converted to float32"))
-                .into_iter()
-                .collect(),
-            origin,
-            hints,
-        }))
+impl References<'_> {
+    /// The reference's output of core stage `index`, in NCHW order.
+    fn load(&self, index: usize) -> Result<ArrayD<f32>, VerifyError> {
+        Ok(load_nchw(self.dump, self.entries[index])?)
     }
 
-    fn compare_output(
+    fn core_error(&self, source: CoreError) -> VerifyError {
+        VerifyError::Core {
+            dump: self.path.clone(),
+            source,
+        }
+    }
+
+    fn mismatch(&self, index: usize, reason: String) -> VerifyError {
+        let name = &self.network.stages()[index].name;
+        VerifyError::Mismatch {
+            dump: self.path.clone(),
+            reason: format!("stage `{name}`: {reason}"),
+        }
+    }
+
+    /// The core's output of stage `index` in the reference's NCHW shape.
+    fn output(
         &self,
         index: usize,
         output: &Tensor,
         reference: &ArrayD<f32>,
-    ) -> Result<(Comparison, ArrayD<f32>), VerifyError> {
-        let candidate = candidate_nchw(output, reference.shape()).ok_or_else(|| {
+    ) -> Result<Output, VerifyError> {
+        let data = candidate_nchw(output, reference.shape()).ok_or_else(|| {
             self.mismatch(
                 index,
                 format!(
@@ -296,75 +238,100 @@ impl Run<'_> {
                 ),
             )
         })?;
-        let comparison = compare(
-            reference.as_slice().expect("standard layout"),
-            candidate.as_slice().expect("standard layout"),
-            reference.shape(),
-            &self.options.tolerance,
-        );
-        Ok((comparison, candidate))
-    }
-
-    /// The reference's stage `index`, in NCHW order.
-    fn load_reference(&self, index: usize) -> Result<ArrayD<f32>, VerifyError> {
-        Ok(self.load_reference_noting(index)?.0)
-    }
-
-    /// [`Run::load_reference`], and the dtype it was converted from, if any.
-    fn load_reference_noting(
-        &self,
-        index: usize,
-    ) -> Result<(ArrayD<f32>, Option<String>), VerifyError> {
-        let entry = &self.dump.manifest().stages[self.entries[index]];
-        let loaded = self.dump.load_stage(entry)?;
-        let layout = self.dump.manifest().layout;
-        Ok((to_nchw(loaded.data, layout), loaded.converted_from))
-    }
-
-    fn reference_input(&mut self, producer: usize) -> Result<Tensor, VerifyError> {
-        if let Some(tensor) = self.references.get(producer) {
-            return Ok(tensor.clone());
-        }
-        let reference = self.load_reference(producer)?;
-        reference_tensor(reference.view())
-            .ok_or_else(|| self.mismatch(producer, "cannot be fed to the core".into()))
-    }
-
-    /// The first batch item's top-5 classes, from the logits already loaded
-    /// and computed for the comparison.
-    fn record_top5(&mut self, reference: &ArrayD<f32>, output: Option<&Tensor>) {
-        let classes = self.dump.manifest().classes.as_deref();
-        let features = reference.shape().last().copied().unwrap_or(0);
-        let reference_row = &reference.as_slice().expect("standard layout")[..features];
-        self.builder.report.top5 = Some(TopClasses {
-            reference: top5(reference_row, classes),
-            candidate: output
-                .map(|tensor| top5(&tensor.as_slice()[..features], classes))
-                .unwrap_or_default(),
-        });
-    }
-
-    fn mismatch(&self, index: usize, reason: String) -> VerifyError {
-        let name = &self.network.stages()[index].name;
-        VerifyError::Mismatch {
-            dump: self.options.dump.clone(),
-            reason: format!("stage `{name}`: {reason}"),
-        }
+        Ok(Output {
+            data,
+            notes: Vec::new(),
+        })
     }
 }
 
-pub(crate) fn top5(logits: &[f32], classes: Option<&[String]>) -> Vec<ClassScore> {
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    order
-        .into_iter()
-        .take(5)
-        .map(|index| ClassScore {
-            index,
-            name: classes.and_then(|names| names.get(index).cloned()),
-            logit: logits[index],
+/// The core run end to end on its own outputs.
+struct EndToEnd<'a> {
+    references: &'a References<'a>,
+    steps: Steps<'a>,
+    /// The output of the row last advanced to.
+    output: Option<Rc<Tensor>>,
+}
+
+impl Candidate for EndToEnd<'_> {
+    fn feed(&self) -> Feed {
+        Feed::EndToEnd
+    }
+
+    fn advance(&mut self, _row: &Row) -> Result<bool, VerifyError> {
+        self.output = None;
+        let (_, output) = self
+            .steps
+            .next()
+            .expect("a pass yields every stage up to the last")
+            .map_err(|source| self.references.core_error(source))?;
+        self.output = Some(output);
+        Ok(true)
+    }
+
+    fn output(
+        &mut self,
+        row: &Row,
+        reference: &ArrayD<f32>,
+    ) -> Result<Option<Output>, VerifyError> {
+        let output = self.output.take().expect("advanced to this row");
+        if !row.shown {
+            return Ok(None);
+        }
+        self.references
+            .output(row.index, &output, reference)
+            .map(Some)
+    }
+}
+
+/// Each core stage run alone on the reference's inputs.
+struct Isolated<'a> {
+    references: &'a References<'a>,
+    kept: ReferenceCache,
+}
+
+impl Candidate for Isolated<'_> {
+    fn feed(&self) -> Feed {
+        Feed::Reference
+    }
+
+    fn output(
+        &mut self,
+        row: &Row,
+        reference: &ArrayD<f32>,
+    ) -> Result<Option<Output>, VerifyError> {
+        let index = row.index;
+        self.kept.offer(index, reference);
+        if !row.shown {
+            self.kept.release_after(index);
+            return Ok(None);
+        }
+        let network = self.references.network;
+        let mut tensors = Vec::new();
+        for &producer in network.stage_input_indices(index) {
+            tensors.push(self.reference_input(producer)?);
+        }
+        let borrowed: Vec<&Tensor> = tensors.iter().collect();
+        let output = network
+            .run_stage(index, &borrowed)
+            .map_err(|source| self.references.core_error(source))?;
+        let output = self.references.output(index, &output, reference)?;
+        self.kept.release_after(index);
+        Ok(Some(output))
+    }
+}
+
+impl Isolated<'_> {
+    fn reference_input(&self, producer: usize) -> Result<Tensor, VerifyError> {
+        if let Some(tensor) = self.kept.get(producer) {
+            return Ok(tensor.clone());
+        }
+        let reference = self.references.load(producer)?;
+        reference_tensor(reference.view()).ok_or_else(|| {
+            self.references
+                .mismatch(producer, "cannot be fed to the core".into())
         })
-        .collect()
+    }
 }
 
 /// Reference activations kept (as NHWC tensors) while a later stage still

@@ -1,0 +1,307 @@
+//! The one comparison loop. A run walks the reference's stages in order and
+//! asks each [`Candidate`] source for its output of the stage: the core end
+//! to end, the core fed the reference's inputs, or another engine's dump.
+//! `verify --both` is two sources side by side. Each stage's comparisons,
+//! failure origin and hints become one [`StageReport`], told to the
+//! listener as it is known.
+
+use globset::GlobMatcher;
+use ndarray::ArrayD;
+use resnet_dump::{Dump, StageEntry};
+
+use crate::diagnosis::{Evidence, Hint, Observed};
+use crate::layout::to_nchw;
+use crate::metrics::{compare, Comparison, Verdict};
+use crate::report::{abbreviate, ClassScore, Event, ReportBuilder, StageReport, TopClasses};
+use crate::{Tolerance, VerifyError};
+
+/// A stage of the run: the reference's entry for it, and where it sits.
+pub(crate) struct Row<'a> {
+    /// Position in the run's order (the core's stage index, or the
+    /// reference manifest's).
+    pub index: usize,
+    pub entry: &'a StageEntry,
+    pub block: &'a Option<String>,
+    pub layer: &'a Option<String>,
+    /// A block or layer whose output is its last child's.
+    pub container: bool,
+    /// Reported (not the core's input, and matched by --only).
+    pub shown: bool,
+}
+
+/// What a source's output of a stage stands for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Feed {
+    /// Computed from the candidate's own previous outputs: errors carry.
+    EndToEnd,
+    /// Computed from the reference's inputs: the error the stage adds alone.
+    Reference,
+}
+
+/// A source's output of one stage, NCHW.
+pub(crate) struct Output {
+    pub data: ArrayD<f32>,
+    /// Said on the stage's line (a converted dtype, a shape that differs).
+    pub notes: Vec<String>,
+}
+
+/// A source's output of the row, and how it compares.
+struct Produced {
+    feed: Feed,
+    /// The source's position in the run's list.
+    position: usize,
+    output: Output,
+    /// `None` when the shapes differ.
+    comparison: Option<Comparison>,
+}
+
+/// What a source's own look at a failure found, besides the hypotheses.
+pub(crate) enum Explained {
+    /// A hint for this stage alone.
+    Stage(Hint),
+    /// A hint that explains the whole run: said once, and the run stops.
+    Run { hint: Hint, stopped: String },
+}
+
+/// Where a run's candidate outputs come from.
+pub(crate) trait Candidate {
+    fn feed(&self) -> Feed;
+
+    /// Called for every row, shown or not, before the reference's output is
+    /// read. False when the candidate has no such stage: it is not compared.
+    fn advance(&mut self, _row: &Row) -> Result<bool, VerifyError> {
+        Ok(true)
+    }
+
+    /// The candidate's output of `row`, for every row whose reference was
+    /// read; `None` when it has nothing to compare (a row not shown).
+    fn output(&mut self, row: &Row, reference: &ArrayD<f32>)
+        -> Result<Option<Output>, VerifyError>;
+
+    /// A failing stage's explanation by the source itself, tried before the
+    /// hypotheses; when it finds one, the hypotheses are not tested.
+    fn explain(
+        &self,
+        _row: &Row,
+        _reference: &ArrayD<f32>,
+        _output: &ArrayD<f32>,
+        _evidence: &Evidence,
+    ) -> Result<Option<Explained>, VerifyError> {
+        Ok(None)
+    }
+}
+
+/// What the loop needs besides the stages and the sources.
+pub(crate) struct LoopOptions<'a> {
+    pub reference: &'a Dump,
+    pub evidence: Evidence<'a>,
+    pub tolerance: &'a Tolerance,
+    pub fail_fast: bool,
+    /// Read the reference's output of rows not shown too (the core's
+    /// isolated source keeps them as inputs).
+    pub read_hidden: bool,
+    /// Note a reference stored in another dtype on the stage's line.
+    pub note_reference_dtype: bool,
+}
+
+/// Compares every row with the sources, pushing each stage's report into
+/// `builder` (which tells `listener`). Returns why the run stopped early,
+/// if it did.
+pub(crate) fn compare_stages(
+    rows: &[Row],
+    sources: &mut [&mut dyn Candidate],
+    options: &LoopOptions,
+    builder: &mut ReportBuilder,
+    listener: &mut dyn FnMut(Event),
+) -> Result<Option<String>, VerifyError> {
+    let mut missing = Vec::new();
+    let mut stopped = None;
+    'rows: for row in rows {
+        for source in sources.iter_mut() {
+            if !source.advance(row)? {
+                missing.push(row.entry.name.clone());
+                continue 'rows;
+            }
+        }
+        if !row.shown && !options.read_hidden {
+            continue;
+        }
+        let loaded = options.reference.load_stage(row.entry)?;
+        let reference = to_nchw(loaded.data, options.reference.manifest().layout);
+        let mut notes = Vec::new();
+        if options.note_reference_dtype {
+            if let Some(dtype) = loaded.converted_from {
+                notes.push(format!("reference stored as {dtype}, converted to float32"));
+            }
+        }
+
+        let mut outputs = Vec::new();
+        for (position, source) in sources.iter_mut().enumerate() {
+            if let Some(output) = source.output(row, &reference)? {
+                let comparison = (output.data.shape() == reference.shape()).then(|| {
+                    compare(
+                        reference.as_slice().expect("standard layout"),
+                        output.data.as_slice().expect("standard layout"),
+                        reference.shape(),
+                        options.tolerance,
+                    )
+                });
+                outputs.push(Produced {
+                    feed: source.feed(),
+                    position,
+                    output,
+                    comparison,
+                });
+            }
+        }
+        if !row.shown {
+            continue;
+        }
+        let produced_by = |feed: Feed| outputs.iter().find(|produced| produced.feed == feed);
+        if row.entry.name == "fc" {
+            builder.report.top5 = top_classes(
+                &reference,
+                produced_by(Feed::EndToEnd).map(|produced| &produced.output.data),
+                options.reference.manifest().classes.as_deref(),
+            );
+        }
+
+        let failed = |feed: Feed| {
+            outputs.iter().any(|produced| {
+                produced.feed == feed
+                    && produced
+                        .comparison
+                        .as_ref()
+                        .is_none_or(|c| c.verdict == Verdict::Fail)
+            })
+        };
+        let (end_to_end_failed, isolated_failed) =
+            (failed(Feed::EndToEnd), failed(Feed::Reference));
+        let origin = builder.origin(end_to_end_failed, isolated_failed, row.container);
+        let mut hints = Vec::new();
+        if builder.should_diagnose(&origin) {
+            // The stage's own error shows best with the reference's inputs.
+            let wanted = if isolated_failed {
+                Feed::Reference
+            } else {
+                Feed::EndToEnd
+            };
+            if let Some(Produced {
+                position, output, ..
+            }) = produced_by(wanted)
+            {
+                match sources[*position].explain(
+                    row,
+                    &reference,
+                    &output.data,
+                    &options.evidence,
+                )? {
+                    Some(Explained::Stage(hint)) => hints.push(hint),
+                    Some(Explained::Run { hint, stopped: why }) => {
+                        // Said once for the run, not again on the stage.
+                        builder.report.summary.hint = Some(hint);
+                        stopped = Some(why);
+                    }
+                    None if output.data.shape() == reference.shape() => {
+                        hints = options.evidence.diagnose(
+                            &row.entry.name,
+                            &Observed {
+                                reference: &reference,
+                                candidate: &output.data,
+                            },
+                        );
+                    }
+                    None => {}
+                }
+            }
+        }
+
+        let mut comparisons = [None, None];
+        for produced in outputs {
+            notes.extend(produced.output.notes);
+            let slot = match produced.feed {
+                Feed::EndToEnd => 0,
+                Feed::Reference => 1,
+            };
+            comparisons[slot] = produced.comparison;
+        }
+        let [cumulative, isolated] = comparisons;
+        let failed = end_to_end_failed || isolated_failed;
+        builder.push(
+            StageReport {
+                index: row.index,
+                name: row.entry.name.clone(),
+                module_type: row.entry.module_type.clone(),
+                shape: reference.shape().to_vec(),
+                block: row.block.clone(),
+                layer: row.layer.clone(),
+                verdict: if failed { Verdict::Fail } else { Verdict::Succ },
+                cumulative,
+                isolated,
+                notes,
+                origin,
+                hints,
+            },
+            listener,
+        );
+        if stopped.is_some() {
+            break;
+        }
+        if failed && options.fail_fast {
+            stopped = Some(format!("--fail-fast: stopped after {}", row.entry.name));
+            break;
+        }
+    }
+    if !missing.is_empty() && stopped.is_none() {
+        stopped = Some(format!(
+            "{} reference stage(s) not in the candidate, not compared: {}",
+            missing.len(),
+            abbreviate(&missing, 5)
+        ));
+    }
+    Ok(stopped)
+}
+
+/// The first batch item's top-5 classes on both sides (the candidate's
+/// empty when no source runs end to end).
+fn top_classes(
+    reference: &ArrayD<f32>,
+    candidate: Option<&ArrayD<f32>>,
+    classes: Option<&[String]>,
+) -> Option<TopClasses> {
+    let first_row = |array: &ArrayD<f32>| array.rows().into_iter().next().map(|row| row.to_vec());
+    let reference = top5(&first_row(reference)?, classes);
+    let candidate = match candidate {
+        Some(candidate) => top5(&first_row(candidate)?, classes),
+        None => Vec::new(),
+    };
+    Some(TopClasses {
+        reference,
+        candidate,
+    })
+}
+
+pub(crate) fn top5(logits: &[f32], classes: Option<&[String]>) -> Vec<ClassScore> {
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    order
+        .into_iter()
+        .take(5)
+        .map(|index| ClassScore {
+            index,
+            name: classes.and_then(|names| names.get(index).cloned()),
+            logit: logits[index],
+        })
+        .collect()
+}
+
+/// Which stages a run reports: all but the core's input (`skip_input`),
+/// those matching `only`.
+pub(crate) fn shown(
+    index: usize,
+    name: &str,
+    only: Option<&GlobMatcher>,
+    skip_input: bool,
+) -> bool {
+    !(skip_input && index == 0) && only.is_none_or(|glob| glob.is_match(name))
+}
