@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::path::{Component, Path};
 
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use resnet_core::Architecture;
 use serde::{Deserialize, Serialize};
 
@@ -18,11 +19,58 @@ pub enum Mode {
     Train,
 }
 
-/// The memory order of the stage files.
+/// The memory order of the stage files: every question about their axes
+/// is answered here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Layout {
     NCHW,
     NHWC,
+}
+
+impl Layout {
+    /// The order of a 4-D array's axes in memory: `order[k]` is the NCHW
+    /// axis stored at position `k` (NHWC is `[0, 2, 3, 1]`).
+    pub const fn axis_order(self) -> [usize; 4] {
+        match self {
+            Layout::NCHW => [0, 1, 2, 3],
+            Layout::NHWC => [0, 2, 3, 1],
+        }
+    }
+
+    /// A stored activation in NCHW order (4-D); other ranks (the logits
+    /// `[N, features]`) are the same in every layout.
+    pub fn to_nchw(self, array: ArrayD<f32>) -> ArrayD<f32> {
+        match (self, array.ndim()) {
+            (Layout::NHWC, 4) => array
+                .permuted_axes(IxDyn(&[0, 3, 1, 2]))
+                .as_standard_layout()
+                .into_owned(),
+            _ => array,
+        }
+    }
+
+    /// The inverse of [`Layout::to_nchw`], without a copy: an NCHW array
+    /// seen in the axis order of a file stored in this layout, so that
+    /// iterating it walks the file's memory order.
+    pub fn as_stored(self, nchw: &ArrayD<f32>) -> ArrayViewD<'_, f32> {
+        match (self, nchw.ndim()) {
+            (Layout::NHWC, 4) => nchw.view().permuted_axes(IxDyn(&self.axis_order()[..])),
+            _ => nchw.view(),
+        }
+    }
+}
+
+impl std::str::FromStr for Layout {
+    type Err = String;
+
+    /// `nchw` or `nhwc`, in either case.
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name.to_ascii_uppercase().as_str() {
+            "NCHW" => Ok(Layout::NCHW),
+            "NHWC" => Ok(Layout::NHWC),
+            _ => Err(format!("{name}: not a layout (nchw, nhwc)")),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -205,4 +253,23 @@ pub(crate) fn check_relative(file: &str) -> Result<(), String> {
         return Err(format!("`{file}` leads out of the dump directory"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn as_stored_walks_the_file_order_back() {
+        let nhwc = ArrayD::from_shape_fn(IxDyn(&[2, 3, 4, 5]), |i| {
+            (i[0] * 1000 + i[1] * 100 + i[2] * 10 + i[3]) as f32
+        });
+        let file_order: Vec<f32> = nhwc.iter().copied().collect();
+        for layout in [Layout::NHWC, Layout::NCHW] {
+            let nchw = layout.to_nchw(nhwc.clone());
+            let stored = layout.as_stored(&nchw);
+            assert_eq!(stored.shape(), nhwc.shape());
+            assert_eq!(stored.iter().copied().collect::<Vec<_>>(), file_order);
+        }
+    }
 }

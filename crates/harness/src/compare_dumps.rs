@@ -9,8 +9,8 @@ use ndarray::ArrayD;
 use resnet_core::Network;
 use resnet_dump::{Dump, Layout};
 
-use crate::diagnosis::{layout, Evidence};
-use crate::layout::{as_stored, load_nchw, to_nchw};
+use crate::diagnosis::{axis_order, Evidence};
+use crate::layout::load_nchw;
 use crate::pipeline::{
     compare_stages, shown, Candidate, Explained, Feed, LoopOptions, Output, Row,
 };
@@ -18,20 +18,13 @@ use crate::reference_check::{check_reference, ReferenceCheck};
 use crate::report::{Event, Report, ReportBuilder, RunMode};
 use crate::{Tolerance, VerifyError};
 
-/// How the candidate's stage files are laid out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CandidateLayout {
-    Nchw,
-    Nhwc,
-    /// As the candidate's manifest says.
-    Auto,
-}
-
 #[derive(Clone, Debug)]
 pub struct CompareOptions {
     pub reference: PathBuf,
     pub candidate: PathBuf,
-    pub layout: CandidateLayout,
+    /// How the candidate's stage files are laid out; `None`: as its
+    /// manifest says.
+    pub layout: Option<Layout>,
     pub only: Option<GlobMatcher>,
     pub fail_fast: bool,
     pub tolerance: Tolerance,
@@ -44,11 +37,7 @@ pub fn compare_dumps(
 ) -> Result<Report, VerifyError> {
     let reference = Dump::open(&options.reference)?;
     let candidate = Dump::open(&options.candidate)?;
-    let layout = match options.layout {
-        CandidateLayout::Nchw => Layout::NCHW,
-        CandidateLayout::Nhwc => Layout::NHWC,
-        CandidateLayout::Auto => candidate.manifest().layout,
-    };
+    let layout = options.layout.unwrap_or(candidate.manifest().layout);
     let network = match reference.manifest().architecture.as_ref() {
         Some(architecture) => Some(
             Network::from_weights(architecture, &reference.weights()).map_err(|source| {
@@ -152,7 +141,7 @@ impl Candidate for OtherEngine<'_> {
         if let Some(dtype) = &loaded.converted_from {
             notes.push(format!("candidate stored as {dtype}, converted to float32"));
         }
-        let data = to_nchw(loaded.data, self.layout);
+        let data = self.layout.to_nchw(loaded.data);
         if data.shape() != reference.shape() {
             notes.push(format!(
                 "shape {:?} (read as {:?}) is not the reference's {:?}",
@@ -171,8 +160,8 @@ impl Candidate for OtherEngine<'_> {
         output: &ArrayD<f32>,
         evidence: &Evidence,
     ) -> Result<Option<Explained>, VerifyError> {
-        let stored = as_stored(output, self.layout);
-        let Some(found) = layout::find(evidence, stored, self.layout, reference) else {
+        let stored = self.layout.as_stored(output);
+        let Some(found) = axis_order::find(evidence, stored, self.layout, reference) else {
             return Ok(None);
         };
         Ok(Some(
@@ -181,8 +170,8 @@ impl Candidate for OtherEngine<'_> {
                     stopped: format!(
                         "every stage checked ({}) is the reference in {} order, so the rest would fail the same way; rerun with --cand-layout {}",
                         confirmed.join(", "),
-                        layout::order_name(found.order, "NCHW"),
-                        layout::order_name(found.order, "NCHW").to_lowercase(),
+                        axis_order::order_name(found.order, "NCHW"),
+                        axis_order::order_name(found.order, "NCHW").to_lowercase(),
                     ),
                     hint: found.hint,
                 },
@@ -203,7 +192,7 @@ fn confirm_layout(
     reference: &Dump,
     candidate: &Dump,
     index: usize,
-    found: &layout::LayoutMatch,
+    found: &axis_order::LayoutMatch,
 ) -> Result<Option<Vec<String>>, VerifyError> {
     let stages = &reference.manifest().stages;
     let mut confirmed = vec![stages[index].name.clone()];
@@ -217,7 +206,7 @@ fn confirm_layout(
         };
         let expected = load_nchw(reference, entry)?;
         let stored = candidate.load_stage(candidate_entry)?.data;
-        if !layout::holds(evidence, stored.view(), found.order, &expected) {
+        if !axis_order::holds(evidence, stored.view(), found.order, &expected) {
             return Ok(None);
         }
         confirmed.push(entry.name.clone());

@@ -13,7 +13,7 @@ pub mod report;
 pub mod tolerance;
 pub mod verify;
 
-pub use compare_dumps::{compare_dumps, CandidateLayout, CompareOptions};
+pub use compare_dumps::{compare_dumps, CompareOptions};
 pub use error::VerifyError;
 pub use metrics::{compare, Comparison, Verdict};
 pub use report::{Event, Report, RunMode};

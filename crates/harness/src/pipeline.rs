@@ -10,7 +10,6 @@ use ndarray::ArrayD;
 use resnet_dump::{Dump, StageEntry};
 
 use crate::diagnosis::{Evidence, Hint, Observed};
-use crate::layout::to_nchw;
 use crate::metrics::{compare, Comparison, Verdict};
 use crate::report::{abbreviate, ClassScore, Event, ReportBuilder, StageReport, TopClasses};
 use crate::{Tolerance, VerifyError};
@@ -127,7 +126,7 @@ pub(crate) fn compare_stages(
             continue;
         }
         let loaded = options.reference.load_stage(row.entry)?;
-        let reference = to_nchw(loaded.data, options.reference.manifest().layout);
+        let reference = options.reference.manifest().layout.to_nchw(loaded.data);
         let mut notes = Vec::new();
         if options.note_reference_dtype {
             if let Some(dtype) = loaded.converted_from {

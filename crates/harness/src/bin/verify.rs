@@ -16,8 +16,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use resnet_verify::report::{json, junit, plot, text};
 use resnet_verify::{
-    compare_dumps, verify, AbsoluteTolerance, CandidateLayout, CompareOptions, Event, Report,
-    RunMode, Tolerance, VerifyOptions,
+    compare_dumps, verify, AbsoluteTolerance, CompareOptions, Event, Report, RunMode, Tolerance,
+    VerifyOptions,
 };
 
 /// Proves that the Rust ResNet core computes what PyTorch computes, stage by
@@ -88,8 +88,8 @@ enum Command {
         /// The candidate dump directory, written by the engine under test
         candidate: PathBuf,
         /// Memory order of the candidate's stage files (auto: as its manifest says)
-        #[arg(long, value_enum, default_value = "auto")]
-        cand_layout: LayoutArg,
+        #[arg(long, default_value = "auto", value_parser = ["nchw", "nhwc", "auto"])]
+        cand_layout: String,
         #[command(flatten)]
         common: Common,
     },
@@ -145,13 +145,6 @@ enum Format {
     Junit,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LayoutArg {
-    Nchw,
-    Nhwc,
-    Auto,
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
@@ -181,11 +174,11 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
             let options = CompareOptions {
                 reference,
                 candidate,
-                layout: match cand_layout {
-                    LayoutArg::Nchw => CandidateLayout::Nchw,
-                    LayoutArg::Nhwc => CandidateLayout::Nhwc,
-                    LayoutArg::Auto => CandidateLayout::Auto,
-                },
+                // auto: as the candidate's manifest says.
+                layout: (cand_layout != "auto")
+                    .then(|| cand_layout.parse())
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
                 only: glob(&common.only)?,
                 fail_fast: common.fail_fast,
                 tolerance: tolerance(&common),

@@ -9,8 +9,8 @@
 //! docs/diagnosis.md lists them.
 
 mod activation;
+pub(crate) mod axis_order;
 pub(crate) mod batch_norm;
-pub(crate) mod layout;
 mod origin;
 mod preprocessing;
 mod residual;

@@ -6,7 +6,7 @@
 
 use ndarray::Ix4;
 
-use super::layout::{order_name, other_orders, read_in_order, written_in_order, AxisOrder};
+use super::axis_order::{order_name, other_orders, read_in_order, written_in_order, AxisOrder};
 use super::{Evidence, Hint, Hypothesis, Observed, Side};
 
 const OIHW: AxisOrder = [0, 1, 2, 3];

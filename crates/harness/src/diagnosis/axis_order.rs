@@ -1,4 +1,4 @@
-//! Layout: the candidate holds the reference's values with the axes in
+//! Axis orders, and the layout hypothesis: the candidate holds the reference's values with the axes in
 //! another order. Either its file says so in its shape (NHWC stored, read
 //! as NCHW), or it does not (NHWC data under an NCHW shape: a reshape
 //! without a transpose). Both are the same test on the stored buffer: read
@@ -13,15 +13,8 @@ use super::{Evidence, Hint, Hypothesis};
 /// axis stored at position `k` (NHWC is `[0, 2, 3, 1]` over NCHW).
 pub type AxisOrder = [usize; 4];
 
-pub const NCHW: AxisOrder = [0, 1, 2, 3];
-pub const NHWC: AxisOrder = [0, 2, 3, 1];
-
-pub fn layout_order(layout: Layout) -> AxisOrder {
-    match layout {
-        Layout::NCHW => NCHW,
-        Layout::NHWC => NHWC,
-    }
-}
+pub const NCHW: AxisOrder = Layout::NCHW.axis_order();
+pub const NHWC: AxisOrder = Layout::NHWC.axis_order();
 
 /// `order` named with `letters` (`"NCHW"` or `"OIHW"`): NHWC, OHWI.
 pub fn order_name(order: AxisOrder, letters: &str) -> String {
@@ -120,7 +113,7 @@ pub(crate) fn find(
     reference: &ArrayD<f32>,
 ) -> Option<LayoutMatch> {
     let buffer = stored_buffer(stored.view(), reference)?;
-    let assumed_order = layout_order(assumed);
+    let assumed_order = assumed.axis_order();
     for order in other_orders(reference.shape(), assumed_order) {
         let Some(error) = reproduced_in_order(evidence, &buffer, order, reference) else {
             continue;
