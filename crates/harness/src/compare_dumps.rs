@@ -11,11 +11,9 @@ use resnet_dump::{Dump, Layout};
 
 use crate::diagnosis::{axis_order, Evidence};
 use crate::layout::load_nchw;
-use crate::pipeline::{
-    compare_stages, shown, Candidate, Explained, Feed, LoopOptions, Output, Row,
-};
+use crate::pipeline::{run, shown, Candidate, Explained, Feed, LoopOptions, Output, Row};
 use crate::reference_check::{check_reference, ReferenceCheck};
-use crate::report::{Event, Report, ReportBuilder, RunMode};
+use crate::report::{Event, Report, RunMode};
 use crate::{Tolerance, VerifyError};
 
 #[derive(Clone, Debug)]
@@ -57,7 +55,7 @@ pub fn compare_dumps(
             train_mode: reference.manifest().mode == resnet_dump::Mode::Train,
         },
     };
-    let mut report = Report::new(
+    let report = Report::new(
         options.reference.display().to_string(),
         options.candidate.display().to_string(),
         reference.manifest().model_name().to_string(),
@@ -65,12 +63,9 @@ pub fn compare_dumps(
         options.tolerance,
         reference_check,
     );
-    let stages = &reference.manifest().stages;
-    if !report.start(stages.len(), options.allow_train_reference, listener) {
-        return Ok(report);
-    }
-
-    let rows: Vec<Row> = stages
+    let rows: Vec<Row> = reference
+        .manifest()
+        .stages
         .iter()
         .enumerate()
         .map(|(index, entry)| Row {
@@ -85,10 +80,11 @@ pub fn compare_dumps(
     let mut source = OtherEngine {
         reference: &reference,
         candidate: &candidate,
+        path: &options.candidate,
         layout,
     };
-    let mut builder = ReportBuilder::new(report);
-    let stopped = compare_stages(
+    run(
+        report,
         &rows,
         &mut [&mut source],
         &LoopOptions {
@@ -98,25 +94,17 @@ pub fn compare_dumps(
             fail_fast: options.fail_fast,
             read_hidden: false,
             note_reference_dtype: false,
+            allow_train_reference: options.allow_train_reference,
         },
-        &mut builder,
         listener,
-    )?;
-    if builder.report.summary.compared == 0 {
-        return Err(VerifyError::Mismatch {
-            dump: options.candidate.clone(),
-            reason:
-                "no stage of the candidate has a name that the reference has; nothing was compared"
-                    .into(),
-        });
-    }
-    Ok(builder.finish(stopped))
+    )
 }
 
 /// Another engine's dump: its stage of the reference's stage's name.
 struct OtherEngine<'a> {
     reference: &'a Dump,
     candidate: &'a Dump,
+    path: &'a PathBuf,
     /// How its stage files are laid out.
     layout: Layout,
 }
@@ -151,6 +139,18 @@ impl Candidate for OtherEngine<'_> {
             ));
         }
         Ok(Some(Output { data, notes }))
+    }
+
+    fn finish(&self, report: &Report) -> Result<(), VerifyError> {
+        if report.summary.compared == 0 {
+            return Err(VerifyError::Mismatch {
+                dump: self.path.clone(),
+                reason:
+                    "no stage of the candidate has a name that the reference has; nothing was compared"
+                        .into(),
+            });
+        }
+        Ok(())
     }
 
     fn explain(

@@ -5,13 +5,17 @@
 //! failure origin and hints become one [`StageReport`], told to the
 //! listener as it is known.
 
+use std::ops::ControlFlow;
+
 use globset::GlobMatcher;
 use ndarray::ArrayD;
 use resnet_dump::{Dump, StageEntry};
 
 use crate::diagnosis::{Evidence, Hint, Observed};
 use crate::metrics::{compare, Comparison, Verdict};
-use crate::report::{abbreviate, ClassScore, Event, ReportBuilder, StageReport, TopClasses};
+use crate::report::{
+    abbreviate, ClassScore, Event, Report, ReportBuilder, StageReport, TopClasses,
+};
 use crate::{Tolerance, VerifyError};
 
 /// A stage of the run: the reference's entry for it, and where it sits.
@@ -77,6 +81,12 @@ pub(crate) trait Candidate {
     fn output(&mut self, row: &Row, reference: &ArrayD<f32>)
         -> Result<Option<Output>, VerifyError>;
 
+    /// Called once the rows are compared: `Err` when the run, as a whole,
+    /// is bad input.
+    fn finish(&self, _report: &Report) -> Result<(), VerifyError> {
+        Ok(())
+    }
+
     /// A failing stage's explanation by the source itself, tried before the
     /// hypotheses; when it finds one, the hypotheses are not tested.
     fn explain(
@@ -101,12 +111,34 @@ pub(crate) struct LoopOptions<'a> {
     pub read_hidden: bool,
     /// Note a reference stored in another dtype on the stage's line.
     pub note_reference_dtype: bool,
+    pub allow_train_reference: bool,
+}
+
+/// Starts the run on `report` (its header), compares every row with the
+/// sources and returns the final report.
+pub(crate) fn run(
+    report: Report,
+    rows: &[Row],
+    sources: &mut [&mut dyn Candidate],
+    options: &LoopOptions,
+    listener: &mut dyn FnMut(Event),
+) -> Result<Report, VerifyError> {
+    let mut builder =
+        match ReportBuilder::start(report, rows.len(), options.allow_train_reference, listener) {
+            ControlFlow::Continue(builder) => builder,
+            ControlFlow::Break(refused) => return Ok(refused),
+        };
+    let stopped = compare_stages(rows, sources, options, &mut builder, listener)?;
+    for source in sources.iter() {
+        source.finish(&builder.report)?;
+    }
+    Ok(builder.finish(stopped))
 }
 
 /// Compares every row with the sources, pushing each stage's report into
 /// `builder` (which tells `listener`). Returns why the run stopped early,
 /// if it did.
-pub(crate) fn compare_stages(
+fn compare_stages(
     rows: &[Row],
     sources: &mut [&mut dyn Candidate],
     options: &LoopOptions,

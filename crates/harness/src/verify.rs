@@ -12,9 +12,9 @@ use resnet_dump::{Dump, Manifest, StageEntry};
 
 use crate::diagnosis::Evidence;
 use crate::layout::{candidate_nchw, load_nchw, reference_tensor};
-use crate::pipeline::{compare_stages, shown, Candidate, Feed, LoopOptions, Output, Row};
+use crate::pipeline::{run, shown, Candidate, Feed, LoopOptions, Output, Row};
 use crate::reference_check::check_reference;
-use crate::report::{Event, Report, ReportBuilder, RunMode};
+use crate::report::{Event, Report, RunMode};
 use crate::{Tolerance, VerifyError};
 
 #[derive(Clone, Debug)]
@@ -61,7 +61,7 @@ pub fn verify_dump(
     };
 
     let reference_check = check_reference(dump, &network)?;
-    let mut report = Report::new(
+    let report = Report::new(
         options.dump.display().to_string(),
         "resnet-core".into(),
         dump.manifest().model_name().to_string(),
@@ -69,10 +69,6 @@ pub fn verify_dump(
         options.tolerance,
         reference_check,
     );
-    if !report.start(last + 1, options.allow_train_reference, listener) {
-        return Ok(report);
-    }
-
     let references = References {
         dump,
         network: &network,
@@ -94,13 +90,10 @@ pub fn verify_dump(
             shown: shown(index, &stage.name, options.only.as_ref(), true),
         })
         .collect();
-    let input = references.load(0)?;
-    let input = reference_tensor(input.view())
-        .ok_or_else(|| references.mismatch(0, "the input is not a 4-D NCHW tensor".into()))?;
-
     let mut cumulative = EndToEnd {
         references: &references,
-        steps: network.steps(input, Some(last)),
+        last,
+        steps: None,
         output: None,
     };
     let mut isolated = Isolated {
@@ -114,8 +107,8 @@ pub fn verify_dump(
     if options.mode.isolated() {
         sources.push(&mut isolated);
     }
-    let mut builder = ReportBuilder::new(report);
-    let stopped = compare_stages(
+    run(
+        report,
         &rows,
         &mut sources,
         &LoopOptions {
@@ -125,11 +118,10 @@ pub fn verify_dump(
             fail_fast: options.fail_fast,
             read_hidden: true,
             note_reference_dtype: true,
+            allow_train_reference: options.allow_train_reference,
         },
-        &mut builder,
         listener,
-    )?;
-    Ok(builder.finish(stopped))
+    )
 }
 
 /// The reference entry for every core stage, checked to cover each other.
@@ -206,6 +198,12 @@ impl References<'_> {
         Ok(load_nchw(self.dump, self.entries[index])?)
     }
 
+    /// The reference's input, as the core takes it.
+    fn input(&self) -> Result<Tensor, VerifyError> {
+        reference_tensor(self.load(0)?.view())
+            .ok_or_else(|| self.mismatch(0, "the input is not a 4-D NCHW tensor".into()))
+    }
+
     fn core_error(&self, source: CoreError) -> VerifyError {
         VerifyError::Core {
             dump: self.path.clone(),
@@ -248,7 +246,9 @@ impl References<'_> {
 /// The core run end to end on its own outputs.
 struct EndToEnd<'a> {
     references: &'a References<'a>,
-    steps: Steps<'a>,
+    last: usize,
+    /// The pass, started on the first row.
+    steps: Option<Steps<'a>>,
     /// The output of the row last advanced to.
     output: Option<Rc<Tensor>>,
 }
@@ -260,8 +260,13 @@ impl Candidate for EndToEnd<'_> {
 
     fn advance(&mut self, _row: &Row) -> Result<bool, VerifyError> {
         self.output = None;
-        let (_, output) = self
-            .steps
+        if self.steps.is_none() {
+            let input = self.references.input()?;
+            let network = self.references.network;
+            self.steps = Some(network.steps(input, Some(self.last)));
+        }
+        let steps = self.steps.as_mut().expect("just started");
+        let (_, output) = steps
             .next()
             .expect("a pass yields every stage up to the last")
             .map_err(|source| self.references.core_error(source))?;
@@ -293,6 +298,14 @@ struct Isolated<'a> {
 impl Candidate for Isolated<'_> {
     fn feed(&self) -> Feed {
         Feed::Reference
+    }
+
+    fn advance(&mut self, row: &Row) -> Result<bool, VerifyError> {
+        if row.index == 0 {
+            // Refused as the end-to-end pass would refuse it.
+            self.references.input()?;
+        }
+        Ok(true)
     }
 
     fn output(

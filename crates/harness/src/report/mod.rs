@@ -7,6 +7,7 @@ pub mod plot;
 pub mod text;
 
 use std::fmt::Write as _;
+use std::ops::ControlFlow;
 
 use serde::Serialize;
 
@@ -177,33 +178,6 @@ impl Report {
         }
     }
 
-    /// Starts the run (tells `listener`) and returns true, unless the
-    /// reference is in train mode and that was not allowed: then the report
-    /// is final and failed, with the train-mode message as the reason, and
-    /// nothing is to be compared.
-    pub(crate) fn start(
-        &mut self,
-        stages: usize,
-        allow_train_reference: bool,
-        listener: &mut dyn FnMut(Event),
-    ) -> bool {
-        let check = self.reference_check.as_ref();
-        if check.is_some_and(|check| check.train_mode) && !allow_train_reference {
-            self.summary.verdict = Verdict::Fail;
-            self.summary.stopped = check.and_then(ReferenceCheck::message);
-            listener(Event::Start {
-                report: self,
-                stages: 0,
-            });
-            return false;
-        }
-        listener(Event::Start {
-            report: self,
-            stages,
-        });
-        true
-    }
-
     pub fn passed(&self) -> bool {
         self.summary.verdict == Verdict::Succ
     }
@@ -235,13 +209,36 @@ pub(crate) struct ReportBuilder {
 }
 
 impl ReportBuilder {
-    pub fn new(report: Report) -> Self {
-        ReportBuilder {
+    /// Starts the run (tells `listener`) to compare up to `stages` stages;
+    /// unless the reference is in train mode and that was not allowed:
+    /// then the run breaks with the final report, failed, with the train-mode message
+    /// as the reason, and nothing is to be compared.
+    pub fn start(
+        mut report: Report,
+        stages: usize,
+        allow_train_reference: bool,
+        listener: &mut dyn FnMut(Event),
+    ) -> ControlFlow<Report, Self> {
+        let check = report.reference_check.as_ref();
+        if check.is_some_and(|check| check.train_mode) && !allow_train_reference {
+            report.summary.verdict = Verdict::Fail;
+            report.summary.stopped = check.and_then(ReferenceCheck::message);
+            listener(Event::Start {
+                report: &report,
+                stages: 0,
+            });
+            return ControlFlow::Break(report);
+        }
+        listener(Event::Start {
+            report: &report,
+            stages,
+        });
+        ControlFlow::Continue(ReportBuilder {
             report,
             open_blocks: Vec::new(),
             open_layers: Vec::new(),
             diagnosed: 0,
-        }
+        })
     }
 
     /// The origin of the next stage's failure, from which of its
