@@ -7,6 +7,7 @@ use std::rc::Rc;
 
 use globset::GlobMatcher;
 use ndarray::ArrayD;
+use resnet_core::network::last_readers;
 use resnet_core::{CoreError, Network, Steps, Tensor};
 use resnet_dump::{Dump, Manifest, StageEntry};
 
@@ -356,14 +357,10 @@ struct ReferenceCache {
 
 impl ReferenceCache {
     fn new(network: &Network) -> Self {
-        let mut last_reader = vec![None; network.stages().len()];
-        for index in 0..network.stages().len() {
-            for &producer in network.stage_input_indices(index) {
-                last_reader[producer] = Some(index);
-            }
-        }
+        let count = network.stages().len();
+        let reads = (0..count).map(|index| network.stage_input_indices(index).iter().copied());
         ReferenceCache {
-            last_reader,
+            last_reader: last_readers(count, reads),
             kept: HashMap::new(),
         }
     }

@@ -5,7 +5,7 @@
 use ndarray::Ix4;
 
 use super::stage::repeated_call_name;
-use super::{Network, Operation, Stage, StageKind};
+use super::{last_readers, released_after, Network, Operation, Stage, StageKind};
 use crate::ops::{BatchNorm, Conv2d, ConvGeometry, Linear, MaxPool2d};
 use crate::weights::{conv_weight_from_oihw, linear_weight_from_torch, load_with_shape};
 use crate::{Architecture, BlockKind, CoreError, WeightSource};
@@ -84,13 +84,17 @@ impl Network {
             architecture.num_classes,
         )?;
 
-        let last_reader = last_readers(&net.stages);
-        let mut released_after = vec![Vec::new(); net.stages.len()];
-        for (producer, reader) in last_reader.iter().enumerate() {
-            if let Some(reader) = *reader {
-                released_after[reader].push(producer);
-            }
-        }
+        // A container reads its last child's value.
+        let reads = net
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(index, stage)| match stage.operation {
+                Operation::Container { .. } => vec![index - 1],
+                _ => stage.inputs.clone(),
+            });
+        let last_reader = last_readers(net.stages.len(), reads);
+        let released_after = released_after(&last_reader, net.stages.len());
         Ok(Network {
             architecture: architecture.clone(),
             stages: net.stages,
@@ -400,20 +404,4 @@ impl Builder<'_> {
         });
         self.stages.len() - 1
     }
-}
-
-/// For each stage, the last stage that reads its value, if any. A container
-/// reads its last child's value.
-fn last_readers(stages: &[Stage]) -> Vec<Option<usize>> {
-    let mut last_reader: Vec<Option<usize>> = vec![None; stages.len()];
-    for (index, stage) in stages.iter().enumerate() {
-        let reads: Vec<usize> = match stage.operation {
-            Operation::Container { .. } => vec![index - 1],
-            _ => stage.inputs.clone(),
-        };
-        for producer in reads {
-            last_reader[producer] = Some(index);
-        }
-    }
-    last_reader
 }

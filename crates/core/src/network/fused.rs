@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use super::{Network, Operation};
+use super::{last_readers, released_after, Network, Operation};
 use crate::ops::{self, Conv2d, Linear, MaxPool2d};
 use crate::{CoreError, Tensor};
 
@@ -201,16 +201,8 @@ impl FusedPlan {
             "every deferred conv met its residual add"
         );
 
-        let mut last_reader: HashMap<usize, usize> = HashMap::new();
-        for (position, step) in steps.iter().enumerate() {
-            for input in step.inputs() {
-                last_reader.insert(input, position);
-            }
-        }
-        let mut released_after = vec![Vec::new(); steps.len()];
-        for (value, position) in last_reader {
-            released_after[position].push(value);
-        }
+        let last_reader = last_readers(stages.len(), steps.iter().map(Step::inputs));
+        let released_after = released_after(&last_reader, steps.len());
         FusedPlan {
             steps,
             released_after,

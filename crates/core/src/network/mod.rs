@@ -268,6 +268,34 @@ impl<'a> Iterator for Steps<'a> {
     }
 }
 
+/// Liveness: for each of `values` values, the position of the last reader
+/// that reads it, if any; `readers` yields, in order, the values each
+/// reader reads.
+pub fn last_readers<R: IntoIterator<Item = usize>>(
+    values: usize,
+    readers: impl IntoIterator<Item = R>,
+) -> Vec<Option<usize>> {
+    let mut last_reader = vec![None; values];
+    for (position, reads) in readers.into_iter().enumerate() {
+        for value in reads {
+            last_reader[value] = Some(position);
+        }
+    }
+    last_reader
+}
+
+/// The inverse of [`last_readers`]: for each of `readers` positions, the
+/// values that no later reader needs once it ran.
+pub(crate) fn released_after(last_reader: &[Option<usize>], readers: usize) -> Vec<Vec<usize>> {
+    let mut released = vec![Vec::new(); readers];
+    for (value, reader) in last_reader.iter().enumerate() {
+        if let Some(reader) = *reader {
+            released[reader].push(value);
+        }
+    }
+    released
+}
+
 /// The values of `producers`, which have all run.
 fn gather<'a>(values: &'a [Option<Rc<Tensor>>], producers: &[usize]) -> Vec<&'a Tensor> {
     producers
