@@ -9,9 +9,9 @@ use ndarray::ArrayD;
 use resnet_core::Network;
 use resnet_dump::{Dump, Layout};
 
-use crate::diagnosis::{axis_order, Evidence};
+use crate::diagnosis::{axis_order, Evidence, Observed};
 use crate::layout::load_nchw;
-use crate::pipeline::{run, shown, Candidate, Explained, Feed, LoopOptions, Output, Row};
+use crate::pipeline::{run, shown, Answer, Candidate, Explained, Feed, LoopOptions, Output, Row};
 use crate::reference_check::{check_reference, ReferenceCheck};
 use crate::report::{Event, Report, RunMode};
 use crate::{Tolerance, VerifyError};
@@ -118,11 +118,7 @@ impl Candidate for OtherEngine<'_> {
         Ok(!row.shown || self.candidate.stage(&row.entry.name).is_some())
     }
 
-    fn output(
-        &mut self,
-        row: &Row,
-        reference: &ArrayD<f32>,
-    ) -> Result<Option<Output>, VerifyError> {
+    fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Answer {
         let entry = self.candidate.stage(&row.entry.name).expect("advanced");
         let loaded = self.candidate.load_stage(entry)?;
         let mut notes = Vec::new();
@@ -156,11 +152,13 @@ impl Candidate for OtherEngine<'_> {
     fn explain(
         &self,
         row: &Row,
-        reference: &ArrayD<f32>,
-        output: &ArrayD<f32>,
+        observed: &Observed,
         evidence: &Evidence,
     ) -> Result<Option<Explained>, VerifyError> {
-        let stored = self.layout.as_stored(output);
+        let (reference, stored) = (
+            observed.reference,
+            self.layout.as_stored(observed.candidate),
+        );
         let Some(found) = axis_order::find(evidence, stored, self.layout, reference) else {
             return Ok(None);
         };

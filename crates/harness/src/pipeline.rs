@@ -58,6 +58,9 @@ struct Produced {
     comparison: Option<Comparison>,
 }
 
+/// A source's answer for a row: its output, nothing to compare, or bad input.
+pub(crate) type Answer = Result<Option<Output>, VerifyError>;
+
 /// What a source's own look at a failure found, besides the hypotheses.
 pub(crate) enum Explained {
     /// A hint for this stage alone.
@@ -78,8 +81,7 @@ pub(crate) trait Candidate {
 
     /// The candidate's output of `row`, for every row whose reference was
     /// read; `None` when it has nothing to compare (a row not shown).
-    fn output(&mut self, row: &Row, reference: &ArrayD<f32>)
-        -> Result<Option<Output>, VerifyError>;
+    fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Answer;
 
     /// Called once the rows are compared: `Err` when the run, as a whole,
     /// is bad input.
@@ -91,10 +93,9 @@ pub(crate) trait Candidate {
     /// hypotheses; when it finds one, the hypotheses are not tested.
     fn explain(
         &self,
-        _row: &Row,
-        _reference: &ArrayD<f32>,
-        _output: &ArrayD<f32>,
-        _evidence: &Evidence,
+        _: &Row,
+        _: &Observed,
+        _: &Evidence,
     ) -> Result<Option<Explained>, VerifyError> {
         Ok(None)
     }
@@ -221,12 +222,11 @@ fn compare_stages(
                 position, output, ..
             }) = produced_by(wanted)
             {
-                match sources[*position].explain(
-                    row,
-                    &reference,
-                    &output.data,
-                    &options.evidence,
-                )? {
+                let observed = Observed {
+                    reference: &reference,
+                    candidate: &output.data,
+                };
+                match sources[*position].explain(row, &observed, &options.evidence)? {
                     Some(Explained::Stage(hint)) => hints.push(hint),
                     Some(Explained::Run { hint, stopped: why }) => {
                         // Said once for the run, not again on the stage.
@@ -234,13 +234,7 @@ fn compare_stages(
                         stopped = Some(why);
                     }
                     None if output.data.shape() == reference.shape() => {
-                        hints = options.evidence.diagnose(
-                            &row.entry.name,
-                            &Observed {
-                                reference: &reference,
-                                candidate: &output.data,
-                            },
-                        );
+                        hints = options.evidence.diagnose(&row.entry.name, &observed);
                     }
                     None => {}
                 }

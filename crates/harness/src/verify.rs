@@ -13,7 +13,7 @@ use resnet_dump::{Dump, Manifest, StageEntry};
 
 use crate::diagnosis::Evidence;
 use crate::layout::{candidate_nchw, load_nchw, reference_tensor};
-use crate::pipeline::{run, shown, Candidate, Feed, LoopOptions, Output, Row};
+use crate::pipeline::{run, shown, Answer, Candidate, Feed, LoopOptions, Output, Row};
 use crate::reference_check::check_reference;
 use crate::report::{Event, Report, RunMode};
 use crate::{Tolerance, VerifyError};
@@ -74,10 +74,7 @@ pub fn verify_dump(
         dump,
         network: &network,
         path: &options.dump,
-        entries: entries
-            .iter()
-            .map(|&entry| &dump.manifest().stages[entry])
-            .collect(),
+        entries,
     };
     let rows: Vec<Row> = network.stages()[..=last]
         .iter()
@@ -126,21 +123,20 @@ pub fn verify_dump(
 }
 
 /// The reference entry for every core stage, checked to cover each other.
-fn match_stages(
-    dump: &Dump,
+fn match_stages<'a>(
+    dump: &'a Dump,
     network: &Network,
     options: &VerifyOptions,
-) -> Result<Vec<usize>, VerifyError> {
+) -> Result<Vec<&'a StageEntry>, VerifyError> {
     let manifest: &Manifest = dump.manifest();
-    let position: HashMap<&str, usize> = manifest
+    let by_name: HashMap<&str, &StageEntry> = manifest
         .stages
         .iter()
-        .enumerate()
-        .map(|(i, s)| (s.name.as_str(), i))
+        .map(|s| (s.name.as_str(), s))
         .collect();
     let mut entries = Vec::with_capacity(network.stages().len());
     for stage in network.stages() {
-        let Some(&entry) = position.get(stage.name.as_str()) else {
+        let Some(&entry) = by_name.get(stage.name.as_str()) else {
             return Err(VerifyError::Mismatch {
                 dump: options.dump.clone(),
                 reason: format!(
@@ -275,11 +271,7 @@ impl Candidate for EndToEnd<'_> {
         Ok(true)
     }
 
-    fn output(
-        &mut self,
-        row: &Row,
-        reference: &ArrayD<f32>,
-    ) -> Result<Option<Output>, VerifyError> {
+    fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Answer {
         let output = self.output.take().expect("advanced to this row");
         if !row.shown {
             return Ok(None);
@@ -309,11 +301,7 @@ impl Candidate for Isolated<'_> {
         Ok(true)
     }
 
-    fn output(
-        &mut self,
-        row: &Row,
-        reference: &ArrayD<f32>,
-    ) -> Result<Option<Output>, VerifyError> {
+    fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Answer {
         let index = row.index;
         self.kept.offer(index, reference);
         if !row.shown {
