@@ -90,6 +90,10 @@ def test_errors_carry_the_clis_messages():
         rv.verify(FIXTURES / "resnet18-w8", upto="layer9")
     with pytest.raises(rv.VerifyError, match="shapes differ"):
         rv.compare(np.zeros(3), np.zeros(4))
+    with pytest.raises(rv.VerifyError, match="rtol must be a finite number >= 0, not -0.001"):
+        rv.compare(np.zeros(3), np.zeros(3), rtol=-1e-3)
+    with pytest.raises(rv.VerifyError, match="atol must be a finite number >= 0, not NaN"):
+        rv.verify(FIXTURES / "resnet18-w8", atol=float("nan"))
 
 
 def test_forward_returns_nchw_stages_equal_to_the_reference():

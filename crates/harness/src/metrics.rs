@@ -233,7 +233,9 @@ impl Partial {
             } else {
                 f64::INFINITY
             };
-            if error > part.max_abs_error || (part.worst_at.is_none() && !matches) {
+            // A mismatch always has an error above 0 (the tolerance is not
+            // negative), so the largest error is never an unnamed mismatch.
+            if error > part.max_abs_error {
                 part.max_abs_error = error;
                 part.worst_at = Some(offset + index);
             }
@@ -248,8 +250,7 @@ impl Partial {
 
     /// This piece followed by `next`.
     fn then(self, next: Partial) -> Partial {
-        let take_next = next.max_abs_error > self.max_abs_error
-            || (self.worst_at.is_none() && next.worst_at.is_some());
+        let take_next = next.max_abs_error > self.max_abs_error;
         let add = |a: [f64; LANES], b: [f64; LANES]| std::array::from_fn(|lane| a[lane] + b[lane]);
         Partial {
             max_abs_error: if take_next {
@@ -472,6 +473,156 @@ mod tests {
         // Within tolerance, the first element that fails is still named.
         let first = compare(&[1.0, f32::NAN], &[1.0, 0.0], &[2], &fixed(0.0, 1.0));
         assert_eq!(first.worst.unwrap().index, vec![1]);
+    }
+
+    /// `compare`, element by element in one loop: the rule as the docs
+    /// state it, against which the vectorised, parallel version is checked.
+    fn compare_slowly(reference: &[f32], candidate: &[f32], tolerance: &Tolerance) -> Comparison {
+        let scale = reference
+            .iter()
+            .filter(|r| r.is_finite())
+            .fold(0f64, |m, &r| m.max((r as f64).abs()));
+        let atol = tolerance.atol_for(scale);
+        let mut result = compare(&[], &[], &[0], tolerance);
+        let (mut dot, mut reference_norm, mut candidate_norm) = (0f64, 0f64, 0f64);
+        for (index, (&r, &c)) in reference.iter().zip(candidate).enumerate() {
+            let (r, c) = (r as f64, c as f64);
+            let both_finite = r.is_finite() && c.is_finite();
+            let matches = if r.is_nan() || c.is_nan() {
+                tolerance.equal_nan && r.is_nan() && c.is_nan()
+            } else if both_finite {
+                (c - r).abs() <= atol + tolerance.rtol * r.abs()
+            } else {
+                r == c
+            };
+            let error = match (both_finite, matches) {
+                (true, _) => (c - r).abs(),
+                (false, true) => 0.0,
+                (false, false) => f64::INFINITY,
+            };
+            if error > result.max_abs_error {
+                result.max_abs_error = error;
+                result.worst = Some(WorstElement {
+                    index: vec![index],
+                    reference: r as f32,
+                    candidate: c as f32,
+                });
+            }
+            result.mismatched += !matches as usize;
+            result.reference_nan += r.is_nan() as usize;
+            result.candidate_nan += c.is_nan() as usize;
+            result.reference_inf += r.is_infinite() as usize;
+            result.candidate_inf += c.is_infinite() as usize;
+            if both_finite {
+                dot += r * c;
+                reference_norm += r * r;
+                candidate_norm += c * c;
+            }
+        }
+        result.verdict = if result.mismatched == 0 {
+            Verdict::Succ
+        } else {
+            Verdict::Fail
+        };
+        result.scale = scale;
+        result.elements = reference.len();
+        result.relative_error = result.max_abs_error / scale.max(f32::MIN_POSITIVE as f64);
+        result.cosine_similarity = match (reference_norm > 0.0, candidate_norm > 0.0) {
+            (true, true) => dot / (reference_norm.sqrt() * candidate_norm.sqrt()),
+            (false, false) => 1.0,
+            _ => 0.0,
+        };
+        result
+    }
+
+    #[test]
+    fn the_fast_comparison_is_the_slow_one() {
+        // Seeded xorshift: values, small errors near the tolerance, and
+        // (in some runs) NaN and infinities, over one piece or several.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for (run, length) in [1usize, 7, 8, 29, 1000, CHUNK + 3, 2 * CHUNK + 100]
+            .into_iter()
+            .enumerate()
+        {
+            for non_finite in [false, true] {
+                let reference: Vec<f32> = (0..length)
+                    .map(|_| ((next() - 0.5) * 40.0) as f32)
+                    .collect();
+                let candidate: Vec<f32> = reference
+                    .iter()
+                    .map(|&r| r + ((next() - 0.5) * 2e-3 * (1.0 + r.abs() as f64)) as f32)
+                    .collect();
+                let (mut reference, mut candidate) = (reference, candidate);
+                if non_finite {
+                    for (at, value) in [
+                        (0.3, f32::NAN),
+                        (0.5, f32::INFINITY),
+                        (0.9, f32::NEG_INFINITY),
+                    ] {
+                        let index = (at * length as f64) as usize;
+                        reference[index] = value;
+                        if run % 2 == 0 {
+                            candidate[index] = value;
+                        }
+                    }
+                }
+                for tolerance in [
+                    fixed(1e-4, 1e-3),
+                    fixed(5e-4, 0.0),
+                    Tolerance {
+                        equal_nan: true,
+                        ..Tolerance::default()
+                    },
+                    Tolerance {
+                        rtol: 0.0,
+                        atol: AbsoluteTolerance::ScaleRelative(2e-5),
+                        equal_nan: false,
+                    },
+                ] {
+                    let fast = compare(&reference, &candidate, &[length], &tolerance);
+                    let slow = compare_slowly(&reference, &candidate, &tolerance);
+                    let what = format!("length {length}, non-finite {non_finite}, {tolerance:?}");
+                    assert!(
+                        (fast.cosine_similarity - slow.cosine_similarity).abs() < 1e-9,
+                        "{what}: cosine {} against {}",
+                        fast.cosine_similarity,
+                        slow.cosine_similarity
+                    );
+                    // Field by field: the worst element may be NaN, which
+                    // equals nothing, so its values are compared as bits.
+                    let figures = |c: &Comparison| {
+                        let worst = c.worst.as_ref().map(|w| {
+                            (
+                                w.index.clone(),
+                                w.reference.to_bits(),
+                                w.candidate.to_bits(),
+                            )
+                        });
+                        let counts = (
+                            c.reference_nan,
+                            c.candidate_nan,
+                            c.reference_inf,
+                            c.candidate_inf,
+                        );
+                        (
+                            (c.verdict, c.mismatched, c.elements, counts, worst),
+                            (c.max_abs_error, c.relative_error, c.scale),
+                        )
+                    };
+                    assert_eq!(figures(&fast), figures(&slow), "{what}");
+                    assert!(
+                        slow.mismatched > 0 || length < 100,
+                        "{what}: a test that can fail"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

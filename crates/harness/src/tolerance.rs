@@ -21,6 +21,13 @@ pub enum AbsoluteTolerance {
     ScaleRelative(f64),
 }
 
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{name} must be a finite number >= 0, not {value}")]
+pub struct InvalidTolerance {
+    pub name: &'static str,
+    pub value: f64,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Tolerance {
     pub rtol: f64,
@@ -37,17 +44,28 @@ impl Tolerance {
 
     /// The default, with what a user gave (`--atol` or `--atol-scale`,
     /// `--rtol`, `--equal-nan`, or the bindings' arguments) in its place.
+    /// A negative or non-finite figure is refused: it would fail every
+    /// element, or none, whatever the data.
     pub fn with_overrides(
         atol: Option<AbsoluteTolerance>,
         rtol: Option<f64>,
         equal_nan: bool,
-    ) -> Self {
+    ) -> Result<Self, InvalidTolerance> {
         let default = Tolerance::default();
-        Tolerance {
-            rtol: rtol.unwrap_or(default.rtol),
-            atol: atol.unwrap_or(default.atol),
+        let check = |name: &'static str, value: f64| match value.is_finite() && value >= 0.0 {
+            true => Ok(value),
+            false => Err(InvalidTolerance { name, value }),
+        };
+        Ok(Tolerance {
+            rtol: check("rtol", rtol.unwrap_or(default.rtol))?,
+            atol: match atol.unwrap_or(default.atol) {
+                AbsoluteTolerance::Fixed(atol) => AbsoluteTolerance::Fixed(check("atol", atol)?),
+                AbsoluteTolerance::ScaleRelative(fraction) => {
+                    AbsoluteTolerance::ScaleRelative(check("atol-scale", fraction)?)
+                }
+            },
             equal_nan,
-        }
+        })
     }
 
     /// The absolute tolerance for a stage whose largest |ref| is `scale`.
@@ -100,9 +118,10 @@ mod tests {
     fn what_the_user_gives_replaces_the_default_part_by_part() {
         assert_eq!(
             Tolerance::with_overrides(None, None, false),
-            Tolerance::default()
+            Ok(Tolerance::default())
         );
-        let fixed = Tolerance::with_overrides(Some(AbsoluteTolerance::Fixed(0.5)), None, true);
+        let fixed =
+            Tolerance::with_overrides(Some(AbsoluteTolerance::Fixed(0.5)), None, true).unwrap();
         assert_eq!(
             (fixed.rtol, fixed.atol, fixed.equal_nan),
             (1e-4, AbsoluteTolerance::Fixed(0.5), true)
@@ -117,11 +136,35 @@ mod tests {
             Some(AbsoluteTolerance::ScaleRelative(3e-5)),
             Some(2e-6),
             false,
-        );
+        )
+        .unwrap();
         assert_eq!(scaled.atol_for(10.0), 10.0 * 3e-5);
         assert_eq!(
             scaled.describe(),
             "|cand - ref| <= atol + rtol * |ref| with rtol 2e-6, atol 3e-5 x max|ref|"
+        );
+    }
+
+    #[test]
+    fn negative_or_non_finite_figures_are_refused_by_name() {
+        let refused = |atol, rtol| Tolerance::with_overrides(atol, rtol, false).unwrap_err();
+        assert_eq!(
+            refused(None, Some(-1e-4)).to_string(),
+            "rtol must be a finite number >= 0, not -0.0001"
+        );
+        assert_eq!(refused(None, Some(f64::NAN)).name, "rtol");
+        assert_eq!(
+            refused(Some(AbsoluteTolerance::Fixed(-1.0)), None).name,
+            "atol"
+        );
+        assert_eq!(
+            refused(Some(AbsoluteTolerance::ScaleRelative(f64::INFINITY)), None).name,
+            "atol-scale"
+        );
+        // Zero is a tolerance: exact equality.
+        assert!(
+            Tolerance::with_overrides(Some(AbsoluteTolerance::Fixed(0.0)), Some(0.0), false)
+                .is_ok()
         );
     }
 }

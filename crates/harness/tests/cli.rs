@@ -488,3 +488,20 @@ fn the_reference_check_recomputes_the_first_three_batch_norms_both_ways() {
         }
     }
 }
+
+#[test]
+fn a_negative_or_non_finite_tolerance_is_bad_input() {
+    for flags in [
+        ["--rtol=-1e-4", "--atol=0"],
+        ["--atol=-1", "--rtol=0"],
+        ["--atol-scale=nan", "--rtol=0"],
+    ] {
+        let output = verify(&[path(&fixture("resnet18-w8")), flags[0], flags[1]]);
+        assert_eq!(output.status.code(), Some(2), "{flags:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("must be a finite number >= 0"),
+            "{flags:?}: {stderr}"
+        );
+    }
+}

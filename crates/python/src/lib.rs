@@ -62,20 +62,21 @@ fn options(
     atol: Option<f64>,
     rtol: Option<f64>,
     allow_train_reference: bool,
-) -> VerifyOptions {
-    VerifyOptions {
+) -> PyResult<VerifyOptions> {
+    Ok(VerifyOptions {
         dump: label,
         upto,
         only: None,
         fail_fast: false,
-        tolerance: Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, false),
+        tolerance: Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, false)
+            .map_err(error)?,
         mode: if isolate {
             RunMode::Isolated
         } else {
             RunMode::Cumulative
         },
         allow_train_reference,
-    }
+    })
 }
 
 /// verify(dump_dir, upto=None, isolate=False, atol=None, rtol=None, allow_train_reference=False) -> (json, text)
@@ -94,7 +95,7 @@ fn verify(
     run_verify(
         py,
         &dump,
-        options(dump_dir, upto, isolate, atol, rtol, allow_train_reference),
+        options(dump_dir, upto, isolate, atol, rtol, allow_train_reference)?,
     )
 }
 
@@ -131,7 +132,7 @@ fn verify_arrays(
     run_verify(
         py,
         &dump,
-        options(PathBuf::from(label), upto, isolate, atol, rtol, false),
+        options(PathBuf::from(label), upto, isolate, atol, rtol, false)?,
     )
 }
 
@@ -245,7 +246,8 @@ fn compare(
         reference_data.as_slice().expect("standard layout"),
         candidate_data.as_slice().expect("standard layout"),
         reference.shape(),
-        &Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, equal_nan),
+        &Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, equal_nan)
+            .map_err(error)?,
     );
     serde_json::to_string(&comparison).map_err(error)
 }

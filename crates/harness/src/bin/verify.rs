@@ -181,7 +181,7 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
                     .map_err(anyhow::Error::msg)?,
                 only: glob(&common.only)?,
                 fail_fast: common.fail_fast,
-                tolerance: tolerance(&common),
+                tolerance: tolerance(&common)?,
                 allow_train_reference: common.allow_train_reference,
             };
             report(&common, RunMode::Dumps, |listener| {
@@ -199,7 +199,7 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
                 upto: cli.upto,
                 only: glob(&cli.common.only)?,
                 fail_fast: cli.common.fail_fast,
-                tolerance: tolerance(&cli.common),
+                tolerance: tolerance(&cli.common)?,
                 mode,
                 allow_train_reference: cli.common.allow_train_reference,
             };
@@ -210,13 +210,17 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
     }
 }
 
-fn tolerance(common: &Common) -> Tolerance {
+fn tolerance(common: &Common) -> anyhow::Result<Tolerance> {
     let atol = match (common.atol, common.atol_scale) {
         (Some(atol), _) => Some(AbsoluteTolerance::Fixed(atol)),
         (None, Some(fraction)) => Some(AbsoluteTolerance::ScaleRelative(fraction)),
         (None, None) => None,
     };
-    Tolerance::with_overrides(atol, common.rtol, common.equal_nan)
+    Ok(Tolerance::with_overrides(
+        atol,
+        common.rtol,
+        common.equal_nan,
+    )?)
 }
 
 fn glob(pattern: &Option<String>) -> anyhow::Result<Option<globset::GlobMatcher>> {
