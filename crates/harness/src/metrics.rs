@@ -276,7 +276,7 @@ impl Partial {
 }
 
 /// A row-major flat index as coordinates in `shape`.
-pub fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
     let mut index = vec![0; shape.len()];
     for (axis, &size) in shape.iter().enumerate().rev() {
         if size > 0 {

@@ -478,3 +478,28 @@ fn an_all_zero_reference_has_well_defined_metrics() {
         (Some(0.0), Some(1.0))
     );
 }
+
+#[test]
+fn batch_norm_stages_stored_flat_are_not_recomputed_but_reported() {
+    // conv1 and bn1 stored as [C, H*W]: the reference check cannot recompute
+    // a BatchNorm from them (it needs NCHW maps), so it examines the next
+    // three; the comparison then names the shape.
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    for stage in ["conv1", "bn1"] {
+        let file = stage_file(&dump, stage);
+        let flat = read(&file)
+            .into_shape_with_order(ndarray::IxDyn(&[8, 256]))
+            .unwrap();
+        write(&file, &flat);
+        edit_manifest(&dump, |m| {
+            entry_mut(m, "stages", stage)["shape"] = serde_json::json!([8, 256]);
+        });
+    }
+    let output = verify(&[path(&dump), "--format", "json"]);
+    expect(
+        &output,
+        2,
+        "stage `conv1`: the core's output [1, 8, 16, 16] (NCHW) does not match the reference shape [8, 256]",
+    );
+}
