@@ -2,9 +2,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use ndarray::ArrayD;
-use resnet_core::{Architecture, CoreError, WeightSource, WeightTensor};
 
-use crate::manifest::{check_relative, Manifest, ManifestProblem, StageEntry};
+use crate::manifest::{check_relative, Architecture, Manifest, ManifestProblem, StageEntry};
 use crate::npy;
 use crate::DumpError;
 
@@ -119,9 +118,32 @@ impl Dump {
         })
     }
 
-    /// The weights, for the core.
-    pub fn weights(&self) -> DumpWeights<'_> {
-        DumpWeights { dump: self }
+    /// Reads the weight the manifest lists as `name` and checks it against
+    /// the manifest's shape; `None` if the manifest lists no such weight.
+    pub fn load_weight(&self, name: &str) -> Result<Option<ArrayD<f32>>, DumpError> {
+        let Some(index) = self
+            .manifest
+            .weights
+            .iter()
+            .position(|weight| weight.name == name)
+        else {
+            return Ok(None);
+        };
+        let entry = &self.manifest.weights[index];
+        let (path, array) = self.read_array(&entry.file, &format!("weights[{index}].file"))?;
+        if array.data.shape() != entry.shape.as_slice() {
+            return Err(DumpError::Field {
+                path,
+                field: format!("weights[{index}].shape"),
+                reason: format!(
+                    "weight `{}` has shape {:?} in its file, but the manifest says {:?}",
+                    entry.name,
+                    array.data.shape(),
+                    entry.shape
+                ),
+            });
+        }
+        Ok(Some(array.data))
     }
 
     /// The array a manifest's `file` names, and the path to name in errors.
@@ -190,49 +212,4 @@ fn parse_manifest(text: &str, path: &Path) -> Result<Manifest, DumpError> {
             reason,
         },
     })
-}
-
-/// A dump's weights, read on demand as the core asks for them.
-pub struct DumpWeights<'a> {
-    dump: &'a Dump,
-}
-
-impl DumpWeights<'_> {
-    fn load(&self, index: usize) -> Result<ArrayD<f32>, DumpError> {
-        let entry = &self.dump.manifest.weights[index];
-        let (path, array) = self
-            .dump
-            .read_array(&entry.file, &format!("weights[{index}].file"))?;
-        if array.data.shape() != entry.shape.as_slice() {
-            return Err(DumpError::Field {
-                path,
-                field: format!("weights[{index}].shape"),
-                reason: format!(
-                    "weight `{}` has shape {:?} in its file, but the manifest says {:?}",
-                    entry.name,
-                    array.data.shape(),
-                    entry.shape
-                ),
-            });
-        }
-        Ok(array.data)
-    }
-}
-
-impl WeightSource for DumpWeights<'_> {
-    fn weight(&self, name: &str) -> Result<WeightTensor, CoreError> {
-        let index = self
-            .dump
-            .manifest
-            .weights
-            .iter()
-            .position(|weight| weight.name == name)
-            .ok_or_else(|| CoreError::MissingWeight {
-                name: name.to_string(),
-            })?;
-        self.load(index).map_err(|error| CoreError::WeightSource {
-            name: name.to_string(),
-            reason: error.to_string(),
-        })
-    }
 }

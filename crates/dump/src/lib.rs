@@ -9,9 +9,9 @@ mod error;
 mod manifest;
 pub mod npy;
 
-pub use dump::{Dump, DumpWeights, LoadedStage};
+pub use dump::{Dump, LoadedStage};
 pub use error::DumpError;
 pub use manifest::{
-    InputInfo, Layout, Manifest, ManifestProblem, Mode, StageEntry, TopClass, WeightEntry,
-    FORMAT_NAME, SCHEMA_VERSION,
+    Architecture, BlockKind, InputInfo, Layout, Manifest, ManifestProblem, Mode, StageEntry,
+    TopClass, WeightEntry, FORMAT_NAME, SCHEMA_VERSION,
 };

@@ -4,7 +4,6 @@ use std::collections::HashSet;
 use std::path::{Component, Path};
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
-use resnet_core::Architecture;
 use serde::{Deserialize, Serialize};
 
 pub const FORMAT_NAME: &str = "resnet-verify-dump";
@@ -71,6 +70,33 @@ impl std::str::FromStr for Layout {
             _ => Err(format!("{name}: not a layout (nchw, nhwc)")),
         }
     }
+}
+
+/// The residual block a network is built from, as torchvision names the
+/// classes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockKind {
+    BasicBlock,
+    Bottleneck,
+}
+
+/// The manifest's `architecture`: everything that distinguishes one
+/// torchvision ResNet from another (docs/dump-format.md). The format only
+/// records it; an engine decides whether it can run it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Architecture {
+    pub block: BlockKind,
+    /// Blocks per stage (`layer1`, `layer2`, ...).
+    pub layers: Vec<usize>,
+    pub groups: usize,
+    pub width_per_group: usize,
+    /// Channels out of the stem (`conv1`); torchvision's `inplanes`.
+    pub stem_channels: usize,
+    /// torchvision's `planes` for each stage.
+    pub planes: Vec<usize>,
+    pub num_classes: usize,
+    pub in_channels: usize,
+    pub batch_norm_eps: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -9,6 +9,7 @@ use ndarray::ArrayD;
 use resnet_core::Network;
 use resnet_dump::{Dump, Layout};
 
+use crate::adapter::{self, DumpWeights};
 use crate::diagnosis::{axis_order, Evidence, Observed};
 use crate::layout::load_nchw;
 use crate::pipeline::{run, shown, Answer, Candidate, Explained, Feed, LoopOptions, Output, Row};
@@ -38,11 +39,13 @@ pub fn compare_dumps(
     let layout = options.layout.unwrap_or(candidate.manifest().layout);
     let network = match reference.manifest().architecture.as_ref() {
         Some(architecture) => Some(
-            Network::from_weights(architecture, &reference.weights()).map_err(|source| {
-                VerifyError::Core {
-                    dump: options.reference.clone(),
-                    source,
-                }
+            Network::from_weights(
+                &adapter::architecture(architecture),
+                &DumpWeights(&reference),
+            )
+            .map_err(|source| VerifyError::Core {
+                dump: options.reference.clone(),
+                source,
             })?,
         ),
         None => None,

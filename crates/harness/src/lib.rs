@@ -2,6 +2,7 @@
 //! reference dump, stage by stage, and says `succ` or `fail` for each conv,
 //! block and layer.
 
+pub mod adapter;
 pub mod compare_dumps;
 pub mod diagnosis;
 mod error;

@@ -13,6 +13,7 @@ use resnet_core::{Network, StageKind, WeightSource};
 use resnet_dump::{Dump, Mode};
 use serde::Serialize;
 
+use crate::adapter::DumpWeights;
 use crate::diagnosis::batch_norm::{channel_statistics, normalise, Parameters};
 use crate::layout::load_nchw;
 use crate::VerifyError;
@@ -85,7 +86,7 @@ impl ReferenceCheck {
 
 pub fn check_reference(dump: &Dump, network: &Network) -> Result<ReferenceCheck, VerifyError> {
     let manifest = dump.manifest();
-    let weights = dump.weights();
+    let weights = DumpWeights(dump);
     let mut evidence = Vec::new();
     for (index, stage) in network.stages().iter().enumerate() {
         if evidence.len() == STAGES_EXAMINED {

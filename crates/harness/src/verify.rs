@@ -11,6 +11,7 @@ use resnet_core::network::last_readers;
 use resnet_core::{CoreError, Network, Steps, Tensor};
 use resnet_dump::{Dump, Manifest, StageEntry};
 
+use crate::adapter::{self, DumpWeights};
 use crate::diagnosis::Evidence;
 use crate::layout::{candidate_nchw, load_nchw, reference_tensor};
 use crate::pipeline::{run, shown, Answer, Candidate, Feed, LoopOptions, Output, Row};
@@ -51,8 +52,11 @@ pub fn verify_dump(
         dump: options.dump.clone(),
         source,
     };
-    let network =
-        Network::from_weights(dump.architecture()?, &dump.weights()).map_err(core_error)?;
+    let network = Network::from_weights(
+        &adapter::architecture(dump.architecture()?),
+        &DumpWeights(dump),
+    )
+    .map_err(core_error)?;
     let entries = match_stages(dump, &network, options)?;
     let last = match &options.upto {
         Some(name) => network

@@ -12,8 +12,9 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use resnet_core::{Architecture, Network, StageKind};
+use resnet_core::{Network, StageKind};
 use resnet_dump::{Dump, Mode};
+use resnet_verify::adapter::{self, DumpWeights};
 use resnet_verify::layout::{candidate_nchw, reference_tensor};
 use resnet_verify::reference_check::ReferenceCheck;
 use resnet_verify::report::{json, text};
@@ -200,8 +201,11 @@ fn forward_dump<'py>(
     upto: Option<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let dump = Dump::open(&dump_dir).map_err(error)?;
-    let network = Network::from_weights(dump.architecture().map_err(error)?, &dump.weights())
-        .map_err(|source| error(format!("{}: {source}", dump_dir.display())))?;
+    let network = Network::from_weights(
+        &adapter::architecture(dump.architecture().map_err(error)?),
+        &DumpWeights(&dump),
+    )
+    .map_err(|source| error(format!("{}: {source}", dump_dir.display())))?;
     forward_outputs(py, &network, x, upto)
 }
 
@@ -215,9 +219,10 @@ fn forward_arrays<'py>(
     x: PyReadonlyArrayDyn<'_, f32>,
     upto: Option<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
-    let architecture: Architecture =
+    let architecture: resnet_dump::Architecture =
         serde_json::from_str(architecture_json).map_err(|e| error(format!("architecture: {e}")))?;
-    let network = Network::from_weights(&architecture, &arrays(weights)?).map_err(error)?;
+    let network = Network::from_weights(&adapter::architecture(&architecture), &arrays(weights)?)
+        .map_err(error)?;
     forward_outputs(py, &network, x, upto)
 }
 

@@ -18,6 +18,7 @@ use clap::Parser;
 use ndarray_npy::WriteNpyExt;
 use resnet_core::{Network, Tensor};
 use resnet_dump::Dump;
+use resnet_verify::adapter::{self, DumpWeights};
 use resnet_verify::layout::{load_nchw, reference_tensor};
 
 /// Serve timed forward passes of the core for scripts/bench-core.
@@ -45,7 +46,10 @@ fn main() -> anyhow::Result<()> {
         .build_global()
         .context("thread pool")?;
     let dump = Dump::open(&cli.dump)?;
-    let network = Network::from_weights(dump.architecture()?, &dump.weights())?;
+    let network = Network::from_weights(
+        &adapter::architecture(dump.architecture()?),
+        &DumpWeights(&dump),
+    )?;
     let entry = dump.stage("input").context("the dump has no input stage")?;
     let input = load_nchw(&dump, entry)?;
     let Some(input) = reference_tensor(input.view()) else {

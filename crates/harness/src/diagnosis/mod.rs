@@ -17,7 +17,7 @@ mod residual;
 mod weight_order;
 
 use ndarray::ArrayD;
-use resnet_core::{Network, StageKind, WeightSource};
+use resnet_core::{Network, StageKind};
 use resnet_dump::Dump;
 use serde::Serialize;
 
@@ -176,7 +176,7 @@ impl<'a> Evidence<'a> {
     }
 
     pub fn weight(&self, name: &str) -> Option<ArrayD<f32>> {
-        self.dump.weights().weight(name).ok()
+        self.dump.load_weight(name).ok().flatten()
     }
 
     /// Runs `conv` (a stage's conv with other weights, say) on an NCHW

@@ -1,0 +1,53 @@
+//! The one place where the dump format meets the core under test: a dump's
+//! weights as the core's [`WeightSource`], and the manifest's architecture
+//! as the core's. The format crate knows nothing of the core.
+
+use resnet_core::{BlockKind, CoreError, WeightSource, WeightTensor};
+use resnet_dump::Dump;
+
+/// A dump's weights, read on demand as the core asks for them.
+pub struct DumpWeights<'a>(pub &'a Dump);
+
+impl WeightSource for DumpWeights<'_> {
+    fn weight(&self, name: &str) -> Result<WeightTensor, CoreError> {
+        match self.0.load_weight(name) {
+            Ok(Some(weight)) => Ok(weight),
+            Ok(None) => Err(CoreError::MissingWeight {
+                name: name.to_string(),
+            }),
+            Err(error) => Err(CoreError::WeightSource {
+                name: name.to_string(),
+                reason: error.to_string(),
+            }),
+        }
+    }
+}
+
+/// The manifest's architecture, for the core.
+pub fn architecture(architecture: &resnet_dump::Architecture) -> resnet_core::Architecture {
+    let resnet_dump::Architecture {
+        block,
+        layers,
+        groups,
+        width_per_group,
+        stem_channels,
+        planes,
+        num_classes,
+        in_channels,
+        batch_norm_eps,
+    } = architecture.clone();
+    resnet_core::Architecture {
+        block: match block {
+            resnet_dump::BlockKind::BasicBlock => BlockKind::BasicBlock,
+            resnet_dump::BlockKind::Bottleneck => BlockKind::Bottleneck,
+        },
+        layers,
+        groups,
+        width_per_group,
+        stem_channels,
+        planes,
+        num_classes,
+        in_channels,
+        batch_norm_eps,
+    }
+}
