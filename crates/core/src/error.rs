@@ -1,5 +1,7 @@
 use thiserror::Error;
 
+use crate::ops::ShapeError;
+
 /// What can go wrong while building or running the network.
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum CoreError {
@@ -39,6 +41,7 @@ pub enum CoreError {
     StageInputShape {
         stage: String,
         found: Vec<usize>,
-        reason: String,
+        /// Boxed: a shape error holds shapes, and errors travel by value.
+        reason: Box<ShapeError>,
     },
 }

@@ -235,7 +235,7 @@ impl FusedPlan {
             .map_err(|reason| CoreError::StageInputShape {
                 stage: format!("fused step {position}"),
                 found: vec![],
-                reason,
+                reason: Box::new(reason),
             })?;
             last = step.output();
             values.insert(last, output);

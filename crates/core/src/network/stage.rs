@@ -1,6 +1,6 @@
 use std::fmt;
 
-use crate::ops::{self, BatchNorm, Conv2d, Linear, MaxPool2d};
+use crate::ops::{self, BatchNorm, Conv2d, Linear, MaxPool2d, ShapeError};
 use crate::{CoreError, Tensor};
 
 /// The torch module class behind a stage, named as `type(module).__name__`
@@ -151,11 +151,11 @@ impl Stage {
         }
     }
 
-    fn shape_error(&self, input: &Tensor, reason: String) -> CoreError {
+    fn shape_error(&self, input: &Tensor, reason: ShapeError) -> CoreError {
         CoreError::StageInputShape {
             stage: self.name.clone(),
             found: input.nhwc_shape().to_vec(),
-            reason,
+            reason: Box::new(reason),
         }
     }
 }

@@ -29,11 +29,10 @@ pub fn add_relu(residual: &Tensor, identity: &Tensor) -> Result<Tensor, ShapeErr
 /// [`add_relu`], written over the residual.
 pub fn add_relu_in_place(residual: &mut Tensor, identity: &Tensor) -> Result<(), ShapeError> {
     if residual.nhwc_shape() != identity.nhwc_shape() {
-        return Err(format!(
-            "the residual {:?} and the identity {:?} must have the same shape",
-            residual.nhwc_shape(),
-            identity.nhwc_shape()
-        ));
+        return Err(ShapeError::ResidualIdentity {
+            residual: residual.nhwc_shape(),
+            identity: identity.nhwc_shape(),
+        });
     }
     residual
         .as_slice_mut()

@@ -60,11 +60,10 @@ impl BatchNorm {
 
     pub fn forward_in_place(&self, x: &mut Tensor) -> Result<(), ShapeError> {
         if x.channels() != self.channels() {
-            return Err(format!(
-                "expected {} channels, got {}",
-                self.channels(),
-                x.channels()
-            ));
+            return Err(ShapeError::Channels {
+                expected: self.channels(),
+                found: x.channels(),
+            });
         }
         let channels = self.channels();
         // Whole pixels per task, so that each task's channels line up.

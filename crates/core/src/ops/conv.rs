@@ -138,16 +138,15 @@ impl Conv2d {
     ) -> Result<Tensor, ShapeError> {
         let [batch, height, width, channels] = x.nhwc_shape();
         if channels != self.in_channels {
-            return Err(format!(
-                "expected {} channels, got {channels}",
-                self.in_channels
-            ));
+            return Err(ShapeError::Channels {
+                expected: self.in_channels,
+                found: channels,
+            });
         }
-        let too_small = || {
-            format!(
-                "a {height}x{width} input is smaller than the {:?} kernel",
-                self.geometry.kernel
-            )
+        let too_small = || ShapeError::SmallerThanKernel {
+            height,
+            width,
+            kernel: self.geometry.kernel,
         };
         let out_h = self.geometry.output_size(0, height).ok_or_else(too_small)?;
         let out_w = self.geometry.output_size(1, width).ok_or_else(too_small)?;
@@ -161,11 +160,10 @@ impl Conv2d {
 
         if let Some(residual) = residual {
             if residual.nhwc_shape() != [batch, out_h, out_w, self.out_channels] {
-                return Err(format!(
-                    "the residual {:?} does not match the conv's output {:?}",
-                    residual.nhwc_shape(),
-                    [batch, out_h, out_w, self.out_channels]
-                ));
+                return Err(ShapeError::ResidualOutput {
+                    residual: residual.nhwc_shape(),
+                    output: [batch, out_h, out_w, self.out_channels],
+                });
             }
         }
         let threads = available_threads();

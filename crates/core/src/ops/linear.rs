@@ -33,10 +33,9 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ShapeError> {
         let [batch, height, width, channels] = x.nhwc_shape();
         if height != 1 || width != 1 || channels != self.in_features {
-            return Err(format!(
-                "expected [N, 1, 1, {}] (flattened features)",
-                self.in_features
-            ));
+            return Err(ShapeError::Features {
+                in_features: self.in_features,
+            });
         }
         let mut out = Tensor::zeros(batch, 1, 1, self.out_features);
         let output = OutputBlock {

@@ -16,5 +16,50 @@ pub use conv::{Conv2d, ConvGeometry};
 pub use linear::Linear;
 pub use pool::{adaptive_average_pool_1x1, MaxPool2d};
 
-/// Why an operator cannot take the input it was given.
-pub type ShapeError = String;
+use thiserror::Error;
+
+/// Why an operator cannot take the input it was given. Shapes are NHWC.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum ShapeError {
+    #[error("expected {expected} channels, got {found}")]
+    Channels { expected: usize, found: usize },
+
+    #[error("a {height}x{width} input is smaller than the {kernel:?} kernel")]
+    SmallerThanKernel {
+        height: usize,
+        width: usize,
+        kernel: [usize; 2],
+    },
+
+    #[error("a {height}x{width} input is smaller than the {window} window")]
+    SmallerThanWindow {
+        height: usize,
+        width: usize,
+        window: usize,
+    },
+
+    #[error("padding {padding} is more than half the kernel {kernel}")]
+    Padding { padding: usize, kernel: usize },
+
+    #[error("the residual {residual:?} and the identity {identity:?} must have the same shape")]
+    ResidualIdentity {
+        residual: [usize; 4],
+        identity: [usize; 4],
+    },
+
+    #[error("the residual {residual:?} does not match the conv's output {output:?}")]
+    ResidualOutput {
+        residual: [usize; 4],
+        output: [usize; 4],
+    },
+
+    #[error("expected [N, 1, 1, {in_features}] (flattened features)")]
+    Features { in_features: usize },
+}
+
+/// An error equals the message it displays, so that a test can state it.
+impl PartialEq<&str> for ShapeError {
+    fn eq(&self, message: &&str) -> bool {
+        self.to_string().as_str() == *message
+    }
+}

@@ -19,18 +19,15 @@ impl MaxPool2d {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ShapeError> {
         if self.padding * 2 > self.kernel {
-            return Err(format!(
-                "padding {} is more than half the kernel {}",
-                self.padding, self.kernel
-            ));
+            return Err(ShapeError::Padding {
+                padding: self.padding,
+                kernel: self.kernel,
+            });
         }
-        let too_small = || {
-            format!(
-                "a {}x{} input is smaller than the {} window",
-                x.height(),
-                x.width(),
-                self.kernel
-            )
+        let too_small = || ShapeError::SmallerThanWindow {
+            height: x.height(),
+            width: x.width(),
+            window: self.kernel,
         };
         let out_h = self.output_size(x.height()).ok_or_else(too_small)?;
         let out_w = self.output_size(x.width()).ok_or_else(too_small)?;
