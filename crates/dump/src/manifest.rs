@@ -99,10 +99,97 @@ pub struct Architecture {
     pub batch_norm_eps: f64,
 }
 
+/// A stage's `module_type`: torch's `type(module).__name__`, `Input` for the
+/// input. Any other name is kept as it is written.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum ModuleKind {
+    Input,
+    Conv2d,
+    BatchNorm2d,
+    ReLU,
+    MaxPool2d,
+    AdaptiveAvgPool2d,
+    Linear,
+    BasicBlock,
+    Bottleneck,
+    Sequential,
+    Other(String),
+}
+
+impl ModuleKind {
+    const NAMED: [ModuleKind; 10] = [
+        ModuleKind::Input,
+        ModuleKind::Conv2d,
+        ModuleKind::BatchNorm2d,
+        ModuleKind::ReLU,
+        ModuleKind::MaxPool2d,
+        ModuleKind::AdaptiveAvgPool2d,
+        ModuleKind::Linear,
+        ModuleKind::BasicBlock,
+        ModuleKind::Bottleneck,
+        ModuleKind::Sequential,
+    ];
+
+    /// The name as the manifest writes it.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ModuleKind::Input => "Input",
+            ModuleKind::Conv2d => "Conv2d",
+            ModuleKind::BatchNorm2d => "BatchNorm2d",
+            ModuleKind::ReLU => "ReLU",
+            ModuleKind::MaxPool2d => "MaxPool2d",
+            ModuleKind::AdaptiveAvgPool2d => "AdaptiveAvgPool2d",
+            ModuleKind::Linear => "Linear",
+            ModuleKind::BasicBlock => "BasicBlock",
+            ModuleKind::Bottleneck => "Bottleneck",
+            ModuleKind::Sequential => "Sequential",
+            ModuleKind::Other(name) => name,
+        }
+    }
+
+    /// A residual block (`BasicBlock` or `Bottleneck`).
+    pub fn is_block(&self) -> bool {
+        matches!(self, ModuleKind::BasicBlock | ModuleKind::Bottleneck)
+    }
+}
+
+/// No name yet: a group whose closing stage has not been seen.
+impl Default for ModuleKind {
+    fn default() -> Self {
+        ModuleKind::Other(String::new())
+    }
+}
+
+impl From<String> for ModuleKind {
+    fn from(name: String) -> Self {
+        ModuleKind::NAMED
+            .into_iter()
+            .find(|kind| kind.as_str() == name)
+            .unwrap_or(ModuleKind::Other(name))
+    }
+}
+
+impl From<ModuleKind> for String {
+    fn from(kind: ModuleKind) -> Self {
+        match kind {
+            ModuleKind::Other(name) => name,
+            named => named.as_str().to_string(),
+        }
+    }
+}
+
+/// Pads like a string, so that `{:<18}` lines up.
+impl std::fmt::Display for ModuleKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StageEntry {
     pub name: String,
-    pub module_type: String,
+    pub module_type: ModuleKind,
     #[serde(default)]
     pub module_path: String,
     #[serde(default)]
@@ -284,6 +371,21 @@ pub(crate) fn check_relative(file: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn module_kinds_keep_their_names() {
+        for name in ["Conv2d", "Sequential", "ReLU", "Identity", ""] {
+            let kind = ModuleKind::from(name.to_string());
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(String::from(kind.clone()), name);
+            assert_eq!(format!("{kind:<4}|"), format!("{name:<4}|"));
+        }
+        assert_eq!(ModuleKind::from("Conv2d".to_string()), ModuleKind::Conv2d);
+        assert_eq!(
+            ModuleKind::from("Identity".to_string()),
+            ModuleKind::Other("Identity".into())
+        );
+    }
 
     #[test]
     fn as_stored_walks_the_file_order_back() {

@@ -9,6 +9,7 @@ pub mod text;
 use std::fmt::Write as _;
 use std::ops::ControlFlow;
 
+use resnet_dump::ModuleKind;
 use serde::Serialize;
 
 use crate::diagnosis::{origin, Hint, Origin};
@@ -47,7 +48,7 @@ pub struct StageReport {
     /// Position in the reference's execution order.
     pub index: usize,
     pub name: String,
-    pub module_type: String,
+    pub module_type: ModuleKind,
     /// The reference's shape (NCHW).
     pub shape: Vec<usize>,
     pub block: Option<String>,
@@ -72,7 +73,7 @@ impl StageReport {
     }
 
     pub fn is_conv(&self) -> bool {
-        self.module_type == "Conv2d"
+        self.module_type == ModuleKind::Conv2d
     }
 }
 
@@ -80,7 +81,7 @@ impl StageReport {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GroupSummary {
     pub name: String,
-    pub module_type: String,
+    pub module_type: ModuleKind,
     pub verdict: Option<Verdict>,
     pub stages: Tally,
     pub conv2d: Tally,
@@ -298,9 +299,10 @@ impl ReportBuilder {
             }
             _ => {}
         }
-        let is_block = matches!(stage.module_type.as_str(), "Bottleneck" | "BasicBlock");
-        let is_layer =
-            stage.module_type == "Sequential" && stage.block.is_none() && stage.layer.is_none();
+        let is_block = stage.module_type.is_block();
+        let is_layer = stage.module_type == ModuleKind::Sequential
+            && stage.block.is_none()
+            && stage.layer.is_none();
         for (groups, name) in [
             (&mut self.open_blocks, &stage.block),
             (&mut self.open_layers, &stage.layer),
