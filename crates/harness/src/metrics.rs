@@ -218,12 +218,13 @@ impl Partial {
             part.reference_inf += r.is_infinite() as usize;
             part.candidate_inf += c.is_infinite() as usize;
             let finite = r.is_finite() && c.is_finite();
-            let matches = if r.is_nan() || c.is_nan() {
-                tolerance.equal_nan && r.is_nan() && c.is_nan()
-            } else if !finite {
-                r == c
-            } else {
+            let matches = if finite {
                 (c - r).abs() <= atol + tolerance.rtol * r.abs()
+            } else if r.is_nan() && c.is_nan() {
+                tolerance.equal_nan
+            } else {
+                // An infinity matches only itself; a NaN nothing but a NaN.
+                r == c
             };
             part.mismatched += !matches as usize;
             let error = if finite {
