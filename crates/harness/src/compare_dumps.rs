@@ -11,9 +11,9 @@ use resnet_dump::{Dump, Layout};
 
 use crate::adapter::{self, DumpWeights};
 use crate::diagnosis::{axis_order, Evidence, Observed};
-use crate::layout::load_nchw;
 use crate::pipeline::{run, shown, Answer, Candidate, Explained, Feed, LoopOptions, Output, Row};
 use crate::reference_check::{check_reference, ReferenceCheck};
+use crate::reference_stages::ReferenceStages;
 use crate::report::{Event, Report, RunMode};
 use crate::{Tolerance, VerifyError};
 
@@ -50,8 +50,9 @@ pub fn compare_dumps(
         ),
         None => None,
     };
+    let stages = ReferenceStages::new(&reference, network.as_ref());
     let reference_check = match &network {
-        Some(network) => check_reference(&reference, network)?,
+        Some(network) => check_reference(&stages, network)?,
         None => ReferenceCheck {
             manifest_mode: reference.manifest().mode,
             evidence: Vec::new(),
@@ -81,7 +82,6 @@ pub fn compare_dumps(
         })
         .collect();
     let mut source = OtherEngine {
-        reference: &reference,
         candidate: &candidate,
         path: &options.candidate,
         layout,
@@ -91,8 +91,8 @@ pub fn compare_dumps(
         &rows,
         &mut [&mut source],
         &LoopOptions {
-            reference: &reference,
-            evidence: Evidence::new(&reference, network.as_ref(), &options.tolerance),
+            reference: &stages,
+            evidence: Evidence::new(&stages, &options.tolerance),
             tolerance: &options.tolerance,
             fail_fast: options.fail_fast,
             read_hidden: false,
@@ -105,7 +105,6 @@ pub fn compare_dumps(
 
 /// Another engine's dump: its stage of the reference's stage's name.
 struct OtherEngine<'a> {
-    reference: &'a Dump,
     candidate: &'a Dump,
     path: &'a PathBuf,
     /// How its stage files are laid out.
@@ -166,7 +165,7 @@ impl Candidate for OtherEngine<'_> {
             return Ok(None);
         };
         Ok(Some(
-            match confirm_layout(evidence, self.reference, self.candidate, row.index, &found)? {
+            match confirm_layout(evidence, self.candidate, row.index, &found)? {
                 Some(confirmed) => Explained::Run {
                     stopped: format!(
                         "every stage checked ({}) is the reference in {} order, so the rest would fail the same way; rerun with --cand-layout {}",
@@ -190,12 +189,11 @@ const LAYOUT_CONFIRMATIONS: usize = 3;
 /// that `found` explains, if it explains every one checked.
 fn confirm_layout(
     evidence: &Evidence,
-    reference: &Dump,
     candidate: &Dump,
     index: usize,
     found: &axis_order::LayoutMatch,
 ) -> Result<Option<Vec<String>>, VerifyError> {
-    let stages = &reference.manifest().stages;
+    let stages = &evidence.dump.manifest().stages;
     let mut confirmed = vec![stages[index].name.clone()];
     for entry in stages[index + 1..]
         .iter()
@@ -205,7 +203,7 @@ fn confirm_layout(
         let Some(candidate_entry) = candidate.stage(&entry.name) else {
             continue;
         };
-        let expected = load_nchw(reference, entry)?;
+        let expected = evidence.stages.load(entry)?.data;
         let stored = candidate.load_stage(candidate_entry)?.data;
         if !axis_order::holds(evidence, stored.view(), found.order, &expected) {
             return Ok(None);

@@ -10,6 +10,7 @@ pub mod layout;
 pub mod metrics;
 mod pipeline;
 pub mod reference_check;
+pub mod reference_stages;
 pub mod report;
 pub mod tolerance;
 pub mod verify;

@@ -9,10 +9,11 @@ use std::ops::ControlFlow;
 
 use globset::GlobMatcher;
 use ndarray::ArrayD;
-use resnet_dump::{Dump, StageEntry};
+use resnet_dump::StageEntry;
 
 use crate::diagnosis::{Evidence, Hint, Observed};
 use crate::metrics::{compare, Comparison, Verdict};
+use crate::reference_stages::ReferenceStages;
 use crate::report::{
     abbreviate, ClassScore, Event, Report, ReportBuilder, StageReport, TopClasses,
 };
@@ -103,7 +104,8 @@ pub(crate) trait Candidate {
 
 /// What the loop needs besides the stages and the sources.
 pub(crate) struct LoopOptions<'a> {
-    pub reference: &'a Dump,
+    /// The reference's stages, read once for the whole run.
+    pub reference: &'a ReferenceStages<'a>,
     pub evidence: Evidence<'a>,
     pub tolerance: &'a Tolerance,
     pub fail_fast: bool,
@@ -148,7 +150,11 @@ fn compare_stages(
 ) -> Result<Option<String>, VerifyError> {
     let mut missing = Vec::new();
     let mut stopped = None;
+    let mut previous: Option<&Row> = None;
     'rows: for row in rows {
+        if let Some(previous) = previous.replace(row) {
+            options.reference.release_after(&previous.entry.name);
+        }
         for source in sources.iter_mut() {
             if !source.advance(row)? {
                 missing.push(row.entry.name.clone());
@@ -158,18 +164,18 @@ fn compare_stages(
         if !row.shown && !options.read_hidden {
             continue;
         }
-        let loaded = options.reference.load_stage(row.entry)?;
-        let reference = options.reference.manifest().layout.to_nchw(loaded.data);
+        let loaded = options.reference.load(row.entry)?;
+        let reference = &*loaded.data;
         let mut notes = Vec::new();
         if options.note_reference_dtype {
-            if let Some(dtype) = loaded.converted_from {
+            if let Some(dtype) = &loaded.converted_from {
                 notes.push(format!("reference stored as {dtype}, converted to float32"));
             }
         }
 
         let mut outputs = Vec::new();
         for (position, source) in sources.iter_mut().enumerate() {
-            if let Some(output) = source.output(row, &reference)? {
+            if let Some(output) = source.output(row, reference)? {
                 let comparison = (output.data.shape() == reference.shape()).then(|| {
                     compare(
                         reference.as_slice().expect("standard layout"),
@@ -192,9 +198,9 @@ fn compare_stages(
         let produced_by = |feed: Feed| outputs.iter().find(|produced| produced.feed == feed);
         if row.entry.name == "fc" {
             builder.report.top5 = top_classes(
-                &reference,
+                reference,
                 produced_by(Feed::EndToEnd).map(|produced| &produced.output.data),
-                options.reference.manifest().classes.as_deref(),
+                options.reference.dump().manifest().classes.as_deref(),
             );
         }
 
@@ -223,7 +229,7 @@ fn compare_stages(
             }) = produced_by(wanted)
             {
                 let observed = Observed {
-                    reference: &reference,
+                    reference,
                     candidate: &output.data,
                 };
                 match sources[*position].explain(row, &observed, &options.evidence)? {

@@ -10,12 +10,12 @@
 
 use ndarray::ArrayD;
 use resnet_core::{Network, StageKind, WeightSource};
-use resnet_dump::{Dump, Mode};
+use resnet_dump::Mode;
 use serde::Serialize;
 
 use crate::adapter::DumpWeights;
 use crate::diagnosis::batch_norm::{channel_statistics, normalise, Parameters};
-use crate::layout::load_nchw;
+use crate::reference_stages::ReferenceStages;
 use crate::VerifyError;
 
 /// BatchNorm stages examined; the first few are enough and are the cheapest
@@ -84,7 +84,12 @@ impl ReferenceCheck {
     }
 }
 
-pub fn check_reference(dump: &Dump, network: &Network) -> Result<ReferenceCheck, VerifyError> {
+/// Reads its stages through `stages`, which keeps them for the run.
+pub fn check_reference(
+    stages: &ReferenceStages,
+    network: &Network,
+) -> Result<ReferenceCheck, VerifyError> {
+    let dump = stages.dump();
     let manifest = dump.manifest();
     let weights = DumpWeights(dump);
     let mut evidence = Vec::new();
@@ -103,8 +108,8 @@ pub fn check_reference(dump: &Dump, network: &Network) -> Result<ReferenceCheck,
         else {
             continue;
         };
-        let input = load_nchw(dump, input_entry)?;
-        let output = load_nchw(dump, output_entry)?;
+        let input = stages.load(input_entry)?.data;
+        let output = stages.load(output_entry)?.data;
         if input.ndim() != 4 || input.shape() != output.shape() {
             continue;
         }

@@ -7,15 +7,15 @@ use std::rc::Rc;
 
 use globset::GlobMatcher;
 use ndarray::ArrayD;
-use resnet_core::network::last_readers;
 use resnet_core::{CoreError, Network, Steps, Tensor};
 use resnet_dump::{Dump, Manifest, StageEntry};
 
 use crate::adapter::{self, DumpWeights};
 use crate::diagnosis::Evidence;
-use crate::layout::{candidate_nchw, load_nchw, reference_tensor};
+use crate::layout::{candidate_nchw, reference_tensor};
 use crate::pipeline::{run, shown, Answer, Candidate, Feed, LoopOptions, Output, Row};
 use crate::reference_check::check_reference;
+use crate::reference_stages::ReferenceStages;
 use crate::report::{Event, Report, RunMode};
 use crate::{Tolerance, VerifyError};
 
@@ -65,7 +65,8 @@ pub fn verify_dump(
         None => network.stages().len() - 1,
     };
 
-    let reference_check = check_reference(dump, &network)?;
+    let stages = ReferenceStages::new(dump, Some(&network));
+    let reference_check = check_reference(&stages, &network)?;
     let report = Report::new(
         options.dump.display().to_string(),
         "resnet-core".into(),
@@ -75,7 +76,7 @@ pub fn verify_dump(
         reference_check,
     );
     let references = References {
-        dump,
+        stages: &stages,
         network: &network,
         path: &options.dump,
         entries,
@@ -100,7 +101,6 @@ pub fn verify_dump(
     };
     let mut isolated = Isolated {
         references: &references,
-        kept: ReferenceCache::new(&network),
     };
     let mut sources: Vec<&mut dyn Candidate> = Vec::new();
     if options.mode.cumulative() {
@@ -114,8 +114,8 @@ pub fn verify_dump(
         &rows,
         &mut sources,
         &LoopOptions {
-            reference: dump,
-            evidence: Evidence::new(dump, Some(&network), &options.tolerance),
+            reference: &stages,
+            evidence: Evidence::new(&stages, &options.tolerance),
             tolerance: &options.tolerance,
             fail_fast: options.fail_fast,
             read_hidden: true,
@@ -186,7 +186,7 @@ fn unknown_stage(name: &str, network: &Network) -> VerifyError {
 
 /// The reference's stages as the core names them.
 struct References<'a> {
-    dump: &'a Dump,
+    stages: &'a ReferenceStages<'a>,
     network: &'a Network,
     path: &'a PathBuf,
     /// The reference's entry for each core stage.
@@ -195,8 +195,8 @@ struct References<'a> {
 
 impl References<'_> {
     /// The reference's output of core stage `index`, in NCHW order.
-    fn load(&self, index: usize) -> Result<ArrayD<f32>, VerifyError> {
-        Ok(load_nchw(self.dump, self.entries[index])?)
+    fn load(&self, index: usize) -> Result<Rc<ArrayD<f32>>, VerifyError> {
+        Ok(self.stages.load(self.entries[index])?.data)
     }
 
     /// The reference's input, as the core takes it.
@@ -289,7 +289,6 @@ impl Candidate for EndToEnd<'_> {
 /// Each core stage run alone on the reference's inputs.
 struct Isolated<'a> {
     references: &'a References<'a>,
-    kept: ReferenceCache,
 }
 
 impl Candidate for Isolated<'_> {
@@ -307,9 +306,7 @@ impl Candidate for Isolated<'_> {
 
     fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Answer {
         let index = row.index;
-        self.kept.offer(index, reference);
         if !row.shown {
-            self.kept.release_after(index);
             return Ok(None);
         }
         let network = self.references.network;
@@ -322,56 +319,17 @@ impl Candidate for Isolated<'_> {
             .run_stage(index, &borrowed)
             .map_err(|source| self.references.core_error(source))?;
         let output = self.references.output(index, &output, reference)?;
-        self.kept.release_after(index);
         Ok(Some(output))
     }
 }
 
 impl Isolated<'_> {
+    /// The reference's output of `producer`, as the core takes it.
     fn reference_input(&self, producer: usize) -> Result<Tensor, VerifyError> {
-        if let Some(tensor) = self.kept.get(producer) {
-            return Ok(tensor.clone());
-        }
         let reference = self.references.load(producer)?;
         reference_tensor(reference.view()).ok_or_else(|| {
             self.references
                 .mismatch(producer, "cannot be fed to the core".into())
         })
-    }
-}
-
-/// Reference activations kept (as NHWC tensors) while a later stage still
-/// needs them as isolated inputs, and no longer.
-struct ReferenceCache {
-    last_reader: Vec<Option<usize>>,
-    kept: HashMap<usize, Tensor>,
-}
-
-impl ReferenceCache {
-    fn new(network: &Network) -> Self {
-        let count = network.stages().len();
-        let reads = (0..count).map(|index| network.stage_input_indices(index).iter().copied());
-        ReferenceCache {
-            last_reader: last_readers(count, reads),
-            kept: HashMap::new(),
-        }
-    }
-
-    fn offer(&mut self, index: usize, reference: &ArrayD<f32>) {
-        if self.last_reader[index].is_some() {
-            if let Some(tensor) = reference_tensor(reference.view()) {
-                self.kept.insert(index, tensor);
-            }
-        }
-    }
-
-    fn get(&self, index: usize) -> Option<&Tensor> {
-        self.kept.get(&index)
-    }
-
-    fn release_after(&mut self, index: usize) {
-        let last_reader = &self.last_reader;
-        self.kept
-            .retain(|&kept, _| last_reader[kept].is_some_and(|reader| reader > index));
     }
 }

@@ -16,13 +16,16 @@ mod preprocessing;
 mod residual;
 mod weight_order;
 
+use std::rc::Rc;
+
 use ndarray::ArrayD;
 use resnet_core::{Network, StageKind};
 use resnet_dump::Dump;
 use serde::Serialize;
 
-use crate::layout::{candidate_nchw, load_nchw, reference_tensor};
+use crate::layout::{candidate_nchw, reference_tensor};
 use crate::metrics::{compare, Verdict};
+use crate::reference_stages::ReferenceStages;
 use crate::Tolerance;
 
 pub use origin::{origin, Origin};
@@ -89,6 +92,8 @@ pub(crate) struct Observed<'a> {
 /// What the hypotheses may consult: the reference dump (stage outputs,
 /// weights, manifest), the network's stage graph, and the run's tolerance.
 pub(crate) struct Evidence<'a> {
+    /// The reference's stages, shared with the rest of the run.
+    pub stages: &'a ReferenceStages<'a>,
     pub dump: &'a Dump,
     pub network: Option<&'a Network>,
     /// The run's tolerance, with NaN matching NaN: a recomputation that
@@ -97,10 +102,11 @@ pub(crate) struct Evidence<'a> {
 }
 
 impl<'a> Evidence<'a> {
-    pub fn new(dump: &'a Dump, network: Option<&'a Network>, tolerance: &Tolerance) -> Self {
+    pub fn new(stages: &'a ReferenceStages<'a>, tolerance: &Tolerance) -> Self {
         Evidence {
-            dump,
-            network,
+            stages,
+            dump: stages.dump(),
+            network: stages.network(),
             tolerance: Tolerance {
                 equal_nan: true,
                 ..*tolerance
@@ -160,17 +166,17 @@ impl<'a> Evidence<'a> {
     }
 
     /// The reference's output of stage `index` of the network, NCHW.
-    pub fn reference_output(&self, index: usize) -> Option<ArrayD<f32>> {
+    pub fn reference_output(&self, index: usize) -> Option<Rc<ArrayD<f32>>> {
         let name = &self.network?.stages()[index].name;
         self.reference_named(name)
     }
 
-    pub fn reference_named(&self, name: &str) -> Option<ArrayD<f32>> {
-        load_nchw(self.dump, self.dump.stage(name)?).ok()
+    pub fn reference_named(&self, name: &str) -> Option<Rc<ArrayD<f32>>> {
+        Some(self.stages.named(name)?.ok()?.data)
     }
 
     /// The reference's (single) input to stage `index`.
-    pub fn reference_input(&self, index: usize) -> Option<ArrayD<f32>> {
+    pub fn reference_input(&self, index: usize) -> Option<Rc<ArrayD<f32>>> {
         let &producer = self.network?.stage_input_indices(index).first()?;
         self.reference_output(producer)
     }

@@ -46,7 +46,7 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             if conv_only.shape() == branch.shape() {
                 test(
                     Hypothesis::SkippedDownsample,
-                    relu(&(&branch + &conv_only)),
+                    relu(&(&*branch + &*conv_only)),
                     format!(
                         "relu({branch_name} + {conv_name}): the downsample's BatchNorm ({identity_name}.1) was skipped"
                     ),
