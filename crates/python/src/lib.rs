@@ -17,7 +17,8 @@ use resnet_dump::{Dump, Mode};
 use resnet_verify::adapter::{self, DumpWeights};
 use resnet_verify::layout::{candidate_nchw, reference_tensor};
 use resnet_verify::reference_check::ReferenceCheck;
-use resnet_verify::report::{json, text};
+use resnet_verify::report::text::Text;
+use resnet_verify::report::{drive, json};
 use resnet_verify::{verify_dump, AbsoluteTolerance, Report, RunMode, Tolerance, VerifyOptions};
 
 create_exception!(
@@ -40,9 +41,14 @@ fn error(message: impl std::fmt::Display) -> PyErr {
 /// Runs verify on an opened dump; returns (JSON report, text report), or
 /// raises TrainModeError with the CLI's message.
 fn run_verify(py: Python<'_>, dump: &Dump, options: VerifyOptions) -> PyResult<(String, String)> {
-    let mode = options.mode;
-    let report: Report = py
-        .detach(|| verify_dump(dump, &options, &mut |_| {}))
+    let (report, text): (Report, String) = py
+        .detach(|| {
+            let mut text = Text::new(options.mode, Vec::new());
+            let report = drive(&mut [&mut text], |listener| {
+                verify_dump(dump, &options, listener)
+            })?;
+            Ok::<_, resnet_verify::VerifyError>((report, text.plain()))
+        })
         .map_err(error)?;
     if let Some(message) = report
         .reference_check
@@ -53,7 +59,7 @@ fn run_verify(py: Python<'_>, dump: &Dump, options: VerifyOptions) -> PyResult<(
             return Err(TrainModeError::new_err(message));
         }
     }
-    Ok((json::render(&report), text::full(&report, mode)))
+    Ok((json::render(&report), text))
 }
 
 fn options(

@@ -14,7 +14,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
-use resnet_verify::report::{json, junit, plot, text};
+use resnet_verify::report::text::Text;
+use resnet_verify::report::{drive, json, junit, plot, Rendered, Sink};
 use resnet_verify::{
     compare_dumps, verify, AbsoluteTolerance, CompareOptions, Event, Report, RunMode, Tolerance,
     VerifyOptions,
@@ -244,40 +245,44 @@ fn report(
     run: impl FnOnce(&mut dyn FnMut(Event)) -> anyhow::Result<Report>,
 ) -> anyhow::Result<Report> {
     let text_to_stdout = common.format == Format::Text || common.output.is_some();
-    let mut stdout = anstream::stdout();
-    let progress = ProgressBar::hidden();
-    let mut listener = |event: Event| {
-        if let Event::Start { stages, .. } = &event {
-            if *stages > 0 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                progress.set_draw_target(indicatif::ProgressDrawTarget::stderr());
-                progress.set_length(*stages as u64);
-                progress.set_style(
-                    ProgressStyle::with_template("{bar:40} {pos}/{len} stages {msg}")
-                        .expect("valid template"),
-                );
-            }
-        }
-        if let Event::Stage(stage) = &event {
-            progress.set_position(stage.index as u64 + 1);
-        }
-        if text_to_stdout {
-            let line = text::render(&event, mode);
-            progress.suspend(|| {
-                let _ = stdout.write_all(line.as_bytes());
-                let _ = stdout.flush();
-            });
-        }
+    let mut progress = Progress(ProgressBar::hidden());
+    let mut live = text_to_stdout.then(|| {
+        Text::new(
+            mode,
+            Suspended {
+                progress: progress.0.clone(),
+                out: anstream::stdout(),
+            },
+        )
+    });
+    let mut text_file = (common.format == Format::Text && common.output.is_some())
+        .then(|| Text::new(mode, Vec::new()));
+    let mut rendered = match common.format {
+        Format::Text => None,
+        Format::Json => Some(Rendered::new(json::render)),
+        Format::Junit => Some(Rendered::new(junit::render)),
     };
-    let report = run(&mut listener)?;
-    progress.finish_and_clear();
-    if text_to_stdout {
-        let _ = stdout.write_all(text::summary(&report).as_bytes());
+    let mut plot = common.plot.as_ref().map(|_| Rendered::new(plot::svg));
+    let mut sinks: Vec<&mut dyn Sink> = vec![&mut progress];
+    if let Some(live) = &mut live {
+        sinks.push(live);
     }
-    let rendered = match common.format {
-        Format::Text => (common.output.is_some()).then(|| text::full(&report, mode)),
-        Format::Json => Some(json::render(&report)),
-        Format::Junit => Some(junit::render(&report)),
+    if let Some(text_file) = &mut text_file {
+        sinks.push(text_file);
+    }
+    if let Some(rendered) = &mut rendered {
+        sinks.push(rendered);
+    }
+    if let Some(plot) = &mut plot {
+        sinks.push(plot);
+    }
+    let report = drive(&mut sinks, run)?;
+    drop(sinks);
+    let rendered = match text_file {
+        Some(text_file) => Some(text_file.plain()),
+        None => rendered.and_then(Rendered::into_output),
     };
+    let mut stdout = anstream::stdout();
     if let Some(rendered) = rendered {
         match &common.output {
             Some(path) => std::fs::write(path, rendered)
@@ -291,10 +296,59 @@ fn report(
             },
         }
     }
-    if let Some(path) = &common.plot {
-        let drawn = plot::svg(&report)
-            .map_err(|reason| anyhow::anyhow!("cannot draw the plot: {reason}"))?;
+    if let (Some(path), Some(drawn)) = (&common.plot, plot.and_then(Rendered::into_output)) {
+        let drawn = drawn.map_err(|reason| anyhow::anyhow!("cannot draw the plot: {reason}"))?;
         std::fs::write(path, drawn).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(report)
+}
+
+/// The progress bar on stderr, for a terminal: a sink of the run's events.
+struct Progress(ProgressBar);
+
+impl Sink for Progress {
+    fn event(&mut self, event: &Event) {
+        let progress = &self.0;
+        if let Event::Start { stages, .. } = event {
+            if *stages > 0 && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                progress.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                progress.set_length(*stages as u64);
+                progress.set_style(
+                    ProgressStyle::with_template("{bar:40} {pos}/{len} stages {msg}")
+                        .expect("valid template"),
+                );
+            }
+        }
+        if let Event::Stage(stage) = event {
+            progress.set_position(stage.index as u64 + 1);
+        }
+    }
+
+    fn finish(&mut self, _report: &Report) {
+        self.0.finish_and_clear();
+    }
+}
+
+/// Stdout, written with the progress bar out of the way: each write is
+/// flushed while the bar is hidden, so the bar is redrawn once per write.
+struct Suspended {
+    progress: ProgressBar,
+    out: anstream::Stdout,
+}
+
+impl Write for Suspended {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf).map(|()| buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.progress.suspend(|| {
+            self.out.write_all(buf)?;
+            self.out.flush()
+        })
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
 }

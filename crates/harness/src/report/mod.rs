@@ -197,6 +197,58 @@ pub enum Event<'a> {
     Layer(&'a GroupSummary),
 }
 
+/// A consumer of a run, as ripgrep's printers are sinks of its searcher:
+/// told each [`Event`] as the run goes, then the final report, built once.
+/// The text report, the binary's progress bar, JSON, JUnit and the plot
+/// are all sinks.
+pub trait Sink {
+    fn event(&mut self, _event: &Event) {}
+    fn finish(&mut self, _report: &Report) {}
+}
+
+/// Runs `run`, telling every sink each event, then, if it ends with a
+/// report, that report.
+pub fn drive<E>(
+    sinks: &mut [&mut dyn Sink],
+    run: impl FnOnce(&mut dyn FnMut(Event)) -> Result<Report, E>,
+) -> Result<Report, E> {
+    let report = run(&mut |event| {
+        for sink in sinks.iter_mut() {
+            sink.event(&event);
+        }
+    })?;
+    for sink in sinks.iter_mut() {
+        sink.finish(&report);
+    }
+    Ok(report)
+}
+
+/// A sink that renders only the final report (JSON, JUnit, the plot).
+pub struct Rendered<T> {
+    render: fn(&Report) -> T,
+    output: Option<T>,
+}
+
+impl<T> Rendered<T> {
+    pub fn new(render: fn(&Report) -> T) -> Self {
+        Rendered {
+            render,
+            output: None,
+        }
+    }
+
+    /// What was rendered; `None` if the run did not finish.
+    pub fn into_output(self) -> Option<T> {
+        self.output
+    }
+}
+
+impl<T> Sink for Rendered<T> {
+    fn finish(&mut self, report: &Report) {
+        self.output = Some((self.render)(report));
+    }
+}
+
 /// Failures diagnosed per run at most: the hypotheses recompute stages, and
 /// past the first few roots the hints say nothing new.
 const DIAGNOSED_AT_MOST: usize = 16;

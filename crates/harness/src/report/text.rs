@@ -3,10 +3,11 @@
 //! starts with a fixed word, so `grep` and `awk` can take it apart too.
 
 use std::fmt::Write as _;
+use std::io;
 
 use anstyle::{AnsiColor, Style};
 
-use super::{abbreviate, Event, GroupSummary, Report, RunMode, StageReport, TopClasses};
+use super::{abbreviate, Event, GroupSummary, Report, RunMode, Sink, StageReport, TopClasses};
 use crate::diagnosis::{Hint, Origin};
 use crate::metrics::{Comparison, Verdict};
 
@@ -18,9 +19,45 @@ const RED: Style = AnsiColor::Red.on_default().bold();
 const YELLOW: Style = AnsiColor::Yellow.on_default().bold();
 const CYAN: Style = AnsiColor::Cyan.on_default().bold();
 
-/// The text for one event; colour codes are always written, and the output
-/// stream drops them where colour is not wanted (anstream).
-pub fn render(event: &Event, mode: RunMode) -> String {
+/// The text report as a sink: each event's lines written to `out` as it
+/// comes, the closing lines when the run finishes. Colour codes are always
+/// written; the output stream drops them where colour is not wanted
+/// (anstream), and [`Text::plain`] drops them from a report kept in memory.
+/// Write errors are ignored: a reader that stopped early (`| head`) does not
+/// stop the run.
+pub struct Text<W> {
+    mode: RunMode,
+    out: W,
+}
+
+impl<W: io::Write> Text<W> {
+    pub fn new(mode: RunMode, out: W) -> Self {
+        Text { mode, out }
+    }
+}
+
+impl Text<Vec<u8>> {
+    /// The whole report kept in memory, without colour: for files and for
+    /// the Python bindings.
+    pub fn plain(self) -> String {
+        let text = String::from_utf8(self.out).expect("the text report is UTF-8");
+        anstream::adapter::strip_str(&text).to_string()
+    }
+}
+
+impl<W: io::Write> Sink for Text<W> {
+    fn event(&mut self, event: &Event) {
+        let _ = self.out.write_all(render(event, self.mode).as_bytes());
+        let _ = self.out.flush();
+    }
+
+    fn finish(&mut self, report: &Report) {
+        let _ = self.out.write_all(summary(report).as_bytes());
+    }
+}
+
+/// The text for one event.
+fn render(event: &Event, mode: RunMode) -> String {
     match event {
         Event::Start { report, stages } => header(report, *stages),
         Event::Stage(stage) => stage_line(stage, mode),
@@ -221,7 +258,7 @@ fn group_line(word: &str, group: &GroupSummary) -> String {
 }
 
 /// The closing lines: counts, first failure, top-5.
-pub fn summary(report: &Report) -> String {
+fn summary(report: &Report) -> String {
     let mut out = String::new();
     let s = &report.summary;
     if let Some(top5) = &report.top5 {
@@ -282,35 +319,4 @@ fn top_lines(top5: &TopClasses) -> String {
         let _ = writeln!(out, "top5 candidate: {}", describe(&top5.candidate));
     }
     out
-}
-
-/// The whole report as one text, without colour: for files and for the
-/// Python bindings.
-pub fn full(report: &Report, mode: RunMode) -> String {
-    let stages = if report.summary.compared == 0 && report.summary.stopped.is_some() {
-        0
-    } else {
-        report.stages.len().max(1)
-    };
-    let mut out = render(&Event::Start { report, stages }, mode);
-    for stage in &report.stages {
-        out.push_str(&render(&Event::Stage(stage), mode));
-        let closing = report
-            .blocks
-            .iter()
-            .find(|b| b.name == stage.name)
-            .map(Event::Block)
-            .or_else(|| {
-                report
-                    .layers
-                    .iter()
-                    .find(|l| l.name == stage.name)
-                    .map(Event::Layer)
-            });
-        if let Some(event) = closing {
-            out.push_str(&render(&event, mode));
-        }
-    }
-    out.push_str(&summary(report));
-    anstream::adapter::strip_str(&out).to_string()
 }
