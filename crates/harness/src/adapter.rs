@@ -23,31 +23,22 @@ impl WeightSource for DumpWeights<'_> {
     }
 }
 
-/// The manifest's architecture, for the core.
+/// The manifest's architecture, for the core. (A field the manifest gains
+/// must be added here: the core's struct literal lists all of its own.)
 pub fn architecture(architecture: &resnet_dump::Architecture) -> resnet_core::Architecture {
-    let resnet_dump::Architecture {
-        block,
-        layers,
-        groups,
-        width_per_group,
-        stem_channels,
-        planes,
-        num_classes,
-        in_channels,
-        batch_norm_eps,
-    } = architecture.clone();
+    let a = architecture;
     resnet_core::Architecture {
-        block: match block {
+        block: match a.block {
             resnet_dump::BlockKind::BasicBlock => BlockKind::BasicBlock,
             resnet_dump::BlockKind::Bottleneck => BlockKind::Bottleneck,
         },
-        layers,
-        groups,
-        width_per_group,
-        stem_channels,
-        planes,
-        num_classes,
-        in_channels,
-        batch_norm_eps,
+        layers: a.layers.clone(),
+        groups: a.groups,
+        width_per_group: a.width_per_group,
+        stem_channels: a.stem_channels,
+        planes: a.planes.clone(),
+        num_classes: a.num_classes,
+        in_channels: a.in_channels,
+        batch_norm_eps: a.batch_norm_eps,
     }
 }

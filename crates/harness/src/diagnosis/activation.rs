@@ -4,24 +4,31 @@
 use super::{has_negatives, relu, Evidence, Hint, Hypothesis, Observed};
 
 pub(super) fn hints(evidence: &Evidence, observed: &Observed) -> Vec<Hint> {
-    let mut hints = Vec::new();
-    if has_negatives(observed.candidate) {
-        if let Some(error) = evidence.reproduces(&relu(observed.candidate), observed.reference) {
-            hints.push(Hint {
-                hypothesis: Hypothesis::MissingRelu,
-                message: "a ReLU is missing: relu(candidate) equals the reference".into(),
+    // (the side with negatives, the side that equals its relu, the mistake)
+    let cases = [
+        (
+            observed.candidate,
+            observed.reference,
+            Hypothesis::MissingRelu,
+            "a ReLU is missing: relu(candidate) equals the reference",
+        ),
+        (
+            observed.reference,
+            observed.candidate,
+            Hypothesis::ExtraRelu,
+            "an extra ReLU: the candidate equals relu(reference)",
+        ),
+    ];
+    cases
+        .into_iter()
+        .filter(|(before, ..)| has_negatives(before))
+        .filter_map(|(before, after, hypothesis, message)| {
+            let error = evidence.reproduces(&relu(before), after)?;
+            Some(Hint {
+                hypothesis,
+                message: message.into(),
                 relative_error: error,
-            });
-        }
-    }
-    if has_negatives(observed.reference) {
-        if let Some(error) = evidence.reproduces(&relu(observed.reference), observed.candidate) {
-            hints.push(Hint {
-                hypothesis: Hypothesis::ExtraRelu,
-                message: "an extra ReLU: the candidate equals relu(reference)".into(),
-                relative_error: error,
-            });
-        }
-    }
-    hints
+            })
+        })
+        .collect()
 }
