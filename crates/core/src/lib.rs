@@ -15,6 +15,9 @@ pub mod ops;
 pub mod tensor;
 pub mod weights;
 
+#[cfg(test)]
+mod test_util;
+
 pub use architecture::{Architecture, BlockKind};
 pub use error::CoreError;
 pub use network::{Network, Stage, StageKind, Steps};

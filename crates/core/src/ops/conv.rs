@@ -409,16 +409,7 @@ mod tests {
     use ndarray::Array4;
 
     use super::*;
-
-    /// Deterministic values in [-0.5, 0.5).
-    fn values(count: usize, seed: u32) -> Vec<f32> {
-        (0..count)
-            .map(|i| {
-                let bits = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
-                bits as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::test_util::{close, values};
 
     /// The packed kernel and the `gemm` crate path (what a CPU without
     /// AVX2 runs, untested otherwise on one that has it) give the same
@@ -478,7 +469,7 @@ mod tests {
                 let b = plain.forward_fused(&x, residual, relu).unwrap();
                 for (index, (a, b)) in a.as_slice().iter().zip(b.as_slice()).enumerate() {
                     assert!(
-                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        close(*a, *b, 1.0),
                         "case {case}, element {index}: {a} vs {b}"
                     );
                 }

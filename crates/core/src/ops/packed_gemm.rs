@@ -331,6 +331,7 @@ unsafe fn store_edge(values: &[f32; MR * NR], tile: &Tile) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{close, values};
 
     /// f64 reference with the same epilogue.
     fn naive(
@@ -353,16 +354,6 @@ mod tests {
             }
         }
         out
-    }
-
-    fn values(count: usize, seed: u32) -> Vec<f32> {
-        (0..count)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32
-                    / (1u32 << 24) as f32
-                    - 0.5
-            })
-            .collect()
     }
 
     #[test]
@@ -426,7 +417,7 @@ mod tests {
                         // SAFETY: `multiply` wrote every element.
                         let got = unsafe { got.assume_init() };
                         assert!(
-                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (depth as f32).sqrt(),
+                            close(got, want, (depth as f32).sqrt()),
                             "{rows}x{depth}x{columns}, {threads} threads, element {index}: {got} vs {want}"
                         );
                     }

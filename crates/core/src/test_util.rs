@@ -1,0 +1,17 @@
+//! Helpers shared by the core's unit tests.
+
+/// Deterministic values in [-0.5, 0.5).
+pub(crate) fn values(count: usize, seed: u32) -> Vec<f32> {
+    (0..count)
+        .map(|i| {
+            let bits = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+            bits as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
+/// Close enough for two f32 computations of the same sum: within 1e-5 of
+/// `want`, relative to `1 + |want|`, times `scale` (more for longer sums).
+pub(crate) fn close(got: f32, want: f32, scale: f32) -> bool {
+    (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * scale
+}
