@@ -19,8 +19,9 @@ import torch
 import torchvision
 from torch import nn
 
-from . import FORMAT_NAME, SCHEMA_VERSION, models, preprocess
+from . import models, preprocess
 from . import hooks
+from .manifest import build_manifest, class_names
 
 
 def parse_args(argv):
@@ -157,31 +158,26 @@ def write(out, model, architecture, x, *, model_name, weights_description, input
         save(out / stage["file"], output.numpy())
         stages.append(stage)
 
-    categories = None
-    if architecture["num_classes"] == 1000:
-        categories = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
-    manifest = {
-        "format": FORMAT_NAME,
-        "schema_version": SCHEMA_VERSION,
-        "producer": {
+    categories = class_names(architecture["num_classes"])
+    manifest = build_manifest(
+        producer={
             "tool": "reference.dump", "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "command": command,
         },
-        "model": {"name": model_name, "weights": weights_description},
-        "architecture": architecture,
-        "mode": "train" if train_mode else "eval",
-        "batch_norms": [
+        model={"name": model_name, "weights": weights_description},
+        architecture=architecture,
+        mode="train" if train_mode else "eval",
+        batch_norms=[
             {"module": path, "eps": m.eps, "momentum": m.momentum}
             for path, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
         ],
-        "input": input_description,
-        "layout": "NCHW",
-        "dtype": precision,
-        "stages": stages,
-        "weights": weights,
-        "top5": top5(logits, categories),
-        "classes": categories,
-    }
+        input=input_description,
+        dtype=precision,
+        stages=stages,
+        weights=weights,
+        top5=top5(logits, categories),
+        classes=categories,
+    )
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"dumped {model_name}: {len(stages)} stages, {len(weights)} weights, "

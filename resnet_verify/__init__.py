@@ -101,6 +101,7 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
     statistics."""
     import torch
     from reference import hooks
+    from reference.manifest import build_manifest, class_names
 
     if model.training:
         raise TrainModeError(_native.train_mode_message() + " (The torch model is in train mode: call model.eval().)")
@@ -115,27 +116,15 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
         stage["file"] = f"stages/{stage['name']}"
         arrays[stage["file"]] = _float32(output)
         entries.append(stage)
-    manifest = {
-        "format": "resnet-verify-dump",
-        "schema_version": 1,
-        "model": {"name": f"live {type(model).__name__} ({architecture['block']}, layers {architecture['layers']})"},
-        "architecture": architecture,
-        "mode": "eval",
-        "layout": "NCHW",
-        "stages": entries,
-        "weights": [{"name": name, "shape": list(array.shape), "file": f"weights/{name}"} for name, array in weights.items()],
-        "classes": _categories() if architecture["num_classes"] == 1000 else None,
-    }
+    manifest = build_manifest(
+        model={"name": f"live {type(model).__name__} ({architecture['block']}, layers {architecture['layers']})"},
+        architecture=architecture,
+        mode="eval",
+        stages=entries,
+        weights=[{"name": name, "shape": list(array.shape), "file": f"weights/{name}"} for name, array in weights.items()],
+        classes=class_names(architecture["num_classes"]),
+    )
     report = Report(*_native.verify_arrays("<torch model>", json.dumps(manifest), arrays, upto, isolate, atol, rtol))
     if print_report:
         print(report.text, end="")
     return report
-
-
-def _categories():
-    try:
-        import torchvision
-
-        return torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
-    except (ImportError, AttributeError):
-        return None
