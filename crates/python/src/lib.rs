@@ -50,11 +50,7 @@ fn run_verify(py: Python<'_>, dump: &Dump, options: VerifyOptions) -> PyResult<(
             Ok::<_, resnet_verify::VerifyError>((report, text.plain()))
         })
         .map_err(error)?;
-    if let Some(message) = report
-        .reference_check
-        .as_ref()
-        .and_then(ReferenceCheck::message)
-    {
+    if let Some(message) = report.reference_check.message() {
         if !options.allow_train_reference {
             return Err(TrainModeError::new_err(message));
         }

@@ -20,11 +20,7 @@ pub fn render(report: &Report) -> String {
         "  <testsuite name=\"{suite}\" tests=\"{}\" failures=\"{}\">",
         s.compared, s.fail
     );
-    if let Some(check) = report
-        .reference_check
-        .as_ref()
-        .and_then(|check| check.message())
-    {
+    if let Some(check) = report.reference_check.message() {
         let _ = writeln!(
             out,
             "    <testcase classname=\"{suite}\" name=\"reference mode\">"

@@ -144,7 +144,7 @@ pub struct Report {
     pub model: String,
     pub mode: RunMode,
     pub tolerance: Tolerance,
-    pub reference_check: Option<ReferenceCheck>,
+    pub reference_check: ReferenceCheck,
     pub stages: Vec<StageReport>,
     pub blocks: Vec<GroupSummary>,
     pub layers: Vec<GroupSummary>,
@@ -170,7 +170,7 @@ impl Report {
             model,
             mode,
             tolerance,
-            reference_check: Some(reference_check),
+            reference_check,
             stages: Vec::new(),
             blocks: Vec::new(),
             layers: Vec::new(),
@@ -272,10 +272,9 @@ impl ReportBuilder {
         allow_train_reference: bool,
         listener: &mut dyn FnMut(Event),
     ) -> ControlFlow<Report, Self> {
-        let check = report.reference_check.as_ref();
-        if check.is_some_and(|check| check.train_mode) && !allow_train_reference {
+        if report.reference_check.train_mode && !allow_train_reference {
             report.summary.verdict = Verdict::Fail;
-            report.summary.stopped = check.and_then(ReferenceCheck::message);
+            report.summary.stopped = report.reference_check.message();
             listener(Event::Start {
                 report: &report,
                 stages: 0,

@@ -90,23 +90,22 @@ fn header(report: &Report, stages: usize) -> String {
             )
         )
     );
-    if let Some(check) = &report.reference_check {
-        if let Some(message) = check.message() {
-            let _ = writeln!(out, "{}", paint(RED, "!".repeat(78)));
-            let _ = writeln!(out, "{}", paint(RED, message));
-            let _ = writeln!(out, "{}", paint(RED, "!".repeat(78)));
-        } else {
-            let examined: Vec<&str> = check.evidence.iter().map(|e| e.stage.as_str()).collect();
-            let _ = writeln!(
-                out,
-                "reference: eval mode (manifest says eval; {} reproduced with running statistics)",
-                if examined.is_empty() {
-                    "no BatchNorm".into()
-                } else {
-                    examined.join(", ")
-                }
-            );
-        }
+    let check = &report.reference_check;
+    if let Some(message) = check.message() {
+        let _ = writeln!(out, "{}", paint(RED, "!".repeat(78)));
+        let _ = writeln!(out, "{}", paint(RED, message));
+        let _ = writeln!(out, "{}", paint(RED, "!".repeat(78)));
+    } else {
+        let examined: Vec<&str> = check.evidence.iter().map(|e| e.stage.as_str()).collect();
+        let _ = writeln!(
+            out,
+            "reference: eval mode (manifest says eval; {} reproduced with running statistics)",
+            if examined.is_empty() {
+                "no BatchNorm".into()
+            } else {
+                examined.join(", ")
+            }
+        );
     }
     if stages == 0 {
         return out;
@@ -282,12 +281,7 @@ fn summary(report: &Report) -> String {
         );
     }
     if let Some(stopped) = &s.stopped {
-        if report
-            .reference_check
-            .as_ref()
-            .is_none_or(|check| !check.train_mode)
-            || s.compared > 0
-        {
+        if !report.reference_check.train_mode || s.compared > 0 {
             let _ = writeln!(out, "stopped: {stopped}");
         }
     }
