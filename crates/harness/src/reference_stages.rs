@@ -96,3 +96,71 @@ impl<'a> ReferenceStages<'a> {
             });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::adapter::{self, DumpWeights};
+
+    fn fixture() -> Dump {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/resnet18-w8");
+        Dump::open(&dir).unwrap()
+    }
+
+    /// Whether `name` is still held: loading it again gives the same array.
+    fn held(stages: &ReferenceStages, name: &str, data: &Rc<ArrayD<f32>>) -> bool {
+        let again = stages.named(name).unwrap().unwrap();
+        let same = Rc::ptr_eq(&again.data, data);
+        if !same {
+            // Read again: forget it, so that the next question is asked afresh.
+            stages.read.borrow_mut().remove(name);
+        }
+        same
+    }
+
+    #[test]
+    fn a_stage_is_read_once_and_kept_while_a_later_stage_reads_it() {
+        let dump = fixture();
+        let architecture = adapter::architecture(dump.architecture().unwrap());
+        let network = Network::from_weights(&architecture, &DumpWeights(&dump)).unwrap();
+        let stages = ReferenceStages::new(&dump, Some(&network));
+        let maxpool = network.stage_index("maxpool").unwrap();
+        let readers: Vec<usize> = (0..network.stages().len())
+            .filter(|&index| network.stage_input_indices(index).contains(&maxpool))
+            .collect();
+        let (first_reader, last_reader) = (readers[0], *readers.last().unwrap());
+        assert!(first_reader < last_reader, "{readers:?}");
+        let name = |index: usize| network.stages()[index].name.as_str();
+
+        let data = stages.named("maxpool").unwrap().unwrap().data;
+        assert!(held(&stages, "maxpool", &data));
+        stages.release_after("maxpool");
+        stages.release_after(name(first_reader));
+        assert!(held(&stages, "maxpool", &data));
+        stages.release_after(name(last_reader));
+        assert!(!held(&stages, "maxpool", &data));
+
+        // Read ahead of the loop: kept until the loop has passed it.
+        let ahead = stages.named("layer2.0.conv1").unwrap().unwrap().data;
+        stages.release_after("conv1");
+        assert!(held(&stages, "layer2.0.conv1", &ahead));
+        // Then, like any stage, until its reader (layer2.0.bn1) is done.
+        stages.release_after("layer2.0.conv1");
+        assert!(held(&stages, "layer2.0.conv1", &ahead));
+        stages.release_after("layer2.0.bn1");
+        assert!(!held(&stages, "layer2.0.conv1", &ahead));
+    }
+
+    #[test]
+    fn without_a_network_a_stage_is_kept_until_the_loop_passes_it() {
+        let dump = fixture();
+        let stages = ReferenceStages::new(&dump, None);
+        let bn1 = stages.named("bn1").unwrap().unwrap().data;
+        stages.release_after("conv1");
+        assert!(held(&stages, "bn1", &bn1));
+        stages.release_after("bn1");
+        assert!(!held(&stages, "bn1", &bn1));
+    }
+}
