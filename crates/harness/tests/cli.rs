@@ -321,6 +321,22 @@ fn compare_reads_nhwc_candidates() {
     let reference = fixture("resnet18-w8");
     let auto = verify(&["compare", path(&reference), path(&candidate)]);
     assert_eq!(auto.status.code(), Some(0), "{}", stdout(&auto));
+    // Spelled as the manifest spells it, or in lower case.
+    for spelling in ["NHWC", "nhwc", "AUTO"] {
+        let named = verify(&[
+            "compare",
+            path(&reference),
+            path(&candidate),
+            "--cand-layout",
+            spelling,
+        ]);
+        assert_eq!(
+            named.status.code(),
+            Some(0),
+            "{spelling}: {}",
+            stderr(&named)
+        );
+    }
     let forced = verify(&[
         "compare",
         path(&reference),

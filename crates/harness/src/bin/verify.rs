@@ -89,7 +89,7 @@ enum Command {
         /// The candidate dump directory, written by the engine under test
         candidate: PathBuf,
         /// Memory order of the candidate's stage files (auto: as its manifest says)
-        #[arg(long, default_value = "auto", value_parser = ["nchw", "nhwc", "auto"])]
+        #[arg(long, default_value = "auto", ignore_case = true, value_parser = ["nchw", "nhwc", "auto"])]
         cand_layout: String,
         #[command(flatten)]
         common: Common,
@@ -176,7 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
                 reference,
                 candidate,
                 // auto: as the candidate's manifest says.
-                layout: (cand_layout != "auto")
+                layout: (!cand_layout.eq_ignore_ascii_case("auto"))
                     .then(|| cand_layout.parse())
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
