@@ -1,6 +1,7 @@
 """torchvision ResNets, full size or width-reduced, with seeded weights whose
 BatchNorm running statistics are calibrated on seeded inputs."""
 
+import collections
 import math
 
 import torch
@@ -50,30 +51,230 @@ def build(name, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group
     return model, describe(model)
 
 
+class Unsupported(ValueError):
+    """A torch model that the core would not build exactly: the message names
+    each module (by its path, as torch names it) and what differs.
+    resnet_verify raises it as VerifyError."""
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def _conv_padding(conv):
+    """A Conv2d's padding as numbers; "valid" and (where it is one number
+    per side) "same" as the numbers they stand for."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        total = [d * (k - 1) for d, k in zip(_pair(conv.dilation), _pair(conv.kernel_size))]
+        return tuple(t // 2 for t in total) if all(t % 2 == 0 for t in total) else "same"
+    return _pair(conv.padding)
+
+
+# What the core reads of each module type it builds: the attributes that
+# change the result, as numbers comparable with the core's.
+_ATTRIBUTES = {
+    nn.Conv2d: lambda m: {
+        "in_channels": m.in_channels, "out_channels": m.out_channels, "kernel_size": _pair(m.kernel_size),
+        "stride": _pair(m.stride), "padding": _conv_padding(m), "dilation": _pair(m.dilation),
+        "groups": m.groups, "bias": m.bias is not None, "padding_mode": m.padding_mode,
+    },
+    nn.BatchNorm2d: lambda m: {
+        "num_features": m.num_features, "affine": m.affine,
+        "track_running_stats": m.track_running_stats and m.running_mean is not None and m.running_var is not None,
+    },
+    nn.ReLU: lambda m: {},
+    nn.MaxPool2d: lambda m: {
+        "kernel_size": _pair(m.kernel_size), "stride": _pair(m.stride), "padding": _pair(m.padding),
+        "dilation": _pair(m.dilation), "ceil_mode": m.ceil_mode, "return_indices": m.return_indices,
+    },
+    nn.AdaptiveAvgPool2d: lambda m: {"output_size": _pair(m.output_size)},
+    nn.Linear: lambda m: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None},
+    nn.Sequential: lambda m: {"length": len(m)},
+    tv.BasicBlock: lambda m: {},
+    tv.Bottleneck: lambda m: {},
+    tv.ResNet: lambda m: {},
+}
+
+def _core_modules(architecture, block):
+    """(path, type, attributes) of every module the core builds for
+    `architecture`, in the order crates/core/src/network/build.rs builds
+    them; None in an attribute is a value that could not be read off the
+    model (it is refused elsewhere), not compared."""
+    a = architecture
+
+    def conv(in_channels, out_channels, kernel, stride, padding, groups=1):
+        return nn.Conv2d, {
+            "in_channels": in_channels, "out_channels": out_channels, "kernel_size": (kernel, kernel),
+            "stride": (stride, stride), "padding": (padding, padding), "dilation": (1, 1), "groups": groups,
+            "bias": False, "padding_mode": "zeros",
+        }
+
+    def norm(channels):
+        return nn.BatchNorm2d, {"num_features": channels, "affine": True, "track_running_stats": True}
+
+    def times(x, y):
+        return None if x is None or y is None else x * y
+
+    relu = (nn.ReLU, {})
+    yield "", tv.ResNet, {}
+    yield ("conv1", *conv(a["in_channels"], a["stem_channels"], 7, 2, 3))
+    yield ("bn1", *norm(a["stem_channels"]))
+    yield ("relu", *relu)
+    yield "maxpool", nn.MaxPool2d, {"kernel_size": (3, 3), "stride": (2, 2), "padding": (1, 1), "dilation": (1, 1),
+                                    "ceil_mode": False, "return_indices": False}
+    in_channels = a["stem_channels"]
+    for index, (blocks, planes) in enumerate(zip(a["layers"], a["planes"])):
+        layer = f"layer{index + 1}"
+        yield layer, nn.Sequential, {"length": blocks}
+        for number in range(blocks):
+            name = f"{layer}.{number}"
+            stride = 2 if index > 0 and number == 0 else 1
+            yield name, block, {}
+            if block is tv.Bottleneck:
+                width = None if planes is None else (planes * a["width_per_group"] // 64) * a["groups"]
+                out_channels = times(planes, 4)
+                yield (f"{name}.conv1", *conv(in_channels, width, 1, 1, 0))
+                yield (f"{name}.bn1", *norm(width))
+                yield (f"{name}.conv2", *conv(width, width, 3, stride, 1, a["groups"]))
+                yield (f"{name}.bn2", *norm(width))
+                yield (f"{name}.conv3", *conv(width, out_channels, 1, 1, 0))
+                yield (f"{name}.bn3", *norm(out_channels))
+                yield (f"{name}.relu", *relu)
+            else:
+                out_channels = planes
+                yield (f"{name}.conv1", *conv(in_channels, planes, 3, stride, 1))
+                yield (f"{name}.bn1", *norm(planes))
+                yield (f"{name}.relu", *relu)
+                yield (f"{name}.conv2", *conv(planes, planes, 3, 1, 1))
+                yield (f"{name}.bn2", *norm(planes))
+            if stride != 1 or in_channels != out_channels:
+                yield f"{name}.downsample", nn.Sequential, {"length": 2}
+                yield (f"{name}.downsample.0", *conv(in_channels, out_channels, 1, stride, 0))
+                yield (f"{name}.downsample.1", *norm(out_channels))
+            in_channels = out_channels
+    yield "avgpool", nn.AdaptiveAvgPool2d, {"output_size": (1, 1)}
+    yield "fc", nn.Linear, {"in_features": in_channels, "out_features": a["num_classes"], "bias": True}
+
+
+def _overridden(module, cls):
+    """Why `module` would not run `cls`'s own forward, or None."""
+    if "forward" in vars(module):
+        return "its forward is replaced on the instance"
+    for method in ("forward", "_forward_impl"):
+        if getattr(type(module), method, None) is not getattr(cls, method, None):
+            return f"{type(module).__name__} overrides {cls.__name__}.{method}"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "it has forward hooks (or pre-hooks), which may change what it computes"
+    return None
+
+
 def describe(model):
     """The manifest's `architecture` of a live torchvision ResNet, read off
-    its modules (so that it also describes a model built elsewhere)."""
+    its modules (so that it also describes a model built elsewhere).
+
+    The model is then checked module by module against what the core builds
+    for that architecture (crates/core/src/network/build.rs): each module's
+    type (exactly: a subclass may compute something else) and every
+    attribute that changes its result. Anything else raises Unsupported
+    naming every module that differs, so that no model is verified or run
+    as a network it is not."""
     if not isinstance(model, tv.ResNet):
-        raise TypeError(f"{type(model).__name__} is not a torchvision ResNet (torchvision.models.resnet.ResNet)")
-    layers = [getattr(model, f"layer{index}") for index in range(1, 5)]
-    block = type(layers[0][0])
+        raise Unsupported(f"{type(model).__name__} is not a torchvision ResNet (torchvision.models.resnet.ResNet)")
+    problems = []  # (path, why)
+    modules = dict(model.named_modules())
+
+    def read(path, attribute):
+        module = modules.get(path)
+        return getattr(module, attribute, None) if module is not None else None
+
+    block = type(modules.get("layer1.0"))
     if block not in (tv.BasicBlock, tv.Bottleneck):
-        raise TypeError(f"blocks of type {block.__name__} are not supported (BasicBlock and Bottleneck are)")
-    eps = {module.eps for module in model.modules() if isinstance(module, nn.BatchNorm2d)}
-    if len(eps) != 1:
-        raise ValueError(f"the BatchNorms have different eps {sorted(eps)}; the core takes one")
-    last_norm = "bn3" if block is tv.Bottleneck else "bn2"
-    return {
+        problems.append(("layer1.0", f"a {block.__name__}, where the core builds BasicBlock or Bottleneck"))
+        block = tv.Bottleneck if hasattr(modules.get("layer1.0"), "conv3") else tv.BasicBlock
+    expansion = block.expansion
+    layers = []
+    planes = []
+    for index in range(1, 5):
+        layer = modules.get(f"layer{index}")
+        layers.append(len(layer) if isinstance(layer, nn.Sequential) else 1)
+        channels = read(f"layer{index}.0.{'conv3' if block is tv.Bottleneck else 'conv2'}", "out_channels")
+        planes.append(channels // expansion if isinstance(channels, int) else None)
+    norms = [(path, module) for path, module in modules.items() if type(module) is nn.BatchNorm2d]
+    eps_counts = collections.Counter(module.eps for _, module in norms)
+    eps = eps_counts.most_common(1)[0][0] if eps_counts else None
+    for path, module in norms:
+        if module.eps != eps:
+            problems.append((path, f"eps {module.eps}, where the other BatchNorms have {eps} "
+                                   "(the core takes one eps for all BatchNorms)"))
+    architecture = {
         "block": block.__name__,
-        "layers": [len(layer) for layer in layers],
-        "groups": model.groups,
-        "width_per_group": model.base_width,
-        "stem_channels": model.conv1.out_channels,
-        "planes": [getattr(layer[0], last_norm).num_features // block.expansion for layer in layers],
-        "num_classes": model.fc.out_features,
-        "in_channels": model.conv1.in_channels,
-        "batch_norm_eps": eps.pop(),
+        "layers": layers,
+        "groups": getattr(model, "groups", None),
+        "width_per_group": getattr(model, "base_width", None),
+        "stem_channels": read("conv1", "out_channels"),
+        "planes": planes,
+        "num_classes": read("fc", "out_features"),
+        "in_channels": read("conv1", "in_channels"),
+        "batch_norm_eps": eps,
     }
+    if getattr(model, "dilation", 1) != 1:
+        problems.append(("", "dilated (torchvision's replace_stride_with_dilation): "
+                             "the core builds every stage after the first with stride 2, and no dilation, yet"))
+
+    expected = list(_core_modules(architecture, block))
+    refused = []  # paths whose type is wrong: their children are not looked at
+    for path, cls, attributes in expected:
+        if any(path.startswith(f"{parent}.") for parent in refused if parent):
+            continue
+        module = modules.get(path)
+        if module is None:
+            problems.append((path, f"missing, where the core builds a {cls.__name__}"))
+            refused.append(path)
+            continue
+        exact = isinstance(module, cls) if cls is tv.ResNet else type(module) is cls
+        if not exact:
+            problems.append((path, f"a {type(module).__name__}, where the core builds {cls.__name__}"))
+            refused.append(path)
+            continue
+        overridden = _overridden(module, cls)
+        if overridden:
+            problems.append((path, overridden))
+        actual = _ATTRIBUTES[cls](module)
+        differ = [key for key, value in attributes.items() if value is not None and actual[key] != value]
+        if differ:
+            problems.append((path, f"{type(module).__name__} with "
+                                   + ", ".join(f"{key}={actual[key]!r}" for key in differ)
+                                   + " (the core builds " + ", ".join(f"{key}={attributes[key]!r}" for key in differ)
+                                   + ")"))
+    built = {path for path, _, _ in expected}
+    for path, module in modules.items():
+        if path not in built and not any(path.startswith(f"{parent}.") for parent in refused if parent):
+            problems.append((path, f"a {type(module).__name__}, which the core does not build"))
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            problems.append((name, f"{tensor.dtype}: the core computes in float32 (call model.float())"))
+            break
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        problems.append(("", "global forward hooks are registered, which may change what any module computes"))
+    if problems:
+        raise Unsupported(_refusal(problems))
+    return architecture
+
+
+def _refusal(problems, shown=8):
+    """One message for every problem, modules with the same problem together."""
+    paths = collections.defaultdict(list)
+    for path, why in problems:
+        paths[why].append(path or "the model")
+    lines = []
+    for why, names in paths.items():
+        named = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        lines.append(f"{named}: {why}")
+    more = f"; and {len(lines) - shown} more problems" if len(lines) > shown else ""
+    return ("the core does not build this model exactly, so it is refused: "
+            + "; ".join(lines[:shown]) + more)
 
 
 # Seeded weights must be the same bits on every machine, so that a fixture

@@ -52,11 +52,17 @@ def _float32(array):
 
 
 def _torch_weights(model):
-    from reference.models import describe
+    """The state_dict as float32 arrays and the architecture of a torch
+    model; VerifyError naming each module the core would not build exactly."""
+    from reference.models import Unsupported, describe
 
+    try:
+        architecture = describe(model)
+    except Unsupported as refused:
+        raise VerifyError(str(refused)) from None
     weights = {name: _float32(tensor) for name, tensor in model.state_dict().items()
                if not name.endswith("num_batches_tracked")}
-    return weights, describe(model)
+    return weights, architecture
 
 
 def forward(weights_or_dump, x, upto=None, architecture=None):

@@ -1,0 +1,249 @@
+"""Never a silent wrong result (issue 15): torch models one change away from
+a torchvision constructor's. Each is either computed exactly by the core
+(forward() and verify_torch equal torch under the project's tolerance rule)
+or refused up front with VerifyError naming the module; and no call, refused
+or not, changes the user's model."""
+
+import functools
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.models import resnet as tv
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import resnet_verify as rv
+from reference import models
+
+
+def seeded(model, seed=0):
+    """Draws every weight and running statistic of `model` (with the
+    fixtures' integer draws) away from torch's defaults, so that a dropped
+    bias, eps or statistic shows, and puts it in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(tensor, low, high):
+        if tensor is not None:
+            tensor.copy_(models.draw_uniform(generator, tensor.shape, low, high))
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                fan_out = module.out_channels * module.kernel_size[0] * module.kernel_size[1]
+                bound = math.sqrt(6.0 / fan_out)  # kaiming's std, drawn uniform
+                draw(module.weight, -bound, bound)
+                draw(module.bias, -0.1, 0.1)
+            elif isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                draw(getattr(module, "weight", None), 0.5, 1.5)
+                draw(getattr(module, "bias", None), -0.25, 0.25)
+                draw(module.running_mean, -0.25, 0.25)
+                draw(module.running_var, 0.5, 2.0)
+            elif isinstance(module, nn.Linear):
+                bound = 1.0 / math.sqrt(module.in_features)
+                draw(module.weight, -bound, bound)
+                draw(module.bias, -bound, bound)
+    return model.eval()
+
+
+def resnet18(**kwargs):
+    """A width-8 resnet18 (torchvision's modules and names), 10 classes."""
+    model, _ = models.build("resnet18", width=8, num_classes=10, **kwargs)
+    return model
+
+
+def resnet50(**kwargs):
+    model, _ = models.build("resnet50", width=8, num_classes=10, **kwargs)
+    return model
+
+
+def small(block=tv.Bottleneck, layers=(1, 1, 1, 1), **kwargs):
+    """torchvision's ResNet constructor itself, at full width, one block a stage."""
+    return tv.ResNet(block, list(layers), num_classes=10, **kwargs)
+
+
+def changed(make, change):
+    model = make()
+    change(model)
+    return model
+
+
+class ReLUWithItsOwnForward(nn.ReLU):
+    def forward(self, x):
+        return torch.clamp(x, 0.0, 1.0)
+
+
+class BlockWithoutResidual(tv.BasicBlock):
+    def forward(self, x):
+        return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
+
+
+def scale_output(module, inputs, output):
+    return output * 2
+
+
+def with_hook(model):
+    model.layer2[0].bn1.register_forward_hook(scale_output)
+
+
+# (name, model maker, the module named in the refusal, what the message says)
+REFUSED = [
+    ("stem relu -> ReLU6", lambda: changed(resnet18, lambda m: setattr(m, "relu", nn.ReLU6())),
+     "relu", "a ReLU6, where the core builds ReLU"),
+    ("conv bias=True", lambda: changed(resnet18, lambda m: setattr(
+        m.layer1[0], "conv1", nn.Conv2d(8, 8, 3, 1, 1, bias=True))),
+     "layer1.0.conv1", "bias=True"),
+    ("padding_mode='reflect'", lambda: changed(resnet18, lambda m: setattr(
+        m, "conv1", nn.Conv2d(3, 8, 7, 2, 3, bias=False, padding_mode="reflect"))),
+     "conv1", "padding_mode='reflect'"),
+    ("a conv with its own dilation", lambda: changed(resnet18, lambda m: setattr(
+        m.layer2[1], "conv2", nn.Conv2d(16, 16, 3, 1, padding=2, dilation=2, bias=False))),
+     "layer2.1.conv2", "dilation=(2, 2)"),
+    ("AvgPool2d in place of the max pool", lambda: changed(resnet18, lambda m: setattr(
+        m, "maxpool", nn.AvgPool2d(3, 2, 1))),
+     "maxpool", "a AvgPool2d, where the core builds MaxPool2d"),
+    ("ceil_mode=True", lambda: changed(resnet18, lambda m: setattr(m.maxpool, "ceil_mode", True)),
+     "maxpool", "ceil_mode=True"),
+    ("AdaptiveMaxPool2d", lambda: changed(resnet18, lambda m: setattr(m, "avgpool", nn.AdaptiveMaxPool2d(1))),
+     "avgpool", "a AdaptiveMaxPool2d, where the core builds AdaptiveAvgPool2d"),
+    ("LeakyReLU inside a block", lambda: changed(resnet18, lambda m: setattr(m.layer3[1], "relu", nn.LeakyReLU(0.1))),
+     "layer3.1.relu", "a LeakyReLU"),
+    ("one BatchNorm with another eps", lambda: changed(resnet50, lambda m: setattr(m.layer4[1].bn2, "eps", 1e-3)),
+     "layer4.1.bn2", "eps 0.001, where the other BatchNorms have 1e-05"),
+    ("fc as Sequential(Dropout, Linear)", lambda: changed(resnet18, lambda m: setattr(
+        m, "fc", nn.Sequential(nn.Dropout(0.5), nn.Linear(64, 10)))),
+     "fc", "a Sequential, where the core builds Linear"),
+    ("replace_stride_with_dilation=[False, True, True]",
+     lambda: small(replace_stride_with_dilation=[False, True, True]),
+     "layer3.0.conv2", "stride=(1, 1)"),
+    ("replace_stride_with_dilation=[False, False, True]",
+     lambda: small(layers=(1, 1, 1, 2), replace_stride_with_dilation=[False, False, True]),
+     "layer4.1.conv2", "dilation=(2, 2)"),
+    ("norm_layer=FrozenBatchNorm2d", lambda: small(norm_layer=FrozenBatchNorm2d),
+     "bn1", "a FrozenBatchNorm2d, where the core builds BatchNorm2d"),
+    # And more of the same kind.
+    ("BatchNorm affine=False", lambda: changed(resnet18, lambda m: setattr(
+        m.layer1[0], "bn1", nn.BatchNorm2d(8, affine=False))),
+     "layer1.0.bn1", "affine=False"),
+    ("BatchNorm track_running_stats=False", lambda: changed(resnet18, lambda m: setattr(
+        m.layer2[0], "bn2", nn.BatchNorm2d(16, track_running_stats=False))),
+     "layer2.0.bn2", "track_running_stats=False"),
+    ("fc bias=False", lambda: changed(resnet18, lambda m: setattr(m, "fc", nn.Linear(64, 10, bias=False))),
+     "fc", "bias=False"),
+    ("max pool kernel 2, padding 0", lambda: changed(resnet18, lambda m: setattr(m, "maxpool", nn.MaxPool2d(2, 2))),
+     "maxpool", "kernel_size=(2, 2)"),
+    ("average pool to 2x2", lambda: changed(resnet18, lambda m: setattr(m, "avgpool", nn.AdaptiveAvgPool2d(2))),
+     "avgpool", "output_size=(2, 2)"),
+    ("grouped conv in a BasicBlock", lambda: changed(resnet18, lambda m: setattr(
+        m.layer1[1], "conv2", nn.Conv2d(8, 8, 3, 1, 1, groups=2, bias=False))),
+     "layer1.1.conv2", "groups=2"),
+    ("stem conv stride 1", lambda: changed(resnet18, lambda m: setattr(m.conv1, "stride", (1, 1))),
+     "conv1", "stride=(1, 1)"),
+    ("a downsample where the core has none", lambda: changed(resnet18, lambda m: setattr(
+        m.layer1[1], "downsample", nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)))),
+     "layer1.1.downsample", "which the core does not build"),
+    ("BatchNorm replaced by Identity", lambda: changed(resnet18, lambda m: setattr(m.layer2[1], "bn1", nn.Identity())),
+     "layer2.1.bn1", "a Identity, where the core builds BatchNorm2d"),
+    ("SiLU in the stem", lambda: changed(resnet50, lambda m: setattr(m, "relu", nn.SiLU())),
+     "relu", "a SiLU"),
+    ("a ReLU subclass with its own forward", lambda: changed(resnet18, lambda m: setattr(
+        m.layer1[0], "relu", ReLUWithItsOwnForward())),
+     "layer1.0.relu", "a ReLUWithItsOwnForward"),
+    ("a block subclass without the residual", lambda: changed(resnet18, lambda m: setattr(
+        m.layer4, "1", BlockWithoutResidual(64, 64))),
+     "layer4.1", "a BlockWithoutResidual, where the core builds BasicBlock"),
+    ("a forward hook that changes an output", lambda: changed(resnet18, with_hook),
+     "layer2.0.bn1", "forward hooks"),
+    ("a forward replaced on the instance", lambda: changed(resnet18, lambda m: setattr(
+        m.layer1[0].bn2, "forward", lambda x: x)),
+     "layer1.0.bn2", "its forward is replaced on the instance"),
+    ("float64 weights", lambda: changed(resnet18, lambda m: m.double()),
+     "conv1.weight", "torch.float64"),
+    ("an extra module", lambda: changed(resnet18, lambda m: setattr(m, "dropout", nn.Dropout(0.2))),
+     "dropout", "a Dropout, which the core does not build"),
+]
+
+
+def uniform_eps(eps):
+    return functools.partial(nn.BatchNorm2d, eps=eps)
+
+
+# (name, model maker, input shape): computed exactly.
+EXACT = [
+    ("resnet18 (width 8)", resnet18, (1, 3, 32, 32)),
+    ("resnet50 (width 8)", resnet50, (1, 3, 32, 32)),
+    ("custom depths ResNet(Bottleneck, [2, 1, 1, 2])", lambda: small(layers=(2, 1, 1, 2)), (1, 3, 32, 32)),
+    ("groups=8, width_per_group=16", lambda: small(groups=8, width_per_group=16), (1, 3, 32, 32)),
+    ("BasicBlock, num_classes=10, [1, 2, 1, 1]", lambda: small(tv.BasicBlock, (1, 2, 1, 1)), (1, 3, 32, 32)),
+    ("non-square input", resnet18, (1, 3, 48, 80)),
+    ("a batch of 3", resnet50, (3, 3, 32, 32)),
+    ("every BatchNorm with eps 1e-3", lambda: small(tv.BasicBlock, norm_layer=uniform_eps(1e-3)), (2, 3, 32, 32)),
+    ("ReLU(inplace=False)", lambda: changed(resnet18, lambda m: setattr(m, "relu", nn.ReLU())), (1, 3, 32, 32)),
+    ("a conv with padding='same'", lambda: changed(resnet18, lambda m: setattr(
+        m.layer1[0], "conv2", nn.Conv2d(8, 8, 3, padding="same", bias=False))), (1, 3, 32, 32)),
+    ("one input channel", lambda: changed(resnet18, lambda m: setattr(
+        m, "conv1", nn.Conv2d(1, 8, 7, 2, 3, bias=False))), (2, 1, 40, 24)),
+]
+
+
+def state(model):
+    """Every parameter and buffer (running statistics, num_batches_tracked), copied."""
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def assert_unchanged(model, before):
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), f"{name} changed"
+
+
+def test_every_case_is_one_change_from_torchvision():
+    assert len(REFUSED) >= 12 and len({name for name, *_ in REFUSED + EXACT}) == len(REFUSED) + len(EXACT)
+
+
+@pytest.mark.parametrize("name, make, module, why", REFUSED, ids=[case[0] for case in REFUSED])
+def test_a_model_the_core_does_not_build_exactly_is_refused_by_name(name, make, module, why):
+    model = seeded(make())
+    x = torch.randn(1, model.conv1.in_channels, 32, 32, generator=torch.Generator().manual_seed(1))
+    before = state(model)
+    for call in (lambda: rv.forward(model, x), lambda: rv.verify_torch(model, x)):
+        with pytest.raises(rv.VerifyError) as refused:
+            call()
+        assert type(refused.value) is rv.VerifyError
+        message = str(refused.value)
+        assert message.startswith("the core does not build this model exactly, so it is refused: "), message
+        # The module is named where the message says what is wrong with it.
+        assert f"{module}: " in message or f"{module}, " in message, message
+        assert why in message, message
+        assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("name, make, shape", EXACT, ids=[case[0] for case in EXACT])
+def test_a_model_the_core_builds_is_computed_exactly(name, make, shape):
+    model = seeded(make())
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    before = state(model)
+    with torch.no_grad():
+        logits = model(x).numpy()
+    outputs = rv.forward(model, x)
+    assert_unchanged(model, before)
+    assert outputs["fc"].shape == logits.shape
+    assert rv.compare(logits, outputs["fc"])["verdict"] == "succ"
+    report = rv.verify_torch(model, x)
+    assert_unchanged(model, before)
+    assert report.passed, report.failures()
+
+
+def test_what_is_not_a_torchvision_resnet_is_refused():
+    with pytest.raises(rv.VerifyError, match="Sequential is not a torchvision ResNet"):
+        rv.forward(nn.Sequential(nn.Conv2d(3, 8, 3)).eval(), torch.zeros(1, 3, 8, 8))
+    with pytest.raises(rv.VerifyError, match="layer4: missing, where the core builds a Sequential"):
+        rv.forward(changed(resnet18, lambda m: delattr(m, "layer4")).eval(), torch.zeros(1, 3, 32, 32))
+
+
+def test_a_dilated_torchvision_resnet50_is_refused_as_dilated():
+    model = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True]).eval()
+    with pytest.raises(rv.VerifyError, match=r"the model: dilated \(torchvision's replace_stride_with_dilation\)"):
+        rv.verify_torch(model, torch.zeros(1, 3, 64, 64))
