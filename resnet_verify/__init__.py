@@ -51,6 +51,29 @@ def _float32(array):
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+def _train_mode_modules(model):
+    """The paths of `model`'s modules in training mode ("" for the model)."""
+    named_modules = getattr(model, "named_modules", None)
+    return [path for path, module in named_modules() if module.training] if named_modules else []
+
+
+def _refuse_train_mode(model):
+    """TrainModeError naming every module of `model` in training mode, if
+    any: the core computes the eval-mode network, and torch running a
+    train-mode BatchNorm would also change its running statistics."""
+    training = _train_mode_modules(model)
+    if not training:
+        return
+    if training[0] == "" and len(training) == len(list(model.modules())):
+        which = "The torch model is in train mode"
+    else:
+        names = [path or "the model" for path in training]
+        which = (f"{len(names)} module{'s' if len(names) > 1 else ''} of the torch model "
+                 f"{'are' if len(names) > 1 else 'is'} in train mode: " + ", ".join(names[:8])
+                 + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
+    raise TrainModeError(f"{_native.train_mode_message()} ({which}: call model.eval().)")
+
+
 def _torch_weights(model):
     """The state_dict as float32 arrays and the architecture of a torch
     model; VerifyError naming each module the core would not build exactly."""
@@ -71,11 +94,14 @@ def forward(weights_or_dump, x, upto=None, architecture=None):
 
     `weights_or_dump`: a dump directory, a torchvision ResNet (its
     state_dict and architecture are used), or a dict of state_dict arrays
-    with `architecture` (the manifest's architecture dict)."""
+    with `architecture` (the manifest's architecture dict). A torch model
+    with any module in train mode is refused (TrainModeError), and one the
+    core would not build exactly (VerifyError, naming the modules)."""
     x = _float32(x)
     if isinstance(weights_or_dump, (str, os.PathLike)):
         return _native.forward_dump(os.fspath(weights_or_dump), x, upto)
     if hasattr(weights_or_dump, "state_dict"):
+        _refuse_train_mode(weights_or_dump)
         weights, architecture = _torch_weights(weights_or_dump)
     else:
         if architecture is None:
@@ -102,15 +128,16 @@ def verify(dump_dir, upto=None, isolate=False, atol=None, rtol=None, allow_train
 def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print_report=False):
     """Verifies the core against a live torch model: hooks every module,
     runs the model once on `x` (NCHW), and compares each stage, without
-    writing files. A model in train mode is refused (TrainModeError) before
-    it runs, since a train-mode pass would also change its running
-    statistics."""
+    writing files. A model with any module in train mode is refused
+    (TrainModeError, naming them) before it runs, since a train-mode pass
+    would also change its running statistics; so is one the core would not
+    build exactly (VerifyError, naming the modules). The model is not
+    changed."""
     import torch
     from reference import hooks
     from reference.manifest import build_manifest, class_names
 
-    if model.training:
-        raise TrainModeError(_native.train_mode_message() + " (The torch model is in train mode: call model.eval().)")
+    _refuse_train_mode(model)
     weights, architecture = _torch_weights(model)
     x = torch.as_tensor(_float32(x))
     stages, _ = hooks.stages(model, x)

@@ -236,6 +236,37 @@ def test_a_model_the_core_builds_is_computed_exactly(name, make, shape):
     assert report.passed, report.failures()
 
 
+def test_one_module_in_train_mode_is_refused_by_name_and_the_model_is_not_changed():
+    model = seeded(resnet18())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model.layer4[1].bn2.train()
+    before = state(model)
+    for call in (lambda: rv.forward(model, x), lambda: rv.verify_torch(model, x)):
+        with pytest.raises(rv.TrainModeError) as refused:
+            call()
+        message = str(refused.value)
+        assert message.startswith(rv._native.train_mode_message())
+        assert "1 module of the torch model is in train mode: layer4.1.bn2: call model.eval()" in message, message
+        assert_unchanged(model, before)
+    assert model.layer4[1].bn2.training and not model.training, "the model's modes are the user's"
+
+    model.eval()
+    model.layer1[0].relu.train()
+    model.fc.train()
+    with pytest.raises(rv.TrainModeError, match="2 modules of the torch model are in train mode: layer1.0.relu, fc"):
+        rv.verify_torch(model, x)
+    model.train()
+    with pytest.raises(rv.TrainModeError, match=r"\(The torch model is in train mode: call model.eval\(\).\)"):
+        rv.forward(model, x)
+    assert_unchanged(model, before)
+
+
+def test_a_train_mode_refusal_comes_before_an_unsupported_module():
+    model = changed(resnet18, lambda m: setattr(m, "relu", nn.ReLU6())).train()
+    with pytest.raises(rv.TrainModeError):
+        rv.forward(model, torch.zeros(1, 3, 32, 32))
+
+
 def test_what_is_not_a_torchvision_resnet_is_refused():
     with pytest.raises(rv.VerifyError, match="Sequential is not a torchvision ResNet"):
         rv.forward(nn.Sequential(nn.Conv2d(3, 8, 3)).eval(), torch.zeros(1, 3, 8, 8))
