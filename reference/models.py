@@ -97,11 +97,13 @@ _ATTRIBUTES = {
     tv.ResNet: lambda m: {},
 }
 
-def _core_modules(architecture, block):
+def _core_modules(architecture, block, present):
     """(path, type, attributes) of every module the core builds for
     `architecture`, in the order crates/core/src/network/build.rs builds
     them; None in an attribute is a value that could not be read off the
-    model (it is refused elsewhere), not compared."""
+    model (it is refused elsewhere), not compared; where the channels are
+    unknown, a downsample is expected if `present` (the model's module
+    paths) has one."""
     a = architecture
 
     def conv(in_channels, out_channels, kernel, stride, padding, groups=1):
@@ -133,7 +135,8 @@ def _core_modules(architecture, block):
             stride = 2 if index > 0 and number == 0 else 1
             yield name, block, {}
             if block is tv.Bottleneck:
-                width = None if planes is None else (planes * a["width_per_group"] // 64) * a["groups"]
+                known = None not in (planes, a["width_per_group"], a["groups"])
+                width = (planes * a["width_per_group"] // 64) * a["groups"] if known else None
                 out_channels = times(planes, 4)
                 yield (f"{name}.conv1", *conv(in_channels, width, 1, 1, 0))
                 yield (f"{name}.bn1", *norm(width))
@@ -149,7 +152,11 @@ def _core_modules(architecture, block):
                 yield (f"{name}.relu", *relu)
                 yield (f"{name}.conv2", *conv(planes, planes, 3, 1, 1))
                 yield (f"{name}.bn2", *norm(planes))
-            if stride != 1 or in_channels != out_channels:
+            if None in (in_channels, out_channels):
+                downsample = f"{name}.downsample" in present
+            else:
+                downsample = stride != 1 or in_channels != out_channels
+            if downsample:
                 yield f"{name}.downsample", nn.Sequential, {"length": 2}
                 yield (f"{name}.downsample.0", *conv(in_channels, out_channels, 1, stride, 0))
                 yield (f"{name}.downsample.1", *norm(out_channels))
@@ -191,7 +198,8 @@ def describe(model):
 
     block = type(modules.get("layer1.0"))
     if block not in (tv.BasicBlock, tv.Bottleneck):
-        problems.append(("layer1.0", f"a {block.__name__}, where the core builds BasicBlock or Bottleneck"))
+        found = "missing" if "layer1.0" not in modules else block.__name__
+        problems.append(("layer1.0", f"{found}, where the core builds BasicBlock or Bottleneck"))
         block = tv.Bottleneck if hasattr(modules.get("layer1.0"), "conv3") else tv.BasicBlock
     expansion = block.expansion
     layers = []
@@ -208,6 +216,9 @@ def describe(model):
         if module.eps != eps:
             problems.append((path, f"eps {module.eps}, where the other BatchNorms have {eps} "
                                    "(the core takes one eps for all BatchNorms)"))
+    for attribute in ("groups", "base_width"):
+        if not isinstance(getattr(model, attribute, None), int):
+            problems.append(("", f"no `{attribute}` (torchvision's ResNet records its constructor's there)"))
     architecture = {
         "block": block.__name__,
         "layers": layers,
@@ -223,19 +234,19 @@ def describe(model):
         problems.append(("", "dilated (torchvision's replace_stride_with_dilation): "
                              "the core builds every stage after the first with stride 2, and no dilation, yet"))
 
-    expected = list(_core_modules(architecture, block))
+    expected = list(_core_modules(architecture, block, set(modules)))
     refused = []  # paths whose type is wrong: their children are not looked at
     for path, cls, attributes in expected:
         if any(path.startswith(f"{parent}.") for parent in refused if parent):
             continue
         module = modules.get(path)
         if module is None:
-            problems.append((path, f"missing, where the core builds a {cls.__name__}"))
+            problems.append((path, f"missing, where the core builds {cls.__name__}"))
             refused.append(path)
             continue
         exact = isinstance(module, cls) if cls is tv.ResNet else type(module) is cls
         if not exact:
-            problems.append((path, f"a {type(module).__name__}, where the core builds {cls.__name__}"))
+            problems.append((path, f"{type(module).__name__}, where the core builds {cls.__name__}"))
             refused.append(path)
             continue
         overridden = _overridden(module, cls)
@@ -251,7 +262,7 @@ def describe(model):
     built = {path for path, _, _ in expected}
     for path, module in modules.items():
         if path not in built and not any(path.startswith(f"{parent}.") for parent in refused if parent):
-            problems.append((path, f"a {type(module).__name__}, which the core does not build"))
+            problems.append((path, f"{type(module).__name__}, which the core does not build"))
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.is_floating_point() and tensor.dtype != torch.float32:
             problems.append((name, f"{tensor.dtype}: the core computes in float32 (call model.float())"))

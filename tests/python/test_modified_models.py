@@ -90,7 +90,7 @@ def with_hook(model):
 # (name, model maker, the module named in the refusal, what the message says)
 REFUSED = [
     ("stem relu -> ReLU6", lambda: changed(resnet18, lambda m: setattr(m, "relu", nn.ReLU6())),
-     "relu", "a ReLU6, where the core builds ReLU"),
+     "relu", "ReLU6, where the core builds ReLU"),
     ("conv bias=True", lambda: changed(resnet18, lambda m: setattr(
         m.layer1[0], "conv1", nn.Conv2d(8, 8, 3, 1, 1, bias=True))),
      "layer1.0.conv1", "bias=True"),
@@ -102,18 +102,18 @@ REFUSED = [
      "layer2.1.conv2", "dilation=(2, 2)"),
     ("AvgPool2d in place of the max pool", lambda: changed(resnet18, lambda m: setattr(
         m, "maxpool", nn.AvgPool2d(3, 2, 1))),
-     "maxpool", "a AvgPool2d, where the core builds MaxPool2d"),
+     "maxpool", "AvgPool2d, where the core builds MaxPool2d"),
     ("ceil_mode=True", lambda: changed(resnet18, lambda m: setattr(m.maxpool, "ceil_mode", True)),
      "maxpool", "ceil_mode=True"),
     ("AdaptiveMaxPool2d", lambda: changed(resnet18, lambda m: setattr(m, "avgpool", nn.AdaptiveMaxPool2d(1))),
-     "avgpool", "a AdaptiveMaxPool2d, where the core builds AdaptiveAvgPool2d"),
+     "avgpool", "AdaptiveMaxPool2d, where the core builds AdaptiveAvgPool2d"),
     ("LeakyReLU inside a block", lambda: changed(resnet18, lambda m: setattr(m.layer3[1], "relu", nn.LeakyReLU(0.1))),
-     "layer3.1.relu", "a LeakyReLU"),
+     "layer3.1.relu", "LeakyReLU"),
     ("one BatchNorm with another eps", lambda: changed(resnet50, lambda m: setattr(m.layer4[1].bn2, "eps", 1e-3)),
      "layer4.1.bn2", "eps 0.001, where the other BatchNorms have 1e-05"),
     ("fc as Sequential(Dropout, Linear)", lambda: changed(resnet18, lambda m: setattr(
         m, "fc", nn.Sequential(nn.Dropout(0.5), nn.Linear(64, 10)))),
-     "fc", "a Sequential, where the core builds Linear"),
+     "fc", "Sequential, where the core builds Linear"),
     ("replace_stride_with_dilation=[False, True, True]",
      lambda: small(replace_stride_with_dilation=[False, True, True]),
      "layer3.0.conv2", "stride=(1, 1)"),
@@ -121,7 +121,7 @@ REFUSED = [
      lambda: small(layers=(1, 1, 1, 2), replace_stride_with_dilation=[False, False, True]),
      "layer4.1.conv2", "dilation=(2, 2)"),
     ("norm_layer=FrozenBatchNorm2d", lambda: small(norm_layer=FrozenBatchNorm2d),
-     "bn1", "a FrozenBatchNorm2d, where the core builds BatchNorm2d"),
+     "bn1", "FrozenBatchNorm2d, where the core builds BatchNorm2d"),
     # And more of the same kind.
     ("BatchNorm affine=False", lambda: changed(resnet18, lambda m: setattr(
         m.layer1[0], "bn1", nn.BatchNorm2d(8, affine=False))),
@@ -144,15 +144,15 @@ REFUSED = [
         m.layer1[1], "downsample", nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)))),
      "layer1.1.downsample", "which the core does not build"),
     ("BatchNorm replaced by Identity", lambda: changed(resnet18, lambda m: setattr(m.layer2[1], "bn1", nn.Identity())),
-     "layer2.1.bn1", "a Identity, where the core builds BatchNorm2d"),
+     "layer2.1.bn1", "Identity, where the core builds BatchNorm2d"),
     ("SiLU in the stem", lambda: changed(resnet50, lambda m: setattr(m, "relu", nn.SiLU())),
-     "relu", "a SiLU"),
+     "relu", "SiLU"),
     ("a ReLU subclass with its own forward", lambda: changed(resnet18, lambda m: setattr(
         m.layer1[0], "relu", ReLUWithItsOwnForward())),
-     "layer1.0.relu", "a ReLUWithItsOwnForward"),
+     "layer1.0.relu", "ReLUWithItsOwnForward"),
     ("a block subclass without the residual", lambda: changed(resnet18, lambda m: setattr(
         m.layer4, "1", BlockWithoutResidual(64, 64))),
-     "layer4.1", "a BlockWithoutResidual, where the core builds BasicBlock"),
+     "layer4.1", "BlockWithoutResidual, where the core builds BasicBlock"),
     ("a forward hook that changes an output", lambda: changed(resnet18, with_hook),
      "layer2.0.bn1", "forward hooks"),
     ("a forward replaced on the instance", lambda: changed(resnet18, lambda m: setattr(
@@ -161,7 +161,7 @@ REFUSED = [
     ("float64 weights", lambda: changed(resnet18, lambda m: m.double()),
      "conv1.weight", "torch.float64"),
     ("an extra module", lambda: changed(resnet18, lambda m: setattr(m, "dropout", nn.Dropout(0.2))),
-     "dropout", "a Dropout, which the core does not build"),
+     "dropout", "Dropout, which the core does not build"),
 ]
 
 
@@ -270,8 +270,23 @@ def test_a_train_mode_refusal_comes_before_an_unsupported_module():
 def test_what_is_not_a_torchvision_resnet_is_refused():
     with pytest.raises(rv.VerifyError, match="Sequential is not a torchvision ResNet"):
         rv.forward(nn.Sequential(nn.Conv2d(3, 8, 3)).eval(), torch.zeros(1, 3, 8, 8))
-    with pytest.raises(rv.VerifyError, match="layer4: missing, where the core builds a Sequential"):
+    with pytest.raises(rv.VerifyError, match="layer4: missing, where the core builds Sequential"):
         rv.forward(changed(resnet18, lambda m: delattr(m, "layer4")).eval(), torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: setattr(m, "layer1", nn.Sequential()), "layer1.0: missing, where the core builds BasicBlock or Bottleneck"),
+    (lambda m: setattr(m, "layer1", nn.ModuleList(list(m.layer1))), "layer1: ModuleList, where the core builds Sequential"),
+    (lambda m: setattr(m, "conv1", nn.Identity()), "refused: conv1: Identity, where the core builds Conv2d$"),
+    (lambda m: delattr(m, "groups"), r"the model: no `groups` \(torchvision's ResNet records its constructor's there\)$"),
+    (lambda m: setattr(m.layer2, "0", tv.Bottleneck(8, 4, 2, nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False),
+                                                                          nn.BatchNorm2d(16)))),
+     "layer2.0: Bottleneck, where the core builds BasicBlock"),
+])
+def test_a_model_whose_structure_differs_is_refused_by_name_and_nothing_else(change, message):
+    model = changed(resnet18, change).eval()
+    with pytest.raises(rv.VerifyError, match=message):
+        rv.forward(model, torch.zeros(1, 3, 32, 32))
 
 
 def test_a_dilated_torchvision_resnet50_is_refused_as_dilated():
