@@ -263,6 +263,7 @@ def describe(model):
     for path, module in modules.items():
         if path not in built and not any(path.startswith(f"{parent}.") for parent in refused if parent):
             problems.append((path, f"{type(module).__name__}, which the core does not build"))
+            refused.append(path)
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.is_floating_point() and tensor.dtype != torch.float32:
             problems.append((name, f"{tensor.dtype}: the core computes in float32 (call model.float())"))

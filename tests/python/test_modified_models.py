@@ -142,7 +142,7 @@ REFUSED = [
      "conv1", "stride=(1, 1)"),
     ("a downsample where the core has none", lambda: changed(resnet18, lambda m: setattr(
         m.layer1[1], "downsample", nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)))),
-     "layer1.1.downsample", "which the core does not build"),
+     "layer1.1.downsample", "layer1.1.downsample: Sequential, which the core does not build"),
     ("BatchNorm replaced by Identity", lambda: changed(resnet18, lambda m: setattr(m.layer2[1], "bn1", nn.Identity())),
      "layer2.1.bn1", "Identity, where the core builds BatchNorm2d"),
     ("SiLU in the stem", lambda: changed(resnet50, lambda m: setattr(m, "relu", nn.SiLU())),
@@ -282,6 +282,9 @@ def test_what_is_not_a_torchvision_resnet_is_refused():
     (lambda m: setattr(m.layer2, "0", tv.Bottleneck(8, 4, 2, nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False),
                                                                           nn.BatchNorm2d(16)))),
      "layer2.0: Bottleneck, where the core builds BasicBlock"),
+    # An extra module is named once, not again with each of its children.
+    (lambda m: setattr(m.layer1[1], "downsample", nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))),
+     "refused: layer1.1.downsample: Sequential, which the core does not build$"),
 ])
 def test_a_model_whose_structure_differs_is_refused_by_name_and_nothing_else(change, message):
     model = changed(resnet18, change).eval()
