@@ -235,7 +235,7 @@ def describe(model):
                              "the core builds every stage after the first with stride 2, and no dilation, yet"))
 
     expected = list(_core_modules(architecture, block, set(modules)))
-    refused = []  # paths whose type is wrong: their children are not looked at
+    refused = []  # paths refused whole (wrong type, missing, not built): their children are not looked at
     for path, cls, attributes in expected:
         if any(path.startswith(f"{parent}.") for parent in refused if parent):
             continue
