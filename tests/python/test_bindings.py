@@ -2,6 +2,7 @@
 the same core, comparison and reports as the CLI, in-process."""
 
 import json
+import shutil
 import subprocess
 
 import numpy as np
@@ -129,3 +130,19 @@ def test_compare_gives_the_clis_metrics():
     assert rv.compare(reference, candidate, atol=1.0)["verdict"] == "succ"
     # Strided input is read as what it means.
     assert rv.compare(reference.transpose(0, 1, 3, 2), reference.transpose(0, 1, 3, 2).copy())["verdict"] == "succ"
+
+
+def test_forward_refuses_a_dump_of_a_model_the_core_does_not_build(tmp_path):
+    # A dump written elsewhere of a resnet18 whose stem ReLU is a ReLU6: the
+    # core would build a ReLU and return another network's numbers.
+    dump = tmp_path / "relu6"
+    shutil.copytree(FIXTURES / "resnet18-w8", dump)
+    manifest = json.loads((dump / "manifest.json").read_text())
+    next(s for s in manifest["stages"] if s["name"] == "relu")["module_type"] = "ReLU6"
+    (dump / "manifest.json").write_text(json.dumps(manifest))
+    x = np.load(FIXTURES / "resnet18-w8" / "stages" / "000_input.npy")
+    with pytest.raises(rv.VerifyError, match="`relu` is a ReLU6 in the reference; the core builds ReLU"):
+        rv.forward(dump, x)
+    with pytest.raises(rv.VerifyError, match="`relu` is a ReLU6 in the reference"):
+        rv.verify(dump)
+    assert set(rv.forward(FIXTURES / "resnet18-w8", x, upto="relu")) >= {"conv1", "bn1", "relu"}

@@ -8,6 +8,7 @@ pub mod diagnosis;
 mod error;
 pub mod layout;
 pub mod metrics;
+pub mod module_check;
 mod pipeline;
 pub mod reference_check;
 pub mod reference_stages;

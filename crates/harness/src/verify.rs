@@ -13,6 +13,7 @@ use resnet_dump::{Dump, Manifest, StageEntry};
 use crate::adapter::{self, DumpWeights};
 use crate::diagnosis::Evidence;
 use crate::layout::{candidate_nchw, reference_tensor};
+use crate::module_check;
 use crate::pipeline::{run, shown, Answer, Candidate, Feed, LoopOptions, Output, Row};
 use crate::reference_check::check_reference;
 use crate::reference_stages::ReferenceStages;
@@ -150,6 +151,12 @@ fn match_stages<'a>(
             });
         };
         entries.push(entry);
+    }
+    if let Some(reason) = module_check::refusal(network, manifest) {
+        return Err(VerifyError::Mismatch {
+            dump: options.dump.clone(),
+            reason,
+        });
     }
     if let Some(extra) = manifest
         .stages

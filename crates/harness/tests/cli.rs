@@ -521,3 +521,58 @@ fn a_negative_or_non_finite_tolerance_is_bad_input() {
         );
     }
 }
+
+#[test]
+fn a_reference_model_the_core_does_not_build_is_refused_by_name() {
+    // Each is one module of resnet18 changed the way users change them; the
+    // core would build the stock module and compare against another network.
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(Edit, &str); 6] = [
+        (
+            |m| entry_mut(m, "stages", "relu")["module_type"] = "ReLU6".into(),
+            "`relu` is a ReLU6 in the reference; the core builds ReLU",
+        ),
+        (
+            |m| entry_mut(m, "stages", "layer1.0.conv1")["params"]["bias"] = true.into(),
+            "`layer1.0.conv1` (Conv2d) has bias = true in the reference; the core builds bias = false",
+        ),
+        (
+            |m| {
+                let params = &mut entry_mut(m, "stages", "layer2.1.conv2")["params"];
+                params["dilation"] = serde_json::json!([2, 2]);
+                params["padding"] = serde_json::json!([2, 2]);
+            },
+            "`layer2.1.conv2` (Conv2d) has dilation = [2,2] in the reference; the core builds dilation = [1,1]; `layer2.1.conv2` (Conv2d) has padding = [2,2]",
+        ),
+        (
+            |m| entry_mut(m, "stages", "maxpool")["params"]["ceil_mode"] = true.into(),
+            "`maxpool` (MaxPool2d) has ceil_mode = true in the reference; the core builds ceil_mode = false",
+        ),
+        (
+            |m| entry_mut(m, "stages", "layer4.1.bn2")["params"]["eps"] = 1e-3.into(),
+            "`layer4.1.bn2` (BatchNorm2d) has eps = 0.001 in the reference, where the other BatchNorms have 0.00001; the core takes one eps for all",
+        ),
+        (
+            |m| entry_mut(m, "stages", "avgpool")["params"]["output_size"] = serde_json::json!([2, 2]),
+            "`avgpool` (AdaptiveAvgPool2d) has output_size = [2,2] in the reference; the core builds output_size = [1,1]",
+        ),
+    ];
+    for (edit, message) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let dump = copy_fixture("resnet18-w8", dir.path());
+        edit_manifest(&dump, edit);
+        let output = verify(&[path(&dump)]);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{message}: {}",
+            stdout(&output)
+        );
+        let stderr = stderr(&output);
+        assert!(
+            stderr.contains("the reference's model is not the one the core builds, so it cannot be verified exactly: ")
+                && stderr.contains(message),
+            "expected {message:?} in {stderr}"
+        );
+    }
+}

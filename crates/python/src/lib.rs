@@ -16,6 +16,7 @@ use resnet_core::{Network, StageKind};
 use resnet_dump::{Dump, Mode};
 use resnet_verify::adapter::{self, DumpWeights};
 use resnet_verify::layout::{candidate_nchw, reference_tensor};
+use resnet_verify::module_check;
 use resnet_verify::reference_check::ReferenceCheck;
 use resnet_verify::report::text::Text;
 use resnet_verify::report::{drive, json};
@@ -208,6 +209,9 @@ fn forward_dump<'py>(
         &DumpWeights(&dump),
     )
     .map_err(|source| error(format!("{}: {source}", dump_dir.display())))?;
+    if let Some(reason) = module_check::refusal(&network, dump.manifest()) {
+        return Err(error(format!("{}: {reason}", dump_dir.display())));
+    }
     forward_outputs(py, &network, x, upto)
 }
 

@@ -98,6 +98,14 @@ impl Stage {
         }
     }
 
+    /// The max pool this stage runs, if it is one.
+    pub fn max_pool(&self) -> Option<&MaxPool2d> {
+        match &self.operation {
+            Operation::MaxPool(pool) => Some(pool),
+            _ => None,
+        }
+    }
+
     pub fn is_container(&self) -> bool {
         matches!(self.operation, Operation::Container { .. })
     }

@@ -109,6 +109,10 @@ impl Conv2d {
         &self.geometry
     }
 
+    pub fn has_bias(&self) -> bool {
+        self.bias.is_some()
+    }
+
     /// The same conv (geometry, bias) with another torch (OIHW) weight of
     /// the same shape: what the harness recomputes when it asks whether an
     /// implementation read its weights in another order.
