@@ -73,6 +73,20 @@ impl<'a> ReferenceStages<'a> {
         Ok(stage)
     }
 
+    /// The reference's stage `entry`, held or read, without holding it: a
+    /// look far ahead of the loop (the reference check's BatchNorm pairs)
+    /// must not keep the whole network's activations in memory.
+    pub fn peek(&self, entry: &StageEntry) -> Result<ReferenceStage, DumpError> {
+        if let Some(stage) = self.read.borrow().get(&entry.name) {
+            return Ok(stage.clone());
+        }
+        let loaded = self.dump.load_stage(entry)?;
+        Ok(ReferenceStage {
+            data: Rc::new(self.dump.manifest().layout.to_nchw(loaded.data)),
+            converted_from: loaded.converted_from,
+        })
+    }
+
     /// The stage the reference names `name`, if it has one.
     pub fn named(&self, name: &str) -> Option<Result<ReferenceStage, DumpError>> {
         Some(self.load(self.dump.stage(name)?))

@@ -476,7 +476,7 @@ fn atol_can_follow_each_stage_scale_with_another_fraction() {
 }
 
 #[test]
-fn the_reference_check_recomputes_the_first_three_batch_norms_both_ways() {
+fn the_reference_check_recomputes_every_batch_norm_both_ways() {
     for (name, train) in [("resnet18-w8", false), ("resnet18-w8-train", true)] {
         let output = verify(&[
             path(&fixture(name)),
@@ -486,11 +486,24 @@ fn the_reference_check_recomputes_the_first_three_batch_norms_both_ways() {
             "--format",
             "json",
         ]);
-        let check = &json_report(&output)["reference_check"];
+        let report = json_report(&output);
+        let check = &report["reference_check"];
         assert_eq!(check["train_mode"], train, "{name}: {check}");
         let evidence = check["evidence"].as_array().unwrap();
         let stages: Vec<_> = evidence.iter().map(|e| e["stage"].clone()).collect();
-        assert_eq!(stages, ["bn1", "layer1.0.bn1", "layer1.0.bn2"], "{name}");
+        let manifest: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(name).join("manifest.json")).unwrap(),
+        )
+        .unwrap();
+        let batch_norms: Vec<_> = manifest["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["module_type"] == "BatchNorm2d")
+            .map(|s| s["name"].clone())
+            .collect();
+        assert_eq!(batch_norms.len(), 20);
+        assert_eq!(stages, batch_norms, "{name}");
         for e in evidence {
             let (matching, other) = if train {
                 ("batch_statistics_error", "running_statistics_error")
@@ -499,10 +512,39 @@ fn the_reference_check_recomputes_the_first_three_batch_norms_both_ways() {
             };
             // One way reproduces the stored output to float32 rounding,
             // the other misses it by far.
-            assert!(e[matching].as_f64().unwrap() < 1e-6, "{name}: {e}");
+            assert!(e[matching].as_f64().unwrap() < 1e-5, "{name}: {e}");
             assert!(e[other].as_f64().unwrap() > 1e-2, "{name}: {e}");
         }
     }
+    let text = stdout(&verify(&[path(&fixture("resnet18-w8")), "--upto", "conv1"]));
+    assert!(
+        text.contains("reference: eval mode (manifest says eval; 20 of 20 BatchNorms reproduced with running statistics)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn one_batch_norm_left_in_train_mode_is_caught_from_the_data() {
+    // model.eval(); model.layer4[1].bn2.train(): at layer4's 1x1 map a
+    // train-mode BatchNorm normalises each channel's one value to 0, so
+    // its output is its bias. The manifest says eval.
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    let bias = read(&dump.join("weights/layer4.1.bn2.bias.npy"));
+    let file = stage_file(&dump, "layer4.1.bn2");
+    let mut output = read(&file);
+    assert_eq!(output.shape(), [1, 64, 1, 1]);
+    for (channel, value) in output.iter_mut().enumerate() {
+        *value = bias[channel];
+    }
+    write(&file, &output);
+    let result = verify(&[path(&dump)]);
+    assert_eq!(result.status.code(), Some(1));
+    let text = stdout(&result);
+    assert!(
+        text.contains("THE REFERENCE WAS DUMPED IN TRAIN MODE: its BatchNorm outputs were computed with batch statistics: layer4.1.bn2 (batch stats reproduce it to"),
+        "{text}"
+    );
 }
 
 #[test]

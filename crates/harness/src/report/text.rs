@@ -10,6 +10,7 @@ use anstyle::{AnsiColor, Style};
 use super::{abbreviate, Event, GroupSummary, Report, RunMode, Sink, StageReport, TopClasses};
 use crate::diagnosis::{Hint, Origin};
 use crate::metrics::{Comparison, Verdict};
+use crate::reference_check;
 
 const NAME_WIDTH: usize = 26;
 const BOLD: Style = Style::new().bold();
@@ -96,15 +97,11 @@ fn header(report: &Report, stages: usize) -> String {
         let _ = writeln!(out, "{}", paint(RED, message));
         let _ = writeln!(out, "{}", paint(RED, "!".repeat(78)));
     } else {
-        let examined: Vec<&str> = check.evidence.iter().map(|e| e.stage.as_str()).collect();
         let _ = writeln!(
             out,
-            "reference: eval mode (manifest says eval; {} reproduced with running statistics)",
-            if examined.is_empty() {
-                "no BatchNorm".into()
-            } else {
-                examined.join(", ")
-            }
+            "reference: eval mode (manifest says eval; {} of {} BatchNorms reproduced with running statistics)",
+            reference_check::reproduced_with_running_statistics(&check.evidence),
+            check.evidence.len()
         );
     }
     if stages == 0 {
