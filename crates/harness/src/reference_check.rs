@@ -221,6 +221,11 @@ mod tests {
             reproduced_with_running_statistics(&[eval(), train(), eval()]),
             2
         );
+        // Reproducing means below the threshold, as for batch statistics.
+        assert_eq!(
+            reproduced_with_running_statistics(&[evidence("c", 1e-3, 0.5)]),
+            0
+        );
     }
 
     #[test]
@@ -232,6 +237,18 @@ mod tests {
                 .collect(),
             train_mode: true,
         };
+        // Three are all given with their figures, and nothing follows.
+        let three = ReferenceCheck {
+            evidence: check.evidence[..3].to_vec(),
+            ..check.clone()
+        };
+        let message = three.message().unwrap();
+        assert!(
+            message.contains(
+                "bn2 (batch stats reproduce it to 1.0e-7, running stats only to 5.0e-1). Its"
+            ),
+            "{message}"
+        );
         let message = check.message().unwrap();
         assert!(message.contains("bn2 (batch stats reproduce it to 1.0e-7, running stats only to 5.0e-1); and bn3, bn4, bn5, bn6, bn7, bn8, bn9, bn10, ... (3 more). Its"), "{message}");
     }
