@@ -13,24 +13,18 @@
 //! a core bug to find, not a different model (docs/diagnosis.md).
 
 use resnet_core::{Network, Stage, StageKind};
-use resnet_dump::{Manifest, StageEntry};
+use resnet_dump::{Dump, StageEntry};
 use serde_json::{json, Value};
 
-/// Why the core cannot verify the model of `manifest` exactly, naming every
+/// Why the core cannot verify the model of `dump` exactly, naming every
 /// module that differs from what `network` built (the first few); None when
 /// every module agrees. Stages the core does not produce are not looked at
 /// here: matching the stages by name says so.
-pub fn refusal(network: &Network, manifest: &Manifest) -> Option<String> {
+pub fn refusal(network: &Network, dump: &Dump) -> Option<String> {
     let pairs: Vec<(&Stage, &StageEntry)> = network
         .stages()
         .iter()
-        .filter_map(|stage| {
-            let entry = manifest
-                .stages
-                .iter()
-                .find(|entry| entry.name == stage.name)?;
-            Some((stage, entry))
-        })
+        .filter_map(|stage| Some((stage, dump.stage(&stage.name)?)))
         .collect();
     let mut found: Vec<String> = pairs
         .iter()

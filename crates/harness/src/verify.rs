@@ -152,7 +152,7 @@ fn match_stages<'a>(
         };
         entries.push(entry);
     }
-    if let Some(reason) = module_check::refusal(network, manifest) {
+    if let Some(reason) = module_check::refusal(network, dump) {
         return Err(VerifyError::Mismatch {
             dump: options.dump.clone(),
             reason,

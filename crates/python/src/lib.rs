@@ -209,7 +209,7 @@ fn forward_dump<'py>(
         &DumpWeights(&dump),
     )
     .map_err(|source| error(format!("{}: {source}", dump_dir.display())))?;
-    if let Some(reason) = module_check::refusal(&network, dump.manifest()) {
+    if let Some(reason) = module_check::refusal(&network, &dump) {
         return Err(error(format!("{}: {reason}", dump_dir.display())));
     }
     forward_outputs(py, &network, x, upto)
