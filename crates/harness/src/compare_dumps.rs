@@ -4,18 +4,17 @@
 
 use std::path::PathBuf;
 
-use globset::GlobMatcher;
 use ndarray::ArrayD;
 use resnet_core::Network;
 use resnet_dump::{Dump, Layout};
 
 use crate::adapter::{self, DumpWeights};
 use crate::diagnosis::{axis_order, Evidence, Observed};
-use crate::pipeline::{run, shown, Answer, Candidate, Explained, Feed, LoopOptions, Output, Row};
+use crate::pipeline::{run, shown, Candidate, Explained, Feed, Output, Row, RunOptions};
 use crate::reference_check::{check_reference, ReferenceCheck};
 use crate::reference_stages::ReferenceStages;
 use crate::report::{Event, Report, RunMode};
-use crate::{Tolerance, VerifyError};
+use crate::VerifyError;
 
 #[derive(Clone, Debug)]
 pub struct CompareOptions {
@@ -24,10 +23,7 @@ pub struct CompareOptions {
     /// How the candidate's stage files are laid out; `None`: as its
     /// manifest says.
     pub layout: Option<Layout>,
-    pub only: Option<GlobMatcher>,
-    pub fail_fast: bool,
-    pub tolerance: Tolerance,
-    pub allow_train_reference: bool,
+    pub run: RunOptions,
 }
 
 pub fn compare_dumps(
@@ -64,7 +60,7 @@ pub fn compare_dumps(
         options.candidate.display().to_string(),
         reference.manifest().model_name().to_string(),
         RunMode::Dumps,
-        options.tolerance,
+        options.run.tolerance,
         reference_check,
     );
     let rows: Vec<Row> = reference
@@ -78,7 +74,7 @@ pub fn compare_dumps(
             block: &entry.block,
             layer: &entry.layer,
             container: false,
-            shown: shown(index, &entry.name, options.only.as_ref(), false),
+            shown: shown(index, &entry.name, options.run.only.as_ref(), false),
         })
         .collect();
     let mut source = OtherEngine {
@@ -90,15 +86,8 @@ pub fn compare_dumps(
         report,
         &rows,
         &mut [&mut source],
-        &LoopOptions {
-            reference: &stages,
-            evidence: Evidence::new(&stages, &options.tolerance),
-            tolerance: &options.tolerance,
-            fail_fast: options.fail_fast,
-            read_hidden: false,
-            note_reference_dtype: false,
-            allow_train_reference: options.allow_train_reference,
-        },
+        &stages,
+        &options.run,
         listener,
     )
 }
@@ -120,7 +109,7 @@ impl Candidate for OtherEngine<'_> {
         Ok(!row.shown || self.candidate.stage(&row.entry.name).is_some())
     }
 
-    fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Answer {
+    fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Result<Output, VerifyError> {
         let entry = self.candidate.stage(&row.entry.name).expect("advanced");
         let loaded = self.candidate.load_stage(entry)?;
         let mut notes = Vec::new();
@@ -136,7 +125,7 @@ impl Candidate for OtherEngine<'_> {
                 reference.shape()
             ));
         }
-        Ok(Some(Output { data, notes }))
+        Ok(Output { data, notes })
     }
 
     fn finish(&self, report: &Report) -> Result<(), VerifyError> {

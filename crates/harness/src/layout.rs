@@ -4,12 +4,6 @@
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use resnet_core::Tensor;
-use resnet_dump::{Dump, DumpError, StageEntry};
-
-/// A dump's stage, read and brought into NCHW order.
-pub fn load_nchw(dump: &Dump, entry: &StageEntry) -> Result<ArrayD<f32>, DumpError> {
-    Ok(dump.manifest().layout.to_nchw(dump.load_stage(entry)?.data))
-}
 
 /// The core's NHWC tensor as NCHW, shaped like `reference_shape` where the
 /// two agree element for element (the logits: `[N, 1, 1, C]` is `[N, C]`).

@@ -8,9 +8,11 @@ use serde::Serialize;
 
 use crate::Tolerance;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+/// The default is `Succ`: a run passes until a stage fails.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Verdict {
+    #[default]
     Succ,
     Fail,
 }
@@ -74,7 +76,15 @@ pub fn compare(
         .par_chunks(CHUNK)
         .zip(candidate.par_chunks(CHUNK))
         .enumerate()
-        .map(|(chunk, (r, c))| Partial::of(r, c, chunk * CHUNK, atol, tolerance))
+        .map(|(chunk, (r, c))| {
+            // A fold, not `all`: no early exit, so it vectorises.
+            let finite = |values: &[f32]| values.iter().fold(true, |all, v| all & v.is_finite());
+            if finite(r) && finite(c) {
+                Partial::finite(r, c, chunk * CHUNK, atol, tolerance.rtol)
+            } else {
+                Partial::with_non_finite(r, c, chunk * CHUNK, atol, tolerance)
+            }
+        })
         .collect();
     let Partial {
         max_abs_error,
@@ -145,22 +155,6 @@ struct Partial {
 }
 
 impl Partial {
-    fn of(
-        reference: &[f32],
-        candidate: &[f32],
-        offset: usize,
-        atol: f64,
-        tolerance: &Tolerance,
-    ) -> Self {
-        // A fold, not `all`: no early exit, so it vectorises.
-        let finite = |values: &[f32]| values.iter().fold(true, |all, v| all & v.is_finite());
-        if finite(reference) && finite(candidate) {
-            Self::finite(reference, candidate, offset, atol, tolerance.rtol)
-        } else {
-            Self::with_non_finite(reference, candidate, offset, atol, tolerance)
-        }
-    }
-
     /// The common case, written so that it vectorises: lanes of
     /// independent sums and maxima, and a second look for where the
     /// largest error is only when there is one.

@@ -59,9 +59,6 @@ struct Produced {
     comparison: Option<Comparison>,
 }
 
-/// A source's answer for a row: its output, nothing to compare, or bad input.
-pub(crate) type Answer = Result<Option<Output>, VerifyError>;
-
 /// What a source's own look at a failure found, besides the hypotheses.
 pub(crate) enum Explained {
     /// A hint for this stage alone.
@@ -80,9 +77,9 @@ pub(crate) trait Candidate {
         Ok(true)
     }
 
-    /// The candidate's output of `row`, for every row whose reference was
-    /// read; `None` when it has nothing to compare (a row not shown).
-    fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Answer;
+    /// The candidate's output of `row`, a row shown, in the reference's
+    /// NCHW order.
+    fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Result<Output, VerifyError>;
 
     /// Called once the rows are compared: `Err` when the run, as a whole,
     /// is bad input.
@@ -102,18 +99,13 @@ pub(crate) trait Candidate {
     }
 }
 
-/// What the loop needs besides the stages and the sources.
-pub(crate) struct LoopOptions<'a> {
-    /// The reference's stages, read once for the whole run.
-    pub reference: &'a ReferenceStages<'a>,
-    pub evidence: Evidence<'a>,
-    pub tolerance: &'a Tolerance,
+/// What every run takes, whatever its candidate.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// Report only the stages whose names match.
+    pub only: Option<GlobMatcher>,
     pub fail_fast: bool,
-    /// Read the reference's output of rows not shown too (the core's
-    /// isolated source keeps them as inputs).
-    pub read_hidden: bool,
-    /// Note a reference stored in another dtype on the stage's line.
-    pub note_reference_dtype: bool,
+    pub tolerance: Tolerance,
     pub allow_train_reference: bool,
 }
 
@@ -123,7 +115,8 @@ pub(crate) fn run(
     report: Report,
     rows: &[Row],
     sources: &mut [&mut dyn Candidate],
-    options: &LoopOptions,
+    reference: &ReferenceStages,
+    options: &RunOptions,
     listener: &mut dyn FnMut(Event),
 ) -> Result<Report, VerifyError> {
     let mut builder =
@@ -131,7 +124,7 @@ pub(crate) fn run(
             ControlFlow::Continue(builder) => builder,
             ControlFlow::Break(refused) => return Ok(refused),
         };
-    let stopped = compare_stages(rows, sources, options, &mut builder, listener)?;
+    let stopped = compare_stages(rows, sources, reference, options, &mut builder, listener)?;
     for source in sources.iter() {
         source.finish(&builder.report)?;
     }
@@ -144,16 +137,18 @@ pub(crate) fn run(
 fn compare_stages(
     rows: &[Row],
     sources: &mut [&mut dyn Candidate],
-    options: &LoopOptions,
+    stages: &ReferenceStages,
+    options: &RunOptions,
     builder: &mut ReportBuilder,
     listener: &mut dyn FnMut(Event),
 ) -> Result<Option<String>, VerifyError> {
+    let evidence = Evidence::new(stages, &options.tolerance);
     let mut missing = Vec::new();
     let mut stopped = None;
     let mut previous: Option<&Row> = None;
     'rows: for row in rows {
         if let Some(previous) = previous.replace(row) {
-            options.reference.release_after(&previous.entry.name);
+            stages.release_after(&previous.entry.name);
         }
         for source in sources.iter_mut() {
             if !source.advance(row)? {
@@ -161,46 +156,40 @@ fn compare_stages(
                 continue 'rows;
             }
         }
-        if !row.shown && !options.read_hidden {
+        if !row.shown {
             continue;
         }
-        let loaded = options.reference.load(row.entry)?;
+        let loaded = stages.load(row.entry)?;
         let reference = &*loaded.data;
         let mut notes = Vec::new();
-        if options.note_reference_dtype {
-            if let Some(dtype) = &loaded.converted_from {
-                notes.push(format!("reference stored as {dtype}, converted to float32"));
-            }
+        if let Some(dtype) = &loaded.converted_from {
+            notes.push(format!("reference stored as {dtype}, converted to float32"));
         }
 
         let mut outputs = Vec::new();
         for (position, source) in sources.iter_mut().enumerate() {
-            if let Some(output) = source.output(row, reference)? {
-                let comparison = (output.data.shape() == reference.shape()).then(|| {
-                    compare(
-                        reference.as_slice().expect("standard layout"),
-                        output.data.as_slice().expect("standard layout"),
-                        reference.shape(),
-                        options.tolerance,
-                    )
-                });
-                outputs.push(Produced {
-                    feed: source.feed(),
-                    position,
-                    output,
-                    comparison,
-                });
-            }
-        }
-        if !row.shown {
-            continue;
+            let output = source.output(row, reference)?;
+            let comparison = (output.data.shape() == reference.shape()).then(|| {
+                compare(
+                    reference.as_slice().expect("standard layout"),
+                    output.data.as_slice().expect("standard layout"),
+                    reference.shape(),
+                    &options.tolerance,
+                )
+            });
+            outputs.push(Produced {
+                feed: source.feed(),
+                position,
+                output,
+                comparison,
+            });
         }
         let produced_by = |feed: Feed| outputs.iter().find(|produced| produced.feed == feed);
         if row.entry.name == "fc" {
             builder.report.top5 = top_classes(
                 reference,
                 produced_by(Feed::EndToEnd).map(|produced| &produced.output.data),
-                options.reference.dump().manifest().classes.as_deref(),
+                stages.dump().manifest().classes.as_deref(),
             );
         }
 
@@ -232,7 +221,7 @@ fn compare_stages(
                     reference,
                     candidate: &output.data,
                 };
-                match sources[*position].explain(row, &observed, &options.evidence)? {
+                match sources[*position].explain(row, &observed, &evidence)? {
                     Some(Explained::Stage(hint)) => hints.push(hint),
                     Some(Explained::Run { hint, stopped: why }) => {
                         // Said once for the run, not again on the stage.
@@ -240,7 +229,7 @@ fn compare_stages(
                         stopped = Some(why);
                     }
                     None if output.data.shape() == reference.shape() => {
-                        hints = options.evidence.diagnose(&row.entry.name, &observed);
+                        hints = evidence.diagnose(&row.entry.name, &observed);
                     }
                     None => {}
                 }

@@ -59,17 +59,11 @@ impl<'a> ReferenceStages<'a> {
 
     /// The reference's stage `entry` (one of its manifest's), NCHW.
     pub fn load(&self, entry: &StageEntry) -> Result<ReferenceStage, DumpError> {
-        if let Some(stage) = self.read.borrow().get(&entry.name) {
-            return Ok(stage.clone());
-        }
-        let loaded = self.dump.load_stage(entry)?;
-        let stage = ReferenceStage {
-            data: Rc::new(self.dump.manifest().layout.to_nchw(loaded.data)),
-            converted_from: loaded.converted_from,
-        };
+        let stage = self.peek(entry)?;
         self.read
             .borrow_mut()
-            .insert(entry.name.clone(), stage.clone());
+            .entry(entry.name.clone())
+            .or_insert_with(|| stage.clone());
         Ok(stage)
     }
 

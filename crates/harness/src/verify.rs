@@ -1,36 +1,29 @@
 //! `verify DUMP`: run the core on a dump's weights and input, and compare
 //! every stage with the reference as it is produced.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use globset::GlobMatcher;
 use ndarray::ArrayD;
 use resnet_core::{CoreError, Network, Steps, Tensor};
-use resnet_dump::{Dump, Manifest, StageEntry};
+use resnet_dump::{Dump, StageEntry};
 
 use crate::adapter::{self, DumpWeights};
-use crate::diagnosis::Evidence;
 use crate::layout::{candidate_nchw, reference_tensor};
 use crate::module_check;
-use crate::pipeline::{run, shown, Answer, Candidate, Feed, LoopOptions, Output, Row};
+use crate::pipeline::{run, shown, Candidate, Feed, Output, Row, RunOptions};
 use crate::reference_check::check_reference;
 use crate::reference_stages::ReferenceStages;
 use crate::report::{Event, Report, RunMode};
-use crate::{Tolerance, VerifyError};
+use crate::VerifyError;
 
 #[derive(Clone, Debug)]
 pub struct VerifyOptions {
     pub dump: PathBuf,
     /// Stop after this stage (a stage, block or layer name).
     pub upto: Option<String>,
-    /// Report only the stages whose names match.
-    pub only: Option<GlobMatcher>,
-    pub fail_fast: bool,
-    pub tolerance: Tolerance,
     pub mode: RunMode,
-    pub allow_train_reference: bool,
+    pub run: RunOptions,
 }
 
 /// Runs the comparison, telling `listener` each result as it is known.
@@ -49,16 +42,15 @@ pub fn verify_dump(
     options: &VerifyOptions,
     listener: &mut dyn FnMut(Event),
 ) -> Result<Report, VerifyError> {
-    let core_error = |source| VerifyError::Core {
-        dump: options.dump.clone(),
-        source,
-    };
     let network = Network::from_weights(
         &adapter::architecture(dump.architecture()?),
         &DumpWeights(dump),
     )
-    .map_err(core_error)?;
-    let entries = match_stages(dump, &network, options)?;
+    .map_err(|source| VerifyError::Core {
+        dump: options.dump.clone(),
+        source,
+    })?;
+    let entries = match_stages(dump, &network, &options.dump)?;
     let last = match &options.upto {
         Some(name) => network
             .stage_index(name)
@@ -67,14 +59,13 @@ pub fn verify_dump(
     };
 
     let stages = ReferenceStages::new(dump, Some(&network));
-    let reference_check = check_reference(&stages, &network)?;
     let report = Report::new(
         options.dump.display().to_string(),
         "resnet-core".into(),
         dump.manifest().model_name().to_string(),
         options.mode,
-        options.tolerance,
-        reference_check,
+        options.run.tolerance,
+        check_reference(&stages, &network)?,
     );
     let references = References {
         stages: &stages,
@@ -91,7 +82,7 @@ pub fn verify_dump(
             block: &stage.block,
             layer: &stage.layer,
             container: stage.is_container(),
-            shown: shown(index, &stage.name, options.only.as_ref(), true),
+            shown: shown(index, &stage.name, options.run.only.as_ref(), true),
         })
         .collect();
     let mut cumulative = EndToEnd {
@@ -110,66 +101,40 @@ pub fn verify_dump(
     if options.mode.isolated() {
         sources.push(&mut isolated);
     }
-    run(
-        report,
-        &rows,
-        &mut sources,
-        &LoopOptions {
-            reference: &stages,
-            evidence: Evidence::new(&stages, &options.tolerance),
-            tolerance: &options.tolerance,
-            fail_fast: options.fail_fast,
-            read_hidden: true,
-            note_reference_dtype: true,
-            allow_train_reference: options.allow_train_reference,
-        },
-        listener,
-    )
+    run(report, &rows, &mut sources, &stages, &options.run, listener)
 }
 
 /// The reference entry for every core stage, checked to cover each other.
 fn match_stages<'a>(
     dump: &'a Dump,
     network: &Network,
-    options: &VerifyOptions,
+    path: &Path,
 ) -> Result<Vec<&'a StageEntry>, VerifyError> {
-    let manifest: &Manifest = dump.manifest();
-    let by_name: HashMap<&str, &StageEntry> = manifest
-        .stages
-        .iter()
-        .map(|s| (s.name.as_str(), s))
-        .collect();
+    let mismatch = |reason| VerifyError::Mismatch {
+        dump: path.to_path_buf(),
+        reason,
+    };
     let mut entries = Vec::with_capacity(network.stages().len());
     for stage in network.stages() {
-        let Some(&entry) = by_name.get(stage.name.as_str()) else {
-            return Err(VerifyError::Mismatch {
-                dump: options.dump.clone(),
-                reason: format!(
-                    "the core produces stage `{}` ({}), but the reference has no stage of that name; was the dump made for this architecture?",
-                    stage.name, stage.kind
-                ),
-            });
-        };
+        let entry = dump.stage(&stage.name).ok_or_else(|| mismatch(format!(
+            "the core produces stage `{}` ({}), but the reference has no stage of that name; was the dump made for this architecture?",
+            stage.name, stage.kind
+        )))?;
         entries.push(entry);
     }
     if let Some(reason) = module_check::refusal(network, dump) {
-        return Err(VerifyError::Mismatch {
-            dump: options.dump.clone(),
-            reason,
-        });
+        return Err(mismatch(reason));
     }
-    if let Some(extra) = manifest
+    if let Some(extra) = dump
+        .manifest()
         .stages
         .iter()
         .find(|s| network.stage_index(&s.name).is_err())
     {
-        return Err(VerifyError::Mismatch {
-            dump: options.dump.clone(),
-            reason: format!(
-                "the reference has stage `{}` ({}), which the core does not produce",
-                extra.name, extra.module_type
-            ),
-        });
+        return Err(mismatch(format!(
+            "the reference has stage `{}` ({}), which the core does not produce",
+            extra.name, extra.module_type
+        )));
     }
     Ok(entries)
 }
@@ -282,14 +247,9 @@ impl Candidate for EndToEnd<'_> {
         Ok(true)
     }
 
-    fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Answer {
+    fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Result<Output, VerifyError> {
         let output = self.output.take().expect("advanced to this row");
-        if !row.shown {
-            return Ok(None);
-        }
-        self.references
-            .output(row.index, &output, reference)
-            .map(Some)
+        self.references.output(row.index, &output, reference)
     }
 }
 
@@ -311,11 +271,8 @@ impl Candidate for Isolated<'_> {
         Ok(true)
     }
 
-    fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Answer {
+    fn output(&mut self, row: &Row, reference: &ArrayD<f32>) -> Result<Output, VerifyError> {
         let index = row.index;
-        if !row.shown {
-            return Ok(None);
-        }
         let network = self.references.network;
         let mut tensors = Vec::new();
         for &producer in network.stage_input_indices(index) {
@@ -325,8 +282,7 @@ impl Candidate for Isolated<'_> {
         let output = network
             .run_stage(index, &borrowed)
             .map_err(|source| self.references.core_error(source))?;
-        let output = self.references.output(index, &output, reference)?;
-        Ok(Some(output))
+        self.references.output(index, &output, reference)
     }
 }
 

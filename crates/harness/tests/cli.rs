@@ -367,6 +367,27 @@ fn fail_fast_stops_at_the_first_failure() {
 }
 
 #[test]
+fn only_reads_the_reference_stages_it_compares() {
+    // A stage that is not shown is not read end to end: a broken avgpool
+    // file does not stop a run that reports layer1 alone, and stops one
+    // that reports avgpool, naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    let avgpool = dump.join("stages/074_avgpool.npy");
+    assert!(avgpool.exists());
+    std::fs::write(&avgpool, b"not an npy file").unwrap();
+    let output = verify(&[path(&dump), "--only", "layer1.*"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let output = verify(&[path(&dump), "--only", "avgpool"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("avgpool.npy"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn bad_input_exits_2_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nowhere");

@@ -20,7 +20,9 @@ use resnet_verify::module_check;
 use resnet_verify::reference_check::ReferenceCheck;
 use resnet_verify::report::text::Text;
 use resnet_verify::report::{drive, json};
-use resnet_verify::{verify_dump, AbsoluteTolerance, Report, RunMode, Tolerance, VerifyOptions};
+use resnet_verify::{
+    verify_dump, AbsoluteTolerance, Report, RunMode, RunOptions, Tolerance, VerifyOptions,
+};
 
 create_exception!(
     _native,
@@ -52,7 +54,7 @@ fn run_verify(py: Python<'_>, dump: &Dump, options: VerifyOptions) -> PyResult<(
         })
         .map_err(error)?;
     if let Some(message) = report.reference_check.message() {
-        if !options.allow_train_reference {
+        if !options.run.allow_train_reference {
             return Err(TrainModeError::new_err(message));
         }
     }
@@ -70,16 +72,17 @@ fn options(
     Ok(VerifyOptions {
         dump: label,
         upto,
-        only: None,
-        fail_fast: false,
-        tolerance: Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, false)
-            .map_err(error)?,
         mode: if isolate {
             RunMode::Isolated
         } else {
             RunMode::Cumulative
         },
-        allow_train_reference,
+        run: RunOptions {
+            tolerance: Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, false)
+                .map_err(error)?,
+            allow_train_reference,
+            ..RunOptions::default()
+        },
     })
 }
 

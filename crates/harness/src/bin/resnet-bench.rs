@@ -19,7 +19,8 @@ use ndarray_npy::WriteNpyExt;
 use resnet_core::{Network, Tensor};
 use resnet_dump::Dump;
 use resnet_verify::adapter::{self, DumpWeights};
-use resnet_verify::layout::{load_nchw, reference_tensor};
+use resnet_verify::layout::reference_tensor;
+use resnet_verify::reference_stages::ReferenceStages;
 
 /// Serve timed forward passes of the core for scripts/bench-core.
 #[derive(Parser)]
@@ -51,7 +52,7 @@ fn main() -> anyhow::Result<()> {
         &DumpWeights(&dump),
     )?;
     let entry = dump.stage("input").context("the dump has no input stage")?;
-    let input = load_nchw(&dump, entry)?;
+    let input = ReferenceStages::new(&dump, None).peek(entry)?.data;
     let Some(input) = reference_tensor(input.view()) else {
         bail!("the input is not NCHW")
     };

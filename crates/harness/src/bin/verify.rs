@@ -17,8 +17,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use resnet_verify::report::text::Text;
 use resnet_verify::report::{drive, json, junit, plot, Rendered, Sink};
 use resnet_verify::{
-    compare_dumps, verify, AbsoluteTolerance, CompareOptions, Event, Report, RunMode, Tolerance,
-    VerifyOptions,
+    compare_dumps, verify, AbsoluteTolerance, CompareOptions, Event, Report, RunMode, RunOptions,
+    Tolerance, VerifyOptions,
 };
 
 /// Proves that the Rust ResNet core computes what PyTorch computes, stage by
@@ -180,10 +180,7 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
                     .then(|| cand_layout.parse())
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
-                only: glob(&common.only)?,
-                fail_fast: common.fail_fast,
-                tolerance: tolerance(&common)?,
-                allow_train_reference: common.allow_train_reference,
+                run: run_options(&common)?,
             };
             report(&common, RunMode::Dumps, |listener| {
                 Ok(compare_dumps(&options, listener)?)
@@ -198,11 +195,8 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
             let options = VerifyOptions {
                 dump: cli.dump.expect("clap requires DUMP without a subcommand"),
                 upto: cli.upto,
-                only: glob(&cli.common.only)?,
-                fail_fast: cli.common.fail_fast,
-                tolerance: tolerance(&cli.common)?,
                 mode,
-                allow_train_reference: cli.common.allow_train_reference,
+                run: run_options(&cli.common)?,
             };
             report(&cli.common, mode, |listener| {
                 Ok(verify(&options, listener)?)
@@ -211,30 +205,25 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
     }
 }
 
-fn tolerance(common: &Common) -> anyhow::Result<Tolerance> {
+fn run_options(common: &Common) -> anyhow::Result<RunOptions> {
     let atol = match (common.atol, common.atol_scale) {
         (Some(atol), _) => Some(AbsoluteTolerance::Fixed(atol)),
         (None, Some(fraction)) => Some(AbsoluteTolerance::ScaleRelative(fraction)),
         (None, None) => None,
     };
-    Ok(Tolerance::with_overrides(
-        atol,
-        common.rtol,
-        common.equal_nan,
-    )?)
-}
-
-fn glob(pattern: &Option<String>) -> anyhow::Result<Option<globset::GlobMatcher>> {
-    pattern
-        .as_ref()
-        .map(|pattern| {
-            globset::GlobBuilder::new(pattern)
-                .literal_separator(false)
-                .build()
-                .map(|glob| glob.compile_matcher())
-                .with_context(|| format!("--only {pattern}: not a valid glob"))
-        })
-        .transpose()
+    let only = common.only.as_ref().map(|pattern| {
+        globset::GlobBuilder::new(pattern)
+            .literal_separator(false)
+            .build()
+            .map(|glob| glob.compile_matcher())
+            .with_context(|| format!("--only {pattern}: not a valid glob"))
+    });
+    Ok(RunOptions {
+        only: only.transpose()?,
+        fail_fast: common.fail_fast,
+        tolerance: Tolerance::with_overrides(atol, common.rtol, common.equal_nan)?,
+        allow_train_reference: common.allow_train_reference,
+    })
 }
 
 /// Streams the text report to stdout (unless stdout is to carry JSON or

@@ -115,7 +115,7 @@ pub struct TopClasses {
     pub candidate: Vec<ClassScore>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct Summary {
     pub compared: usize,
     pub succ: usize,
@@ -175,7 +175,7 @@ impl Report {
             blocks: Vec::new(),
             layers: Vec::new(),
             top5: None,
-            summary: empty_summary(),
+            summary: Summary::default(),
         }
     }
 
@@ -440,18 +440,4 @@ pub(crate) fn abbreviate(names: &[String], shown: usize) -> String {
         let _ = write!(text, ", ... ({} more)", names.len() - shown);
     }
     text
-}
-
-pub(crate) fn empty_summary() -> Summary {
-    Summary {
-        compared: 0,
-        succ: 0,
-        fail: 0,
-        first_failure: None,
-        root: None,
-        introduced_at: Vec::new(),
-        hint: None,
-        stopped: None,
-        verdict: Verdict::Succ,
-    }
 }
