@@ -1,3 +1,5 @@
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::CoreError;
@@ -28,6 +30,50 @@ impl BlockKind {
     }
 }
 
+/// The class torchvision's `norm_layer` built. Both normalise with fixed
+/// statistics in eval mode, the only mode the core computes;
+/// FrozenBatchNorm2d (torchvision.ops.misc, every detection backbone) has
+/// no other.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NormLayer {
+    #[default]
+    BatchNorm2d,
+    FrozenBatchNorm2d,
+}
+
+impl NormLayer {
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            NormLayer::BatchNorm2d => "BatchNorm2d",
+            NormLayer::FrozenBatchNorm2d => "FrozenBatchNorm2d",
+        }
+    }
+}
+
+/// What follows the last layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Head {
+    /// `avgpool`, then `fc`, a Linear: torchvision's classifier.
+    #[default]
+    Linear,
+    /// `avgpool`, then `fc = Sequential(Dropout, Linear)`, the usual
+    /// fine-tuning head (Dropout is the identity in eval mode).
+    DropoutLinear,
+    /// `avgpool`, then `fc = Identity`: the pooled features.
+    Identity,
+    /// Nothing after the last layer: a backbone (torchvision's
+    /// IntermediateLayerGetter).
+    None,
+}
+
+impl Head {
+    /// Whether the head ends in a Linear with `num_classes` outputs.
+    pub fn has_classifier(self) -> bool {
+        matches!(self, Head::Linear | Head::DropoutLinear)
+    }
+}
+
 /// Everything that distinguishes one torchvision ResNet from another, as the
 /// dump manifest records it. torchvision's constructors map onto it like
 /// this: resnet50 is `Bottleneck`, `[3, 4, 6, 3]`, groups 1, width per group
@@ -47,7 +93,20 @@ pub struct Architecture {
     pub planes: Vec<usize>,
     pub num_classes: usize,
     pub in_channels: usize,
+    /// The eps of every BatchNorm but those in `batch_norm_eps_overrides`.
     pub batch_norm_eps: f64,
+    /// torchvision's `replace_stride_with_dilation`: for each layer after
+    /// the first, whether its stride is replaced by dilation (the
+    /// segmentation backbones: DeepLabV3, FCN). Empty: none is.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replace_stride_with_dilation: Vec<bool>,
+    #[serde(default)]
+    pub norm_layer: NormLayer,
+    /// BatchNorms with an eps of their own, by module path (`layer1.0.bn2`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub batch_norm_eps_overrides: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub head: Head,
 }
 
 impl Architecture {
@@ -55,6 +114,24 @@ impl Architecture {
     /// computes it: `int(planes * (width_per_group / 64.)) * groups`.
     pub fn bottleneck_width(&self, planes: usize) -> usize {
         (planes * self.width_per_group / 64) * self.groups
+    }
+
+    /// The eps of the BatchNorm at module path `module`.
+    pub fn batch_norm_eps_of(&self, module: &str) -> f64 {
+        self.batch_norm_eps_overrides
+            .get(module)
+            .copied()
+            .unwrap_or(self.batch_norm_eps)
+    }
+
+    /// Whether layer `index` (from 0) trades its stride for dilation.
+    pub fn is_dilated(&self, index: usize) -> bool {
+        index > 0
+            && self
+                .replace_stride_with_dilation
+                .get(index - 1)
+                .copied()
+                .unwrap_or(false)
     }
 
     /// Channels that leave the last stage and enter `fc`.
@@ -77,13 +154,15 @@ impl Architecture {
                 self.layers
             ));
         }
-        let sizes = [
+        let mut sizes = vec![
             ("groups", self.groups),
             ("width_per_group", self.width_per_group),
             ("stem_channels", self.stem_channels),
-            ("num_classes", self.num_classes),
             ("in_channels", self.in_channels),
         ];
+        if self.head.has_classifier() {
+            sizes.push(("num_classes", self.num_classes));
+        }
         if let Some((field, _)) = sizes.iter().find(|(_, value)| *value == 0) {
             return fail(format!("`{field}` must be at least 1"));
         }
@@ -93,11 +172,31 @@ impl Architecture {
                 self.planes
             ));
         }
-        if !(self.batch_norm_eps.is_finite() && self.batch_norm_eps >= 0.0) {
+        let all_eps = std::iter::once(("", self.batch_norm_eps)).chain(
+            self.batch_norm_eps_overrides
+                .iter()
+                .map(|(module, &eps)| (module.as_str(), eps)),
+        );
+        for (module, eps) in all_eps {
+            if !(eps.is_finite() && eps >= 0.0) {
+                let which = match module {
+                    "" => String::new(),
+                    module => format!(" of {module}"),
+                };
+                return fail(format!(
+                    "`batch_norm_eps`{which} must be finite and >= 0, got {eps}"
+                ));
+            }
+        }
+        let dilation = &self.replace_stride_with_dilation;
+        if !dilation.is_empty() && dilation.len() + 1 != self.layers.len() {
             return fail(format!(
-                "`batch_norm_eps` must be finite and >= 0, got {}",
-                self.batch_norm_eps
+                "`replace_stride_with_dilation` ({dilation:?}) needs one flag per layer after the first ({})",
+                self.layers.len() - 1
             ));
+        }
+        if self.block == BlockKind::BasicBlock && dilation.contains(&true) {
+            return fail("BasicBlock does not support dilation (torchvision: \"Dilation > 1 not supported in BasicBlock\")".into());
         }
         match self.block {
             BlockKind::BasicBlock if self.groups != 1 || self.width_per_group != 64 => fail(
@@ -135,6 +234,10 @@ mod tests {
             num_classes: 1000,
             in_channels: 3,
             batch_norm_eps: 1e-5,
+            replace_stride_with_dilation: Vec::new(),
+            norm_layer: NormLayer::BatchNorm2d,
+            batch_norm_eps_overrides: BTreeMap::new(),
+            head: Head::Linear,
         }
     }
 

@@ -18,7 +18,7 @@ pub mod weights;
 #[cfg(test)]
 mod test_util;
 
-pub use architecture::{Architecture, BlockKind};
+pub use architecture::{Architecture, BlockKind, Head, NormLayer};
 pub use error::CoreError;
 pub use network::{Network, Stage, StageKind, Steps};
 pub use tensor::Tensor;

@@ -8,7 +8,10 @@ use std::ops::ControlFlow;
 use ndarray::{ArrayD, IxDyn};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use resnet_core::{Architecture, BlockKind, CoreError, Network, Tensor, WeightTensor};
+use resnet_core::ops::ConvGeometry;
+use resnet_core::{
+    Architecture, BlockKind, CoreError, Head, Network, NormLayer, Tensor, WeightTensor,
+};
 
 fn architecture(block: BlockKind, groups: usize, width_per_group: usize) -> Architecture {
     Architecture {
@@ -21,6 +24,20 @@ fn architecture(block: BlockKind, groups: usize, width_per_group: usize) -> Arch
         num_classes: 5,
         in_channels: 3,
         batch_norm_eps: 1e-5,
+        replace_stride_with_dilation: Vec::new(),
+        norm_layer: NormLayer::BatchNorm2d,
+        batch_norm_eps_overrides: Default::default(),
+        head: Head::Linear,
+    }
+}
+
+/// A Bottleneck network whose second layer trades its stride for dilation,
+/// with two blocks there, so that both of torchvision's dilations show.
+fn dilated() -> Architecture {
+    Architecture {
+        layers: vec![1, 2],
+        replace_stride_with_dilation: vec![true],
+        ..architecture(BlockKind::Bottleneck, 1, 64)
     }
 }
 
@@ -93,13 +110,17 @@ fn random_weights(arch: &Architecture, seed: u64) -> HashMap<String, WeightTenso
             in_channels = out;
         }
     }
+    let fc = match arch.head {
+        Head::DropoutLinear => "fc.1",
+        _ => "fc",
+    };
     w.uniform(
-        "fc.weight".into(),
+        format!("{fc}.weight"),
         &[arch.num_classes, in_channels],
         -0.3,
         0.3,
     );
-    w.uniform("fc.bias".into(), &[arch.num_classes], -0.3, 0.3);
+    w.uniform(format!("{fc}.bias"), &[arch.num_classes], -0.3, 0.3);
     w.weights
 }
 
@@ -179,6 +200,7 @@ fn observed_isolated_and_plain_passes_agree() {
     for arch in [
         architecture(BlockKind::Bottleneck, 2, 32),
         architecture(BlockKind::BasicBlock, 1, 64),
+        dilated(),
     ] {
         let network = Network::from_weights(&arch, &random_weights(&arch, 2)).unwrap();
         let mut outputs: Vec<Tensor> = Vec::new();
@@ -287,6 +309,7 @@ fn the_fused_inference_path_computes_the_same_logits() {
     for arch in [
         architecture(BlockKind::Bottleneck, 2, 32),
         architecture(BlockKind::BasicBlock, 1, 64),
+        dilated(),
     ] {
         let network = Network::from_weights(&arch, &random_weights(&arch, 8)).unwrap();
         let observed = network.forward(random_input(9)).unwrap();
@@ -312,4 +335,172 @@ fn the_fused_inference_path_computes_the_same_logits() {
             "fused logits differ by {error} (scale {scale})"
         );
     }
+}
+
+/// Every stage's output of one observed pass, by name.
+fn outputs_by_name(network: &Network, input: Tensor) -> HashMap<String, Tensor> {
+    let mut outputs = HashMap::new();
+    network
+        .forward_observed(input, None, &mut |stage, output| {
+            outputs.insert(stage.name.clone(), output.clone());
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    outputs
+}
+
+#[test]
+fn a_dilated_layer_keeps_the_map_size_and_dilates_as_torchvision_does() {
+    let arch = dilated();
+    let network = Network::from_weights(&arch, &random_weights(&arch, 4)).unwrap();
+    let geometry = |name: &str| {
+        *network.stages()[network.stage_index(name).unwrap()]
+            .conv()
+            .unwrap()
+            .geometry()
+    };
+    // torchvision's _make_layer: the first block keeps the previous
+    // dilation (1) without the stride; the blocks after it dilate by the
+    // stride it gave up, padding as much.
+    let expected = |dilation: usize| ConvGeometry {
+        dilation: [dilation; 2],
+        ..ConvGeometry::square(3, 1, dilation, 1)
+    };
+    assert_eq!(geometry("layer2.0.conv2"), expected(1));
+    assert_eq!(geometry("layer2.1.conv2"), expected(2));
+    assert_eq!(
+        geometry("layer2.0.downsample.0"),
+        ConvGeometry::square(1, 1, 0, 1)
+    );
+    let outputs = outputs_by_name(&network, random_input(5));
+    let spatial = |name: &str| outputs[name].nhwc_shape()[1..3].to_vec();
+    assert_eq!(spatial("layer2"), spatial("layer1"));
+    assert_eq!(outputs["layer2"].channels(), 64);
+
+    let strided = Architecture {
+        replace_stride_with_dilation: vec![false],
+        ..dilated()
+    };
+    let strided = Network::from_weights(&strided, &random_weights(&arch, 4)).unwrap();
+    let outputs = outputs_by_name(&strided, random_input(5));
+    assert_eq!(outputs["layer2"].nhwc_shape()[1..3], [4, 4]);
+}
+
+#[test]
+fn dilation_is_refused_where_torchvision_refuses_it() {
+    let refusal = |arch: Architecture| match arch.validate() {
+        Err(CoreError::UnsupportedArchitecture(why)) => why,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let basic = Architecture {
+        replace_stride_with_dilation: vec![true],
+        ..architecture(BlockKind::BasicBlock, 1, 64)
+    };
+    assert!(refusal(basic).starts_with("BasicBlock does not support dilation"));
+    let too_many = Architecture {
+        replace_stride_with_dilation: vec![false, true],
+        ..dilated()
+    };
+    assert!(
+        refusal(too_many).contains("needs one flag per layer after the first (1)"),
+        "the flags' count is checked"
+    );
+}
+
+#[test]
+fn fine_tuning_heads_and_backbones_end_as_torch_names_them() {
+    let names = |arch: &Architecture| -> Vec<String> {
+        let network = Network::from_weights(arch, &random_weights(arch, 6)).unwrap();
+        let names: Vec<String> = network.stages().iter().map(|s| s.name.clone()).collect();
+        names[names.len() - 4..].to_vec()
+    };
+    let with_head = |head| Architecture {
+        head,
+        ..architecture(BlockKind::BasicBlock, 1, 64)
+    };
+    assert_eq!(
+        names(&with_head(Head::DropoutLinear)),
+        ["avgpool", "fc.0", "fc.1", "fc"]
+    );
+    assert_eq!(
+        names(&with_head(Head::Identity)),
+        ["layer2.0", "layer2", "avgpool", "fc"]
+    );
+    assert_eq!(
+        names(&with_head(Head::None)),
+        [
+            "layer2.0.downsample",
+            "layer2.0.relu#1",
+            "layer2.0",
+            "layer2"
+        ]
+    );
+}
+
+#[test]
+fn each_head_outputs_what_the_classifier_network_has_at_that_point() {
+    let base = architecture(BlockKind::Bottleneck, 2, 32);
+    let linear = Network::from_weights(&base, &random_weights(&base, 7)).unwrap();
+    let outputs = outputs_by_name(&linear, random_input(8));
+    for head in [Head::DropoutLinear, Head::Identity, Head::None] {
+        let arch = Architecture {
+            head,
+            ..base.clone()
+        };
+        // The same random weights: the head's Linear is fc's, renamed.
+        let mut weights = random_weights(&base, 7);
+        if head == Head::DropoutLinear {
+            for part in ["weight", "bias"] {
+                let value = weights.remove(&format!("fc.{part}")).unwrap();
+                weights.insert(format!("fc.1.{part}"), value);
+            }
+        }
+        let network = Network::from_weights(&arch, &weights).unwrap();
+        let expected = match head {
+            Head::DropoutLinear => &outputs["fc"],
+            Head::Identity => &outputs["avgpool"],
+            _ => &outputs["layer2"],
+        };
+        let stepped = network.forward(random_input(8)).unwrap();
+        assert_eq!(&stepped, expected, "{head:?}: the stepped pass");
+        let fused = network.infer(random_input(8)).unwrap();
+        assert_eq!(
+            fused.nhwc_shape(),
+            expected.nhwc_shape(),
+            "{head:?}: the fused pass"
+        );
+        let error = fused
+            .as_slice()
+            .iter()
+            .zip(expected.as_slice())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let scale = expected.as_slice().iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(error <= 1e-5 * scale, "{head:?}: fused differs by {error}");
+    }
+}
+
+#[test]
+fn a_batch_norm_with_an_eps_of_its_own_uses_it() {
+    let base = architecture(BlockKind::BasicBlock, 1, 64);
+    let own = Architecture {
+        batch_norm_eps_overrides: [("layer1.0.bn2".to_string(), 0.5)].into(),
+        ..base.clone()
+    };
+    let everywhere = Architecture {
+        batch_norm_eps: 0.5,
+        ..base.clone()
+    };
+    let weights = random_weights(&base, 9);
+    let build = |arch: &Architecture| Network::from_weights(arch, &weights).unwrap();
+    let own_network = build(&own);
+    let [base, own, everywhere] = [build(&base), build(&own), build(&everywhere)]
+        .map(|n| outputs_by_name(&n, random_input(10)));
+    assert_eq!(own["bn1"], base["bn1"], "the others keep batch_norm_eps");
+    assert_ne!(own["layer1.0.bn2"], base["layer1.0.bn2"]);
+    // Fed the same input, it normalises as with eps 0.5 everywhere.
+    let index = own_network.stage_index("layer1.0.bn2").unwrap();
+    let alone = own_network
+        .run_stage(index, &[&everywhere["layer1.0.conv2"]])
+        .unwrap();
+    assert_eq!(alone, everywhere["layer1.0.bn2"]);
 }

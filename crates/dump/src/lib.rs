@@ -12,6 +12,6 @@ pub mod npy;
 pub use dump::{Dump, LoadedStage};
 pub use error::DumpError;
 pub use manifest::{
-    Architecture, BlockKind, InputInfo, Layout, Manifest, ManifestProblem, Mode, ModuleKind,
-    StageEntry, TopClass, WeightEntry, FORMAT_NAME, SCHEMA_VERSION,
+    Architecture, BlockKind, Head, InputInfo, Layout, Manifest, ManifestProblem, Mode, ModuleKind,
+    NormLayer, StageEntry, TopClass, WeightEntry, FORMAT_NAME, SCHEMA_VERSION,
 };

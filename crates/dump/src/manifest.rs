@@ -1,6 +1,6 @@
 //! `manifest.json`, as docs/dump-format.md describes it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Component, Path};
 
 use ndarray::{ArrayD, ArrayViewD, IxDyn};
@@ -94,9 +94,45 @@ pub struct Architecture {
     pub stem_channels: usize,
     /// torchvision's `planes` for each stage.
     pub planes: Vec<usize>,
+    /// 0 where there is no classifier (`head` identity or none).
     pub num_classes: usize,
     pub in_channels: usize,
+    /// The eps of every BatchNorm but those in `batch_norm_eps_overrides`.
     pub batch_norm_eps: f64,
+    /// torchvision's `replace_stride_with_dilation`: one flag per layer
+    /// after the first; absent: no layer is dilated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replace_stride_with_dilation: Vec<bool>,
+    /// The BatchNorm class (torchvision's `norm_layer`); absent: BatchNorm2d.
+    #[serde(default)]
+    pub norm_layer: NormLayer,
+    /// BatchNorms with an eps of their own, by module path.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub batch_norm_eps_overrides: BTreeMap<String, f64>,
+    /// What follows the last layer; absent: `linear`.
+    #[serde(default)]
+    pub head: Head,
+}
+
+/// The BatchNorm class a model was built with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NormLayer {
+    #[default]
+    BatchNorm2d,
+    FrozenBatchNorm2d,
+}
+
+/// What follows the last layer: `linear` (`avgpool`, `fc` a Linear),
+/// `dropout_linear` (`fc = Sequential(Dropout, Linear)`), `identity`
+/// (`fc = Identity`), `none` (a backbone, ending at its last layer).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Head {
+    #[default]
+    Linear,
+    DropoutLinear,
+    Identity,
+    None,
 }
 
 /// A stage's `module_type`: torch's `type(module).__name__`, `Input` for the
@@ -107,6 +143,11 @@ pub enum ModuleKind {
     Input,
     Conv2d,
     BatchNorm2d,
+    /// torchvision.ops.misc's: eval-mode BatchNorm2d with fixed statistics.
+    FrozenBatchNorm2d,
+    /// The identity in eval mode.
+    Dropout,
+    Identity,
     ReLU,
     MaxPool2d,
     AdaptiveAvgPool2d,
@@ -118,10 +159,13 @@ pub enum ModuleKind {
 }
 
 impl ModuleKind {
-    const NAMED: [ModuleKind; 10] = [
+    const NAMED: [ModuleKind; 13] = [
         ModuleKind::Input,
         ModuleKind::Conv2d,
         ModuleKind::BatchNorm2d,
+        ModuleKind::FrozenBatchNorm2d,
+        ModuleKind::Dropout,
+        ModuleKind::Identity,
         ModuleKind::ReLU,
         ModuleKind::MaxPool2d,
         ModuleKind::AdaptiveAvgPool2d,
@@ -137,6 +181,9 @@ impl ModuleKind {
             ModuleKind::Input => "Input",
             ModuleKind::Conv2d => "Conv2d",
             ModuleKind::BatchNorm2d => "BatchNorm2d",
+            ModuleKind::FrozenBatchNorm2d => "FrozenBatchNorm2d",
+            ModuleKind::Dropout => "Dropout",
+            ModuleKind::Identity => "Identity",
             ModuleKind::ReLU => "ReLU",
             ModuleKind::MaxPool2d => "MaxPool2d",
             ModuleKind::AdaptiveAvgPool2d => "AdaptiveAvgPool2d",
@@ -374,7 +421,7 @@ mod tests {
 
     #[test]
     fn module_kinds_keep_their_names() {
-        for name in ["Conv2d", "Sequential", "ReLU", "Identity", ""] {
+        for name in ["Conv2d", "Sequential", "ReLU", "Identity", "ReLU6", ""] {
             let kind = ModuleKind::from(name.to_string());
             assert_eq!(kind.as_str(), name);
             assert_eq!(String::from(kind.clone()), name);
@@ -382,8 +429,8 @@ mod tests {
         }
         assert_eq!(ModuleKind::from("Conv2d".to_string()), ModuleKind::Conv2d);
         assert_eq!(
-            ModuleKind::from("Identity".to_string()),
-            ModuleKind::Other("Identity".into())
+            ModuleKind::from("ReLU6".to_string()),
+            ModuleKind::Other("ReLU6".into())
         );
     }
 

@@ -2,7 +2,7 @@
 //! weights as the core's [`WeightSource`], and the manifest's architecture
 //! as the core's. The format crate knows nothing of the core.
 
-use resnet_core::{BlockKind, CoreError, WeightSource, WeightTensor};
+use resnet_core::{BlockKind, CoreError, Head, NormLayer, WeightSource, WeightTensor};
 use resnet_dump::Dump;
 
 /// A dump's weights, read on demand as the core asks for them.
@@ -40,5 +40,17 @@ pub fn architecture(architecture: &resnet_dump::Architecture) -> resnet_core::Ar
         num_classes: a.num_classes,
         in_channels: a.in_channels,
         batch_norm_eps: a.batch_norm_eps,
+        replace_stride_with_dilation: a.replace_stride_with_dilation.clone(),
+        norm_layer: match a.norm_layer {
+            resnet_dump::NormLayer::BatchNorm2d => NormLayer::BatchNorm2d,
+            resnet_dump::NormLayer::FrozenBatchNorm2d => NormLayer::FrozenBatchNorm2d,
+        },
+        batch_norm_eps_overrides: a.batch_norm_eps_overrides.clone(),
+        head: match a.head {
+            resnet_dump::Head::Linear => Head::Linear,
+            resnet_dump::Head::DropoutLinear => Head::DropoutLinear,
+            resnet_dump::Head::Identity => Head::Identity,
+            resnet_dump::Head::None => Head::None,
+        },
     }
 }

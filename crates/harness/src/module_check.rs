@@ -8,11 +8,13 @@
 //! before anything runs, and every difference is named.
 //!
 //! BatchNorm's eps is the one parameter the core takes from the manifest's
-//! `architecture` rather than from each module: the BatchNorms must agree
-//! with each other (the core takes one eps), and a core told another eps is
-//! a core bug to find, not a different model (docs/diagnosis.md).
+//! `architecture` rather than from each module: `batch_norm_eps` for all
+//! but those listed in `batch_norm_eps_overrides`. So the BatchNorms not
+//! listed must agree with each other, and those listed with their entry;
+//! a core told another eps for all is a core bug to find, not a different
+//! model (docs/diagnosis.md).
 
-use resnet_core::{Network, Stage, StageKind};
+use resnet_core::{Architecture, Network, Stage, StageKind};
 use resnet_dump::{Dump, StageEntry};
 use serde_json::{json, Value};
 
@@ -26,12 +28,15 @@ pub fn refusal(network: &Network, dump: &Dump) -> Option<String> {
         .iter()
         .filter_map(|stage| Some((stage, dump.stage(&stage.name)?)))
         .collect();
-    let mut found: Vec<String> = pairs
-        .iter()
-        .flat_map(|(stage, entry)| differences(stage, entry))
-        .collect();
+    let mut found = Vec::new();
+    let architecture = network.architecture();
+    found.extend(
+        pairs
+            .iter()
+            .flat_map(|(stage, entry)| differences(stage, entry, architecture)),
+    );
     let entries: Vec<&StageEntry> = pairs.iter().map(|(_, entry)| *entry).collect();
-    found.extend(batch_norm_eps_differences(&entries));
+    found.extend(batch_norm_eps_differences(&entries, architecture));
     if found.is_empty() {
         return None;
     }
@@ -50,13 +55,16 @@ pub fn refusal(network: &Network, dump: &Dump) -> Option<String> {
 /// What differs between the module the reference recorded for `entry` and
 /// the one the core built for `stage`, one line each; empty when they
 /// agree. Parameters the manifest does not record are not checked.
-pub fn differences(stage: &Stage, entry: &StageEntry) -> Vec<String> {
+pub fn differences(stage: &Stage, entry: &StageEntry, architecture: &Architecture) -> Vec<String> {
     let recorded = entry.module_type.as_str();
-    if recorded != stage.kind.torch_name() {
+    let built = match stage.kind {
+        StageKind::BatchNorm2d => architecture.norm_layer.torch_name(),
+        kind => kind.torch_name(),
+    };
+    if recorded != built {
         return vec![format!(
-            "`{}` is a {recorded} in the reference; the core builds {}",
+            "`{}` is a {recorded} in the reference; the core builds {built}",
             stage.name,
-            stage.kind.torch_name()
         )];
     }
     let built = match stage.kind {
@@ -71,6 +79,7 @@ pub fn differences(stage: &Stage, entry: &StageEntry) -> Vec<String> {
                 "bias": conv.has_bias(),
             })
         }),
+        // FrozenBatchNorm2d has neither: it is both.
         StageKind::BatchNorm2d => Some(json!({
             "affine": true,
             "track_running_stats": true,
@@ -105,29 +114,41 @@ pub fn differences(stage: &Stage, entry: &StageEntry) -> Vec<String> {
         .collect()
 }
 
-/// The BatchNorms whose recorded eps differs from the one most of them
-/// have, one line each: the core normalises every BatchNorm with one eps.
-pub fn batch_norm_eps_differences(entries: &[&StageEntry]) -> Vec<String> {
+/// The BatchNorms whose recorded eps is not the one the core gives them,
+/// one line each: for those in `batch_norm_eps_overrides`, their entry;
+/// for the others, the one most of them have.
+pub fn batch_norm_eps_differences(
+    entries: &[&StageEntry],
+    architecture: &Architecture,
+) -> Vec<String> {
+    let norm = architecture.norm_layer.torch_name();
     let recorded: Vec<(&str, f64)> = entries
         .iter()
-        .filter(|entry| entry.module_type.as_str() == "BatchNorm2d")
+        .filter(|entry| entry.module_type.as_str() == norm)
         .filter_map(|entry| Some((entry.name.as_str(), entry.params.get("eps")?.as_f64()?)))
         .collect();
-    let count = |eps: f64| recorded.iter().filter(|(_, e)| *e == eps).count();
-    let Some(common) = recorded
+    let overridden = |name: &str| architecture.batch_norm_eps_overrides.get(name).copied();
+    let shared: Vec<f64> = recorded
         .iter()
+        .filter(|(name, _)| overridden(name).is_none())
         .map(|&(_, eps)| eps)
-        .max_by_key(|&eps| count(eps))
-    else {
-        return Vec::new();
-    };
+        .collect();
+    let common = shared
+        .iter()
+        .copied()
+        .max_by_key(|&eps| shared.iter().filter(|&&e| e == eps).count());
     recorded
         .iter()
-        .filter(|(_, eps)| *eps != common)
-        .map(|(name, eps)| {
-            format!(
-                "`{name}` (BatchNorm2d) has eps = {eps} in the reference, where the other BatchNorms have {common}; the core takes one eps for all"
-            )
+        .filter_map(|&(name, eps)| match overridden(name) {
+            Some(own) => (eps != own).then(|| {
+                format!("`{name}` ({norm}) has eps = {eps} in the reference; the architecture gives it {own}")
+            }),
+            None => (Some(eps) != common).then(|| {
+                format!(
+                    "`{name}` ({norm}) has eps = {eps} in the reference, where the other BatchNorms have {}, and the architecture does not list it in batch_norm_eps_overrides",
+                    common.unwrap_or(eps)
+                )
+            }),
         })
         .collect()
 }

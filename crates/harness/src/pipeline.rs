@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 
 use globset::GlobMatcher;
 use ndarray::ArrayD;
-use resnet_dump::StageEntry;
+use resnet_dump::{ModuleKind, StageEntry};
 
 use crate::diagnosis::{Evidence, Hint, Observed};
 use crate::metrics::{compare, Comparison, Verdict};
@@ -185,7 +185,8 @@ fn compare_stages(
             });
         }
         let produced_by = |feed: Feed| outputs.iter().find(|produced| produced.feed == feed);
-        if row.entry.name == "fc" {
+        // The logits (not the features that an Identity `fc` passes on).
+        if row.entry.name == "fc" && row.entry.module_type != ModuleKind::Identity {
             builder.report.top5 = top_classes(
                 reference,
                 produced_by(Feed::EndToEnd).map(|produced| &produced.output.data),

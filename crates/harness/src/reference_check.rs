@@ -136,7 +136,7 @@ pub fn check_reference(
             mean,
             var,
         } = &parameters;
-        let eps = network.architecture().batch_norm_eps;
+        let eps = network.architecture().batch_norm_eps_of(&stage.module);
         let (batch_mean, batch_var) = channel_statistics(&input);
         evidence.push(BatchNormEvidence {
             stage: stage.name.clone(),

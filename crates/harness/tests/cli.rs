@@ -613,7 +613,7 @@ fn a_reference_model_the_core_does_not_build_is_refused_by_name() {
         ),
         (
             |m| entry_mut(m, "stages", "layer4.1.bn2")["params"]["eps"] = 1e-3.into(),
-            "`layer4.1.bn2` (BatchNorm2d) has eps = 0.001 in the reference, where the other BatchNorms have 0.00001; the core takes one eps for all",
+            "`layer4.1.bn2` (BatchNorm2d) has eps = 0.001 in the reference, where the other BatchNorms have 0.00001, and the architecture does not list it in batch_norm_eps_overrides",
         ),
         (
             |m| entry_mut(m, "stages", "avgpool")["params"]["output_size"] = serde_json::json!([2, 2]),

@@ -8,7 +8,7 @@ use super::stage::repeated_call_name;
 use super::{last_readers, released_after, Network, Operation, Stage, StageKind};
 use crate::ops::{BatchNorm, Conv2d, ConvGeometry, Linear, MaxPool2d};
 use crate::weights::{conv_weight_from_oihw, linear_weight_from_torch, load_with_shape};
-use crate::{Architecture, BlockKind, CoreError, WeightSource};
+use crate::{Architecture, BlockKind, CoreError, Head, WeightSource};
 
 impl Network {
     /// Builds the network described by `architecture`, taking every weight
@@ -50,39 +50,75 @@ impl Network {
             vec![x],
         );
 
-        // The four (or however many) stages; every one but the first halves the image.
+        // The four (or however many) stages; every one but the first halves
+        // the image, or, dilated, keeps its size and widens the 3x3 convs
+        // after its first block.
         let mut in_channels = architecture.stem_channels;
+        let mut dilation = 1;
         for (index, (&blocks, &planes)) in architecture
             .layers
             .iter()
             .zip(&architecture.planes)
             .enumerate()
         {
-            let stride = if index == 0 { 1 } else { 2 };
+            let mut stride = if index == 0 { 1 } else { 2 };
+            let previous_dilation = dilation;
+            if architecture.is_dilated(index) {
+                dilation *= stride;
+                stride = 1;
+            }
             x = net.layer(
                 &format!("layer{}", index + 1),
                 x,
                 &mut in_channels,
-                planes,
-                blocks,
-                stride,
+                LayerShape {
+                    planes,
+                    blocks,
+                    stride,
+                    first_dilation: previous_dilation,
+                    dilation,
+                },
             )?;
         }
 
         // The head.
-        let x = net.push(
-            "avgpool",
-            "avgpool",
-            StageKind::AdaptiveAvgPool2d,
-            Operation::AveragePool,
-            vec![x],
-        );
-        net.linear(
-            "fc",
-            x,
-            architecture.feature_channels(),
-            architecture.num_classes,
-        )?;
+        if architecture.head != Head::None {
+            let pooled = net.push(
+                "avgpool",
+                "avgpool",
+                StageKind::AdaptiveAvgPool2d,
+                Operation::AveragePool,
+                vec![x],
+            );
+            let (features, classes) = (architecture.feature_channels(), architecture.num_classes);
+            match architecture.head {
+                Head::Linear => {
+                    net.linear("fc", pooled, features, classes)?;
+                }
+                Head::DropoutLinear => {
+                    let first_child = net.stages.len();
+                    let dropped = net.push(
+                        "fc.0",
+                        "fc.0",
+                        StageKind::Dropout,
+                        Operation::Identity,
+                        vec![pooled],
+                    );
+                    net.linear("fc.1", dropped, features, classes)?;
+                    net.container("fc", StageKind::Sequential, pooled, first_child);
+                }
+                Head::Identity => {
+                    net.push(
+                        "fc",
+                        "fc",
+                        StageKind::Identity,
+                        Operation::Identity,
+                        vec![pooled],
+                    );
+                }
+                Head::None => unreachable!("no head"),
+            }
+        }
 
         // A container reads its last child's value.
         let reads = net
@@ -105,6 +141,18 @@ impl Network {
     }
 }
 
+/// One layer's blocks, as torchvision's `_make_layer` makes them.
+struct LayerShape {
+    planes: usize,
+    blocks: usize,
+    /// The first block's stride (1 in a dilated layer).
+    stride: usize,
+    /// The first block's dilation: the previous layer's.
+    first_dilation: usize,
+    /// Every other block's dilation.
+    dilation: usize,
+}
+
 struct Builder<'a> {
     architecture: &'a Architecture,
     weights: &'a dyn WeightSource,
@@ -119,22 +167,25 @@ impl Builder<'_> {
         name: &str,
         input: usize,
         in_channels: &mut usize,
-        planes: usize,
-        blocks: usize,
-        stride: usize,
+        shape: LayerShape,
     ) -> Result<usize, CoreError> {
         let first_child = self.stages.len();
         self.layer = Some(name.to_string());
         let mut x = input;
-        for index in 0..blocks {
+        let planes = shape.planes;
+        for index in 0..shape.blocks {
             let block = format!("{name}.{index}");
-            let block_stride = if index == 0 { stride } else { 1 };
+            let (stride, dilation) = match index {
+                0 => (shape.stride, shape.first_dilation),
+                _ => (1, shape.dilation),
+            };
             x = match self.architecture.block {
                 BlockKind::Bottleneck => {
-                    self.bottleneck(&block, x, *in_channels, planes, block_stride)?
+                    self.bottleneck(&block, x, *in_channels, planes, stride, dilation)?
                 }
+                // Validated: a BasicBlock is never dilated.
                 BlockKind::BasicBlock => {
-                    self.basic_block(&block, x, *in_channels, planes, block_stride)?
+                    self.basic_block(&block, x, *in_channels, planes, stride)?
                 }
             };
             *in_channels = planes * self.architecture.block.expansion();
@@ -143,7 +194,8 @@ impl Builder<'_> {
         Ok(self.container(name, StageKind::Sequential, input, first_child))
     }
 
-    /// 1x1 reduce, 3x3 (strided, grouped), 1x1 expand, then `relu(out + identity)`.
+    /// 1x1 reduce, 3x3 (strided or dilated, grouped), 1x1 expand, then
+    /// `relu(out + identity)`.
     fn bottleneck(
         &mut self,
         name: &str,
@@ -151,6 +203,7 @@ impl Builder<'_> {
         in_channels: usize,
         planes: usize,
         stride: usize,
+        dilation: usize,
     ) -> Result<usize, CoreError> {
         let first_child = self.stages.len();
         self.block = Some(name.to_string());
@@ -172,7 +225,10 @@ impl Builder<'_> {
             x,
             width,
             width,
-            ConvGeometry::square(3, stride, 1, groups),
+            ConvGeometry {
+                dilation: [dilation; 2],
+                ..ConvGeometry::square(3, stride, dilation, groups)
+            },
         )?;
         let x = self.batch_norm(&format!("{name}.bn2"), x, width)?;
         let x = self.block_relu(name, 1, x);
@@ -324,7 +380,7 @@ impl Builder<'_> {
             &load("bias")?,
             &load("running_mean")?,
             &load("running_var")?,
-            self.architecture.batch_norm_eps,
+            self.architecture.batch_norm_eps_of(name),
         );
         Ok(self.push(
             name,

@@ -89,8 +89,10 @@ impl FusedPlan {
         // A container's value is its last child's, whatever that became.
         let mut alias: Vec<usize> = (0..stages.len()).collect();
         for (index, stage) in stages.iter().enumerate() {
-            if let Operation::Container { .. } = stage.operation {
-                alias[index] = alias[index - 1];
+            match stage.operation {
+                Operation::Container { .. } => alias[index] = alias[index - 1],
+                Operation::Identity => alias[index] = alias[stage.inputs[0]],
+                _ => {}
             }
         }
         let readers = |producer: usize| {
@@ -192,7 +194,7 @@ impl FusedPlan {
                     input: input.expect("input"),
                     output: index,
                 }),
-                Operation::Input | Operation::Container { .. } => {}
+                Operation::Input | Operation::Identity | Operation::Container { .. } => {}
             }
             index += 1;
         }

@@ -207,6 +207,9 @@ impl<'a> Steps<'a> {
             Operation::Container { .. } => values[index - 1]
                 .clone()
                 .expect("a container follows its last child"),
+            Operation::Identity => values[stage.inputs[0]]
+                .clone()
+                .expect("producers run before consumers"),
             _ => {
                 let first_input = stage.inputs[0];
                 let reusable = stage.operation.works_in_place()

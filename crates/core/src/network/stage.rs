@@ -14,6 +14,9 @@ pub enum StageKind {
     MaxPool2d,
     AdaptiveAvgPool2d,
     Linear,
+    /// The identity in eval mode.
+    Dropout,
+    Identity,
     BasicBlock,
     Bottleneck,
     Sequential,
@@ -29,6 +32,8 @@ impl StageKind {
             StageKind::MaxPool2d => "MaxPool2d",
             StageKind::AdaptiveAvgPool2d => "AdaptiveAvgPool2d",
             StageKind::Linear => "Linear",
+            StageKind::Dropout => "Dropout",
+            StageKind::Identity => "Identity",
             StageKind::BasicBlock => "BasicBlock",
             StageKind::Bottleneck => "Bottleneck",
             StageKind::Sequential => "Sequential",
@@ -55,6 +60,8 @@ pub(crate) enum Operation {
     AveragePool,
     /// `fc`, after torch.flatten (which is no work on an `[N, 1, 1, C]` map).
     Linear(Linear),
+    /// Dropout in eval mode, nn.Identity: the input, unchanged.
+    Identity,
     /// A block, layer or downsample: its output is its last child's.
     Container {
         first_child: usize,
@@ -124,7 +131,7 @@ impl Stage {
         }
         let x = inputs[0];
         let result = match &self.operation {
-            Operation::Input => Ok(x.clone()),
+            Operation::Input | Operation::Identity => Ok(x.clone()),
             Operation::Conv(conv) => conv.forward(x),
             Operation::BatchNorm(norm) => norm.forward(x),
             Operation::Relu => Ok(ops::relu(x)),

@@ -91,7 +91,7 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
     {
         return Vec::new();
     }
-    let eps = network.architecture().batch_norm_eps;
+    let eps = network.architecture().batch_norm_eps_of(&stage.module);
     let ones = vec![1.0; channels];
     let zeros = vec![0.0; channels];
     let (batch_mean, batch_var) = channel_statistics(&input);

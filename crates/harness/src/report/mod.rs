@@ -75,6 +75,15 @@ impl StageReport {
     pub fn is_conv(&self) -> bool {
         self.module_type == ModuleKind::Conv2d
     }
+
+    /// A layer's own stage (`layer3`, its output). `fc` may be a
+    /// Sequential too (a fine-tuning head), and is not a layer.
+    pub fn is_layer(&self) -> bool {
+        self.module_type == ModuleKind::Sequential
+            && self.block.is_none()
+            && self.layer.is_none()
+            && self.name.starts_with("layer")
+    }
 }
 
 /// Counts over a block or a layer.
@@ -351,9 +360,7 @@ impl ReportBuilder {
             _ => {}
         }
         let is_block = stage.module_type.is_block();
-        let is_layer = stage.module_type == ModuleKind::Sequential
-            && stage.block.is_none()
-            && stage.layer.is_none();
+        let is_layer = stage.is_layer();
         for (groups, name) in [
             (&mut self.open_blocks, &stage.block),
             (&mut self.open_layers, &stage.layer),

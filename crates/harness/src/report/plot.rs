@@ -3,7 +3,6 @@
 //! first failure. Error growth is seen faster than read.
 
 use plotters::prelude::*;
-use resnet_dump::ModuleKind;
 
 use super::Report;
 use crate::metrics::{Comparison, Verdict};
@@ -106,12 +105,11 @@ fn draw<'a>(report: &Report, text: &'a mut String) -> Result<(), Box<dyn std::er
     let mut previous_layer: Option<&str> = None;
     let mut labels = 0;
     for (position, stage) in report.stages.iter().enumerate() {
-        // A layer's own stage (its output) has no enclosing layer.
-        let is_layer = stage.module_type == ModuleKind::Sequential && !stage.name.contains('.');
         let layer = match (&stage.layer, stage.name.as_str()) {
             (Some(layer), _) => layer.as_str(),
-            (None, name) if is_layer => name,
-            (None, "avgpool" | "fc") => "head",
+            // A layer's own stage (its output) has no enclosing layer.
+            (None, name) if stage.is_layer() => name,
+            (None, name) if name == "avgpool" || name.split('.').next() == Some("fc") => "head",
             (None, _) => "stem",
         };
         if previous_layer != Some(layer) {
