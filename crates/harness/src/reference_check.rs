@@ -173,11 +173,15 @@ pub fn reproduced_with_running_statistics(evidence: &[BatchNormEvidence]) -> usi
         .count()
 }
 
-/// max|recomputed - output| / max|output|.
+/// max|recomputed - output| / max|output|. A NaN where the output has a
+/// number is an infinite error: `max` would drop it, and a recomputation
+/// that divides by a zero variance (batch statistics of one value, eps 0)
+/// would reproduce anything.
 fn relative_error(recomputed: &ArrayD<f32>, output: &ArrayD<f32>) -> f64 {
     let (mut max_error, mut scale) = (0f64, 0f64);
     for (&r, &y) in recomputed.iter().zip(output.iter()) {
-        max_error = max_error.max((r as f64 - y as f64).abs());
+        let error = (r as f64 - y as f64).abs();
+        max_error = max_error.max(if error.is_nan() { f64::INFINITY } else { error });
         scale = scale.max((y as f64).abs());
     }
     max_error / scale.max(f32::MIN_POSITIVE as f64)
@@ -291,5 +295,9 @@ mod tests {
         let zeros = ArrayD::zeros(IxDyn(&[4]));
         assert_eq!(relative_error(&zeros, &zeros), 0.0);
         assert!(relative_error(&output, &zeros).is_finite());
+        // A NaN reproduces nothing (batch statistics of a 1x1 map in a
+        // batch of one, with eps 0, are 0/0).
+        let nan = ArrayD::from_elem(IxDyn(&[4]), f32::NAN);
+        assert_eq!(relative_error(&nan, &output), f64::INFINITY);
     }
 }
