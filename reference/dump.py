@@ -40,6 +40,16 @@ def parse_args(argv):
     parser.add_argument("--groups", type=int, help="override the constructor's groups (for width-reduced ResNeXt)")
     parser.add_argument("--width-per-group", type=int, help="override the constructor's width per group")
     parser.add_argument("--num-classes", type=int, default=1000, help="classes of fc for seeded weights (default 1000)")
+    parser.add_argument("--replace-stride-with-dilation", type=dilation_flags, metavar="F,T,T",
+                        help="torchvision's constructor option, one flag per layer after the first: "
+                             "F,T,T or F,F,T gives the dilated backbones of DeepLabV3 and FCN (Bottleneck models only)")
+    parser.add_argument("--norm-layer", choices=["BatchNorm2d", "FrozenBatchNorm2d"], default="BatchNorm2d",
+                        help="FrozenBatchNorm2d: every BatchNorm frozen as in torchvision's detection backbones "
+                             "(same weights and statistics) (default BatchNorm2d)")
+    parser.add_argument("--head", choices=models.HEADS, default="linear",
+                        help="linear: torchvision's fc; dropout_linear: fc = Sequential(Dropout(0.5), fc), the usual "
+                             "fine-tuning head; identity: fc = Identity; none: the backbone alone, as "
+                             "IntermediateLayerGetter cuts it (default linear)")
     parser.add_argument("--train-mode", action="store_true", help="keep the model in train mode (reproduces a reference dumped without model.eval(); for testing the harness)")
     parser.add_argument("--threads", type=int, help="torch threads; 1 makes the bytes independent of the machine's core count")
     parser.add_argument("--precision", choices=["float32", "float64"], default="float32",
@@ -49,6 +59,15 @@ def parse_args(argv):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+def dilation_flags(text):
+    """`F,T,T` (or false/true, 0/1) as three booleans."""
+    words = {"f": False, "false": False, "0": False, "t": True, "true": True, "1": True}
+    flags = [words.get(word.strip().lower()) for word in text.split(",")]
+    if len(flags) != 3 or None in flags:
+        raise argparse.ArgumentTypeError(f"{text!r}: three flags, one per layer after the first, such as F,T,T")
+    return flags
 
 
 def module_params(module):
@@ -65,6 +84,10 @@ def module_params(module):
             "num_features": module.num_features, "eps": module.eps, "momentum": module.momentum,
             "affine": module.affine, "track_running_stats": module.track_running_stats,
         }
+    if isinstance(module, models.FrozenBatchNorm2d):
+        return {"num_features": module.weight.shape[0], "eps": module.eps}
+    if isinstance(module, nn.Dropout):
+        return {"p": module.p, "inplace": module.inplace}
     if isinstance(module, nn.MaxPool2d):
         return {
             "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
@@ -115,7 +138,8 @@ def build(args):
     """The model (weights loaded or seeded and calibrated), its architecture,
     how its weights were made, and the preprocessed input."""
     shape_options = dict(width=args.width, num_classes=args.num_classes, groups=args.groups,
-                         width_per_group=args.width_per_group)
+                         width_per_group=args.width_per_group,
+                         replace_stride_with_dilation=args.replace_stride_with_dilation)
     if args.weights:
         model, architecture = models.from_checkpoint(args.model, args.weights, **shape_options)
         weights_description = {"source": "file", "file": str(args.weights)}
@@ -127,6 +151,11 @@ def build(args):
             "batch_norm_affine": "weight ~ U[0.5, 1.5), bias ~ U[-0.25, 0.25)",
             "calibration": {"batches": 2, "batch_size": 4, "input": "standard normal (Irwin-Hall of 12)", "momentum": None},
         }
+    if args.norm_layer == "FrozenBatchNorm2d":
+        model = models.freeze_batch_norms(model)
+    if args.norm_layer != "BatchNorm2d" or args.head != "linear":
+        model = models.with_head(model, args.head).eval()
+        architecture = models.describe(model)
     x, input_description = preprocess.make_input(args.image, args.size, args.batch, args.seed)
     return model, architecture, weights_description, x, input_description
 
@@ -168,14 +197,16 @@ def write(out, model, architecture, x, *, model_name, weights_description, input
         architecture=architecture,
         mode="train" if train_mode else "eval",
         batch_norms=[
-            {"module": path, "eps": m.eps, "momentum": m.momentum}
-            for path, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)
+            {"module": path, "eps": m.eps, "momentum": getattr(m, "momentum", None)}
+            for path, m in model.named_modules() if isinstance(m, (nn.BatchNorm2d, models.FrozenBatchNorm2d))
         ],
         input=input_description,
         dtype=precision,
         stages=stages,
         weights=weights,
-        top5=top5(logits, categories),
+        # A backbone returns its features, not logits.
+        **({"top5": top5(logits, categories)} if architecture.get("head", "linear") in ("linear", "dropout_linear")
+           else {}),
         classes=categories,
     )
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 from torchvision.models import resnet as tv
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 # Every torchvision ResNet constructor: block, blocks per stage, groups, width per group.
 MODELS = {
@@ -25,30 +27,72 @@ MODELS = {
 FULL_WIDTH = 64
 
 
-def build(name, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group=None):
+def build(name, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group=None,
+          replace_stride_with_dilation=None):
     """Builds torchvision's own ResNet class. A width below 64 rebuilds the
     stem, the four layers and fc with `width` channels where torchvision has
     64 (and 2x, 4x, 8x that after), keeping module names, block classes and
     topology. `groups` and `width_per_group` override the constructor's, so
-    that a width-reduced ResNeXt still has channels in every group."""
+    that a width-reduced ResNeXt still has channels in every group;
+    `replace_stride_with_dilation` is the constructor's own."""
     if name not in MODELS:
         raise SystemExit(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     block, layers, default_groups, default_width_per_group = MODELS[name]
     groups = default_groups if groups is None else groups
     width_per_group = default_width_per_group if width_per_group is None else width_per_group
-    model = tv.ResNet(block, layers, num_classes=num_classes, groups=groups, width_per_group=width_per_group)
+    dilate = list(replace_stride_with_dilation or [False, False, False])
+    try:
+        model = tv.ResNet(block, layers, num_classes=num_classes, groups=groups, width_per_group=width_per_group,
+                          replace_stride_with_dilation=dilate)
+    except (NotImplementedError, ValueError) as refused:
+        raise SystemExit(f"{name} with replace_stride_with_dilation={dilate}: torchvision refuses it: {refused}") from None
     if width != FULL_WIDTH:
         # Re-run the part of ResNet.__init__ that hard-codes 64 channels.
         # Assigning existing attributes keeps torchvision's module order.
         model.inplanes = width
+        model.dilation = 1
         model.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
         model.bn1 = nn.BatchNorm2d(width)
         model.layer1 = model._make_layer(block, width, layers[0])
-        model.layer2 = model._make_layer(block, width * 2, layers[1], stride=2)
-        model.layer3 = model._make_layer(block, width * 4, layers[2], stride=2)
-        model.layer4 = model._make_layer(block, width * 8, layers[3], stride=2)
+        model.layer2 = model._make_layer(block, width * 2, layers[1], stride=2, dilate=dilate[0])
+        model.layer3 = model._make_layer(block, width * 4, layers[2], stride=2, dilate=dilate[1])
+        model.layer4 = model._make_layer(block, width * 8, layers[3], stride=2, dilate=dilate[2])
         model.fc = nn.Linear(width * 8 * block.expansion, num_classes)
     return model, describe(model)
+
+
+def freeze_batch_norms(model):
+    """Every BatchNorm2d replaced by torchvision's FrozenBatchNorm2d with the
+    same eps, weights and running statistics, as detection backbones have
+    them (norm_layer=FrozenBatchNorm2d); module order and names are kept."""
+    for path, module in list(model.named_modules()):
+        if type(module) is nn.BatchNorm2d:
+            frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, name).copy_(getattr(module, name).detach())
+            parent, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent), child, frozen)
+    return model
+
+
+# The heads `python -m reference.dump --head` can put on a model.
+HEADS = ("linear", "dropout_linear", "identity", "none")
+
+
+def with_head(model, head):
+    """`model` with torchvision's `fc` kept (linear), moved behind a
+    Dropout (the usual fine-tuning head), replaced by Identity, or the
+    classifier cut off (IntermediateLayerGetter up to the last layer, as
+    segmentation and detection code gets its backbone)."""
+    if head == "dropout_linear":
+        model.fc = nn.Sequential(nn.Dropout(0.5), model.fc)
+    elif head == "identity":
+        model.fc = nn.Identity()
+    elif head == "none":
+        model = IntermediateLayerGetter(model, return_layers={"layer4": "out"})
+    elif head != "linear":
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    return model
 
 
 class Unsupported(ValueError):
@@ -84,6 +128,11 @@ _ATTRIBUTES = {
         "num_features": m.num_features, "affine": m.affine,
         "track_running_stats": m.track_running_stats and m.running_mean is not None and m.running_var is not None,
     },
+    # Affine, with fixed statistics, by construction.
+    FrozenBatchNorm2d: lambda m: {"num_features": m.weight.shape[0]},
+    # The identity in eval mode, whatever p.
+    nn.Dropout: lambda m: {},
+    nn.Identity: lambda m: {},
     nn.ReLU: lambda m: {},
     nn.MaxPool2d: lambda m: {
         "kernel_size": _pair(m.kernel_size), "stride": _pair(m.stride), "padding": _pair(m.padding),
@@ -95,44 +144,56 @@ _ATTRIBUTES = {
     tv.BasicBlock: lambda m: {},
     tv.Bottleneck: lambda m: {},
     tv.ResNet: lambda m: {},
+    IntermediateLayerGetter: lambda m: {},
 }
 
-def _core_modules(architecture, block, present):
+def _core_modules(architecture, block, root, present):
     """(path, type, attributes) of every module the core builds for
     `architecture`, in the order crates/core/src/network/build.rs builds
-    them; None in an attribute is a value that could not be read off the
-    model (it is refused elsewhere), not compared; where the channels are
-    unknown, a downsample is expected if `present` (the model's module
-    paths) has one."""
+    them (torchvision's own, dilation included); None in an attribute is a
+    value that could not be read off the model (it is refused elsewhere),
+    not compared; where the channels are unknown, a downsample is expected
+    if `present` (the model's module paths) has one."""
     a = architecture
+    norm_class = FrozenBatchNorm2d if a.get("norm_layer") == "FrozenBatchNorm2d" else nn.BatchNorm2d
 
-    def conv(in_channels, out_channels, kernel, stride, padding, groups=1):
+    def conv(in_channels, out_channels, kernel, stride, padding, groups=1, dilation=1):
         return nn.Conv2d, {
             "in_channels": in_channels, "out_channels": out_channels, "kernel_size": (kernel, kernel),
-            "stride": (stride, stride), "padding": (padding, padding), "dilation": (1, 1), "groups": groups,
-            "bias": False, "padding_mode": "zeros",
+            "stride": (stride, stride), "padding": (padding, padding), "dilation": (dilation, dilation),
+            "groups": groups, "bias": False, "padding_mode": "zeros",
         }
 
     def norm(channels):
-        return nn.BatchNorm2d, {"num_features": channels, "affine": True, "track_running_stats": True}
+        if norm_class is FrozenBatchNorm2d:
+            return norm_class, {"num_features": channels}
+        return norm_class, {"num_features": channels, "affine": True, "track_running_stats": True}
 
     def times(x, y):
         return None if x is None or y is None else x * y
 
     relu = (nn.ReLU, {})
-    yield "", tv.ResNet, {}
+    yield "", root, {}
     yield ("conv1", *conv(a["in_channels"], a["stem_channels"], 7, 2, 3))
     yield ("bn1", *norm(a["stem_channels"]))
     yield ("relu", *relu)
     yield "maxpool", nn.MaxPool2d, {"kernel_size": (3, 3), "stride": (2, 2), "padding": (1, 1), "dilation": (1, 1),
                                     "ceil_mode": False, "return_indices": False}
     in_channels = a["stem_channels"]
+    dilate = a.get("replace_stride_with_dilation") or [False] * (len(a["layers"]) - 1)
+    dilation = 1
     for index, (blocks, planes) in enumerate(zip(a["layers"], a["planes"])):
         layer = f"layer{index + 1}"
         yield layer, nn.Sequential, {"length": blocks}
+        # torchvision's _make_layer: a dilated layer gives up its stride for
+        # dilation, which its first block does not have yet.
+        stride = 2 if index > 0 else 1
+        previous_dilation = dilation
+        if index > 0 and dilate[index - 1]:
+            dilation, stride = dilation * stride, 1
         for number in range(blocks):
             name = f"{layer}.{number}"
-            stride = 2 if index > 0 and number == 0 else 1
+            block_stride, block_dilation = (stride, previous_dilation) if number == 0 else (1, dilation)
             yield name, block, {}
             if block is tv.Bottleneck:
                 known = None not in (planes, a["width_per_group"], a["groups"])
@@ -140,14 +201,15 @@ def _core_modules(architecture, block, present):
                 out_channels = times(planes, 4)
                 yield (f"{name}.conv1", *conv(in_channels, width, 1, 1, 0))
                 yield (f"{name}.bn1", *norm(width))
-                yield (f"{name}.conv2", *conv(width, width, 3, stride, 1, a["groups"]))
+                yield (f"{name}.conv2", *conv(width, width, 3, block_stride, block_dilation, a["groups"],
+                                              block_dilation))
                 yield (f"{name}.bn2", *norm(width))
                 yield (f"{name}.conv3", *conv(width, out_channels, 1, 1, 0))
                 yield (f"{name}.bn3", *norm(out_channels))
                 yield (f"{name}.relu", *relu)
             else:
                 out_channels = planes
-                yield (f"{name}.conv1", *conv(in_channels, planes, 3, stride, 1))
+                yield (f"{name}.conv1", *conv(in_channels, planes, 3, block_stride, 1))
                 yield (f"{name}.bn1", *norm(planes))
                 yield (f"{name}.relu", *relu)
                 yield (f"{name}.conv2", *conv(planes, planes, 3, 1, 1))
@@ -155,14 +217,25 @@ def _core_modules(architecture, block, present):
             if None in (in_channels, out_channels):
                 downsample = f"{name}.downsample" in present
             else:
-                downsample = stride != 1 or in_channels != out_channels
+                downsample = block_stride != 1 or in_channels != out_channels
             if downsample:
                 yield f"{name}.downsample", nn.Sequential, {"length": 2}
-                yield (f"{name}.downsample.0", *conv(in_channels, out_channels, 1, stride, 0))
+                yield (f"{name}.downsample.0", *conv(in_channels, out_channels, 1, block_stride, 0))
                 yield (f"{name}.downsample.1", *norm(out_channels))
             in_channels = out_channels
+    head = a.get("head", "linear")
+    if head == "none":
+        return
     yield "avgpool", nn.AdaptiveAvgPool2d, {"output_size": (1, 1)}
-    yield "fc", nn.Linear, {"in_features": in_channels, "out_features": a["num_classes"], "bias": True}
+    linear = nn.Linear, {"in_features": in_channels, "out_features": a["num_classes"], "bias": True}
+    if head == "dropout_linear":
+        yield "fc", nn.Sequential, {"length": 2}
+        yield "fc.0", nn.Dropout, {}
+        yield ("fc.1", *linear)
+    elif head == "identity":
+        yield "fc", nn.Identity, {}
+    else:
+        yield ("fc", *linear)
 
 
 def _overridden(module, cls):
@@ -179,7 +252,10 @@ def _overridden(module, cls):
 
 def describe(model):
     """The manifest's `architecture` of a live torchvision ResNet, read off
-    its modules (so that it also describes a model built elsewhere).
+    its modules (so that it also describes a model built elsewhere): its
+    dilation, its BatchNorm class and each BatchNorm's eps, and its head
+    (torchvision's Linear, a fine-tuning Sequential(Dropout, Linear), an
+    Identity, or none: an IntermediateLayerGetter backbone).
 
     The model is then checked module by module against what the core builds
     for that architecture (crates/core/src/network/build.rs): each module's
@@ -187,8 +263,16 @@ def describe(model):
     attribute that changes its result. Anything else raises Unsupported
     naming every module that differs, so that no model is verified or run
     as a network it is not."""
-    if not isinstance(model, tv.ResNet):
-        raise Unsupported(f"{type(model).__name__} is not a torchvision ResNet (torchvision.models.resnet.ResNet)")
+    backbone = isinstance(model, IntermediateLayerGetter)
+    if isinstance(model, torch.fx.GraphModule):
+        raise Unsupported(
+            f"{type(model).__name__} is a torch.fx GraphModule (torchvision's create_feature_extractor makes one): "
+            "it runs a traced graph, not its modules' own forward, so the core cannot check that it computes a "
+            "ResNet; verify the model it was traced from, or cut the backbone with "
+            "torchvision.models._utils.IntermediateLayerGetter")
+    if not (isinstance(model, tv.ResNet) or backbone):
+        raise Unsupported(f"{type(model).__name__} is not a torchvision ResNet (torchvision.models.resnet.ResNet), "
+                          "nor a backbone cut from one (torchvision.models._utils.IntermediateLayerGetter)")
     problems = []  # (path, why)
     modules = dict(model.named_modules())
 
@@ -202,39 +286,61 @@ def describe(model):
         problems.append(("layer1.0", f"{found}, where the core builds BasicBlock or Bottleneck"))
         block = tv.Bottleneck if hasattr(modules.get("layer1.0"), "conv3") else tv.BasicBlock
     expansion = block.expansion
+    # A ResNet has four layers; a backbone those up to the one it returns last.
+    count = 4 if not backbone else max((n for n in range(1, 5) if f"layer{n}" in modules), default=1)
     layers = []
     planes = []
-    for index in range(1, 5):
+    for index in range(1, count + 1):
         layer = modules.get(f"layer{index}")
         layers.append(len(layer) if isinstance(layer, nn.Sequential) else 1)
         channels = read(f"layer{index}.0.{'conv3' if block is tv.Bottleneck else 'conv2'}", "out_channels")
         planes.append(channels // expansion if isinstance(channels, int) else None)
-    norms = [(path, module) for path, module in modules.items() if type(module) is nn.BatchNorm2d]
+    # Dilation shows as the stride a layer's first 3x3 conv gave up; the
+    # module check below holds every conv to what torchvision builds then.
+    dilate = [block is tv.Bottleneck and read(f"layer{index}.0.conv2", "stride") == (1, 1)
+              for index in range(2, count + 1)]
+    norm_class = FrozenBatchNorm2d if type(modules.get("bn1")) is FrozenBatchNorm2d else nn.BatchNorm2d
+    norms = [(path, module) for path, module in modules.items() if type(module) is norm_class]
     eps_counts = collections.Counter(module.eps for _, module in norms)
     eps = eps_counts.most_common(1)[0][0] if eps_counts else None
-    for path, module in norms:
-        if module.eps != eps:
-            problems.append((path, f"eps {module.eps}, where the other BatchNorms have {eps} "
-                                   "(the core takes one eps for all BatchNorms)"))
-    for attribute in ("groups", "base_width"):
-        if not isinstance(getattr(model, attribute, None), int):
-            problems.append(("", f"no `{attribute}` (torchvision's ResNet records its constructor's there)"))
+    groups, width_per_group = _grouping(model, block, read, planes)
+    if not backbone:
+        for attribute in ("groups", "base_width"):
+            if not isinstance(getattr(model, attribute, None), int):
+                problems.append(("", f"no `{attribute}` (torchvision's ResNet records its constructor's there)"))
+    fc = modules.get("fc")
+    head, num_classes = "linear", read("fc", "out_features")
+    if backbone:
+        head, num_classes = "none", 0
+    elif type(fc) is nn.Identity:
+        head, num_classes = "identity", 0
+    elif type(fc) is nn.Sequential and len(fc) == 2 and type(fc[0]) is nn.Dropout and type(fc[1]) is nn.Linear:
+        head, num_classes = "dropout_linear", fc[1].out_features
     architecture = {
         "block": block.__name__,
         "layers": layers,
-        "groups": getattr(model, "groups", None),
-        "width_per_group": getattr(model, "base_width", None),
+        "groups": groups,
+        "width_per_group": width_per_group,
         "stem_channels": read("conv1", "out_channels"),
         "planes": planes,
-        "num_classes": read("fc", "out_features"),
+        "num_classes": num_classes,
         "in_channels": read("conv1", "in_channels"),
         "batch_norm_eps": eps,
     }
-    if getattr(model, "dilation", 1) != 1:
-        problems.append(("", "dilated (torchvision's replace_stride_with_dilation): "
-                             "the core builds every stage after the first with stride 2, and no dilation, yet"))
+    # Written only where they differ from torchvision's defaults, so that
+    # the manifest of a stock model is what it always was.
+    if any(dilate):
+        architecture["replace_stride_with_dilation"] = dilate
+    if norm_class is FrozenBatchNorm2d:
+        architecture["norm_layer"] = norm_class.__name__
+    overrides = {path: module.eps for path, module in norms if module.eps != eps}
+    if overrides:
+        architecture["batch_norm_eps_overrides"] = overrides
+    if head != "linear":
+        architecture["head"] = head
 
-    expected = list(_core_modules(architecture, block, set(modules)))
+    root = IntermediateLayerGetter if backbone else tv.ResNet
+    expected = list(_core_modules(architecture, block, root, set(modules)))
     refused = []  # paths refused whole (wrong type, missing, not built): their children are not looked at
     for path, cls, attributes in expected:
         if any(path.startswith(f"{parent}.") for parent in refused if parent):
@@ -244,7 +350,7 @@ def describe(model):
             problems.append((path, f"missing, where the core builds {cls.__name__}"))
             refused.append(path)
             continue
-        exact = isinstance(module, cls) if cls is tv.ResNet else type(module) is cls
+        exact = isinstance(module, cls) if cls is root else type(module) is cls
         if not exact:
             problems.append((path, f"{type(module).__name__}, where the core builds {cls.__name__}"))
             refused.append(path)
@@ -273,6 +379,20 @@ def describe(model):
     if problems:
         raise Unsupported(_refusal(problems))
     return architecture
+
+
+def _grouping(model, block, read, planes):
+    """(groups, width_per_group): a ResNet records its constructor's; a
+    backbone cut from one does not, and they are read off its first
+    Bottleneck's 3x3 conv (the module check holds every conv to them)."""
+    if isinstance(model, tv.ResNet):
+        return getattr(model, "groups", None), getattr(model, "base_width", None)
+    if block is tv.BasicBlock:
+        return 1, 64
+    groups, width = read("layer1.0.conv2", "groups"), read("layer1.0.conv2", "out_channels")
+    if not all(isinstance(value, int) and value > 0 for value in (groups, width, planes[0])):
+        return groups, None
+    return groups, width // groups * 64 // planes[0]
 
 
 def _refusal(problems, shown=8):
@@ -322,13 +442,15 @@ def initialize(model, generator):
                 module.weight.copy_(draw_normal(generator, module.weight.shape, math.sqrt(2.0 / fan_out)))
                 if module.bias is not None:
                     module.bias.zero_()
-            elif isinstance(module, nn.BatchNorm2d):
-                module.weight.copy_(draw_uniform(generator, module.weight.shape, 0.5, 1.5))
-                module.bias.copy_(draw_uniform(generator, module.bias.shape, -0.25, 0.25))
+            elif isinstance(module, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                if module.weight is not None:  # None where affine=False
+                    module.weight.copy_(draw_uniform(generator, module.weight.shape, 0.5, 1.5))
+                    module.bias.copy_(draw_uniform(generator, module.bias.shape, -0.25, 0.25))
             elif isinstance(module, nn.Linear):
                 bound = 1.0 / math.sqrt(module.in_features)
                 module.weight.copy_(draw_uniform(generator, module.weight.shape, -bound, bound))
-                module.bias.copy_(draw_uniform(generator, module.bias.shape, -bound, bound))
+                if module.bias is not None:
+                    module.bias.copy_(draw_uniform(generator, module.bias.shape, -bound, bound))
 
 
 def calibrate_batch_norm(model, generator, size, batches, batch_size):
@@ -357,22 +479,23 @@ def calibrate_batch_norm(model, generator, size, batches, batch_size):
 
 
 def seeded(name, seed, size, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group=None,
-           calibration_batches=2, calibration_batch_size=4):
+           replace_stride_with_dilation=None, calibration_batches=2, calibration_batch_size=4):
     torch.manual_seed(seed)
-    model, architecture = build(name, width, num_classes, groups, width_per_group)
+    model, architecture = build(name, width, num_classes, groups, width_per_group, replace_stride_with_dilation)
     generator = torch.Generator().manual_seed(seed)
     initialize(model, generator)
     calibrate_batch_norm(model, generator, size, calibration_batches, calibration_batch_size)
     return model, architecture
 
 
-def from_checkpoint(name, path, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group=None):
+def from_checkpoint(name, path, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group=None,
+                    replace_stride_with_dilation=None):
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state_dict, dict) and "state_dict" in state_dict:
         state_dict = state_dict["state_dict"]
     if "fc.weight" in state_dict:
         num_classes = state_dict["fc.weight"].shape[0]
-    model, architecture = build(name, width, num_classes, groups, width_per_group)
+    model, architecture = build(name, width, num_classes, groups, width_per_group, replace_stride_with_dilation)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:

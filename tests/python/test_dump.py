@@ -57,6 +57,45 @@ def test_every_torchvision_resnet_dumps_a_valid_manifest(tmp_path, model):
     assert logits[-1] >= np.delete(fc, indices).max()
 
 
+# (options, what the manifest's architecture says, the last stage names)
+OPTIONS = [
+    (["--model", "resnet50", "--replace-stride-with-dilation", "F,T,T"],
+     {"replace_stride_with_dilation": [False, True, True]}, ["avgpool", "fc"]),
+    (["--model", "resnet101", "--replace-stride-with-dilation", "false,false,true"],
+     {"replace_stride_with_dilation": [False, False, True]}, ["avgpool", "fc"]),
+    (["--model", "resnet50", "--norm-layer", "FrozenBatchNorm2d"],
+     {"norm_layer": "FrozenBatchNorm2d"}, ["avgpool", "fc"]),
+    (["--model", "resnet18", "--head", "dropout_linear"], {"head": "dropout_linear"}, ["fc.0", "fc.1", "fc"]),
+    (["--model", "resnet18", "--head", "identity"], {"head": "identity", "num_classes": 0}, ["avgpool", "fc"]),
+    (["--model", "resnext50_32x4d", "--groups", "4", "--width-per-group", "32", "--head", "none", "--norm-layer", "FrozenBatchNorm2d",
+      "--replace-stride-with-dilation", "F,T,T"],
+     {"head": "none", "norm_layer": "FrozenBatchNorm2d", "replace_stride_with_dilation": [False, True, True]},
+     ["layer4.2", "layer4"]),
+]
+
+
+@pytest.mark.parametrize("options, architecture, last", OPTIONS, ids=[" ".join(case[0][1:]) for case in OPTIONS])
+def test_constructor_options_dump_and_verify_all_succ(tmp_path, options, architecture, last):
+    """The options users pass to torchvision's constructors, and the models
+    they make of them, dumped and verified by the CLI at 64x64: dilated
+    layers keep their map size, and every stage is succ."""
+    out = tmp_path / "dump"
+    manifest = run_dump(out, *options, "--width", 8, "--size", 64, "--image", "random", "--threads", 2)
+    jsonschema.validate(manifest, SCHEMA)
+    assert architecture.items() <= manifest["architecture"].items()
+    names = [stage["name"] for stage in manifest["stages"]]
+    assert names[-len(last):] == last
+    assert ("top5" in manifest) == (manifest["architecture"].get("head", "linear") in ("linear", "dropout_linear"))
+    shapes = {stage["name"]: stage["shape"] for stage in manifest["stages"]}
+    dilated = manifest["architecture"].get("replace_stride_with_dilation", [False] * 3)
+    assert shapes["layer4"][2:] == [{0: 2, 1: 4, 2: 8}[sum(dilated)]] * 2
+    report = subprocess.run([str(ROOT / "target/release/verify"), str(out), "--format", "json"],
+                            capture_output=True, text=True)
+    assert report.returncode == 0, report.stdout[-2000:] + report.stderr
+    summary = json.loads(report.stdout)["summary"]
+    assert summary["compared"] == len(names) - 1 and summary["fail"] == 0
+
+
 def test_bottleneck_relu_calls_are_named_and_blocks_follow_children(dump):
     manifest, _ = dump("r50", "--model", "resnet50", "--width", 8, "--size", 32)
     names = [stage["name"] for stage in manifest["stages"]]

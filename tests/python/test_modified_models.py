@@ -12,6 +12,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models import resnet as tv
+from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resnet_verify as rv
@@ -109,19 +110,6 @@ REFUSED = [
      "avgpool", "AdaptiveMaxPool2d, where the core builds AdaptiveAvgPool2d"),
     ("LeakyReLU inside a block", lambda: changed(resnet18, lambda m: setattr(m.layer3[1], "relu", nn.LeakyReLU(0.1))),
      "layer3.1.relu", "LeakyReLU"),
-    ("one BatchNorm with another eps", lambda: changed(resnet50, lambda m: setattr(m.layer4[1].bn2, "eps", 1e-3)),
-     "layer4.1.bn2", "eps 0.001, where the other BatchNorms have 1e-05"),
-    ("fc as Sequential(Dropout, Linear)", lambda: changed(resnet18, lambda m: setattr(
-        m, "fc", nn.Sequential(nn.Dropout(0.5), nn.Linear(64, 10)))),
-     "fc", "Sequential, where the core builds Linear"),
-    ("replace_stride_with_dilation=[False, True, True]",
-     lambda: small(replace_stride_with_dilation=[False, True, True]),
-     "layer3.0.conv2", "stride=(1, 1)"),
-    ("replace_stride_with_dilation=[False, False, True]",
-     lambda: small(layers=(1, 1, 1, 2), replace_stride_with_dilation=[False, False, True]),
-     "layer4.1.conv2", "dilation=(2, 2)"),
-    ("norm_layer=FrozenBatchNorm2d", lambda: small(norm_layer=FrozenBatchNorm2d),
-     "bn1", "FrozenBatchNorm2d, where the core builds BatchNorm2d"),
     # And more of the same kind.
     ("BatchNorm affine=False", lambda: changed(resnet18, lambda m: setattr(
         m.layer1[0], "bn1", nn.BatchNorm2d(8, affine=False))),
@@ -162,11 +150,50 @@ REFUSED = [
      "conv1.weight", "torch.float64"),
     ("an extra module", lambda: changed(resnet18, lambda m: setattr(m, "dropout", nn.Dropout(0.2))),
      "dropout", "Dropout, which the core does not build"),
+    # Next to what is built: dilation, FrozenBatchNorm2d, heads, backbones.
+    ("a dilated layer with one conv dilated otherwise", lambda: changed(
+        lambda: resnet50(replace_stride_with_dilation=[False, True, True]),
+        lambda m: setattr(m.layer4[1].conv2, "dilation", (2, 2))),
+     "layer4.1.conv2", "dilation=(2, 2) (the core builds dilation=(4, 4))"),
+    ("a dilated conv that did not give up its stride", lambda: changed(
+        lambda: resnet50(replace_stride_with_dilation=[False, False, True]),
+        lambda m: setattr(m.layer4[1].conv2, "stride", (2, 2))),
+     "layer4.1.conv2", "stride=(2, 2)"),
+    ("one FrozenBatchNorm2d among BatchNorm2d", lambda: changed(resnet18, lambda m: setattr(
+        m.layer2[0], "bn1", FrozenBatchNorm2d(16))),
+     "layer2.0.bn1", "FrozenBatchNorm2d, where the core builds BatchNorm2d"),
+    ("one BatchNorm2d among FrozenBatchNorm2d", lambda: changed(
+        lambda: small(norm_layer=FrozenBatchNorm2d), lambda m: setattr(m.layer1[0], "bn2", nn.BatchNorm2d(64))),
+     "layer1.0.bn2", "BatchNorm2d, where the core builds FrozenBatchNorm2d"),
+    ("fc as Sequential(Linear, ReLU, Linear)", lambda: changed(resnet18, lambda m: setattr(
+        m, "fc", nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)))),
+     "fc", "Sequential, where the core builds Linear"),
+    ("fc as Sequential(AlphaDropout, Linear)", lambda: changed(resnet18, lambda m: setattr(
+        m, "fc", nn.Sequential(nn.AlphaDropout(0.5), nn.Linear(64, 10)))),
+     "fc", "Sequential, where the core builds Linear"),
+    ("avgpool replaced by Identity", lambda: changed(resnet18, lambda m: setattr(m, "avgpool", nn.Identity())),
+     "avgpool", "Identity, where the core builds AdaptiveAvgPool2d"),
+    ("a backbone with a stem conv of its own", lambda: changed(
+        lambda: backbone(resnet18(), "layer3"), lambda m: setattr(m, "conv1", nn.Conv2d(3, 8, 3, 2, 1, bias=False))),
+     "conv1", "kernel_size=(3, 3)"),
 ]
 
 
 def uniform_eps(eps):
     return functools.partial(nn.BatchNorm2d, eps=eps)
+
+
+def backbone(model, *layers):
+    """The backbone that segmentation and detection code cuts: the modules up
+    to the last of `layers`, returning each (torchvision's IntermediateLayerGetter)."""
+    return IntermediateLayerGetter(model, return_layers={layer: layer for layer in layers})
+
+
+def set_eps(*changes):
+    def change(model):
+        for path, eps in changes:
+            model.get_submodule(path).eps = eps
+    return change
 
 
 # (name, model maker, input shape): computed exactly.
@@ -184,6 +211,28 @@ EXACT = [
         m.layer1[0], "conv2", nn.Conv2d(8, 8, 3, padding="same", bias=False))), (1, 3, 32, 32)),
     ("one input channel", lambda: changed(resnet18, lambda m: setattr(
         m, "conv1", nn.Conv2d(1, 8, 7, 2, 3, bias=False))), (2, 1, 40, 24)),
+    # Dilated (segmentation), frozen (detection), fine-tuned and cut models.
+    ("replace_stride_with_dilation=[False, True, True]",
+     lambda: resnet50(replace_stride_with_dilation=[False, True, True]), (1, 3, 48, 40)),
+    ("replace_stride_with_dilation=[False, False, True]",
+     lambda: small(layers=(1, 1, 1, 3), replace_stride_with_dilation=[False, False, True]), (1, 3, 32, 32)),
+    ("replace_stride_with_dilation=[True, True, True]",
+     lambda: small(layers=(1, 2, 2, 2), groups=4, width_per_group=16, replace_stride_with_dilation=[True, True, True]),
+     (1, 3, 24, 24)),
+    ("norm_layer=FrozenBatchNorm2d", lambda: small(norm_layer=FrozenBatchNorm2d), (2, 3, 32, 32)),
+    ("FrozenBatchNorm2d with eps 0", lambda: small(tv.BasicBlock, norm_layer=functools.partial(FrozenBatchNorm2d, eps=0.0)),
+     (1, 3, 32, 32)),
+    ("one BatchNorm with another eps", lambda: changed(resnet50, set_eps(("layer4.1.bn2", 1e-3))), (1, 3, 32, 32)),
+    ("BatchNorms with three eps", lambda: changed(resnet18, set_eps(("bn1", 0.5), ("layer1.0.bn2", 1e-3),
+                                                                      ("layer3.1.bn1", 0.5))), (1, 3, 32, 32)),
+    ("fc as Sequential(Dropout, Linear)", lambda: changed(resnet18, lambda m: setattr(
+        m, "fc", nn.Sequential(nn.Dropout(0.5), nn.Linear(64, 10)))), (2, 3, 32, 32)),
+    ("fc as Identity", lambda: changed(resnet50, lambda m: setattr(m, "fc", nn.Identity())), (2, 3, 32, 32)),
+    ("a backbone to layer4 (DeepLabV3's)", lambda: backbone(
+        resnet50(replace_stride_with_dilation=[False, True, True]), "layer3", "layer4"), (1, 3, 40, 40)),
+    ("a backbone to layer2", lambda: backbone(resnet18(), "layer1", "layer2"), (1, 3, 32, 32)),
+    ("a frozen ResNeXt backbone (detection's)", lambda: backbone(
+        small(groups=8, width_per_group=16, norm_layer=FrozenBatchNorm2d), "layer2", "layer4"), (1, 3, 64, 48)),
 ]
 
 
@@ -226,14 +275,18 @@ def test_a_model_the_core_builds_is_computed_exactly(name, make, shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     before = state(model)
     with torch.no_grad():
-        logits = model(x).numpy()
+        result = model(x)
+    # A backbone returns its layers' outputs by name; a model its logits.
+    expected = dict(result) if isinstance(result, dict) else {"fc": result}
     outputs = rv.forward(model, x)
     assert_unchanged(model, before)
-    assert outputs["fc"].shape == logits.shape
-    assert rv.compare(logits, outputs["fc"])["verdict"] == "succ"
+    for name, tensor in expected.items():
+        assert outputs[name].shape == tuple(tensor.shape), name
+        assert rv.compare(tensor.numpy(), outputs[name])["verdict"] == "succ", name
     report = rv.verify_torch(model, x)
     assert_unchanged(model, before)
     assert report.passed, report.failures()
+    assert report["summary"]["compared"] == len(outputs) - 1, "every stage but the input is compared"
 
 
 def test_one_module_in_train_mode_is_refused_by_name_and_the_model_is_not_changed():
@@ -292,7 +345,24 @@ def test_a_model_whose_structure_differs_is_refused_by_name_and_nothing_else(cha
         rv.forward(model, torch.zeros(1, 3, 32, 32))
 
 
-def test_a_dilated_torchvision_resnet50_is_refused_as_dilated():
-    model = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True]).eval()
-    with pytest.raises(rv.VerifyError, match=r"the model: dilated \(torchvision's replace_stride_with_dilation\)"):
-        rv.verify_torch(model, torch.zeros(1, 3, 64, 64))
+@pytest.mark.parametrize("name, dilation", [
+    ("resnet50", [False, True, True]), ("resnet50", [False, False, True]),
+    ("resnet101", [False, True, True]), ("resnet101", [False, False, True]),
+])
+def test_dilated_resnets_are_verified_at_224(name, dilation):
+    """The segmentation backbones at the size they run at: every stage succ,
+    and layer4 at the size dilation keeps (28x28 or 14x14, not 7x7)."""
+    model = seeded(models.build(name, width=8, num_classes=10, replace_stride_with_dilation=dilation)[0])
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    report = rv.verify_torch(model, x)
+    assert report.passed, report.failures()
+    layer4 = next(stage for stage in report["stages"] if stage["name"] == "layer4")
+    assert layer4["shape"][2:] == ([28, 28] if dilation[1] else [14, 14])
+
+
+def test_a_traced_feature_extractor_is_refused_by_name():
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = create_feature_extractor(seeded(resnet18()), {"layer4": "out"}).eval()
+    with pytest.raises(rv.VerifyError, match=r"is a torch.fx GraphModule \(torchvision.s create_feature_extractor makes one\).*IntermediateLayerGetter"):
+        rv.forward(model, torch.zeros(1, 3, 32, 32))

@@ -12,7 +12,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
-use resnet_core::{Network, StageKind};
+use resnet_core::Network;
 use resnet_dump::{Dump, Mode};
 use resnet_verify::adapter::{self, DumpWeights};
 use resnet_verify::layout::{candidate_nchw, reference_tensor};
@@ -176,9 +176,9 @@ fn forward_outputs<'py>(
     py.detach(|| {
         for step in network.steps(input, last) {
             let (stage, output) = step?;
-            // torch's shapes: NCHW, and `[N, classes]` after flatten for fc.
+            // torch's shapes: NCHW, and `[N, C]` after flatten for fc.
             let [n, c, h, w] = output.nchw_shape();
-            let shape = if stage.kind == StageKind::Linear {
+            let shape = if stage.is_flattened() {
                 vec![n, c]
             } else {
                 vec![n, c, h, w]

@@ -117,6 +117,13 @@ impl Stage {
         matches!(self.operation, Operation::Container { .. })
     }
 
+    /// Whether torch's output of this stage is `[N, C]`: ResNet.forward
+    /// flattens the pooled map before `fc`, so `fc` and everything inside
+    /// it (a fine-tuning head's Dropout and Linear) are 2-D.
+    pub fn is_flattened(&self) -> bool {
+        self.module == "fc" || self.module.starts_with("fc.")
+    }
+
     pub(crate) fn apply(&self, inputs: &[&Tensor]) -> Result<Tensor, CoreError> {
         let arity = match self.operation {
             Operation::AddRelu => 2,
