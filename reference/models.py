@@ -145,6 +145,8 @@ _ATTRIBUTES = {
     tv.Bottleneck: lambda m: {},
     tv.ResNet: lambda m: {},
     IntermediateLayerGetter: lambda m: {},
+    torch.fx.GraphModule: lambda m: {},
+    nn.Module: lambda m: {},
 }
 
 def _core_modules(architecture, block, root, present):
@@ -263,16 +265,12 @@ def describe(model):
     attribute that changes its result. Anything else raises Unsupported
     naming every module that differs, so that no model is verified or run
     as a network it is not."""
-    backbone = isinstance(model, IntermediateLayerGetter)
-    if isinstance(model, torch.fx.GraphModule):
-        raise Unsupported(
-            f"{type(model).__name__} is a torch.fx GraphModule (torchvision's create_feature_extractor makes one): "
-            "it runs a traced graph, not its modules' own forward, so the core cannot check that it computes a "
-            "ResNet; verify the model it was traced from, or cut the backbone with "
-            "torchvision.models._utils.IntermediateLayerGetter")
+    traced = isinstance(model, torch.fx.GraphModule)
+    backbone = traced or isinstance(model, IntermediateLayerGetter)
     if not (isinstance(model, tv.ResNet) or backbone):
         raise Unsupported(f"{type(model).__name__} is not a torchvision ResNet (torchvision.models.resnet.ResNet), "
-                          "nor a backbone cut from one (torchvision.models._utils.IntermediateLayerGetter)")
+                          "nor a backbone cut from one (torchvision's IntermediateLayerGetter or "
+                          "create_feature_extractor)")
     problems = []  # (path, why)
     modules = dict(model.named_modules())
 
@@ -281,6 +279,8 @@ def describe(model):
         return getattr(module, attribute, None) if module is not None else None
 
     block = type(modules.get("layer1.0"))
+    if traced and block is nn.Module:  # a plain holder of the block's modules
+        block = tv.Bottleneck if "layer1.0.conv3" in modules else tv.BasicBlock
     if block not in (tv.BasicBlock, tv.Bottleneck):
         found = "missing" if "layer1.0" not in modules else block.__name__
         problems.append(("layer1.0", f"{found}, where the core builds BasicBlock or Bottleneck"))
@@ -292,7 +292,7 @@ def describe(model):
     planes = []
     for index in range(1, count + 1):
         layer = modules.get(f"layer{index}")
-        layers.append(len(layer) if isinstance(layer, nn.Sequential) else 1)
+        layers.append(max(1, len(list(layer.children()))) if layer is not None else 1)
         channels = read(f"layer{index}.0.{'conv3' if block is tv.Bottleneck else 'conv2'}", "out_channels")
         planes.append(channels // expansion if isinstance(channels, int) else None)
     # Dilation shows as the stride a layer's first 3x3 conv gave up; the
@@ -339,8 +339,15 @@ def describe(model):
     if head != "linear":
         architecture["head"] = head
 
-    root = IntermediateLayerGetter if backbone else tv.ResNet
+    root = torch.fx.GraphModule if traced else IntermediateLayerGetter if backbone else tv.ResNet
     expected = list(_core_modules(architecture, block, root, set(modules)))
+    if traced:
+        # A traced model's containers are plain Modules that hold the
+        # leaves; what they compute is the graph's, checked below.
+        containers = (nn.Sequential, tv.BasicBlock, tv.Bottleneck)
+        expected = [(path, nn.Module if cls in containers else cls, {} if cls in containers else attributes)
+                    for path, cls, attributes in expected]
+        problems.extend(_graph_problems(model, architecture, block))
     refused = []  # paths refused whole (wrong type, missing, not built): their children are not looked at
     for path, cls, attributes in expected:
         if any(path.startswith(f"{parent}.") for parent in refused if parent):
@@ -355,7 +362,7 @@ def describe(model):
             problems.append((path, f"{type(module).__name__}, where the core builds {cls.__name__}"))
             refused.append(path)
             continue
-        overridden = _overridden(module, cls)
+        overridden = None if cls is torch.fx.GraphModule else _overridden(module, cls)
         if overridden:
             problems.append((path, overridden))
         actual = _ATTRIBUTES[cls](module)
@@ -379,6 +386,51 @@ def describe(model):
     if problems:
         raise Unsupported(_refusal(problems))
     return architecture
+
+
+def _graph_problems(model, architecture, block):
+    """What differs between a traced backbone's graph (torchvision's
+    create_feature_extractor) and the graph torchvision traces from a stock
+    ResNet of `architecture` with the same outputs: every node's operation,
+    target and inputs, in order. Empty when they are the same, so that the
+    modules (checked one by one) are wired as a ResNet wires them."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    output = next(node for node in model.graph.nodes if node.op == "output")
+    returned = output.args[0] if output.args else None
+    if not isinstance(returned, dict) or not all(
+            isinstance(node, torch.fx.Node) and node.op == "call_module" for node in returned.values()):
+        return [("", "a traced graph that returns something other than module outputs by name")]
+
+    def qualified_name(node):
+        # The k-th call of module `a.b` is node `a_b_k`; torchvision names it `a.b_k`.
+        return node.target + node.name[len(node.target.replace(".", "_")):]
+
+    def signature(graph):
+        return [(node.op, str(node.target), repr(node.args), repr(node.kwargs)) for node in graph.nodes]
+
+    a = architecture
+    layers = list(a["layers"]) + [1] * (4 - len(a["layers"]))
+    dilate = a.get("replace_stride_with_dilation") or [False] * 3
+    dilate = list(dilate) + [False] * (3 - len(dilate))
+    norm_layer = FrozenBatchNorm2d if a.get("norm_layer") == "FrozenBatchNorm2d" else nn.BatchNorm2d
+    try:
+        with torch.device("meta"):
+            stock = tv.ResNet(block, layers, groups=a["groups"] or 1, width_per_group=a["width_per_group"] or 64,
+                              replace_stride_with_dilation=dilate, norm_layer=norm_layer).eval()
+        stock_graph = create_feature_extractor(
+            stock, {qualified_name(node): key for key, node in returned.items()}).graph
+    except Exception as error:  # noqa: BLE001 - whatever torchvision refuses, the graph is not a stock one
+        return [("", f"a traced graph torchvision would not trace from a stock ResNet ({error})")]
+    ours, theirs = signature(model.graph), signature(stock_graph)
+    for position, (node, stock_node) in enumerate(zip(ours, theirs)):
+        if node != stock_node:
+            return [("", f"a traced graph that differs from a stock ResNet's at node {position}: "
+                         f"{node[0]} {node[1]}{node[2]}, where torchvision traces {stock_node[0]} "
+                         f"{stock_node[1]}{stock_node[2]}")]
+    if len(ours) != len(theirs):
+        return [("", f"a traced graph of {len(ours)} nodes, where torchvision traces {len(theirs)}")]
+    return []
 
 
 def _grouping(model, block, read, planes):

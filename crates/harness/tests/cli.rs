@@ -388,6 +388,53 @@ fn only_reads_the_reference_stages_it_compares() {
 }
 
 #[test]
+fn a_reference_without_blocks_and_layers_is_compared_where_it_has_stages() {
+    // A traced model (create_feature_extractor) calls the modules inside
+    // its blocks and layers, not the blocks and layers: torch records no
+    // stage for them. Their values are their last child's, compared there.
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    let (mut removed, mut kept) = (0, 0);
+    edit_manifest(&dump, |manifest| {
+        let stages = manifest["stages"].as_array_mut().unwrap();
+        let before = stages.len();
+        stages.retain(|stage| {
+            !["BasicBlock", "Sequential"].contains(&stage["module_type"].as_str().unwrap())
+        });
+        (removed, kept) = (before - stages.len(), stages.len());
+    });
+    assert_eq!(removed, 8 + 4 + 3, "blocks, layers, downsamples");
+    for mode in [&[][..], &["--isolate"], &["--both"]] {
+        let mut arguments = vec![path(&dump), "--format", "json"];
+        arguments.extend_from_slice(mode);
+        let output = verify(&arguments);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{mode:?}: {}",
+            stderr(&output)
+        );
+        let report = json_report(&output);
+        assert_eq!(
+            report["summary"]["compared"],
+            kept - 1,
+            "{mode:?}: all but the input"
+        );
+        assert_eq!(report["blocks"].as_array().unwrap().len(), 0);
+    }
+    // A stage that computes something is never left out.
+    edit_manifest(&dump, |manifest| {
+        manifest["stages"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|stage| stage["name"] != "layer2.0.conv2");
+    });
+    let output = verify(&[path(&dump)]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("the core produces stage `layer2.0.conv2` (Conv2d), but the reference has no stage of that name"));
+}
+
+#[test]
 fn bad_input_exits_2_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nowhere");
