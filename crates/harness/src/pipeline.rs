@@ -33,13 +33,14 @@ pub(crate) struct Row<'a> {
     pub shown: bool,
 }
 
-/// What a source's output of a stage stands for.
+/// What a source's output of a stage stands for; a run has at most one
+/// source of each.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Feed {
     /// Computed from the candidate's own previous outputs: errors carry.
-    EndToEnd,
+    EndToEnd = 0,
     /// Computed from the reference's inputs: the error the stage adds alone.
-    Reference,
+    Reference = 1,
 }
 
 /// A source's output of one stage, NCHW.
@@ -51,7 +52,6 @@ pub(crate) struct Output {
 
 /// A source's output of the row, and how it compares.
 struct Produced {
-    feed: Feed,
     /// The source's position in the run's list.
     position: usize,
     output: Output,
@@ -166,7 +166,8 @@ fn compare_stages(
             notes.push(format!("reference stored as {dtype}, converted to float32"));
         }
 
-        let mut outputs = Vec::new();
+        // Each source's output and how it compares, by what it stands for.
+        let mut produced: [Option<Produced>; 2] = [None, None];
         for (position, source) in sources.iter_mut().enumerate() {
             let output = source.output(row, reference)?;
             let comparison = (output.data.shape() == reference.shape()).then(|| {
@@ -177,14 +178,13 @@ fn compare_stages(
                     &options.tolerance,
                 )
             });
-            outputs.push(Produced {
-                feed: source.feed(),
+            produced[source.feed() as usize] = Some(Produced {
                 position,
                 output,
                 comparison,
             });
         }
-        let produced_by = |feed: Feed| outputs.iter().find(|produced| produced.feed == feed);
+        let produced_by = |feed: Feed| produced[feed as usize].as_ref();
         // The logits (not the features that an Identity `fc` passes on).
         if row.entry.name == "fc" && row.entry.module_type != ModuleKind::Identity {
             builder.report.top5 = top_classes(
@@ -193,14 +193,9 @@ fn compare_stages(
                 stages.dump().manifest().classes.as_deref(),
             );
         }
-
         let failed = |feed: Feed| {
-            outputs.iter().any(|produced| {
-                produced.feed == feed
-                    && produced
-                        .comparison
-                        .as_ref()
-                        .is_none_or(|c| c.verdict == Verdict::Fail)
+            produced_by(feed).is_some_and(|produced| {
+                (produced.comparison.as_ref()).is_none_or(|c| c.verdict == Verdict::Fail)
             })
         };
         let (end_to_end_failed, isolated_failed) =
@@ -237,16 +232,11 @@ fn compare_stages(
             }
         }
 
-        let mut comparisons = [None, None];
-        for produced in outputs {
+        let [cumulative, isolated] = produced.map(|produced| {
+            let produced = produced?;
             notes.extend(produced.output.notes);
-            let slot = match produced.feed {
-                Feed::EndToEnd => 0,
-                Feed::Reference => 1,
-            };
-            comparisons[slot] = produced.comparison;
-        }
-        let [cumulative, isolated] = comparisons;
+            produced.comparison
+        });
         let failed = end_to_end_failed || isolated_failed;
         builder.push(
             StageReport {

@@ -265,8 +265,10 @@ const DIAGNOSED_AT_MOST: usize = 16;
 /// Accumulates stage results into block and layer counts and the summary.
 pub(crate) struct ReportBuilder {
     pub report: Report,
-    open_blocks: Vec<GroupSummary>,
-    open_layers: Vec<GroupSummary>,
+    /// The block and the layer the stages are in: blocks follow each other,
+    /// and so do layers, so one of each is open at a time.
+    open_block: Option<GroupSummary>,
+    open_layer: Option<GroupSummary>,
     diagnosed: usize,
 }
 
@@ -296,8 +298,8 @@ impl ReportBuilder {
         });
         ControlFlow::Continue(ReportBuilder {
             report,
-            open_blocks: Vec::new(),
-            open_layers: Vec::new(),
+            open_block: None,
+            open_layer: None,
             diagnosed: 0,
         })
     }
@@ -361,12 +363,12 @@ impl ReportBuilder {
         }
         let is_block = stage.module_type.is_block();
         let is_layer = stage.is_layer();
-        for (groups, name) in [
-            (&mut self.open_blocks, &stage.block),
-            (&mut self.open_layers, &stage.layer),
+        for (open, name) in [
+            (&mut self.open_block, &stage.block),
+            (&mut self.open_layer, &stage.layer),
         ] {
             if let Some(name) = name {
-                let group = open(groups, name);
+                let group = open_group(open, name);
                 group.stages.add(verdict);
                 if stage.is_conv() {
                     group.conv2d.add(verdict);
@@ -377,17 +379,23 @@ impl ReportBuilder {
             }
         }
         let closes = if is_block {
-            Some((&mut self.open_blocks, &mut self.report.blocks))
+            Some((&mut self.open_block, &mut self.report.blocks))
         } else if is_layer {
-            Some((&mut self.open_layers, &mut self.report.layers))
+            Some((&mut self.open_layer, &mut self.report.layers))
         } else {
             None
         };
         self.report.stages.push(stage);
         let stage = self.report.stages.last().expect("just pushed");
         listener(Event::Stage(stage));
-        if let Some((open_groups, closed)) = closes {
-            let mut group = take(open_groups, &stage.name);
+        if let Some((open, closed)) = closes {
+            let mut group = open
+                .take()
+                .filter(|group| group.name == stage.name)
+                .unwrap_or_else(|| GroupSummary {
+                    name: stage.name.clone(),
+                    ..GroupSummary::default()
+                });
             group.module_type = stage.module_type.clone();
             group.stages.add(verdict);
             group.verdict = Some(if group.stages.succ == group.stages.total {
@@ -414,25 +422,16 @@ impl ReportBuilder {
     }
 }
 
-fn open<'a>(groups: &'a mut Vec<GroupSummary>, name: &str) -> &'a mut GroupSummary {
-    if let Some(position) = groups.iter().position(|group| group.name == name) {
-        return &mut groups[position];
+/// The open group named `name`, started afresh if the open one has
+/// another name (a group whose own stage the reference lacks never closes).
+fn open_group<'a>(open: &'a mut Option<GroupSummary>, name: &str) -> &'a mut GroupSummary {
+    if open.as_ref().is_some_and(|group| group.name != name) {
+        *open = None;
     }
-    groups.push(GroupSummary {
+    open.get_or_insert_with(|| GroupSummary {
         name: name.to_string(),
         ..GroupSummary::default()
-    });
-    groups.last_mut().expect("just pushed")
-}
-
-fn take(groups: &mut Vec<GroupSummary>, name: &str) -> GroupSummary {
-    match groups.iter().position(|group| group.name == name) {
-        Some(position) => groups.remove(position),
-        None => GroupSummary {
-            name: name.to_string(),
-            ..GroupSummary::default()
-        },
-    }
+    })
 }
 
 /// The first `shown` names, and how many more there are.
