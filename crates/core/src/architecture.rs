@@ -134,6 +134,36 @@ impl Architecture {
                 .unwrap_or(false)
     }
 
+    /// The smallest architecture whose network has stage `stage` under the
+    /// same name and computes everything up to it as this one does: the
+    /// layers up to its block, and no head. `None` where that is the whole
+    /// network (the head's stages) or the name is not a stage's. A pass
+    /// that stops at `stage` needs no more (`verify --upto`).
+    pub fn up_to(&self, stage: &str) -> Option<Architecture> {
+        let mut parts = stage.split(['.', '#']);
+        let (layers, last_blocks) = match parts.next()? {
+            "input" | "conv1" | "bn1" | "relu" | "maxpool" => (1, 1),
+            first => {
+                let layer: usize = first.strip_prefix("layer")?.parse().ok()?;
+                let blocks = match parts.next() {
+                    Some(block) => block.parse::<usize>().ok()? + 1,
+                    None => *self.layers.get(layer.checked_sub(1)?)?,
+                };
+                (layer, blocks)
+            }
+        };
+        if layers == 0 || layers > self.layers.len() || last_blocks > self.layers[layers - 1] {
+            return None;
+        }
+        let mut truncated = self.clone();
+        truncated.layers.truncate(layers);
+        truncated.layers[layers - 1] = last_blocks;
+        truncated.planes.truncate(layers);
+        truncated.replace_stride_with_dilation.truncate(layers - 1);
+        truncated.head = Head::None;
+        Some(truncated)
+    }
+
     /// Channels that leave the last stage and enter `fc`.
     pub fn feature_channels(&self) -> usize {
         self.planes.last().copied().unwrap_or(self.stem_channels) * self.block.expansion()
@@ -265,6 +295,38 @@ mod tests {
         match architecture.validate() {
             Err(CoreError::UnsupportedArchitecture(why)) => why,
             other => panic!("expected an unsupported architecture, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn up_to_keeps_what_a_pass_to_the_stage_needs() {
+        let resnet50 = resnet50();
+        let up_to = |stage: &str| resnet50.up_to(stage).map(|a| (a.layers, a.planes, a.head));
+        assert_eq!(up_to("maxpool"), Some((vec![1], vec![64], Head::None)));
+        assert_eq!(up_to("layer1"), Some((vec![3], vec![64], Head::None)));
+        assert_eq!(
+            up_to("layer3.1.relu#2"),
+            Some((vec![3, 4, 2], vec![64, 128, 256], Head::None))
+        );
+        assert_eq!(
+            up_to("layer4").map(|(layers, ..)| layers),
+            Some(vec![3, 4, 6, 3])
+        );
+        let dilated = Architecture {
+            replace_stride_with_dilation: vec![false, true, true],
+            ..resnet50.clone()
+        };
+        assert_eq!(
+            dilated
+                .up_to("layer3.0")
+                .unwrap()
+                .replace_stride_with_dilation,
+            [false, true]
+        );
+        for whole_or_unknown in [
+            "avgpool", "fc", "layer5", "layer1.3", "layer0", "nothing", "",
+        ] {
+            assert_eq!(resnet50.up_to(whole_or_unknown), None, "{whole_or_unknown}");
         }
     }
 

@@ -36,16 +36,26 @@ impl Dump {
     /// Reads `DIR/manifest.json` and checks it: format, schema version,
     /// unique stage names, and file names that stay inside the directory.
     pub fn open(dir: &Path) -> Result<Dump, DumpError> {
+        if !dir.exists() {
+            return Err(DumpError::NoDirectory {
+                path: dir.to_path_buf(),
+            });
+        }
+        if !dir.is_dir() {
+            return Err(DumpError::NotADirectory {
+                path: dir.to_path_buf(),
+            });
+        }
         let manifest_path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&manifest_path).map_err(|source| DumpError::Io {
+        let text = std::fs::read_to_string(&manifest_path).map_err(|cause| DumpError::Io {
             path: manifest_path.clone(),
-            source,
+            cause,
         })?;
         let manifest = parse_manifest(&text, &manifest_path)?;
 
-        let root = dir.canonicalize().map_err(|source| DumpError::Io {
+        let root = dir.canonicalize().map_err(|cause| DumpError::Io {
             path: dir.to_path_buf(),
-            source,
+            cause,
         })?;
         Ok(Dump {
             root,
@@ -181,9 +191,9 @@ impl Dump {
             reason,
         })?;
         let joined = self.root.join(file);
-        let real = joined.canonicalize().map_err(|source| DumpError::Io {
+        let real = joined.canonicalize().map_err(|cause| DumpError::Io {
             path: joined.clone(),
-            source,
+            cause,
         })?;
         if !real.starts_with(&self.root) {
             return Err(DumpError::Field {

@@ -5,12 +5,19 @@ use thiserror::Error;
 /// A dump that cannot be used, and why. Every variant names the file.
 #[derive(Debug, Error)]
 pub enum DumpError {
-    #[error("{path}: {source}")]
+    /// The cause is said in the message, once: it is not also the error's
+    /// `source`, which a report of the whole chain would repeat.
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
+
+    #[error("{path}: no such directory")]
+    NoDirectory { path: PathBuf },
+
+    #[error("{path}: not a directory (a dump is a directory holding manifest.json)")]
+    NotADirectory { path: PathBuf },
 
     #[error("{path}: not a valid .npy file: {reason}")]
     Npy { path: PathBuf, reason: String },

@@ -138,9 +138,9 @@ fn parse_header(bytes: &[u8], data_size: impl Fn(usize) -> u64) -> Result<DataLa
 /// order and Fortran order are read as they are; f64 is converted (and the
 /// conversion reported); everything else is refused.
 pub fn read_f32(path: &Path) -> Result<NpyArray, DumpError> {
-    let io = |source| DumpError::Io {
+    let io = |cause| DumpError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     };
     let npy = |reason| DumpError::Npy {
         path: path.to_path_buf(),

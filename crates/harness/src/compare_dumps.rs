@@ -116,8 +116,20 @@ impl Candidate for OtherEngine<'_> {
         if let Some(dtype) = &loaded.converted_from {
             notes.push(format!("candidate stored as {dtype}, converted to float32"));
         }
-        let data = self.layout.to_nchw(loaded.data);
-        if data.shape() != reference.shape() {
+        let mut data = self.layout.to_nchw(loaded.data);
+        if data.shape() != reference.shape() && differ_by_unit_axes(data.shape(), reference.shape())
+        {
+            // An engine that fuses the flatten stores avgpool `[N, C]`: the
+            // same values in the same order.
+            notes.push(format!(
+                "shape {:?} compared as the reference's {:?} (they differ only by axes of size 1)",
+                data.shape(),
+                reference.shape()
+            ));
+            data = data
+                .into_shape_with_order(reference.shape())
+                .expect("the same elements in the same order");
+        } else if data.shape() != reference.shape() {
             notes.push(format!(
                 "shape {:?} (read as {:?}) is not the reference's {:?}",
                 data.shape(),
@@ -157,16 +169,37 @@ impl Candidate for OtherEngine<'_> {
             match confirm_layout(evidence, self.candidate, row.index, &found)? {
                 Some(confirmed) => Explained::Run {
                     stopped: format!(
-                        "every stage checked ({}) is the reference in {} order, so the rest would fail the same way; rerun with --cand-layout {}",
+                        "every stage checked ({}) is the reference in {} order, so the rest would fail the same way; {}",
                         confirmed.join(", "),
                         axis_order::order_name(found.order, "NCHW"),
-                        axis_order::order_name(found.order, "NCHW").to_lowercase(),
+                        layout_advice(&found, self.layout),
                     ),
                     hint: found.hint,
                 },
                 None => Explained::Stage(found.hint),
             },
         ))
+    }
+}
+
+/// Whether two shapes are the same once their axes of size 1 are dropped
+/// (`[N, C]` and `[N, C, 1, 1]`): the same elements in the same order.
+fn differ_by_unit_axes(a: &[usize], b: &[usize]) -> bool {
+    let sizes =
+        |shape: &[usize]| -> Vec<usize> { shape.iter().copied().filter(|&n| n != 1).collect() };
+    sizes(a) == sizes(b)
+}
+
+/// What to do about a candidate found in another axis order throughout.
+fn layout_advice(found: &axis_order::LayoutMatch, assumed: Layout) -> String {
+    let order = axis_order::order_name(found.order, "NCHW");
+    if found.reshaped {
+        // Its shapes are right and its values are not: no flag reads that.
+        format!("transpose each stage from {order} to {assumed:?} before saving it (a reshape leaves the values in {order} order)")
+    } else if [axis_order::NCHW, axis_order::NHWC].contains(&found.order) {
+        format!("rerun with --cand-layout {}", order.to_lowercase())
+    } else {
+        format!("write the stages {assumed:?}")
     }
 }
 

@@ -225,7 +225,7 @@ fn compare_stages(
                         stopped = Some(why);
                     }
                     None if output.data.shape() == reference.shape() => {
-                        hints = evidence.diagnose(&row.entry.name, &observed);
+                        hints = evidence.diagnose(&row.entry.name, &observed, &missing);
                     }
                     None => {}
                 }

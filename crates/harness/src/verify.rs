@@ -42,15 +42,17 @@ pub fn verify_dump(
     options: &VerifyOptions,
     listener: &mut dyn FnMut(Event),
 ) -> Result<Report, VerifyError> {
-    let network = Network::from_weights(
-        &adapter::architecture(dump.architecture()?),
-        &DumpWeights(dump),
-    )
-    .map_err(|source| VerifyError::Core {
+    // A pass that stops early is built only as far as it goes: the weights
+    // and the reference stages after it are not read.
+    let whole = adapter::architecture(dump.architecture()?);
+    let truncated = options.upto.as_deref().and_then(|upto| whole.up_to(upto));
+    let network = Network::from_weights(truncated.as_ref().unwrap_or(&whole), &DumpWeights(dump))
+        .map_err(|source| VerifyError::Core {
         dump: options.dump.clone(),
         source,
     })?;
-    let entries = match_stages(dump, &network, &options.dump)?;
+    let checked_through = options.upto.as_deref().filter(|_| truncated.is_some());
+    let entries = match_stages(dump, &network, &options.dump, checked_through)?;
     let last = match &options.upto {
         Some(name) => network
             .stage_index(name)
@@ -107,14 +109,16 @@ pub fn verify_dump(
     run(report, &rows, &mut sources, &stages, &options.run, listener)
 }
 
-/// The reference entry for every core stage, checked to cover each other.
-/// A block, layer or downsample the reference did not record (a traced
-/// model calls only the modules inside them) has none: its value is its
-/// last child's, compared there.
+/// The reference entry for every core stage, checked to cover each other
+/// (for a network built only up to a stage, the reference up to that
+/// stage: `checked_through`). A block, layer or downsample the reference
+/// did not record (a traced model calls only the modules inside them) has
+/// none: its value is its last child's, compared there.
 fn match_stages<'a>(
     dump: &'a Dump,
     network: &Network,
     path: &Path,
+    checked_through: Option<&str>,
 ) -> Result<Vec<Option<&'a StageEntry>>, VerifyError> {
     let mismatch = |reason| VerifyError::Mismatch {
         dump: path.to_path_buf(),
@@ -134,9 +138,11 @@ fn match_stages<'a>(
     if let Some(reason) = module_check::refusal(network, dump) {
         return Err(mismatch(reason));
     }
-    if let Some(extra) = dump
-        .manifest()
-        .stages
+    let stages = &dump.manifest().stages;
+    let covered = checked_through
+        .and_then(|last| stages.iter().position(|s| s.name == last))
+        .map_or(stages.len(), |position| position + 1);
+    if let Some(extra) = stages[..covered]
         .iter()
         .find(|s| network.stage_index(&s.name).is_err())
     {

@@ -202,6 +202,30 @@ fn upto_stops_after_the_named_stage() {
 }
 
 #[test]
+fn upto_reads_no_weight_or_stage_past_the_block_it_stops_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    for file in [
+        dump.join("weights/fc.weight.npy"),
+        dump.join("weights/layer4.0.conv1.weight.npy"),
+        stage_file(&dump, "layer4.0.bn1"),
+    ] {
+        std::fs::write(file, b"broken").unwrap();
+    }
+    let output = verify(&[path(&dump), "--upto", "layer3"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let output = verify(&[path(&dump), "--upto", "layer3.1.bn1", "--isolate"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let output = verify(&[path(&dump)]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("not a valid .npy file"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
 fn isolated_and_side_by_side_modes() {
     for mode in ["--isolate", "--both"] {
         let output = verify(&[path(&fixture("resnext50-w8")), mode, "--format", "json"]);
@@ -440,11 +464,21 @@ fn bad_input_exits_2_naming_the_file() {
     let missing = dir.path().join("nowhere");
     let output = verify(&[path(&missing)]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("nowhere/manifest.json"),
-        "{}",
-        stderr(&output)
+    assert_eq!(
+        stderr(&output),
+        format!("verify: error: {}: no such directory\n", missing.display())
     );
+    // A directory without a manifest: the file, and its cause said once.
+    std::fs::create_dir(&missing).unwrap();
+    let stderr_text = stderr(&verify(&[path(&missing)]));
+    assert!(
+        stderr_text.contains("nowhere/manifest.json: No such file or directory")
+            && stderr_text.matches("No such file").count() == 1,
+        "{stderr_text}"
+    );
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "").unwrap();
+    assert!(stderr(&verify(&[path(&file)])).contains("a-file: not a directory"));
 
     let dump = copy_fixture("resnet18-w8", dir.path());
     std::fs::write(dump.join("manifest.json"), "{ not json").unwrap();
@@ -549,8 +583,6 @@ fn the_reference_check_recomputes_every_batch_norm_both_ways() {
         let output = verify(&[
             path(&fixture(name)),
             "--allow-train-reference",
-            "--upto",
-            "conv1",
             "--format",
             "json",
         ]);
@@ -584,9 +616,16 @@ fn the_reference_check_recomputes_every_batch_norm_both_ways() {
             assert!(e[other].as_f64().unwrap() > 1e-2, "{name}: {e}");
         }
     }
-    let text = stdout(&verify(&[path(&fixture("resnet18-w8")), "--upto", "conv1"]));
+    let text = stdout(&verify(&[path(&fixture("resnet18-w8"))]));
     assert!(
         text.contains("reference: eval mode (manifest says eval; 20 of 20 BatchNorms reproduced with running statistics)"),
+        "{text}"
+    );
+    // A run that stops early reads no stage past the block it stops in:
+    // the BatchNorms up to there are examined.
+    let text = stdout(&verify(&[path(&fixture("resnet18-w8")), "--upto", "conv1"]));
+    assert!(
+        text.contains("reference: eval mode (manifest says eval; 3 of 3 BatchNorms reproduced with running statistics)"),
         "{text}"
     );
 }

@@ -400,6 +400,144 @@ fn conv_weights_read_in_another_order() {
     );
 }
 
+/// Turns `dump` into what an engine that folds each BatchNorm into the conv
+/// before it writes (ONNX exporters, TensorRT): no conv stages, and `bn1`
+/// computed by one conv whose weights and bias are conv1's and bn1's
+/// folded, `w * weight / sqrt(var + eps)` and `bias - mean * weight /
+/// sqrt(var + eps)`. `misread` reads conv1's OIHW weights as OHWI first;
+/// `parameters` makes bn1's (weight, bias, mean, var) wrong.
+fn fold_batch_norms(dump: &Path, misread: bool, eps: f64, parameters: BatchNormMistake) {
+    edit_manifest(dump, |m| {
+        m["stages"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|stage| stage["module_type"] != "Conv2d");
+    });
+    let conv_weight = read(&dump.join("weights/conv1.weight.npy"));
+    let conv_weight = if misread {
+        read_as_ohwi(&conv_weight)
+    } else {
+        conv_weight
+    };
+    let [gamma, beta, mean, var] = parameters([
+        weight(dump, "bn1.weight"),
+        weight(dump, "bn1.bias"),
+        weight(dump, "bn1.running_mean"),
+        weight(dump, "bn1.running_var"),
+    ]);
+    let scale: Vec<f64> = (0..gamma.len())
+        .map(|c| gamma[c] / (var[c] + eps).sqrt())
+        .collect();
+    let mut folded = conv_weight.into_dimensionality::<Ix4>().unwrap();
+    for (c, mut filter) in folded.outer_iter_mut().enumerate() {
+        filter.mapv_inplace(|w| (w as f64 * scale[c]) as f32);
+    }
+    let bias = (0..scale.len())
+        .map(|c| (beta[c] - mean[c] * scale[c]) as f32)
+        .collect();
+    let [out_channels, in_channels, ..] = *folded.shape() else {
+        unreachable!()
+    };
+    let conv = Conv2d::new(
+        in_channels,
+        out_channels,
+        ConvGeometry::square(7, 2, 3, 1),
+        conv_weight_from_oihw(folded.view(), 1),
+        Some(bias),
+    );
+    let input = stage_output(dump, "input")
+        .into_dimensionality::<Ix4>()
+        .unwrap();
+    let output = conv.forward(&Tensor::from_nchw(input.view())).unwrap();
+    replace_stage(dump, "bn1", &output.to_nchw().into_dyn());
+}
+
+#[test]
+fn mistakes_inside_a_folded_batch_norm_are_named_there() {
+    // Folded right, the candidate compares succ where it has stages.
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture("resnet18-w8", dir.path());
+    fold_batch_norms(&candidate, false, 1e-5, |p| p);
+    let output = verify(&["compare", path(&fixture("resnet18-w8")), path(&candidate)]);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert!(stdout(&output)
+        .contains("reference stage(s) not in the candidate, not compared: conv1, layer1.0.conv1"));
+
+    let cases: [(&str, &str, bool, f64, BatchNormMistake); 4] = [
+        (
+            "weight_order",
+            "the candidate matches conv `conv1` (folded into this BatchNorm) with its OIHW weights read as OHWI",
+            true,
+            1e-5,
+            |p| p,
+        ),
+        (
+            "batch_norm_eps",
+            "the candidate matches BatchNorm with eps = 1.0e-3",
+            false,
+            1e-3,
+            |p| p,
+        ),
+        (
+            "batch_norm_statistics_swapped",
+            "running_mean and running_var swapped",
+            false,
+            1e-5,
+            |[w, b, m, v]| [w, b, v, m],
+        ),
+        ("batch_norm_affine", "weight missing", false, 1e-5, |[w, b, m, v]| {
+            [vec![1.0; w.len()], b, m, v]
+        }),
+    ];
+    for (hypothesis, says, misread, eps, mistake) in cases {
+        let report = compare_edited("resnet18-w8", |dump| {
+            fold_batch_norms(dump, misread, eps, mistake)
+        });
+        assert_hint(&report, "bn1", hypothesis, says);
+    }
+}
+
+#[test]
+fn a_pooled_output_stored_flat_compares_with_a_note() {
+    // Engines that fuse the flatten store avgpool as [N, C].
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture("resnet18-w8", dir.path());
+    let pooled = stage_output(&candidate, "avgpool");
+    let [n, c, ..] = *pooled.shape() else {
+        unreachable!()
+    };
+    let flat = pooled.into_shape_with_order(IxDyn(&[n, c])).unwrap();
+    replace_stage(&candidate, "avgpool", &flat);
+    edit_manifest(&candidate, |m| {
+        entry_mut(m, "stages", "avgpool")["shape"] = serde_json::json!([n, c]);
+    });
+    let output = verify(&[
+        "compare",
+        path(&fixture("resnet18-w8")),
+        path(&candidate),
+        "--format",
+        "json",
+    ]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let report = json_report(&output);
+    assert_eq!(
+        stage(&report, "avgpool")["notes"],
+        serde_json::json!([format!(
+            "shape [{n}, {c}] compared as the reference's [{n}, {c}, 1, 1] (they differ only by axes of size 1)"
+        )])
+    );
+    // Another shape of the same size is still a failure.
+    let wrong = stage_output(&candidate, "avgpool")
+        .into_shape_with_order(IxDyn(&[n, c / 2, 2]))
+        .unwrap();
+    replace_stage(&candidate, "avgpool", &wrong);
+    edit_manifest(&candidate, |m| {
+        entry_mut(m, "stages", "avgpool")["shape"] = serde_json::json!([n, c / 2, 2]);
+    });
+    let output = verify(&["compare", path(&fixture("resnet18-w8")), path(&candidate)]);
+    assert_eq!(output.status.code(), Some(1));
+}
+
 #[test]
 fn weights_stored_in_another_order_are_found_by_the_core() {
     let dir = tempfile::tempdir().unwrap();
@@ -480,6 +618,42 @@ fn height_and_width_swapped_under_the_same_shape() {
         "layout",
         "in NCWH order under its NCHW shape [1, 8, 8, 8]: a reshape without a transpose",
     );
+}
+
+#[test]
+fn nhwc_data_reshaped_to_nchw_is_told_to_transpose_not_to_pass_a_flag() {
+    // Every 4-D stage's NHWC memory saved under its NCHW shape: no reading
+    // flag undoes that, so the advice is to transpose before saving.
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture("resnet18-w8", dir.path());
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(candidate.join("manifest.json")).unwrap())
+            .unwrap();
+    for entry in manifest["stages"].as_array().unwrap() {
+        let file = stage_file(&candidate, entry["name"].as_str().unwrap());
+        let array = read(&file);
+        if array.ndim() == 4 {
+            let memory: Vec<f32> = array
+                .view()
+                .permuted_axes(IxDyn(&[0, 2, 3, 1]))
+                .iter()
+                .copied()
+                .collect();
+            write(
+                &file,
+                &ArrayD::from_shape_vec(array.shape(), memory).unwrap(),
+            );
+        }
+    }
+    let output = verify(&["compare", path(&fixture("resnet18-w8")), path(&candidate)]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = stdout(&output);
+    assert!(text.contains("a reshape without a transpose"), "{text}");
+    assert!(
+        text.contains("so the rest would fail the same way; transpose each stage from NHWC to NCHW before saving it (a reshape leaves the values in NHWC order)"),
+        "{text}"
+    );
+    assert!(!text.contains("--cand-layout"), "{text}");
 }
 
 #[test]

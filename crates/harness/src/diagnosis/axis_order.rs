@@ -101,6 +101,9 @@ pub fn written_in_order(array: &ArrayD<f32>, order: AxisOrder) -> Option<ArrayD<
 pub struct LayoutMatch {
     pub order: AxisOrder,
     pub hint: Hint,
+    /// The file has the shape its layout says, with the values in `order`:
+    /// they were reshaped, not transposed, and no reading flag undoes that.
+    pub reshaped: bool,
 }
 
 /// Whether the candidate's file (`stored`, as read, before any layout
@@ -120,7 +123,8 @@ pub(crate) fn find(
         };
         let name = order_name(order, "NCHW");
         let assumed_name = order_name(assumed_order, "NCHW");
-        let message = if stored.shape() == stored_shape(reference.shape(), assumed_order) {
+        let reshaped = stored.shape() == stored_shape(reference.shape(), assumed_order);
+        let message = if reshaped {
             format!(
                 "the candidate holds the reference's values in {name} order under its {assumed_name} shape {:?}: a reshape without a transpose",
                 stored.shape(),
@@ -138,6 +142,7 @@ pub(crate) fn find(
         };
         return Some(LayoutMatch {
             order,
+            reshaped,
             hint: Hint {
                 hypothesis: Hypothesis::Layout,
                 message,

@@ -116,8 +116,9 @@ impl<'a> Evidence<'a> {
 
     /// Every hypothesis that explains why stage `name` failed. Best effort:
     /// a hypothesis that lacks what it needs (a weight, a stage the
-    /// reference did not store) is skipped, never an error.
-    pub fn diagnose(&self, name: &str, observed: &Observed) -> Vec<Hint> {
+    /// reference did not store) is skipped, never an error. `absent`: the
+    /// stages the candidate does not have (a conv folded into its BatchNorm).
+    pub fn diagnose(&self, name: &str, observed: &Observed, absent: &[String]) -> Vec<Hint> {
         let mut hints = activation::hints(self, observed);
         let Some((network, index)) = self
             .network
@@ -129,7 +130,15 @@ impl<'a> Evidence<'a> {
         match stage.kind {
             StageKind::Input => hints.extend(preprocessing::hints(self, observed)),
             StageKind::Conv2d => hints.extend(weight_order::hints(self, index, observed)),
-            StageKind::BatchNorm2d => hints.extend(batch_norm::hints(self, index, observed)),
+            StageKind::BatchNorm2d => {
+                hints.extend(batch_norm::hints(self, index, observed));
+                let conv = network.stage_inputs(index).next();
+                if conv.is_some_and(|conv| {
+                    conv.kind == StageKind::Conv2d && absent.contains(&conv.name)
+                }) {
+                    hints.extend(weight_order::folded_hints(self, index, observed));
+                }
+            }
             _ => {}
         }
         if network.stage_input_indices(index).len() == 2 {

@@ -4,14 +4,48 @@
 //! wrong places. The test recomputes the conv on the reference's input with
 //! the weight data read in each other order.
 
-use ndarray::Ix4;
+use ndarray::{ArrayD, Ix4};
 
 use super::axis_order::{order_name, other_orders, read_in_order, written_in_order, AxisOrder};
+use super::batch_norm::{normalise, Parameters};
 use super::{Evidence, Hint, Hypothesis, Observed, Side};
 
 const OIHW: AxisOrder = [0, 1, 2, 3];
 
 pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> Vec<Hint> {
+    conv_hints(evidence, index, observed, None)
+}
+
+/// The same for a BatchNorm stage (`index`) whose conv the candidate folded
+/// into it, as exporters and optimised engines do: it has no conv stage of
+/// its own, so the conv's mistake shows here, through the BatchNorm.
+pub(super) fn folded_hints(evidence: &Evidence, index: usize, observed: &Observed) -> Vec<Hint> {
+    let Some(network) = evidence.network else {
+        return Vec::new();
+    };
+    let module = &network.stages()[index].module;
+    let (Some(&conv), Ok(p)) = (
+        network.stage_input_indices(index).first(),
+        Parameters::load(module, |name| evidence.weight(name).ok_or(())),
+    ) else {
+        return Vec::new();
+    };
+    let eps = network.architecture().batch_norm_eps_of(module);
+    let batch_norm = |x: &ArrayD<f32>| normalise(x, &p.mean, &p.var, &p.weight, &p.bias, eps);
+    conv_hints(evidence, conv, observed, Some(&batch_norm))
+}
+
+/// A BatchNorm a conv was folded into, applied to the conv's output.
+type FoldedInto<'a> = &'a dyn Fn(&ArrayD<f32>) -> ArrayD<f32>;
+
+/// The conv at `index` recomputed with its weights in every other order,
+/// then through `folded_into`, if any.
+fn conv_hints(
+    evidence: &Evidence,
+    index: usize,
+    observed: &Observed,
+    folded_into: Option<FoldedInto>,
+) -> Vec<Hint> {
     let Some(stage) = evidence.network.map(|network| &network.stages()[index]) else {
         return Vec::new();
     };
@@ -25,6 +59,10 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
     if weight.ndim() != 4 {
         return Vec::new();
     }
+    let this_conv = match folded_into {
+        Some(_) => format!("conv `{}` (folded into this BatchNorm)", stage.name),
+        None => "this conv".to_string(),
+    };
     let buffer: Vec<f32> = weight.iter().copied().collect();
     for order in other_orders(weight.shape(), OIHW) {
         let name = order_name(order, "OIHW");
@@ -46,21 +84,25 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             ) else {
                 continue;
             };
+            let output = match folded_into {
+                Some(batch_norm) => batch_norm(&output),
+                None => output,
+            };
             let Some((side, error)) = evidence.explains(&output, observed) else {
                 continue;
             };
             let message = match (side, misread) {
                 (Side::Candidate, true) => format!(
-                    "the candidate matches this conv with its OIHW weights read as {name}: the weight data was reshaped without a transpose"
+                    "the candidate matches {this_conv} with its OIHW weights read as {name}: the weight data was reshaped without a transpose"
                 ),
                 (Side::Candidate, false) => format!(
-                    "the candidate matches this conv with its weights transposed to {name} and the data read as OIHW: a transpose without a reshape"
+                    "the candidate matches {this_conv} with its weights transposed to {name} and the data read as OIHW: a transpose without a reshape"
                 ),
                 (Side::Reference, true) => format!(
-                    "the reference matches this conv with the dump's weights read as {name}: the dump's weights are the reference's in another axis order"
+                    "the reference matches {this_conv} with the dump's weights read as {name}: the dump's weights are the reference's in another axis order"
                 ),
                 (Side::Reference, false) => format!(
-                    "the reference matches this conv with the dump's weights transposed to {name} and read as OIHW: the dump holds the reference's OIHW weights read as {name}"
+                    "the reference matches {this_conv} with the dump's weights transposed to {name} and read as OIHW: the dump holds the reference's OIHW weights read as {name}"
                 ),
             };
             return vec![Hint {
