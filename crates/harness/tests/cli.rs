@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use ndarray::{Axis, IxDyn};
-use serde_json::Value;
 
 #[test]
 fn every_eval_fixture_is_succ_at_every_stage() {
@@ -317,9 +316,7 @@ fn compare_reads_nhwc_candidates() {
     let dir = tempfile::tempdir().unwrap();
     let candidate = copy_fixture("resnet18-w8", dir.path());
     // Store every 4-D stage NHWC, as an NHWC engine would.
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(candidate.join("manifest.json")).unwrap())
-            .unwrap();
+    let manifest = manifest(&candidate);
     for stage in manifest["stages"].as_array().unwrap() {
         let file = candidate.join(stage["file"].as_str().unwrap());
         let array = read(&file);
@@ -591,10 +588,7 @@ fn the_reference_check_recomputes_every_batch_norm_both_ways() {
         assert_eq!(check["train_mode"], train, "{name}: {check}");
         let evidence = check["evidence"].as_array().unwrap();
         let stages: Vec<_> = evidence.iter().map(|e| e["stage"].clone()).collect();
-        let manifest: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(fixture(name).join("manifest.json")).unwrap(),
-        )
-        .unwrap();
+        let manifest = manifest(&fixture(name));
         let batch_norms: Vec<_> = manifest["stages"]
             .as_array()
             .unwrap()

@@ -568,9 +568,7 @@ fn stored_in(dump: &Path, name: &str, axes: [usize; 4]) {
 fn a_candidate_stored_nhwc_gets_one_layout_hint_not_a_wall_of_failures() {
     let dir = tempfile::tempdir().unwrap();
     let candidate = copy_fixture("resnet18-w8", dir.path());
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(candidate.join("manifest.json")).unwrap())
-            .unwrap();
+    let manifest = manifest(&candidate);
     for entry in manifest["stages"].as_array().unwrap() {
         if entry["shape"].as_array().unwrap().len() == 4 {
             stored_in(&candidate, entry["name"].as_str().unwrap(), [0, 2, 3, 1]);
@@ -626,9 +624,7 @@ fn nhwc_data_reshaped_to_nchw_is_told_to_transpose_not_to_pass_a_flag() {
     // flag undoes that, so the advice is to transpose before saving.
     let dir = tempfile::tempdir().unwrap();
     let candidate = copy_fixture("resnet18-w8", dir.path());
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(candidate.join("manifest.json")).unwrap())
-            .unwrap();
+    let manifest = manifest(&candidate);
     for entry in manifest["stages"].as_array().unwrap() {
         let file = stage_file(&candidate, entry["name"].as_str().unwrap());
         let array = read(&file);

@@ -54,12 +54,19 @@ pub fn copy_fixture(name: &str, into: &Path) -> PathBuf {
     target
 }
 
+/// A dump's manifest.json, as JSON.
+pub fn manifest(dump: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dump.join("manifest.json")).unwrap()).unwrap()
+}
+
 pub fn edit_manifest(dump: &Path, edit: impl FnOnce(&mut Value)) {
-    let file = dump.join("manifest.json");
-    let mut manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
-    edit(&mut manifest);
-    std::fs::write(file, serde_json::to_string(&manifest).unwrap()).unwrap();
+    let mut edited = manifest(dump);
+    edit(&mut edited);
+    std::fs::write(
+        dump.join("manifest.json"),
+        serde_json::to_string(&edited).unwrap(),
+    )
+    .unwrap();
 }
 
 pub fn read(file: &Path) -> ArrayD<f32> {
@@ -73,10 +80,11 @@ pub fn write(file: &Path, array: &ArrayD<f32>) {
 }
 
 pub fn stage_file(dump: &Path, stage: &str) -> PathBuf {
-    let manifest: Value =
-        serde_json::from_str(&std::fs::read_to_string(dump.join("manifest.json")).unwrap())
-            .unwrap();
-    dump.join(entry(&manifest, "stages", stage)["file"].as_str().unwrap())
+    dump.join(
+        entry(&manifest(dump), "stages", stage)["file"]
+            .as_str()
+            .unwrap(),
+    )
 }
 
 /// The entry named `name` in the list `list` of a manifest or a report
