@@ -6,14 +6,15 @@ docs/dump-format.md describes the fields."""
 from . import FORMAT_NAME, SCHEMA_VERSION
 
 # Written only where given, each at its place in the format's order.
-OPTIONAL = ("producer", "batch_norms", "input", "dtype", "top5")
+OPTIONAL = ("producer", "model", "architecture", "batch_norms", "input", "dtype", "weights", "top5", "classes")
 
 
-def build_manifest(*, model, architecture, mode, stages, weights, classes, layout="NCHW", **optional):
+def build_manifest(*, mode, stages, layout="NCHW", **optional):
     """The manifest as a dict, keys in the format's order (json.dumps keeps
     it, so a dump's bytes do not depend on who built it). `optional` takes
-    the sections a reference dump has and a live model does not: producer,
-    batch_norms, input, dtype, top5."""
+    the sections a reference dump has and a candidate may not: producer,
+    model, architecture, batch_norms, input, dtype, weights, top5, classes
+    (a section given as None is written as null)."""
     unknown = sorted(set(optional) - set(OPTIONAL))
     if unknown:
         raise TypeError(f"build_manifest: unknown sections {unknown}")
@@ -24,17 +25,13 @@ def build_manifest(*, model, architecture, mode, stages, weights, classes, layou
     return {
         "format": FORMAT_NAME,
         "schema_version": SCHEMA_VERSION,
-        **given("producer"),
-        "model": model,
-        "architecture": architecture,
+        **given("producer", "model", "architecture"),
         "mode": mode,
         **given("batch_norms", "input"),
         "layout": layout,
         **given("dtype"),
         "stages": stages,
-        "weights": weights,
-        **given("top5"),
-        "classes": classes,
+        **given("weights", "top5", "classes"),
     }
 
 

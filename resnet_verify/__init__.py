@@ -19,8 +19,10 @@ import numpy as np
 
 from . import _native
 from ._native import TrainModeError, VerifyError
+from .writer import CandidateWriter, stage_names
 
-__all__ = ["forward", "compare", "verify", "verify_torch", "Report", "VerifyError", "TrainModeError"]
+__all__ = ["forward", "compare", "verify", "verify_torch", "Report", "VerifyError", "TrainModeError",
+           "CandidateWriter", "stage_names"]
 
 
 class Report(dict):

@@ -8,6 +8,7 @@ mod dump;
 mod error;
 mod manifest;
 pub mod npy;
+mod writer;
 
 pub use dump::{Dump, LoadedStage};
 pub use error::DumpError;
@@ -15,3 +16,4 @@ pub use manifest::{
     Architecture, BlockKind, Head, InputInfo, Layout, Manifest, ManifestProblem, Mode, ModuleKind,
     NormLayer, StageEntry, TopClass, WeightEntry, FORMAT_NAME, SCHEMA_VERSION,
 };
+pub use writer::{CandidateWriter, WriteError};

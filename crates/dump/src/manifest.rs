@@ -48,6 +48,23 @@ impl Layout {
         }
     }
 
+    /// The shape a stage of NCHW shape `nchw` is stored with (4-D; other
+    /// ranks are the same in every layout).
+    pub fn stored_shape(self, nchw: &[usize]) -> Vec<usize> {
+        match nchw.len() {
+            4 => self.axis_order().iter().map(|&axis| nchw[axis]).collect(),
+            _ => nchw.to_vec(),
+        }
+    }
+
+    /// The inverse of [`Layout::stored_shape`].
+    pub fn to_nchw_shape(self, stored: &[usize]) -> Vec<usize> {
+        match (self, stored.len()) {
+            (Layout::NHWC, 4) => vec![stored[0], stored[3], stored[1], stored[2]],
+            _ => stored.to_vec(),
+        }
+    }
+
     /// The inverse of [`Layout::to_nchw`], without a copy: an NCHW array
     /// seen in the axis order of a file stored in this layout, so that
     /// iterating it walks the file's memory order.

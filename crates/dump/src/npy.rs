@@ -208,6 +208,34 @@ pub fn decode_f32(bytes: &[u8]) -> Result<NpyArray, String> {
     })
 }
 
+/// `array` as the bytes numpy.save writes for it (format 1.0, `<f4`, C
+/// order): the header dict, 21 - len(str(shape[0])) spaces numpy keeps for
+/// growth, spaces and a newline to a multiple of 64 bytes, then the data.
+pub fn encode_f32(array: ndarray::ArrayViewD<'_, f32>) -> Vec<u8> {
+    let shape = array.shape();
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let tuple = match dims.len() {
+        1 => format!("({},)", dims[0]),
+        _ => format!("({})", dims.join(", ")),
+    };
+    let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
+    if let Some(first) = dims.first() {
+        dict.push_str(&" ".repeat(21usize.saturating_sub(first.len())));
+    }
+    const PREFIX: usize = 6 + 2 + 2;
+    let padding = 64 - (PREFIX + dict.len() + 1) % 64;
+    dict.push_str(&" ".repeat(padding));
+    dict.push('\n');
+    let mut bytes = Vec::with_capacity(PREFIX + dict.len() + array.len() * 4);
+    bytes.extend_from_slice(b"\x93NUMPY\x01\x00");
+    bytes.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(dict.as_bytes());
+    for value in array.iter() {
+        bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    bytes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use crate::diagnosis::{axis_order, Evidence, Observed};
 use crate::pipeline::{run, shown, Candidate, Explained, Feed, Output, Row, RunOptions};
 use crate::reference_check::{check_reference, ReferenceCheck};
 use crate::reference_stages::ReferenceStages;
-use crate::report::{Event, Report, RunMode};
+use crate::report::{abbreviate, Event, Report, RunMode};
 use crate::VerifyError;
 
 #[derive(Clone, Debug)]
@@ -82,14 +82,33 @@ pub fn compare_dumps(
         path: &options.candidate,
         layout,
     };
-    run(
+    let mut report = run(
         report,
         &rows,
         &mut [&mut source],
         &stages,
         &options.run,
         listener,
-    )
+    )?;
+    // A name the reference does not have (a typo, `relu#1` for `relu#2`)
+    // is compared with nothing: say so where the summary says what was not.
+    let unknown: Vec<String> = (candidate.manifest().stages.iter())
+        .filter(|stage| reference.stage(&stage.name).is_none())
+        .map(|stage| stage.name.clone())
+        .collect();
+    if !unknown.is_empty() {
+        let said = format!(
+            "{} candidate stage(s) not in the reference, not compared: {}",
+            unknown.len(),
+            abbreviate(&unknown, 5)
+        );
+        let stopped = &mut report.summary.stopped;
+        *stopped = Some(match stopped.take() {
+            Some(before) => format!("{before}; {said}"),
+            None => said,
+        });
+    }
+    Ok(report)
 }
 
 /// Another engine's dump: its stage of the reference's stage's name.
