@@ -241,11 +241,13 @@ def _core_modules(architecture, block, root, present):
 
 
 def _overridden(module, cls):
-    """Why `module` would not run `cls`'s own forward, or None."""
+    """Why `module` would not run `cls`'s own forward, or None. A traced
+    GraphModule's class has a forward of its own, generated from its graph,
+    which the graph check holds to a stock ResNet's instead."""
     if "forward" in vars(module):
         return "its forward is replaced on the instance"
     for method in ("forward", "_forward_impl"):
-        if getattr(type(module), method, None) is not getattr(cls, method, None):
+        if cls is not torch.fx.GraphModule and getattr(type(module), method, None) is not getattr(cls, method, None):
             return f"{type(module).__name__} overrides {cls.__name__}.{method}"
     if module._forward_hooks or module._forward_pre_hooks:
         return "it has forward hooks (or pre-hooks), which may change what it computes"
@@ -339,6 +341,14 @@ def describe(model):
     if head != "linear":
         architecture["head"] = head
 
+    if backbone and not traced:
+        # IntermediateLayerGetter runs its children in the order they were added.
+        order = [name for name, _ in model.named_children()]
+        stock = [name for name in ("conv1", "bn1", "relu", "maxpool", *(f"layer{n}" for n in range(1, 5)))
+                 if name in order]
+        if order != stock[:len(order)]:
+            problems.append(("", f"an IntermediateLayerGetter that runs {', '.join(order)}, where a ResNet runs "
+                                 f"{', '.join(stock)}"))
     root = torch.fx.GraphModule if traced else IntermediateLayerGetter if backbone else tv.ResNet
     expected = list(_core_modules(architecture, block, root, set(modules)))
     if traced:
@@ -362,7 +372,7 @@ def describe(model):
             problems.append((path, f"{type(module).__name__}, where the core builds {cls.__name__}"))
             refused.append(path)
             continue
-        overridden = None if cls is torch.fx.GraphModule else _overridden(module, cls)
+        overridden = _overridden(module, cls)
         if overridden:
             problems.append((path, overridden))
         actual = _ATTRIBUTES[cls](module)
@@ -441,10 +451,15 @@ def _grouping(model, block, read, planes):
         return getattr(model, "groups", None), getattr(model, "base_width", None)
     if block is tv.BasicBlock:
         return 1, 64
-    groups, width = read("layer1.0.conv2", "groups"), read("layer1.0.conv2", "out_channels")
-    if not all(isinstance(value, int) and value > 0 for value in (groups, width, planes[0])):
+    groups = read("layer1.0.conv2", "groups")
+    widths = [(p, read(f"layer{index}.0.conv2", "out_channels")) for index, p in enumerate(planes, start=1)]
+    if not isinstance(groups, int) or groups < 1 or not all(isinstance(v, int) for pair in widths for v in pair):
         return groups, None
-    return groups, width // groups * 64 // planes[0]
+    # torchvision's width is int(planes * width_per_group / 64) * groups,
+    # which loses width_per_group where planes is small: take the first
+    # value that gives every layer its width (any such builds the same).
+    return groups, next((candidate for candidate in range(1, 4097)
+                         if all((p * candidate // 64) * groups == width for p, width in widths)), None)
 
 
 def _refusal(problems, shown=8):

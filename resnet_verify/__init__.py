@@ -92,11 +92,14 @@ def _torch_weights(model):
 
 def forward(weights_or_dump, x, upto=None, architecture=None):
     """Runs the core; returns every stage's output (NCHW numpy arrays; `fc`
-    as [N, classes]) by stage name, up to and including `upto`.
+    and the stages inside it `[N, C]`, as torch flattens them) by stage
+    name, up to and including `upto`.
 
-    `weights_or_dump`: a dump directory, a torchvision ResNet (its
-    state_dict and architecture are used), or a dict of state_dict arrays
-    with `architecture` (the manifest's architecture dict). A torch model
+    `weights_or_dump`: a dump directory, a torchvision ResNet (with
+    torchvision's head, a fine-tuning head or none: a backbone cut with
+    IntermediateLayerGetter or create_feature_extractor; its state_dict and
+    architecture are used), or a dict of state_dict arrays with
+    `architecture` (the manifest's architecture dict). A torch model
     with any module in train mode is refused (TrainModeError), and one the
     core would not build exactly (VerifyError, naming the modules)."""
     x = _float32(x)

@@ -21,6 +21,8 @@ import numpy as np
 from reference.manifest import build_manifest
 
 LAYOUTS = ("NCHW", "NHWC")
+# What a candidate directory holds: a writer replaces a directory with nothing else.
+CANDIDATE_FILES = ("manifest.json", "stages")
 
 
 def _manifest(directory):
@@ -30,6 +32,11 @@ def _manifest(directory):
     except FileNotFoundError:
         raise ValueError(f"{path}: no such file; the reference is a dump directory "
                          "(python -m reference.dump --out DIR)") from None
+
+
+def _nchw(shape, layout):
+    """A stage's stored shape in NCHW order."""
+    return [shape[0], shape[3], shape[1], shape[2]] if layout == "NHWC" and len(shape) == 4 else list(shape)
 
 
 def stage_names(reference):
@@ -51,12 +58,19 @@ class CandidateWriter:
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r}: NCHW or NHWC")
         self.reference = Path(reference)
-        self._expected = {stage["name"]: stage for stage in _manifest(reference)["stages"]}
+        manifest = _manifest(reference)
+        self._expected = {stage["name"]: dict(stage, shape=_nchw(stage["shape"], manifest["layout"]))
+                          for stage in manifest["stages"]}
         self.out_dir = Path(out_dir)
+        # Only a candidate written before (a manifest and its stages) is
+        # replaced: never a reference (it has weights/), never anything else.
         if self.out_dir.exists():
-            if any(self.out_dir.iterdir()) and not (self.out_dir / "manifest.json").exists():
-                raise ValueError(f"{self.out_dir}: exists and is not a dump; refusing to overwrite it")
-            shutil.rmtree(self.out_dir)
+            other = sorted(path.name for path in self.out_dir.iterdir() if path.name not in CANDIDATE_FILES)
+            if other:
+                raise ValueError(f"{self.out_dir}: holds {', '.join(other[:3])}, so it is not a candidate written "
+                                 "before; refusing to overwrite it")
+            shutil.rmtree(self.out_dir / "stages", ignore_errors=True)
+            (self.out_dir / "manifest.json").unlink(missing_ok=True)
         (self.out_dir / "stages").mkdir(parents=True)
         self._stages = []
         self._closed = False

@@ -79,6 +79,18 @@ inline std::string npy_header(const std::vector<std::size_t>& shape) {
     return header + dict;
 }
 
+/// The number of elements of `shape`, refused where it overflows.
+inline std::size_t element_count(const std::vector<std::size_t>& shape, const std::string& what) {
+    std::size_t count = 1;
+    for (const std::size_t dim : shape) {
+        if (dim != 0 && count > SIZE_MAX / dim) {
+            throw Error(what + ": shape " + shape_text(shape, "[", "]") + " has more elements than memory can hold");
+        }
+        count *= dim;
+    }
+    return count;
+}
+
 inline std::string json_string(const std::string& text) {
     std::string quoted = "\"";
     for (const char c : text) {
@@ -158,12 +170,18 @@ inline Array read_npy(const std::filesystem::path& path) {
     const std::size_t close = header.find(')', open);
     std::stringstream dims(header.substr(open + 1, close - open - 1));
     std::string dim;
-    std::size_t count = 1;
     while (std::getline(dims, dim, ',')) {
         if (dim.find_first_not_of(' ') != std::string::npos) {
-            array.shape.push_back(std::stoul(dim));
-            count *= array.shape.back();
+            try {
+                array.shape.push_back(std::stoul(dim));
+            } catch (const std::exception&) {
+                throw Error(path.string() + ": unreadable shape in header: " + header);
+            }
         }
+    }
+    const std::size_t count = detail::element_count(array.shape, path.string());
+    if (count > bytes.size() / sizeof(float)) {
+        throw Error(path.string() + ": the data is shorter than the header's " + detail::shape_text(array.shape, "[", "]"));
     }
     if (bytes.size() != start + header_length + count * sizeof(float)) {
         throw Error(path.string() + ": the data is not the header's " + detail::shape_text(array.shape, "[", "]"));
@@ -187,17 +205,23 @@ inline Array read_npy(const std::filesystem::path& path) {
 class CandidateWriter {
   public:
     /// `layout`: "NCHW" (torch's), or "NHWC" for 4-D stages stored
-    /// channels-last. A directory that exists must be a dump (it is
-    /// replaced) or empty.
+    /// channels-last. A directory that exists must hold nothing but a
+    /// candidate written before (it is replaced).
     explicit CandidateWriter(std::filesystem::path out_dir, std::string layout = "NCHW")
         : out_dir_(std::move(out_dir)), layout_(std::move(layout)) {
         if (layout_ != "NCHW" && layout_ != "NHWC") {
             throw Error("layout \"" + layout_ + "\": NCHW or NHWC");
         }
         namespace fs = std::filesystem;
+        // Only a candidate written before (a manifest and its stages) is
+        // replaced: never a reference (it has weights/), never anything else.
         if (fs::exists(out_dir_)) {
-            if (!fs::is_empty(out_dir_) && !fs::exists(out_dir_ / "manifest.json")) {
-                throw Error(out_dir_.string() + ": exists and is not a dump; refusing to overwrite it");
+            for (const auto& entry : fs::directory_iterator(out_dir_)) {
+                const std::string name = entry.path().filename().string();
+                if (name != "manifest.json" && name != "stages") {
+                    throw Error(out_dir_.string() + ": holds " + name +
+                                ", so it is not a candidate written before; refusing to overwrite it");
+                }
             }
             fs::remove_all(out_dir_ / "stages");
             fs::remove(out_dir_ / "manifest.json");
@@ -223,10 +247,7 @@ class CandidateWriter {
                 throw Error("stage \"" + name + "\": written already");
             }
         }
-        std::size_t expected = 1;
-        for (const std::size_t dim : shape) {
-            expected *= dim;
-        }
+        const std::size_t expected = detail::element_count(shape, "stage \"" + name + "\"");
         if (expected != count) {
             throw Error("stage \"" + name + "\": shape " + detail::shape_text(shape, "[", "]") + " holds " +
                         std::to_string(expected) + " values; the data has " + std::to_string(count));

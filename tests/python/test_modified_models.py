@@ -180,6 +180,15 @@ REFUSED = [
     ("a traced backbone with a conv of its own", lambda: changed(lambda: traced(resnet18(), "layer2"), lambda m: setattr(
         m.layer2.get_submodule("0"), "conv1", nn.Conv2d(8, 16, 3, 2, 1, bias=True))),
      "layer2.0.conv1", "bias=True"),
+    ("a traced backbone with a forward hook on itself", lambda: changed(
+        lambda: traced(resnet18(), "layer4"), lambda m: m.register_forward_hook(lambda *_: {"layer4": 0})),
+     "the model", "forward hooks"),
+    ("a traced backbone with its forward replaced", lambda: changed(
+        lambda: traced(resnet18(), "layer4"), lambda m: setattr(m, "forward", lambda x: {"layer4": x})),
+     "the model", "its forward is replaced on the instance"),
+    ("a backbone whose children run in another order", lambda: backbone(
+        changed(resnet18, reorder_relu_before_bn1), "layer2"),
+     "the model", "an IntermediateLayerGetter that runs conv1, relu, bn1, maxpool, layer1, layer2"),
     ("a backbone with a stem conv of its own", lambda: changed(
         lambda: backbone(resnet18(), "layer3"), lambda m: setattr(m, "conv1", nn.Conv2d(3, 8, 3, 2, 1, bias=False))),
      "conv1", "kernel_size=(3, 3)"),
@@ -208,6 +217,18 @@ def with_graph_node(make, name, target):
         node.target = target
         model.recompile()
     return changed(make, change)
+
+
+def reorder_relu_before_bn1(model):
+    """The same modules, `relu` added before `bn1` (an IntermediateLayerGetter
+    runs them in that order)."""
+    children = dict(model._modules)
+    model._modules.clear()
+    for name, module in children.items():
+        if name == "bn1":
+            model._modules["relu"] = children["relu"]
+        if name != "relu":
+            model._modules[name] = module
 
 
 def set_eps(*changes):
@@ -254,6 +275,9 @@ EXACT = [
     ("a backbone to layer2", lambda: backbone(resnet18(), "layer1", "layer2"), (1, 3, 32, 32)),
     ("a frozen ResNeXt backbone (detection's)", lambda: backbone(
         small(groups=8, width_per_group=16, norm_layer=FrozenBatchNorm2d), "layer2", "layer4"), (1, 3, 64, 48)),
+    ("a width-reduced ResNeXt backbone (width_per_group 12)", lambda: backbone(
+        models.build("resnext50_32x4d", width=8, num_classes=10, groups=2, width_per_group=12)[0], "layer4"),
+     (1, 3, 32, 32)),
     ("a traced backbone (create_feature_extractor)", lambda: traced(
         resnet50(replace_stride_with_dilation=[False, True, True]), "layer4"), (1, 3, 40, 40)),
     ("a traced backbone to layer3", lambda: traced(resnet18(), "layer1", "layer3"), (2, 3, 32, 32)),

@@ -124,9 +124,26 @@ def test_the_python_writer_takes_nhwc_and_torch_tensors(tmp_path):
     assert [s["shape"] for s in manifest["stages"]] == [[1, 16, 16, 8], [1, 10]]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    with pytest.raises(ValueError, match="exists and is not a dump; refusing to overwrite it"):
+    with pytest.raises(ValueError, match="holds notes.txt, so it is not a candidate written before; refusing"):
         rv.CandidateWriter(tmp_path / "mine", reference=reference)
+    # Not even the reference itself, written into by mistake.
+    files = sorted(path.relative_to(reference) for path in reference.rglob("*"))
+    with pytest.raises(ValueError, match=r"holds SHA256SUMS|holds stages, weights|holds .*weights"):
+        rv.CandidateWriter(reference, reference=reference)
+    assert sorted(path.relative_to(reference) for path in reference.rglob("*")) == files
     assert rv.stage_names(reference)[:3] == ["input", "conv1", "bn1"]
+    # A reference stored NHWC gives the same NCHW shapes.
+    nhwc_reference = tmp_path / "nhwc-reference"
+    nhwc_reference.mkdir()
+    manifest = json.loads((reference / "manifest.json").read_text())
+    manifest["layout"] = "NHWC"
+    for stage in manifest["stages"]:
+        if len(stage["shape"]) == 4:
+            n, c, h, w = stage["shape"]
+            stage["shape"] = [n, h, w, c]
+    (nhwc_reference / "manifest.json").write_text(json.dumps(manifest))
+    with rv.CandidateWriter(tmp_path / "from-nhwc", reference=nhwc_reference) as writer:
+        writer.stage("conv1", np.zeros((1, 8, 16, 16), np.float32))
 
 
 def test_the_cpp_writer_refuses_each_mistake(tmp_path):
@@ -144,7 +161,8 @@ def test_the_cpp_writer_refuses_each_mistake(tmp_path):
         "type": 'stage "fc": no module type (the torch class: Conv2d, BatchNorm2d, ReLU, ...)',
         "layout": 'layout "NHCW": NCHW or NHWC',
         "closed": f'stage "fc": the writer for {out} is closed',
-        "not a dump": f"{out}/stages: exists and is not a dump; refusing to overwrite it",
+        "not a dump": f"{out}/stages: holds 000_relu.npy, so it is not a candidate written before; "
+                      "refusing to overwrite it",
     }
     # Another element type does not compile, and says why.
     source = tmp_path / "wide.cpp"

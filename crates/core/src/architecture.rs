@@ -140,13 +140,19 @@ impl Architecture {
     /// network (the head's stages) or the name is not a stage's. A pass
     /// that stops at `stage` needs no more (`verify --upto`).
     pub fn up_to(&self, stage: &str) -> Option<Architecture> {
+        // Digits only: `usize::from_str` also takes `+1`.
+        let number = |text: &str| -> Option<usize> {
+            text.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| text.parse().ok())?
+        };
         let mut parts = stage.split(['.', '#']);
         let (layers, last_blocks) = match parts.next()? {
             "input" | "conv1" | "bn1" | "relu" | "maxpool" => (1, 1),
             first => {
-                let layer: usize = first.strip_prefix("layer")?.parse().ok()?;
+                let layer = number(first.strip_prefix("layer")?)?;
                 let blocks = match parts.next() {
-                    Some(block) => block.parse::<usize>().ok()? + 1,
+                    Some(block) => number(block)?.checked_add(1)?,
                     None => *self.layers.get(layer.checked_sub(1)?)?,
                 };
                 (layer, blocks)
@@ -324,9 +330,60 @@ mod tests {
             [false, true]
         );
         for whole_or_unknown in [
-            "avgpool", "fc", "layer5", "layer1.3", "layer0", "nothing", "",
+            "avgpool",
+            "fc",
+            "layer5",
+            "layer5.0",
+            "layer1.3",
+            "layer0",
+            "layer0.0",
+            "layer+1",
+            "layer1.18446744073709551615",
+            "nothing",
+            "",
         ] {
             assert_eq!(resnet50.up_to(whole_or_unknown), None, "{whole_or_unknown}");
+        }
+    }
+
+    #[test]
+    fn a_head_without_a_classifier_needs_no_classes() {
+        for head in [Head::Identity, Head::None] {
+            let features = Architecture {
+                head,
+                num_classes: 0,
+                ..resnet50()
+            };
+            assert_eq!(features.validate(), Ok(()), "{head:?}");
+        }
+        for head in [Head::Linear, Head::DropoutLinear] {
+            let no_classes = Architecture {
+                head,
+                num_classes: 0,
+                ..resnet50()
+            };
+            assert_eq!(
+                refusal(&no_classes),
+                "`num_classes` must be at least 1",
+                "{head:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_eps_must_be_finite_and_not_negative() {
+        for eps in [-1e-5, f64::NAN, f64::INFINITY] {
+            let everywhere = Architecture {
+                batch_norm_eps: eps,
+                ..resnet50()
+            };
+            assert!(refusal(&everywhere).starts_with("`batch_norm_eps` must be finite and >= 0"));
+            let one = Architecture {
+                batch_norm_eps_overrides: [("layer1.0.bn2".to_string(), eps)].into(),
+                ..resnet50()
+            };
+            assert!(refusal(&one)
+                .starts_with("`batch_norm_eps` of layer1.0.bn2 must be finite and >= 0"));
         }
     }
 

@@ -222,7 +222,8 @@ pub fn encode_f32(array: ndarray::ArrayViewD<'_, f32>) -> Vec<u8> {
     if let Some(first) = dims.first() {
         dict.push_str(&" ".repeat(21usize.saturating_sub(first.len())));
     }
-    const PREFIX: usize = 6 + 2 + 2;
+    // The magic string (6 bytes), the version (2) and the header length (2).
+    const PREFIX: usize = 10;
     let padding = 64 - (PREFIX + dict.len() + 1) % 64;
     dict.push_str(&" ".repeat(padding));
     dict.push('\n');

@@ -49,8 +49,10 @@ pub enum WriteError {
         cause: std::io::Error,
     },
 
-    #[error("{path}: exists and is not a dump; refusing to overwrite it")]
-    NotADump { path: PathBuf },
+    #[error(
+        "{path}: holds {holds}, so it is not a candidate written before; refusing to overwrite it"
+    )]
+    NotACandidate { path: PathBuf, holds: String },
 
     #[error("stage `{name}`: the reference has no stage of that name{near}")]
     UnknownStage { name: String, near: String },
@@ -88,19 +90,33 @@ pub struct CandidateWriter {
 }
 
 impl CandidateWriter {
-    /// A writer into `dir`, which is created, or replaced if it holds a dump
-    /// (a directory with anything else in it is refused). `layout`: how 4-D
-    /// stages are stored.
+    /// A writer into `dir`, which is created, or replaced if it holds a
+    /// candidate written before (a directory with anything else in it, a
+    /// reference dump among them, is refused). `layout`: how 4-D stages are
+    /// stored.
     pub fn create(dir: impl AsRef<Path>, layout: Layout) -> Result<Self, WriteError> {
         let dir = dir.as_ref().to_path_buf();
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |cause| WriteError::Io { path, cause }
         };
+        // Only a candidate written before (a manifest and its stages) is
+        // replaced: never a reference (it has weights/), never anything else.
         if dir.exists() {
-            let holds_files = std::fs::read_dir(&dir).map_err(io(&dir))?.next().is_some();
-            if holds_files && !dir.join("manifest.json").exists() {
-                return Err(WriteError::NotADump { path: dir });
+            let mut other = Vec::new();
+            for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
+                let name = entry.map_err(io(&dir))?.file_name();
+                let name = name.to_string_lossy();
+                if name != "manifest.json" && name != "stages" {
+                    other.push(name.into_owned());
+                }
+            }
+            if !other.is_empty() {
+                other.sort();
+                return Err(WriteError::NotACandidate {
+                    path: dir,
+                    holds: other.into_iter().take(3).collect::<Vec<_>>().join(", "),
+                });
             }
             // A manifest left behind would name files that are gone.
             let (stages, manifest) = (dir.join("stages"), dir.join("manifest.json"));
@@ -308,13 +324,21 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_that_is_not_a_dump_is_not_overwritten() {
+    fn a_directory_that_is_not_a_candidate_is_not_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
         let refused = CandidateWriter::create(dir.path(), Layout::NCHW)
             .err()
             .unwrap();
-        assert!(matches!(refused, WriteError::NotADump { .. }), "{refused}");
+        assert_eq!(
+            refused.to_string(),
+            format!(
+                "{}: holds notes.txt, so it is not a candidate written before; refusing to overwrite it",
+                dir.path().display()
+            )
+        );
+        let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/resnet18-w8");
+        assert!(CandidateWriter::create(&reference, Layout::NCHW).is_err());
         assert!(dir.path().join("notes.txt").exists());
         // A dump written before is replaced, old stages and all.
         let candidate = dir.path().join("candidate");

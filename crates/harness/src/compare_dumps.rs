@@ -39,9 +39,9 @@ pub fn compare_dumps(
                 &adapter::architecture(architecture),
                 &DumpWeights(&reference),
             )
-            .map_err(|source| VerifyError::Core {
+            .map_err(|cause| VerifyError::Core {
                 dump: options.reference.clone(),
-                source,
+                cause,
             })?,
         ),
         None => None,

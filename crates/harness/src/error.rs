@@ -10,12 +10,10 @@ pub enum VerifyError {
     #[error(transparent)]
     Dump(#[from] DumpError),
 
-    #[error("{dump}: {source}")]
-    Core {
-        dump: PathBuf,
-        #[source]
-        source: CoreError,
-    },
+    /// The cause is said in the message, once: it is not also the error's
+    /// `source`, which a report of the whole chain would repeat.
+    #[error("{dump}: {cause}")]
+    Core { dump: PathBuf, cause: CoreError },
 
     #[error("{dump}: {reason}")]
     Mismatch { dump: PathBuf, reason: String },

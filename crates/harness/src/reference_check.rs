@@ -124,10 +124,10 @@ pub fn check_reference(
             continue;
         }
         let parameters =
-            Parameters::load(&stage.module, |name| weights.weight(name)).map_err(|source| {
+            Parameters::load(&stage.module, |name| weights.weight(name)).map_err(|cause| {
                 VerifyError::Core {
                     dump: dump.root().to_path_buf(),
-                    source,
+                    cause,
                 }
             })?;
         let Parameters {

@@ -42,23 +42,26 @@ pub fn verify_dump(
     options: &VerifyOptions,
     listener: &mut dyn FnMut(Event),
 ) -> Result<Report, VerifyError> {
-    // A pass that stops early is built only as far as it goes: the weights
-    // and the reference stages after it are not read.
     let whole = adapter::architecture(dump.architecture()?);
+    let core_error = |cause| VerifyError::Core {
+        dump: options.dump.clone(),
+        cause,
+    };
+    // A pass that stops early is built only as far as it goes, so that the
+    // weights and the reference stages after it are not read; the network
+    // as a whole must still be one the core builds.
+    whole.validate().map_err(core_error)?;
     let truncated = options.upto.as_deref().and_then(|upto| whole.up_to(upto));
     let network = Network::from_weights(truncated.as_ref().unwrap_or(&whole), &DumpWeights(dump))
-        .map_err(|source| VerifyError::Core {
-        dump: options.dump.clone(),
-        source,
-    })?;
-    let checked_through = options.upto.as_deref().filter(|_| truncated.is_some());
-    let entries = match_stages(dump, &network, &options.dump, checked_through)?;
+        .map_err(core_error)?;
     let last = match &options.upto {
         Some(name) => network
             .stage_index(name)
             .map_err(|_| unknown_stage(name, &network))?,
         None => network.stages().len() - 1,
     };
+    let checked_through = truncated.is_some().then_some(last);
+    let entries = match_stages(dump, &network, &options.dump, checked_through)?;
 
     let stages = ReferenceStages::new(dump, Some(&network));
     let report = Report::new(
@@ -110,15 +113,15 @@ pub fn verify_dump(
 }
 
 /// The reference entry for every core stage, checked to cover each other
-/// (for a network built only up to a stage, the reference up to that
-/// stage: `checked_through`). A block, layer or downsample the reference
-/// did not record (a traced model calls only the modules inside them) has
-/// none: its value is its last child's, compared there.
+/// (for a network built only as far as a pass goes, the reference up to
+/// the pass's last stage, `checked_through`). A block, layer or downsample
+/// the reference did not record (a traced model calls only the modules
+/// inside them) has none: its value is its last child's, compared there.
 fn match_stages<'a>(
     dump: &'a Dump,
     network: &Network,
     path: &Path,
-    checked_through: Option<&str>,
+    checked_through: Option<usize>,
 ) -> Result<Vec<Option<&'a StageEntry>>, VerifyError> {
     let mismatch = |reason| VerifyError::Mismatch {
         dump: path.to_path_buf(),
@@ -139,9 +142,15 @@ fn match_stages<'a>(
         return Err(mismatch(reason));
     }
     let stages = &dump.manifest().stages;
-    let covered = checked_through
-        .and_then(|last| stages.iter().position(|s| s.name == last))
-        .map_or(stages.len(), |position| position + 1);
+    let covered = match checked_through {
+        Some(last) => entries[..=last]
+            .iter()
+            .rev()
+            .flatten()
+            .find_map(|entry| stages.iter().position(|s| s.name == entry.name))
+            .map_or(0, |position| position + 1),
+        None => stages.len(),
+    };
     if let Some(extra) = stages[..covered]
         .iter()
         .find(|s| network.stage_index(&s.name).is_err())
@@ -163,7 +172,7 @@ fn unknown_stage(name: &str, network: &Network) -> VerifyError {
         .take(8)
         .collect();
     let hint = if near.is_empty() {
-        "layer names (layer1 .. layer4), blocks (layer2.1) and stages (layer2.1.conv2) are accepted"
+        "layers (layer1, layer2, ...), blocks (layer2.1) and stages (layer2.1.conv2) are accepted"
             .to_string()
     } else {
         format!("stages with a similar name: {}", near.join(", "))
@@ -197,10 +206,10 @@ impl References<'_> {
             .ok_or_else(|| self.mismatch(0, "the input is not a 4-D NCHW tensor".into()))
     }
 
-    fn core_error(&self, source: CoreError) -> VerifyError {
+    fn core_error(&self, cause: CoreError) -> VerifyError {
         VerifyError::Core {
             dump: self.path.clone(),
-            source,
+            cause,
         }
     }
 

@@ -225,6 +225,28 @@ fn upto_reads_no_weight_or_stage_past_the_block_it_stops_in() {
 }
 
 #[test]
+fn upto_still_refuses_an_architecture_the_core_does_not_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    edit_manifest(&dump, |m| {
+        m["architecture"]["layers"] = serde_json::json!([2, 0, 2, 2])
+    });
+    let output = verify(&[path(&dump), "--upto", "layer1.0"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("every stage needs at least one block"),
+        "{}",
+        stderr(&output)
+    );
+    // A cause is said once, not again as the error's source.
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    std::fs::remove_file(dump.join("weights/layer2.0.bn1.running_var.npy")).unwrap();
+    let stderr = stderr(&verify(&[path(&dump)]));
+    assert_eq!(stderr.matches("cannot be read").count(), 1, "{stderr}");
+    assert_eq!(stderr.matches("No such file").count(), 1, "{stderr}");
+}
+
+#[test]
 fn isolated_and_side_by_side_modes() {
     for mode in ["--isolate", "--both"] {
         let output = verify(&[path(&fixture("resnext50-w8")), mode, "--format", "json"]);
@@ -442,6 +464,11 @@ fn a_reference_without_blocks_and_layers_is_compared_where_it_has_stages() {
             "{mode:?}: all but the input"
         );
         assert_eq!(report["blocks"].as_array().unwrap().len(), 0);
+    }
+    // A pass that stops at a block or layer the reference lacks stops there.
+    for upto in ["layer2", "layer3.0", "layer3.0.downsample"] {
+        let output = verify(&[path(&dump), "--upto", upto, "--both"]);
+        assert_eq!(output.status.code(), Some(0), "{upto}: {}", stderr(&output));
     }
     // A stage that computes something is never left out.
     edit_manifest(&dump, |manifest| {
