@@ -247,6 +247,57 @@ fn upto_still_refuses_an_architecture_the_core_does_not_build() {
 }
 
 #[test]
+fn upto_checks_the_reference_up_to_where_it_stops() {
+    // A stage the core does not produce, just before the stage a pass
+    // stops at, is found; one past it is not looked at.
+    for (extra_before, refused) in [("layer1.0.conv2", true), ("layer2.0.conv1", false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let dump = copy_fixture("resnet18-w8", dir.path());
+        edit_manifest(&dump, |m| {
+            let stages = m["stages"].as_array_mut().unwrap();
+            let at = stages
+                .iter()
+                .position(|s| s["name"] == extra_before)
+                .unwrap();
+            let mut extra = stages[at - 1].clone();
+            extra["name"] = "layer1.0.extra".into();
+            stages.insert(at, extra);
+        });
+        let output = verify(&[path(&dump), "--upto", "layer1.0.conv2"]);
+        if refused {
+            assert_eq!(output.status.code(), Some(2));
+            assert!(stderr(&output).contains("the reference has stage `layer1.0.extra`"));
+        } else {
+            assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        }
+    }
+}
+
+#[test]
+fn an_input_that_is_not_nchw_is_refused_in_every_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    let file = stage_file(&dump, "input");
+    let input = read(&file);
+    let flat = input.into_shape_with_order(IxDyn(&[1, 3, 1024])).unwrap();
+    write(&file, &flat);
+    edit_manifest(&dump, |m| {
+        entry_mut(m, "stages", "input")["shape"] = serde_json::json!([1, 3, 1024]);
+    });
+    for mode in [&[][..], &["--isolate"], &["--both"]] {
+        let mut arguments = vec![path(&dump)];
+        arguments.extend_from_slice(mode);
+        let output = verify(&arguments);
+        assert_eq!(output.status.code(), Some(2), "{mode:?}");
+        assert!(
+            stderr(&output).contains("stage `input`: the input is not a 4-D NCHW tensor"),
+            "{mode:?}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
 fn isolated_and_side_by_side_modes() {
     for mode in ["--isolate", "--both"] {
         let output = verify(&[path(&fixture("resnext50-w8")), mode, "--format", "json"]);
@@ -693,11 +744,31 @@ fn a_negative_or_non_finite_tolerance_is_bad_input() {
 }
 
 #[test]
+fn a_batch_norm_with_an_eps_of_its_own_is_built_with_it() {
+    // The architecture gives layer4.1.bn2 the eps it records: not refused,
+    // and the core normalises it with that eps (the data has 1e-5's, so
+    // that stage fails as introducing error, named by the eps hint).
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    edit_manifest(&dump, |m| {
+        m["architecture"]["batch_norm_eps_overrides"] = serde_json::json!({"layer4.1.bn2": 1e-3});
+        entry_mut(m, "stages", "layer4.1.bn2")["params"]["eps"] = 1e-3.into();
+    });
+    let output = verify(&[path(&dump), "--isolate", "--format", "json"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let report = json_report(&output);
+    assert_eq!(
+        report["summary"]["introduced_at"],
+        serde_json::json!(["layer4.1.bn2"])
+    );
+}
+
+#[test]
 fn a_reference_model_the_core_does_not_build_is_refused_by_name() {
     // Each is one module of resnet18 changed the way users change them; the
     // core would build the stock module and compare against another network.
     type Edit = fn(&mut serde_json::Value);
-    let cases: [(Edit, &str); 6] = [
+    let cases: [(Edit, &str); 8] = [
         (
             |m| entry_mut(m, "stages", "relu")["module_type"] = "ReLU6".into(),
             "`relu` is a ReLU6 in the reference; the core builds ReLU",
@@ -721,6 +792,16 @@ fn a_reference_model_the_core_does_not_build_is_refused_by_name() {
         (
             |m| entry_mut(m, "stages", "layer4.1.bn2")["params"]["eps"] = 1e-3.into(),
             "`layer4.1.bn2` (BatchNorm2d) has eps = 0.001 in the reference, where the other BatchNorms have 0.00001, and the architecture does not list it in batch_norm_eps_overrides",
+        ),
+        (
+            |m| {
+                m["architecture"]["batch_norm_eps_overrides"] = serde_json::json!({"layer4.1.bn2": 1e-3})
+            },
+            "`layer4.1.bn2` (BatchNorm2d) has eps = 0.00001 in the reference; the architecture gives it 0.001",
+        ),
+        (
+            |m| m["architecture"]["norm_layer"] = "FrozenBatchNorm2d".into(),
+            "`bn1` is a BatchNorm2d in the reference; the core builds FrozenBatchNorm2d",
         ),
         (
             |m| entry_mut(m, "stages", "avgpool")["params"]["output_size"] = serde_json::json!([2, 2]),
