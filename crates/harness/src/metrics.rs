@@ -44,6 +44,11 @@ pub struct Comparison {
     pub candidate_nan: usize,
     pub reference_inf: usize,
     pub candidate_inf: usize,
+    /// For a failure: the smallest rtol under which it would pass, the
+    /// run's atol kept (exact: with the next smaller f64 it fails). `None`
+    /// when it passes, or when no rtol would (a NaN or Inf mismatch, or an
+    /// error above atol where the reference is 0).
+    pub rtol_needed: Option<f64>,
 }
 
 /// Compares two arrays of the same length, both in the reference's order;
@@ -130,7 +135,67 @@ pub fn compare(
         candidate_nan,
         reference_inf,
         candidate_inf,
+        rtol_needed: (mismatched > 0)
+            .then(|| rtol_needed(reference, candidate, atol, tolerance.equal_nan))
+            .flatten(),
     }
+}
+
+/// The smallest rtol under which every element matches, atol kept: the
+/// largest `(|c - r| - atol) / |r|`, then moved to the nearest f64 for
+/// which the comparison's own test (`|c - r| > atol + rtol * |r|` fails)
+/// passes every element, and the next smaller fails one.
+fn rtol_needed(reference: &[f32], candidate: &[f32], atol: f64, equal_nan: bool) -> Option<f64> {
+    let pairs = || {
+        reference
+            .iter()
+            .zip(candidate)
+            .map(|(&r, &c)| (r as f64, c as f64))
+    };
+    let mut needed = 0f64;
+    for (r, c) in pairs() {
+        if !(r.is_finite() && c.is_finite()) {
+            let matches = if r.is_nan() && c.is_nan() {
+                equal_nan
+            } else {
+                r == c
+            };
+            if !matches {
+                return None;
+            }
+            continue;
+        }
+        let error = (c - r).abs();
+        if error > atol {
+            if r == 0.0 {
+                return None;
+            }
+            needed = needed.max((error - atol) / r.abs());
+        }
+    }
+    let passes = |rtol: f64| {
+        pairs()
+            .filter(|(r, c)| r.is_finite() && c.is_finite())
+            .all(|(r, c)| (c - r).abs() <= atol + rtol * r.abs())
+    };
+    while !passes(needed) {
+        needed = next_float(needed);
+    }
+    while needed > 0.0 && passes(previous_float(needed)) {
+        needed = previous_float(needed);
+    }
+    Some(needed)
+}
+
+/// The next f64 above a non-negative one (`f64::next_up`, past this
+/// crate's minimum Rust).
+fn next_float(value: f64) -> f64 {
+    f64::from_bits(value.to_bits() + 1)
+}
+
+/// The next f64 below a positive one.
+pub(crate) fn previous_float(value: f64) -> f64 {
+    f64::from_bits(value.to_bits() - 1)
 }
 
 /// Elements per parallel piece of a comparison.
@@ -468,6 +533,51 @@ mod tests {
         // Within tolerance, the first element that fails is still named.
         let first = compare(&[1.0, f32::NAN], &[1.0, 0.0], &[2], &fixed(0.0, 1.0));
         assert_eq!(first.worst.unwrap().index, vec![1]);
+    }
+
+    #[test]
+    fn the_tolerance_a_failure_needs_is_exact() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        };
+        for length in [1usize, 5, 64, 1000] {
+            for atol in [0.0, 1e-4, 3e-3] {
+                let reference: Vec<f32> =
+                    (0..length).map(|_| ((next() - 0.5) * 8.0) as f32).collect();
+                let candidate: Vec<f32> = reference
+                    .iter()
+                    .map(|&r| r * (1.0 + ((next() - 0.3) * 1e-2) as f32) + 1e-3)
+                    .collect();
+                let run = compare(&reference, &candidate, &[length], &fixed(1e-6, atol));
+                assert_eq!(run.verdict, Verdict::Fail, "{length} {atol}");
+                let needed = run.rtol_needed.unwrap();
+                let with = |rtol| compare(&reference, &candidate, &[length], &fixed(rtol, atol));
+                assert_eq!(
+                    with(needed).verdict,
+                    Verdict::Succ,
+                    "{length} {atol}: {needed}"
+                );
+                assert_eq!(with(needed).rtol_needed, None);
+                assert_eq!(
+                    with(needed.next_down()).verdict,
+                    Verdict::Fail,
+                    "{length} {atol}: {needed}"
+                );
+            }
+        }
+        // What no rtol fixes.
+        let nan = compare(&[1.0, 2.0], &[1.0, f32::NAN], &[2], &fixed(1e-4, 0.0));
+        assert_eq!((nan.verdict, nan.rtol_needed), (Verdict::Fail, None));
+        let zero = compare(&[0.0, 2.0], &[1e-3, 2.0], &[2], &fixed(1e-4, 1e-4));
+        assert_eq!((zero.verdict, zero.rtol_needed), (Verdict::Fail, None));
+        // Within atol, an error where the reference is 0 needs nothing.
+        let small = compare(&[0.0, 2.0], &[1e-5, 2.5], &[2], &fixed(1e-4, 1e-4));
+        let needed = small.rtol_needed.expect("the 2.5 is fixed by an rtol");
+        assert!((needed - (0.5 - 1e-4) / 2.0).abs() < 1e-12, "{needed}");
     }
 
     /// `compare`, element by element in one loop: the rule as the docs

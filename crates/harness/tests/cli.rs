@@ -298,6 +298,51 @@ fn an_input_that_is_not_nchw_is_refused_in_every_mode() {
 }
 
 #[test]
+fn a_failure_says_the_tolerance_it_needs_and_that_one_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture("resnet18-w8", dir.path());
+    let file = stage_file(&candidate, "layer2.0.conv2");
+    write(&file, &read(&file).mapv(|v| v * 1.003 + 1e-4));
+    let run = |rtol: Option<f64>| {
+        let mut arguments = vec![
+            "compare".to_string(),
+            path(&fixture("resnet18-w8")).to_string(),
+            path(&candidate).to_string(),
+            "--format".into(),
+            "json".into(),
+        ];
+        if let Some(rtol) = rtol {
+            arguments.extend(["--rtol".into(), rtol.to_string()]);
+        }
+        let arguments: Vec<&str> = arguments.iter().map(String::as_str).collect();
+        json_report(&verify(&arguments))
+    };
+    let report = run(None);
+    let conv2 = &entry(&report, "stages", "layer2.0.conv2")["cumulative"];
+    assert_eq!(conv2["verdict"], "fail");
+    let needed = conv2["rtol_needed"].as_f64().unwrap();
+    assert!((2e-3..4e-3).contains(&needed), "{needed}");
+    assert_eq!(report["summary"]["rtol_needed"].as_f64(), Some(needed));
+    // Rerun with it: that stage passes; a hair below: it fails.
+    let at = run(Some(needed));
+    assert_eq!(entry(&at, "stages", "layer2.0.conv2")["verdict"], "succ");
+    assert_eq!(at["summary"]["verdict"], "succ");
+    let below = run(Some(f64::from_bits(needed.to_bits() - 1)));
+    assert_eq!(entry(&below, "stages", "layer2.0.conv2")["verdict"], "fail");
+    // The text shows it rounded up, and the run's largest.
+    let text = stdout(&verify(&[
+        "compare",
+        path(&fixture("resnet18-w8")),
+        path(&candidate),
+    ]));
+    assert!(text.contains("; needs rtol >= "), "{text}");
+    assert!(
+        text.contains("tolerance needed: every stage compared passes with rtol >= "),
+        "{text}"
+    );
+}
+
+#[test]
 fn isolated_and_side_by_side_modes() {
     for mode in ["--isolate", "--both"] {
         let output = verify(&[path(&fixture("resnext50-w8")), mode, "--format", "json"]);

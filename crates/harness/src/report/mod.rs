@@ -141,6 +141,10 @@ pub struct Summary {
     /// Why the run ended before the last stage, if it did.
     pub stopped: Option<String>,
     pub verdict: Verdict,
+    /// The smallest rtol under which every stage compared would pass, the
+    /// run's atol kept: the largest any failure needs. `None` when every
+    /// stage passes, or when no rtol passes some failure.
+    pub rtol_needed: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -270,6 +274,8 @@ pub(crate) struct ReportBuilder {
     open_block: Option<GroupSummary>,
     open_layer: Option<GroupSummary>,
     diagnosed: usize,
+    /// A failure that no rtol passes was seen.
+    beyond_rtol: bool,
 }
 
 impl ReportBuilder {
@@ -301,6 +307,7 @@ impl ReportBuilder {
             open_block: None,
             open_layer: None,
             diagnosed: 0,
+            beyond_rtol: false,
         })
     }
 
@@ -351,6 +358,23 @@ impl ReportBuilder {
             .cumulative
             .as_ref()
             .is_some_and(|c| c.verdict == Verdict::Fail);
+        let failures: Vec<&Comparison> = [&stage.cumulative, &stage.isolated]
+            .into_iter()
+            .flatten()
+            .filter(|comparison| comparison.verdict == Verdict::Fail)
+            .collect();
+        // A failure without a failing comparison is a shape that differs.
+        if verdict == Verdict::Fail && failures.is_empty() {
+            self.beyond_rtol = true;
+        }
+        for comparison in failures {
+            match comparison.rtol_needed {
+                Some(rtol) => {
+                    summary.rtol_needed = Some(summary.rtol_needed.map_or(rtol, |r| r.max(rtol)))
+                }
+                None => self.beyond_rtol = true,
+            }
+        }
         match &stage.origin {
             Some(Origin::Root) => summary.root = Some(stage.name.clone()),
             Some(Origin::Introduces) => {
@@ -415,6 +439,9 @@ impl ReportBuilder {
 
     pub fn finish(mut self, stopped: Option<String>) -> Report {
         self.report.summary.stopped = stopped;
+        if self.beyond_rtol {
+            self.report.summary.rtol_needed = None;
+        }
         if self.report.summary.compared == 0 {
             self.report.summary.verdict = Verdict::Fail;
         }

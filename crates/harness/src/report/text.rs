@@ -222,7 +222,34 @@ fn failure_detail(label: &str, comparison: &Comparison) -> String {
             comparison.reference_inf, comparison.candidate_inf
         );
     }
+    let non_finite = comparison.reference_nan
+        + comparison.candidate_nan
+        + comparison.reference_inf
+        + comparison.candidate_inf;
+    let _ = match comparison.rtol_needed {
+        Some(rtol) => write!(detail, "; needs rtol >= {}", at_least(rtol)),
+        None if non_finite > 0 => write!(detail, "; no rtol passes it (NaN or Inf)"),
+        None => write!(
+            detail,
+            "; no rtol passes it (an error above atol where the reference is 0)"
+        ),
+    };
     detail
+}
+
+/// `value` to two significant digits, rounded up, so that the figure as
+/// shown passes too (the JSON report has it exactly).
+fn at_least(value: f64) -> String {
+    if value <= 0.0 {
+        return "0".into();
+    }
+    let mut exponent = value.log10().floor() as i32;
+    let mut mantissa = (value / 10f64.powi(exponent) * 10.0).ceil() / 10.0;
+    if mantissa >= 10.0 {
+        mantissa /= 10.0;
+        exponent += 1;
+    }
+    format!("{mantissa:.1}e{exponent}")
 }
 
 fn group_line(word: &str, group: &GroupSummary) -> String {
@@ -276,6 +303,19 @@ fn summary(report: &Report) -> String {
             s.introduced_at.len(),
             abbreviate(&s.introduced_at, 12)
         );
+    }
+    if s.fail > 0 {
+        let _ = match s.rtol_needed {
+            Some(rtol) => writeln!(
+                out,
+                "tolerance needed: every stage compared passes with rtol >= {} (atol as run)",
+                at_least(rtol)
+            ),
+            None => writeln!(
+                out,
+                "tolerance needed: no rtol passes every stage (a NaN or Inf mismatch, or an error where the reference is 0)"
+            ),
+        };
     }
     if let Some(stopped) = &s.stopped {
         if !report.reference_check.train_mode || s.compared > 0 {
