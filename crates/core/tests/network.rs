@@ -504,3 +504,52 @@ fn a_batch_norm_with_an_eps_of_its_own_uses_it() {
         .unwrap();
     assert_eq!(alone, everywhere["layer1.0.bn2"]);
 }
+
+#[test]
+fn the_outputs_are_the_same_bits_whatever_the_thread_count() {
+    // Large enough that every operation splits its work (the packed GEMM
+    // across output tiles, the grouped convs through the gemm crate, the
+    // element-wise ops in chunks): no thread count may change a bit.
+    let arch = Architecture {
+        layers: vec![2, 1],
+        stem_channels: 32,
+        planes: vec![16, 32],
+        ..architecture(BlockKind::Bottleneck, 2, 64)
+    };
+    let network = Network::from_weights(&arch, &random_weights(&arch, 11)).unwrap();
+    let mut rng = StdRng::seed_from_u64(12);
+    let input = Tensor::from_nhwc(ndarray::Array4::from_shape_simple_fn(
+        (2, 96, 80, 3),
+        || rng.random_range(-2.0f32..2.0),
+    ));
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let stages: Vec<Tensor> = network
+                .steps(input.clone(), None)
+                .map(|step| step.unwrap().1.as_ref().clone())
+                .collect();
+            (stages, network.infer(input.clone()).unwrap())
+        })
+    };
+    let bits =
+        |tensor: &Tensor| -> Vec<u32> { tensor.as_slice().iter().map(|v| v.to_bits()).collect() };
+    let (one_stages, one_fused) = run(1);
+    for threads in [2, 3, 8] {
+        let (stages, fused) = run(threads);
+        for (index, (a, b)) in one_stages.iter().zip(&stages).enumerate() {
+            assert!(
+                bits(a) == bits(b),
+                "{threads} threads: stage {} differs from one thread's",
+                network.stages()[index].name
+            );
+        }
+        assert!(
+            bits(&one_fused) == bits(&fused),
+            "{threads} threads: the fused logits differ"
+        );
+    }
+}
