@@ -2,6 +2,7 @@
 BatchNorm running statistics are calibrated on seeded inputs."""
 
 import collections
+import linecache
 import math
 
 import torch
@@ -244,8 +245,15 @@ def _overridden(module, cls):
     """Why `module` would not run `cls`'s own forward, or None. A traced
     GraphModule's class has a forward of its own, generated from its graph,
     which the graph check holds to a stock ResNet's instead."""
-    if "forward" in vars(module):
-        return "its forward is replaced on the instance"
+    for method in ("forward", "_forward_impl"):
+        if method in vars(module):
+            return f"its {method} is replaced on the instance"
+    if cls is torch.fx.GraphModule:
+        # The forward that runs must be the one compiled from its graph.
+        compiled = getattr(type(module).forward, "__code__", None)
+        source = "".join(linecache.getlines(compiled.co_filename)) if compiled else ""
+        if source.strip() != module.code.strip() or module.code != module.graph.python_code("self").src:
+            return "its forward is not the code of its graph (replaced, or the graph edited without recompile())"
     for method in ("forward", "_forward_impl"):
         if cls is not torch.fx.GraphModule and getattr(type(module), method, None) is not getattr(cls, method, None):
             return f"{type(module).__name__} overrides {cls.__name__}.{method}"
@@ -306,6 +314,9 @@ def describe(model):
     eps_counts = collections.Counter(module.eps for _, module in norms)
     eps = eps_counts.most_common(1)[0][0] if eps_counts else None
     groups, width_per_group = _grouping(model, block, read, planes)
+    if backbone and block is tv.Bottleneck and width_per_group is None:
+        problems.append(("layer1.0.conv2", "3x3 convs whose widths no width_per_group gives "
+                                           "(torchvision's int(planes * width_per_group / 64) * groups)"))
     if not backbone:
         for attribute in ("groups", "base_width"):
             if not isinstance(getattr(model, attribute, None), int):

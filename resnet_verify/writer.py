@@ -65,10 +65,11 @@ class CandidateWriter:
         # Only a candidate written before (a manifest and its stages) is
         # replaced: never a reference (it has weights/), never anything else.
         if self.out_dir.exists():
-            other = sorted(path.name for path in self.out_dir.iterdir() if path.name not in CANDIDATE_FILES)
-            if other:
-                raise ValueError(f"{self.out_dir}: holds {', '.join(other[:3])}, so it is not a candidate written "
-                                 "before; refusing to overwrite it")
+            held = sorted(path.name for path in self.out_dir.iterdir())
+            other = [name for name in held if name not in CANDIDATE_FILES]
+            if other or (held and "manifest.json" not in held):
+                raise ValueError(f"{self.out_dir}: holds {', '.join((other or held)[:3])}, so it is not a candidate "
+                                 "written before; refusing to overwrite it")
             shutil.rmtree(self.out_dir / "stages", ignore_errors=True)
             (self.out_dir / "manifest.json").unlink(missing_ok=True)
         (self.out_dir / "stages").mkdir(parents=True)

@@ -216,9 +216,10 @@ class CandidateWriter {
         // Only a candidate written before (a manifest and its stages) is
         // replaced: never a reference (it has weights/), never anything else.
         if (fs::exists(out_dir_)) {
+            const bool has_manifest = fs::exists(out_dir_ / "manifest.json");
             for (const auto& entry : fs::directory_iterator(out_dir_)) {
                 const std::string name = entry.path().filename().string();
-                if (name != "manifest.json" && name != "stages") {
+                if ((name != "manifest.json" && name != "stages") || !has_manifest) {
                     throw Error(out_dir_.string() + ": holds " + name +
                                 ", so it is not a candidate written before; refusing to overwrite it");
                 }

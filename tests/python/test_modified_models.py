@@ -189,6 +189,15 @@ REFUSED = [
     ("a backbone whose children run in another order", lambda: backbone(
         changed(resnet18, reorder_relu_before_bn1), "layer2"),
      "the model", "an IntermediateLayerGetter that runs conv1, relu, bn1, maxpool, layer1, layer2"),
+    ("a traced backbone whose class forward is replaced", lambda: changed(
+        lambda: traced(resnet18(), "layer4"), replace_class_forward),
+     "the model", "its forward is not the code of its graph"),
+    ("a ResNet with its _forward_impl replaced", lambda: changed(
+        resnet18, lambda m: setattr(m, "_forward_impl", lambda x: x)),
+     "the model", "its _forward_impl is replaced on the instance"),
+    ("a backbone whose widths no width_per_group gives", lambda: backbone(
+        changed(resnet50, widen_one_block), "layer4"),
+     "layer1.0.conv2", "3x3 convs whose widths no width_per_group gives"),
     ("a backbone with a stem conv of its own", lambda: changed(
         lambda: backbone(resnet18(), "layer3"), lambda m: setattr(m, "conv1", nn.Conv2d(3, 8, 3, 2, 1, bias=False))),
      "conv1", "kernel_size=(3, 3)"),
@@ -229,6 +238,22 @@ def reorder_relu_before_bn1(model):
             model._modules["relu"] = children["relu"]
         if name != "relu":
             model._modules[name] = module
+
+
+def replace_class_forward(model):
+    """A traced model's own class made to run other code than its graph's."""
+    graph_forward = type(model).forward
+    type(model).forward = lambda self, x: {key: value * 2 for key, value in graph_forward(self, x).items()}
+
+
+def widen_one_block(model):
+    """layer2.0's Bottleneck 20 wide, where width_per_group gives 16."""
+    block = model.layer2[0]
+    block.conv1 = nn.Conv2d(block.conv1.in_channels, 20, 1, bias=False)
+    block.bn1 = nn.BatchNorm2d(20)
+    block.conv2 = nn.Conv2d(20, 20, 3, 2, 1, bias=False)
+    block.bn2 = nn.BatchNorm2d(20)
+    block.conv3 = nn.Conv2d(20, block.conv3.out_channels, 1, bias=False)
 
 
 def set_eps(*changes):

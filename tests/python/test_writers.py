@@ -126,6 +126,12 @@ def test_the_python_writer_takes_nhwc_and_torch_tensors(tmp_path):
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     with pytest.raises(ValueError, match="holds notes.txt, so it is not a candidate written before; refusing"):
         rv.CandidateWriter(tmp_path / "mine", reference=reference)
+    # Nor a stages/ of someone else's without a manifest.
+    (tmp_path / "stages-only" / "stages").mkdir(parents=True)
+    (tmp_path / "stages-only" / "stages" / "precious.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds stages, so it is not a candidate written before"):
+        rv.CandidateWriter(tmp_path / "stages-only", reference=reference)
+    assert (tmp_path / "stages-only" / "stages" / "precious.txt").exists()
     # Not even the reference itself, written into by mistake.
     files = sorted(path.relative_to(reference) for path in reference.rglob("*"))
     with pytest.raises(ValueError, match=r"holds SHA256SUMS|holds stages, weights|holds .*weights"):

@@ -103,19 +103,36 @@ impl CandidateWriter {
         // Only a candidate written before (a manifest and its stages) is
         // replaced: never a reference (it has weights/), never anything else.
         if dir.exists() {
-            let mut other = Vec::new();
+            let mut held = Vec::new();
             for entry in std::fs::read_dir(&dir).map_err(io(&dir))? {
-                let name = entry.map_err(io(&dir))?.file_name();
-                let name = name.to_string_lossy();
-                if name != "manifest.json" && name != "stages" {
-                    other.push(name.into_owned());
-                }
+                held.push(
+                    entry
+                        .map_err(io(&dir))?
+                        .file_name()
+                        .to_string_lossy()
+                        .into_owned(),
+                );
             }
-            if !other.is_empty() {
-                other.sort();
+            held.sort();
+            let other: Vec<&String> = held
+                .iter()
+                .filter(|name| *name != "manifest.json" && *name != "stages")
+                .collect();
+            let has_manifest = held.iter().any(|name| name == "manifest.json");
+            if !other.is_empty() || (!held.is_empty() && !has_manifest) {
+                let shown: Vec<&String> = if other.is_empty() {
+                    held.iter().collect()
+                } else {
+                    other
+                };
                 return Err(WriteError::NotACandidate {
                     path: dir,
-                    holds: other.into_iter().take(3).collect::<Vec<_>>().join(", "),
+                    holds: shown
+                        .iter()
+                        .take(3)
+                        .map(|name| name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 });
             }
             // A manifest left behind would name files that are gone.
@@ -339,6 +356,12 @@ mod tests {
         );
         let reference = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/resnet18-w8");
         assert!(CandidateWriter::create(&reference, Layout::NCHW).is_err());
+        // A stages/ of someone else's, without a manifest, is not a candidate.
+        let stages_only = dir.path().join("stages-only");
+        std::fs::create_dir_all(stages_only.join("stages")).unwrap();
+        std::fs::write(stages_only.join("stages/precious.txt"), "mine").unwrap();
+        assert!(CandidateWriter::create(&stages_only, Layout::NCHW).is_err());
+        assert!(stages_only.join("stages/precious.txt").exists());
         assert!(dir.path().join("notes.txt").exists());
         // A dump written before is replaced, old stages and all.
         let candidate = dir.path().join("candidate");

@@ -44,11 +44,56 @@ pub struct Comparison {
     pub candidate_nan: usize,
     pub reference_inf: usize,
     pub candidate_inf: usize,
-    /// For a failure: the smallest rtol under which it would pass, the
-    /// run's atol kept (exact: with the next smaller f64 it fails). `None`
-    /// when it passes, or when no rtol would (a NaN or Inf mismatch, or an
-    /// error above atol where the reference is 0).
+    /// For a failure in a report: the smallest rtol under which it would
+    /// pass, the run's atol kept (exact: with the next smaller f64 it
+    /// fails); see [`Comparison::find_rtol_needed`]. `None` when it passes
+    /// or no rtol would.
     pub rtol_needed: Option<f64>,
+    /// For a failure no rtol passes: why.
+    pub beyond_rtol: Option<BeyondRtol>,
+}
+
+/// Why no rtol makes a failure pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BeyondRtol {
+    /// A NaN or an infinity that does not match.
+    NonFinite,
+    /// An error above atol where the reference is 0 (or so near it that
+    /// no finite rtol covers it).
+    ZeroReference,
+    /// The candidate's shape is not the reference's: nothing was compared.
+    Shape,
+}
+
+impl BeyondRtol {
+    pub fn describe(self) -> &'static str {
+        match self {
+            BeyondRtol::NonFinite => "a NaN or Inf mismatch",
+            BeyondRtol::ZeroReference => "an error above atol where the reference is 0",
+            BeyondRtol::Shape => "a shape that differs",
+        }
+    }
+}
+
+impl Comparison {
+    /// Fills in, for a failure, the smallest rtol under which it would
+    /// pass, or why none would: for the comparisons a report shows (the
+    /// hypotheses' own comparisons do without).
+    pub fn find_rtol_needed(
+        &mut self,
+        reference: &[f32],
+        candidate: &[f32],
+        tolerance: &Tolerance,
+    ) {
+        if self.verdict == Verdict::Fail {
+            let atol = tolerance.atol_for(self.scale);
+            match rtol_needed(reference, candidate, atol, tolerance.equal_nan) {
+                Ok(rtol) => self.rtol_needed = Some(rtol),
+                Err(why) => self.beyond_rtol = Some(why),
+            }
+        }
+    }
 }
 
 /// Compares two arrays of the same length, both in the reference's order;
@@ -135,25 +180,28 @@ pub fn compare(
         candidate_nan,
         reference_inf,
         candidate_inf,
-        rtol_needed: (mismatched > 0)
-            .then(|| rtol_needed(reference, candidate, atol, tolerance.equal_nan))
-            .flatten(),
+        rtol_needed: None,
+        beyond_rtol: None,
     }
 }
 
 /// The smallest rtol under which every element matches, atol kept: the
-/// largest `(|c - r| - atol) / |r|`, then moved to the nearest f64 for
-/// which the comparison's own test (`|c - r| > atol + rtol * |r|` fails)
-/// passes every element, and the next smaller fails one.
-fn rtol_needed(reference: &[f32], candidate: &[f32], atol: f64, equal_nan: bool) -> Option<f64> {
-    let pairs = || {
-        reference
-            .iter()
-            .zip(candidate)
-            .map(|(&r, &c)| (r as f64, c as f64))
-    };
-    let mut needed = 0f64;
-    for (r, c) in pairs() {
+/// comparison's own test (`|c - r| <= atol + rtol * |r|`, in f64) passes
+/// every element with it and fails one with the next smaller f64. Passing
+/// only gets easier as rtol grows, and non-negative f64s order as their
+/// bits, so it is a bisection over the bits: 64 checks of the elements
+/// that come near binding (those within 1e-9 of the largest
+/// `(|c - r| - atol) / |r|`; all those above atol if that is not enough).
+fn rtol_needed(
+    reference: &[f32],
+    candidate: &[f32],
+    atol: f64,
+    equal_nan: bool,
+) -> Result<f64, BeyondRtol> {
+    let mut over_atol = Vec::new();
+    let mut largest = 0f64;
+    for (&r, &c) in reference.iter().zip(candidate) {
+        let (r, c) = (r as f64, c as f64);
         if !(r.is_finite() && c.is_finite()) {
             let matches = if r.is_nan() && c.is_nan() {
                 equal_nan
@@ -161,41 +209,51 @@ fn rtol_needed(reference: &[f32], candidate: &[f32], atol: f64, equal_nan: bool)
                 r == c
             };
             if !matches {
-                return None;
+                return Err(BeyondRtol::NonFinite);
             }
             continue;
         }
         let error = (c - r).abs();
         if error > atol {
-            if r == 0.0 {
-                return None;
+            let ratio = (error - atol) / r.abs();
+            if !ratio.is_finite() {
+                return Err(BeyondRtol::ZeroReference);
             }
-            needed = needed.max((error - atol) / r.abs());
+            largest = largest.max(ratio);
+            over_atol.push((r.abs(), error));
         }
     }
-    let passes = |rtol: f64| {
-        pairs()
-            .filter(|(r, c)| r.is_finite() && c.is_finite())
-            .all(|(r, c)| (c - r).abs() <= atol + rtol * r.abs())
+    let smallest_passing = |elements: &[(f64, f64)]| {
+        let passes = |rtol: f64| elements.iter().all(|&(r, e)| e <= atol + rtol * r);
+        let (mut fails, mut passing) = (0u64, largest.max(f64::MIN_POSITIVE));
+        while !passes(passing) {
+            passing *= 2.0;
+        }
+        if passes(0.0) {
+            return 0.0;
+        }
+        let mut passing = passing.to_bits();
+        while passing - fails > 1 {
+            let middle = fails + (passing - fails) / 2;
+            if passes(f64::from_bits(middle)) {
+                passing = middle;
+            } else {
+                fails = middle;
+            }
+        }
+        f64::from_bits(passing)
     };
-    while !passes(needed) {
-        needed = next_float(needed);
+    let near: Vec<(f64, f64)> = over_atol
+        .iter()
+        .copied()
+        .filter(|&(r, e)| (e - atol) / r >= largest * (1.0 - 1e-9))
+        .collect();
+    let needed = smallest_passing(&near);
+    if over_atol.iter().all(|&(r, e)| e <= atol + needed * r) {
+        Ok(needed)
+    } else {
+        Ok(smallest_passing(&over_atol))
     }
-    while needed > 0.0 && passes(previous_float(needed)) {
-        needed = previous_float(needed);
-    }
-    Some(needed)
-}
-
-/// The next f64 above a non-negative one (`f64::next_up`, past this
-/// crate's minimum Rust).
-fn next_float(value: f64) -> f64 {
-    f64::from_bits(value.to_bits() + 1)
-}
-
-/// The next f64 below a positive one.
-pub(crate) fn previous_float(value: f64) -> f64 {
-    f64::from_bits(value.to_bits() - 1)
 }
 
 /// Elements per parallel piece of a comparison.
@@ -537,6 +595,13 @@ mod tests {
 
     #[test]
     fn the_tolerance_a_failure_needs_is_exact() {
+        /// `compare` as a report runs it, the figure filled in.
+        fn reported(reference: &[f32], candidate: &[f32], tolerance: &Tolerance) -> Comparison {
+            let mut comparison = compare(reference, candidate, &[reference.len()], tolerance);
+            comparison.find_rtol_needed(reference, candidate, tolerance);
+            comparison
+        }
+        let below = |value: f64| f64::from_bits(value.to_bits() - 1);
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
             state ^= state << 13;
@@ -552,32 +617,66 @@ mod tests {
                     .iter()
                     .map(|&r| r * (1.0 + ((next() - 0.3) * 1e-2) as f32) + 1e-3)
                     .collect();
-                let run = compare(&reference, &candidate, &[length], &fixed(1e-6, atol));
+                let run = reported(&reference, &candidate, &fixed(1e-6, atol));
                 assert_eq!(run.verdict, Verdict::Fail, "{length} {atol}");
                 let needed = run.rtol_needed.unwrap();
-                let with = |rtol| compare(&reference, &candidate, &[length], &fixed(rtol, atol));
+                let with = |rtol| reported(&reference, &candidate, &fixed(rtol, atol));
                 assert_eq!(
                     with(needed).verdict,
                     Verdict::Succ,
                     "{length} {atol}: {needed}"
                 );
                 assert_eq!(with(needed).rtol_needed, None);
+                let just_below = with(below(needed));
                 assert_eq!(
-                    with(needed.next_down()).verdict,
+                    just_below.verdict,
                     Verdict::Fail,
                     "{length} {atol}: {needed}"
                 );
+                assert_eq!(just_below.rtol_needed, Some(needed));
             }
         }
-        // What no rtol fixes.
-        let nan = compare(&[1.0, 2.0], &[1.0, f32::NAN], &[2], &fixed(1e-4, 0.0));
-        assert_eq!((nan.verdict, nan.rtol_needed), (Verdict::Fail, None));
-        let zero = compare(&[0.0, 2.0], &[1e-3, 2.0], &[2], &fixed(1e-4, 1e-4));
-        assert_eq!((zero.verdict, zero.rtol_needed), (Verdict::Fail, None));
+        // What no rtol fixes, and why.
+        let nan = reported(&[1.0, 2.0], &[1.0, f32::NAN], &fixed(1e-4, 0.0));
+        assert_eq!(
+            (nan.verdict, nan.rtol_needed, nan.beyond_rtol),
+            (Verdict::Fail, None, Some(BeyondRtol::NonFinite))
+        );
+        let zero = reported(&[0.0, 2.0], &[1e-3, 2.0], &fixed(1e-4, 1e-4));
+        assert_eq!(zero.beyond_rtol, Some(BeyondRtol::ZeroReference));
+        // A matched infinity beside an error where the reference is 0.
+        let matched = reported(
+            &[f32::INFINITY, 0.0],
+            &[f32::INFINITY, 1.0],
+            &fixed(1e-4, 1e-4),
+        );
+        assert_eq!(matched.beyond_rtol, Some(BeyondRtol::ZeroReference));
         // Within atol, an error where the reference is 0 needs nothing.
-        let small = compare(&[0.0, 2.0], &[1e-5, 2.5], &[2], &fixed(1e-4, 1e-4));
+        let small = reported(&[0.0, 2.0], &[1e-5, 2.5], &fixed(1e-4, 1e-4));
         let needed = small.rtol_needed.expect("the 2.5 is fixed by an rtol");
         assert!((needed - (0.5 - 1e-4) / 2.0).abs() < 1e-12, "{needed}");
+        // A binding element whose gap to atol is tiny: found at once, not
+        // one float at a time (the review's case ran for minutes).
+        let hard = reported(&[-(2f32.powi(-53)), 1.0], &[0.5, 1.0], &fixed(0.0, 0.5));
+        let needed = hard.rtol_needed.unwrap();
+        assert_eq!(
+            reported(&[-(2f32.powi(-53)), 1.0], &[0.5, 1.0], &fixed(needed, 0.5)).verdict,
+            Verdict::Succ
+        );
+        assert_eq!(
+            reported(
+                &[-(2f32.powi(-53)), 1.0],
+                &[0.5, 1.0],
+                &fixed(below(needed), 0.5)
+            )
+            .verdict,
+            Verdict::Fail
+        );
+        // A plain comparison (a hypothesis') does not compute it.
+        assert_eq!(
+            compare(&[1.0], &[2.0], &[1], &fixed(0.0, 0.0)).rtol_needed,
+            None
+        );
     }
 
     /// `compare`, element by element in one loop: the rule as the docs

@@ -171,12 +171,14 @@ fn compare_stages(
         for (position, source) in sources.iter_mut().enumerate() {
             let output = source.output(row, reference)?;
             let comparison = (output.data.shape() == reference.shape()).then(|| {
-                compare(
+                let (expected, found) = (
                     reference.as_slice().expect("standard layout"),
                     output.data.as_slice().expect("standard layout"),
-                    reference.shape(),
-                    &options.tolerance,
-                )
+                );
+                let mut comparison =
+                    compare(expected, found, reference.shape(), &options.tolerance);
+                comparison.find_rtol_needed(expected, found, &options.tolerance);
+                comparison
             });
             produced[source.feed() as usize] = Some(Produced {
                 position,

@@ -256,13 +256,14 @@ fn compare(
     let (reference_view, candidate_view) = (reference.as_array(), candidate.as_array());
     let reference_data = reference_view.as_standard_layout();
     let candidate_data = candidate_view.as_standard_layout();
-    let comparison = resnet_verify::compare(
+    let tolerance = Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, equal_nan)
+        .map_err(error)?;
+    let (expected, found) = (
         reference_data.as_slice().expect("standard layout"),
         candidate_data.as_slice().expect("standard layout"),
-        reference.shape(),
-        &Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, equal_nan)
-            .map_err(error)?,
     );
+    let mut comparison = resnet_verify::compare(expected, found, reference.shape(), &tolerance);
+    comparison.find_rtol_needed(expected, found, &tolerance);
     serde_json::to_string(&comparison).map_err(error)
 }
 

@@ -13,7 +13,7 @@ use resnet_dump::ModuleKind;
 use serde::Serialize;
 
 use crate::diagnosis::{origin, Hint, Origin};
-use crate::metrics::{Comparison, Verdict};
+use crate::metrics::{BeyondRtol, Comparison, Verdict};
 use crate::reference_check::ReferenceCheck;
 use crate::Tolerance;
 
@@ -145,6 +145,8 @@ pub struct Summary {
     /// run's atol kept: the largest any failure needs. `None` when every
     /// stage passes, or when no rtol passes some failure.
     pub rtol_needed: Option<f64>,
+    /// Why no rtol passes some failure, each reason once.
+    pub beyond_rtol: Vec<BeyondRtol>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -274,8 +276,6 @@ pub(crate) struct ReportBuilder {
     open_block: Option<GroupSummary>,
     open_layer: Option<GroupSummary>,
     diagnosed: usize,
-    /// A failure that no rtol passes was seen.
-    beyond_rtol: bool,
 }
 
 impl ReportBuilder {
@@ -307,7 +307,6 @@ impl ReportBuilder {
             open_block: None,
             open_layer: None,
             diagnosed: 0,
-            beyond_rtol: false,
         })
     }
 
@@ -363,16 +362,23 @@ impl ReportBuilder {
             .flatten()
             .filter(|comparison| comparison.verdict == Verdict::Fail)
             .collect();
+        let mut beyond = Vec::new();
         // A failure without a failing comparison is a shape that differs.
         if verdict == Verdict::Fail && failures.is_empty() {
-            self.beyond_rtol = true;
+            beyond.push(BeyondRtol::Shape);
         }
         for comparison in failures {
-            match comparison.rtol_needed {
-                Some(rtol) => {
+            match (comparison.rtol_needed, comparison.beyond_rtol) {
+                (Some(rtol), _) => {
                     summary.rtol_needed = Some(summary.rtol_needed.map_or(rtol, |r| r.max(rtol)))
                 }
-                None => self.beyond_rtol = true,
+                (None, why) => beyond.push(why.unwrap_or(BeyondRtol::ZeroReference)),
+            }
+        }
+        for why in beyond {
+            if !summary.beyond_rtol.contains(&why) {
+                summary.beyond_rtol.push(why);
+                summary.beyond_rtol.sort();
             }
         }
         match &stage.origin {
@@ -439,7 +445,7 @@ impl ReportBuilder {
 
     pub fn finish(mut self, stopped: Option<String>) -> Report {
         self.report.summary.stopped = stopped;
-        if self.beyond_rtol {
+        if !self.report.summary.beyond_rtol.is_empty() {
             self.report.summary.rtol_needed = None;
         }
         if self.report.summary.compared == 0 {

@@ -222,34 +222,36 @@ fn failure_detail(label: &str, comparison: &Comparison) -> String {
             comparison.reference_inf, comparison.candidate_inf
         );
     }
-    let non_finite = comparison.reference_nan
-        + comparison.candidate_nan
-        + comparison.reference_inf
-        + comparison.candidate_inf;
-    let _ = match comparison.rtol_needed {
-        Some(rtol) => write!(detail, "; needs rtol >= {}", at_least(rtol)),
-        None if non_finite > 0 => write!(detail, "; no rtol passes it (NaN or Inf)"),
-        None => write!(
-            detail,
-            "; no rtol passes it (an error above atol where the reference is 0)"
-        ),
+    let _ = match (comparison.rtol_needed, comparison.beyond_rtol) {
+        (Some(rtol), _) => write!(detail, "; needs rtol >= {}", at_least(rtol)),
+        (None, Some(why)) => write!(detail, "; no rtol passes it ({})", why.describe()),
+        (None, None) => Ok(()),
     };
     detail
 }
 
 /// `value` to two significant digits, rounded up, so that the figure as
-/// shown passes too (the JSON report has it exactly).
+/// shown, read back, is no smaller (the JSON report has it exactly).
 fn at_least(value: f64) -> String {
     if value <= 0.0 {
         return "0".into();
     }
-    let mut exponent = value.log10().floor() as i32;
-    let mut mantissa = (value / 10f64.powi(exponent) * 10.0).ceil() / 10.0;
-    if mantissa >= 10.0 {
-        mantissa /= 10.0;
-        exponent += 1;
+    if !value.is_normal() || value < 1e-300 || !value.is_finite() {
+        return format!("{value:e}");
     }
-    format!("{mantissa:.1}e{exponent}")
+    let mut exponent = value.log10().floor() as i32;
+    let mut tenths = (value / 10f64.powi(exponent) * 10.0).ceil() as u64;
+    loop {
+        if tenths >= 100 {
+            tenths = tenths.div_ceil(10);
+            exponent += 1;
+        }
+        let shown = format!("{}.{}e{exponent}", tenths / 10, tenths % 10);
+        if shown.parse::<f64>().is_ok_and(|read| read >= value) {
+            return shown;
+        }
+        tenths += 1;
+    }
 }
 
 fn group_line(word: &str, group: &GroupSummary) -> String {
@@ -305,15 +307,26 @@ fn summary(report: &Report) -> String {
         );
     }
     if s.fail > 0 {
+        // Stages not compared (a stop, a stage missing) may need more.
+        let more = if s.stopped.is_some() {
+            "; the stages not compared may need more"
+        } else {
+            ""
+        };
         let _ = match s.rtol_needed {
             Some(rtol) => writeln!(
                 out,
-                "tolerance needed: every stage compared passes with rtol >= {} (atol as run)",
+                "tolerance needed: every stage compared passes with rtol >= {} (atol as run){more}",
                 at_least(rtol)
             ),
             None => writeln!(
                 out,
-                "tolerance needed: no rtol passes every stage (a NaN or Inf mismatch, or an error where the reference is 0)"
+                "tolerance needed: no rtol passes every stage ({})",
+                s.beyond_rtol
+                    .iter()
+                    .map(|why| why.describe())
+                    .collect::<Vec<_>>()
+                    .join("; ")
             ),
         };
     }
@@ -350,4 +363,33 @@ fn top_lines(top5: &TopClasses) -> String {
         let _ = writeln!(out, "top5 candidate: {}", describe(&top5.candidate));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::at_least;
+
+    #[test]
+    fn the_tolerance_shown_is_never_below_the_figure() {
+        let mut values = vec![3.07e-3, 2.1e-8, 9.99e-5, 0.101, 1.0, 123.0, 1e-310, 5e-324];
+        // A float or two above a two-digit decimal: read as that decimal,
+        // it would be below the figure.
+        for decimal in [2.1e-8, 3.1e-3, 1.5e-1, 9.9e2] {
+            let bits = f64::to_bits(decimal);
+            values.extend([f64::from_bits(bits + 1), f64::from_bits(bits + 2)]);
+        }
+        for value in values {
+            let shown = at_least(value);
+            let read: f64 = shown.parse().unwrap();
+            assert!(read >= value, "{value:e} shown as {shown}");
+            assert!(
+                read <= value * 1.11 || value < 1e-300,
+                "{value:e} shown as {shown}"
+            );
+        }
+        assert_eq!(at_least(3.07e-3), "3.1e-3");
+        assert_eq!(at_least(9.99e-5), "1.0e-4");
+        assert_eq!(at_least(f64::from_bits(2.1e-8f64.to_bits() + 1)), "2.2e-8");
+        assert_eq!(at_least(0.0), "0");
+    }
 }
