@@ -410,6 +410,16 @@ mod tests {
     use super::*;
     use crate::tolerance::AbsoluteTolerance;
 
+    /// Seeded xorshift draws in [0, 1).
+    fn uniform(mut state: u64) -> impl FnMut() -> f64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
     fn fixed(rtol: f64, atol: f64) -> Tolerance {
         Tolerance {
             rtol,
@@ -602,13 +612,7 @@ mod tests {
             comparison
         }
         let below = |value: f64| f64::from_bits(value.to_bits() - 1);
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut next = uniform(0x9e37_79b9_7f4a_7c15);
         for length in [1usize, 5, 64, 1000] {
             for atol in [0.0, 1e-4, 3e-3] {
                 let reference: Vec<f32> =
@@ -743,13 +747,7 @@ mod tests {
     fn the_fast_comparison_is_the_slow_one() {
         // Seeded xorshift: values, small errors near the tolerance, and
         // (in some runs) NaN and infinities, over one piece or several.
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut next = uniform(0x2545_f491_4f6c_dd1d);
         for (run, length) in [1usize, 7, 8, 29, 1000, CHUNK + 3, 2 * CHUNK + 100]
             .into_iter()
             .enumerate()
