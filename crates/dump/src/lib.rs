@@ -13,7 +13,8 @@ mod writer;
 pub use dump::{Dump, LoadedStage};
 pub use error::DumpError;
 pub use manifest::{
-    Architecture, BlockKind, Head, InputInfo, Layout, Manifest, ManifestProblem, Mode, ModuleKind,
-    NormLayer, StageEntry, TopClass, WeightEntry, FORMAT_NAME, SCHEMA_VERSION,
+    similar_stage_names, Architecture, BlockKind, Head, InputInfo, Layout, Manifest,
+    ManifestProblem, Mode, ModuleKind, NormLayer, StageEntry, TopClass, WeightEntry, FORMAT_NAME,
+    SCHEMA_VERSION,
 };
 pub use writer::{CandidateWriter, WriteError};

@@ -327,6 +327,35 @@ pub struct Manifest {
     pub classes: Option<Vec<String>>,
 }
 
+/// The stage names among `names` (in their order, at most `most`) that a
+/// name not among them most likely meant: the calls of the same module
+/// (`layer1.0.relu#0` for `layer1.0.relu#3`), else the stages under the
+/// same top-level module (`layer1.0.conv1` for `layer1.9`).
+pub fn similar_stage_names<'a>(
+    name: &str,
+    names: impl IntoIterator<Item = &'a str>,
+    most: usize,
+) -> Vec<&'a str> {
+    let module = |stage: &str| stage.split('#').next().unwrap_or(stage).to_string();
+    let top = |stage: &str| stage.split(['.', '#']).next().unwrap_or(stage).to_string();
+    let names: Vec<&str> = names.into_iter().collect();
+    let calls: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|candidate| module(candidate) == module(name))
+        .collect();
+    let similar = if calls.is_empty() {
+        names
+            .iter()
+            .copied()
+            .filter(|candidate| top(candidate) == top(name))
+            .collect()
+    } else {
+        calls
+    };
+    similar.into_iter().take(most).collect()
+}
+
 /// What is wrong with a manifest's text, found before any file is read.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ManifestProblem {
@@ -435,6 +464,39 @@ pub(crate) fn check_relative(file: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mistyped_stage_name_finds_the_names_it_meant() {
+        let names = [
+            "conv1",
+            "layer1.0.conv1",
+            "layer1.0.relu#0",
+            "layer1.0.relu#1",
+            "layer1.0",
+            "layer2.0.conv1",
+        ];
+        let similar = |name| similar_stage_names(name, names, 8);
+        assert_eq!(
+            similar("layer1.0.relu#3"),
+            ["layer1.0.relu#0", "layer1.0.relu#1"]
+        );
+        assert_eq!(
+            similar("layer1.0.relu"),
+            ["layer1.0.relu#0", "layer1.0.relu#1"]
+        );
+        assert_eq!(
+            similar("layer1.9"),
+            [
+                "layer1.0.conv1",
+                "layer1.0.relu#0",
+                "layer1.0.relu#1",
+                "layer1.0"
+            ]
+        );
+        assert_eq!(similar_stage_names("layer1.9", names, 2).len(), 2);
+        assert!(similar("layer9").is_empty());
+        assert!(similar("").is_empty());
+    }
 
     #[test]
     fn module_kinds_keep_their_names() {

@@ -38,7 +38,7 @@ use serde_json::json;
 use thiserror::Error;
 
 use crate::npy::encode_f32;
-use crate::{Layout, Manifest, FORMAT_NAME, SCHEMA_VERSION};
+use crate::{similar_stage_names, Layout, Manifest, FORMAT_NAME, SCHEMA_VERSION};
 
 /// A stage the writer refuses, or a file it cannot write.
 #[derive(Debug, Error)]
@@ -86,6 +86,8 @@ pub struct CandidateWriter {
     layout: Layout,
     /// The reference's module type and NCHW shape of each stage, by name.
     expected: Option<HashMap<String, (String, Vec<usize>)>>,
+    /// The reference's stage names, in its order.
+    order: Vec<String>,
     stages: Vec<serde_json::Value>,
 }
 
@@ -150,6 +152,7 @@ impl CandidateWriter {
             dir,
             layout,
             expected: None,
+            order: Vec::new(),
             stages: Vec::new(),
         })
     }
@@ -170,6 +173,11 @@ impl CandidateWriter {
             })
             .collect();
         self.expected = Some(expected);
+        self.order = reference
+            .stages
+            .iter()
+            .map(|stage| stage.name.clone())
+            .collect();
         self
     }
 
@@ -186,12 +194,7 @@ impl CandidateWriter {
         }
         if let Some(expected) = &self.expected {
             let Some((expected_type, nchw)) = expected.get(name) else {
-                let mut near: Vec<&str> = expected
-                    .keys()
-                    .map(String::as_str)
-                    .filter(|candidate| same_module(candidate, name))
-                    .collect();
-                near.sort_unstable();
+                let near = similar_stage_names(name, self.order.iter().map(String::as_str), 8);
                 let near = if near.is_empty() {
                     String::new()
                 } else {
@@ -255,13 +258,6 @@ impl CandidateWriter {
         std::fs::write(&path, text).map_err(|cause| WriteError::Io { path, cause })?;
         Ok(self.dir)
     }
-}
-
-/// `candidate` is a call of the module `name` names (`layer1.0.relu` for
-/// `layer1.0.relu#2`), or the other way round.
-fn same_module(candidate: &str, name: &str) -> bool {
-    let module = |stage: &str| stage.split('#').next().unwrap_or(stage).to_string();
-    module(candidate) == module(name)
 }
 
 #[cfg(test)]

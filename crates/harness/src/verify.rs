@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use ndarray::ArrayD;
 use resnet_core::{CoreError, Network, Steps, Tensor};
-use resnet_dump::{Dump, StageEntry};
+use resnet_dump::{similar_stage_names, Dump, StageEntry};
 
 use crate::adapter::{self, DumpWeights};
 use crate::layout::{candidate_nchw, reference_tensor};
@@ -164,13 +164,8 @@ fn match_stages<'a>(
 }
 
 fn unknown_stage(name: &str, network: &Network) -> VerifyError {
-    let near: Vec<&str> = network
-        .stages()
-        .iter()
-        .map(|stage| stage.name.as_str())
-        .filter(|candidate| candidate.starts_with(name.split('.').next().unwrap_or(name)))
-        .take(8)
-        .collect();
+    let names = network.stages().iter().map(|stage| stage.name.as_str());
+    let near = similar_stage_names(name, names, 8);
     let hint = if near.is_empty() {
         "layers (layer1, layer2, ...), blocks (layer2.1) and stages (layer2.1.conv2) are accepted"
             .to_string()
