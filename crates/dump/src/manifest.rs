@@ -59,10 +59,13 @@ impl Layout {
 
     /// The inverse of [`Layout::stored_shape`].
     pub fn to_nchw_shape(self, stored: &[usize]) -> Vec<usize> {
-        match (self, stored.len()) {
-            (Layout::NHWC, 4) => vec![stored[0], stored[3], stored[1], stored[2]],
-            _ => stored.to_vec(),
+        let mut nchw = stored.to_vec();
+        if stored.len() == 4 {
+            for (position, &axis) in self.axis_order().iter().enumerate() {
+                nchw[axis] = stored[position];
+            }
         }
+        nchw
     }
 
     /// The inverse of [`Layout::to_nchw`], without a copy: an NCHW array

@@ -136,25 +136,26 @@ impl Candidate for OtherEngine<'_> {
             notes.push(format!("candidate stored as {dtype}, converted to float32"));
         }
         let mut data = self.layout.to_nchw(loaded.data);
-        if data.shape() != reference.shape() && differ_by_unit_axes(data.shape(), reference.shape())
-        {
-            // An engine that fuses the flatten stores avgpool `[N, C]`: the
-            // same values in the same order.
-            notes.push(format!(
-                "shape {:?} compared as the reference's {:?} (they differ only by axes of size 1)",
-                data.shape(),
-                reference.shape()
-            ));
-            data = data
-                .into_shape_with_order(reference.shape())
-                .expect("the same elements in the same order");
-        } else if data.shape() != reference.shape() {
-            notes.push(format!(
-                "shape {:?} (read as {:?}) is not the reference's {:?}",
-                data.shape(),
-                self.layout,
-                reference.shape()
-            ));
+        if data.shape() != reference.shape() {
+            if differ_by_unit_axes(data.shape(), reference.shape()) {
+                // An engine that fuses the flatten stores avgpool `[N, C]`:
+                // the same values in the same order.
+                notes.push(format!(
+                    "shape {:?} compared as the reference's {:?} (they differ only by axes of size 1)",
+                    data.shape(),
+                    reference.shape()
+                ));
+                data = data
+                    .into_shape_with_order(reference.shape())
+                    .expect("the same elements in the same order");
+            } else {
+                notes.push(format!(
+                    "shape {:?} (read as {:?}) is not the reference's {:?}",
+                    data.shape(),
+                    self.layout,
+                    reference.shape()
+                ));
+            }
         }
         Ok(Output { data, notes })
     }

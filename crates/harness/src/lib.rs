@@ -18,7 +18,7 @@ pub mod verify;
 
 pub use compare_dumps::{compare_dumps, CompareOptions};
 pub use error::VerifyError;
-pub use metrics::{compare, BeyondRtol, Comparison, Verdict};
+pub use metrics::{compare, compare_for_report, BeyondRtol, Comparison, Verdict};
 pub use pipeline::RunOptions;
 pub use report::{Event, Report, RunMode};
 pub use tolerance::{AbsoluteTolerance, Tolerance};

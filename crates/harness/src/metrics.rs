@@ -46,7 +46,7 @@ pub struct Comparison {
     pub candidate_inf: usize,
     /// For a failure in a report: the smallest rtol under which it would
     /// pass, the run's atol kept (exact: with the next smaller f64 it
-    /// fails); see [`Comparison::find_rtol_needed`]. `None` when it passes
+    /// fails); see [`compare_for_report`]. `None` when it passes
     /// or no rtol would.
     pub rtol_needed: Option<f64>,
     /// For a failure no rtol passes: why.
@@ -76,24 +76,24 @@ impl BeyondRtol {
     }
 }
 
-impl Comparison {
-    /// Fills in, for a failure, the smallest rtol under which it would
-    /// pass, or why none would: for the comparisons a report shows (the
-    /// hypotheses' own comparisons do without).
-    pub fn find_rtol_needed(
-        &mut self,
-        reference: &[f32],
-        candidate: &[f32],
-        tolerance: &Tolerance,
-    ) {
-        if self.verdict == Verdict::Fail {
-            let atol = tolerance.atol_for(self.scale);
-            match rtol_needed(reference, candidate, atol, tolerance.equal_nan) {
-                Ok(rtol) => self.rtol_needed = Some(rtol),
-                Err(why) => self.beyond_rtol = Some(why),
-            }
+/// [`compare`] as a report shows it: for a failure, also the smallest rtol
+/// under which it would pass, or why none would (the hypotheses' own
+/// comparisons, many per failure, do without).
+pub fn compare_for_report(
+    reference: &[f32],
+    candidate: &[f32],
+    shape: &[usize],
+    tolerance: &Tolerance,
+) -> Comparison {
+    let mut comparison = compare(reference, candidate, shape, tolerance);
+    if comparison.verdict == Verdict::Fail {
+        let atol = tolerance.atol_for(comparison.scale);
+        match rtol_needed(reference, candidate, atol, tolerance.equal_nan) {
+            Ok(rtol) => comparison.rtol_needed = Some(rtol),
+            Err(why) => comparison.beyond_rtol = Some(why),
         }
     }
+    comparison
 }
 
 /// Compares two arrays of the same length, both in the reference's order;
@@ -605,11 +605,8 @@ mod tests {
 
     #[test]
     fn the_tolerance_a_failure_needs_is_exact() {
-        /// `compare` as a report runs it, the figure filled in.
         fn reported(reference: &[f32], candidate: &[f32], tolerance: &Tolerance) -> Comparison {
-            let mut comparison = compare(reference, candidate, &[reference.len()], tolerance);
-            comparison.find_rtol_needed(reference, candidate, tolerance);
-            comparison
+            compare_for_report(reference, candidate, &[reference.len()], tolerance)
         }
         let below = |value: f64| f64::from_bits(value.to_bits() - 1);
         let mut next = uniform(0x9e37_79b9_7f4a_7c15);

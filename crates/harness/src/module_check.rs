@@ -28,13 +28,11 @@ pub fn refusal(network: &Network, dump: &Dump) -> Option<String> {
         .iter()
         .filter_map(|stage| Some((stage, dump.stage(&stage.name)?)))
         .collect();
-    let mut found = Vec::new();
     let architecture = network.architecture();
-    found.extend(
-        pairs
-            .iter()
-            .flat_map(|(stage, entry)| differences(stage, entry, architecture)),
-    );
+    let mut found: Vec<String> = pairs
+        .iter()
+        .flat_map(|(stage, entry)| differences(stage, entry, architecture))
+        .collect();
     let entries: Vec<&StageEntry> = pairs.iter().map(|(_, entry)| *entry).collect();
     found.extend(batch_norm_eps_differences(&entries, architecture));
     if found.is_empty() {

@@ -12,7 +12,7 @@ use ndarray::ArrayD;
 use resnet_dump::{ModuleKind, StageEntry};
 
 use crate::diagnosis::{Evidence, Hint, Observed};
-use crate::metrics::{compare, Comparison, Verdict};
+use crate::metrics::{compare_for_report, Comparison, Verdict};
 use crate::reference_stages::ReferenceStages;
 use crate::report::{
     abbreviate, ClassScore, Event, Report, ReportBuilder, StageReport, TopClasses,
@@ -171,14 +171,12 @@ fn compare_stages(
         for (position, source) in sources.iter_mut().enumerate() {
             let output = source.output(row, reference)?;
             let comparison = (output.data.shape() == reference.shape()).then(|| {
-                let (expected, found) = (
+                compare_for_report(
                     reference.as_slice().expect("standard layout"),
                     output.data.as_slice().expect("standard layout"),
-                );
-                let mut comparison =
-                    compare(expected, found, reference.shape(), &options.tolerance);
-                comparison.find_rtol_needed(expected, found, &options.tolerance);
-                comparison
+                    reference.shape(),
+                    &options.tolerance,
+                )
             });
             produced[source.feed() as usize] = Some(Produced {
                 position,

@@ -114,9 +114,12 @@ pub fn check_reference(
         else {
             continue;
         };
-        let read = |entry| match evidence.len() < STAGES_KEPT {
-            true => stages.load(entry),
-            false => stages.peek(entry),
+        let read = |entry| {
+            if evidence.len() < STAGES_KEPT {
+                stages.load(entry)
+            } else {
+                stages.peek(entry)
+            }
         };
         let input = read(input_entry)?.data;
         let output = read(output_entry)?.data;

@@ -258,12 +258,12 @@ fn compare(
     let candidate_data = candidate_view.as_standard_layout();
     let tolerance = Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, equal_nan)
         .map_err(error)?;
-    let (expected, found) = (
+    let comparison = resnet_verify::compare_for_report(
         reference_data.as_slice().expect("standard layout"),
         candidate_data.as_slice().expect("standard layout"),
+        reference.shape(),
+        &tolerance,
     );
-    let mut comparison = resnet_verify::compare(expected, found, reference.shape(), &tolerance);
-    comparison.find_rtol_needed(expected, found, &tolerance);
     serde_json::to_string(&comparison).map_err(error)
 }
 

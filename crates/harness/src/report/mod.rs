@@ -357,30 +357,6 @@ impl ReportBuilder {
             .cumulative
             .as_ref()
             .is_some_and(|c| c.verdict == Verdict::Fail);
-        let failures: Vec<&Comparison> = [&stage.cumulative, &stage.isolated]
-            .into_iter()
-            .flatten()
-            .filter(|comparison| comparison.verdict == Verdict::Fail)
-            .collect();
-        let mut beyond = Vec::new();
-        // A failure without a failing comparison is a shape that differs.
-        if verdict == Verdict::Fail && failures.is_empty() {
-            beyond.push(BeyondRtol::Shape);
-        }
-        for comparison in failures {
-            match (comparison.rtol_needed, comparison.beyond_rtol) {
-                (Some(rtol), _) => {
-                    summary.rtol_needed = Some(summary.rtol_needed.map_or(rtol, |r| r.max(rtol)))
-                }
-                (None, why) => beyond.push(why.unwrap_or(BeyondRtol::ZeroReference)),
-            }
-        }
-        for why in beyond {
-            if !summary.beyond_rtol.contains(&why) {
-                summary.beyond_rtol.push(why);
-                summary.beyond_rtol.sort();
-            }
-        }
         match &stage.origin {
             Some(Origin::Root) => summary.root = Some(stage.name.clone()),
             Some(Origin::Introduces) => {
@@ -444,14 +420,44 @@ impl ReportBuilder {
     }
 
     pub fn finish(mut self, stopped: Option<String>) -> Report {
-        self.report.summary.stopped = stopped;
-        if !self.report.summary.beyond_rtol.is_empty() {
-            self.report.summary.rtol_needed = None;
-        }
-        if self.report.summary.compared == 0 {
-            self.report.summary.verdict = Verdict::Fail;
+        let summary = &mut self.report.summary;
+        summary.stopped = stopped;
+        (summary.rtol_needed, summary.beyond_rtol) = tolerance_needed(&self.report.stages);
+        if summary.compared == 0 {
+            summary.verdict = Verdict::Fail;
         }
         self.report
+    }
+}
+
+/// The rtol under which every stage that failed would pass (the largest any
+/// failure needs), or, each once, why no rtol would.
+fn tolerance_needed(stages: &[StageReport]) -> (Option<f64>, Vec<BeyondRtol>) {
+    let mut needed: Option<f64> = None;
+    let mut beyond = Vec::new();
+    for stage in stages.iter().filter(|stage| stage.verdict == Verdict::Fail) {
+        let failures: Vec<&Comparison> = [&stage.cumulative, &stage.isolated]
+            .into_iter()
+            .flatten()
+            .filter(|comparison| comparison.verdict == Verdict::Fail)
+            .collect();
+        // A failure without a failing comparison is a shape that differs.
+        if failures.is_empty() {
+            beyond.push(BeyondRtol::Shape);
+        }
+        for comparison in failures {
+            match comparison.rtol_needed {
+                Some(rtol) => needed = Some(needed.map_or(rtol, |n| n.max(rtol))),
+                None => beyond.push(comparison.beyond_rtol.unwrap_or(BeyondRtol::ZeroReference)),
+            }
+        }
+    }
+    beyond.sort();
+    beyond.dedup();
+    if beyond.is_empty() {
+        (needed, beyond)
+    } else {
+        (None, beyond)
     }
 }
 
