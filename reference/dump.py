@@ -8,6 +8,7 @@ torch's own layouts). docs/dump-format.md describes the format.
 """
 
 import argparse
+import copy
 import json
 import platform
 import shutil
@@ -21,7 +22,7 @@ from torch import nn
 
 from . import models, preprocess
 from . import hooks
-from .manifest import build_manifest, class_names
+from .manifest import build_manifest, class_names, noise_floor
 
 
 def parse_args(argv):
@@ -54,7 +55,12 @@ def parse_args(argv):
     parser.add_argument("--threads", type=int, help="torch threads; 1 makes the bytes independent of the machine's core count")
     parser.add_argument("--precision", choices=["float32", "float64"], default="float32",
                         help="float64 runs the same float32 weights and input in double precision and stores float64 stages: the exact computation, for accuracy measurements (default float32)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run the same weights and input in float64 and record, per stage, how far the "
+                             "float32 output is from it (the stage's noise floor, for `verify --tol auto`)")
     args = parser.parse_args(argv)
+    if args.floor and args.precision == "float64":
+        parser.error("--floor measures a float32 dump against float64; it does not apply to --precision float64")
     for name in ("size", "batch", "width", "num_classes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -110,6 +116,13 @@ def save(path, array):
     np.save(path, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
 
 
+def float64_outputs(model, x, train_mode):
+    """Stage name -> output of the same weights and input run in float64."""
+    exact = copy.deepcopy(model).double().train(train_mode)
+    recorded, _ = hooks.stages(exact, x.double())
+    return {stage["name"]: stage["output"] for stage in recorded}
+
+
 def top5(logits, categories):
     result = []
     for row in logits:
@@ -161,7 +174,7 @@ def build(args):
 
 
 def write(out, model, architecture, x, *, model_name, weights_description, input_description, train_mode=False,
-          precision="float32", command=None):
+          precision="float32", command=None, floor=False):
     """Runs `model` on `x` once and writes the whole dump to `out`."""
     prepare_out(out)
     # The weights as the model holds them before the dump's own forward pass
@@ -174,6 +187,8 @@ def write(out, model, architecture, x, *, model_name, weights_description, input
         save(out / file, tensor.float().numpy())
         weights.append({"name": name, "shape": list(tensor.shape), "dtype": "float32", "file": file})
 
+    # Before the float32 pass: in train mode it moves the running statistics.
+    exact = float64_outputs(model, x, train_mode) if floor else None
     if precision == "float64":
         # The same float32 weights and input, computed exactly (to float64).
         model, x = model.double(), x.double()
@@ -184,6 +199,8 @@ def write(out, model, architecture, x, *, model_name, weights_description, input
         module, output = stage.pop("module"), stage.pop("output")
         stage["file"] = f"stages/{number:03d}_{stage['name'].replace('#', '@')}.npy"
         stage["params"] = module_params(module) if module is not None else {}
+        if exact is not None:
+            stage["floor"] = noise_floor(output, exact[stage["name"]])
         save(out / stage["file"], output.numpy())
         stages.append(stage)
 
@@ -228,7 +245,8 @@ def main(argv=None):
         del words[words.index("--out"):words.index("--out") + 2]
     command = "python -m reference.dump " + " ".join(words)
     write(args.out, model, architecture, x, model_name=args.model, weights_description=weights_description,
-          input_description=input_description, train_mode=args.train_mode, precision=args.precision, command=command)
+          input_description=input_description, train_mode=args.train_mode, precision=args.precision, command=command,
+          floor=args.floor)
 
 
 if __name__ == "__main__":

@@ -46,3 +46,23 @@ def class_names(num_classes):
         return torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
     except (ImportError, AttributeError):
         return None
+
+
+def noise_floor(single, double):
+    """How far a float32 output is from the same computation in float64
+    (numpy arrays or torch tensors): the stage's noise floor, what a
+    correct float32 implementation can be expected to differ by."""
+    import numpy as np
+
+    single = np.asarray(single.detach().cpu() if hasattr(single, "detach") else single, dtype=np.float64)
+    double = np.asarray(double.detach().cpu() if hasattr(double, "detach") else double, dtype=np.float64)
+    if single.shape != double.shape:
+        raise ValueError(f"noise floor: shapes differ: float32 {single.shape}, float64 {double.shape}")
+    if single.size == 0:
+        return {"max_abs": 0.0, "scale": 0.0, "relative": 0.0, "rms": 0.0}
+    error = np.abs(single - double)
+    scale = float(np.abs(double).max())
+    max_abs = float(error.max())
+    return {"max_abs": max_abs, "scale": scale, "relative": max_abs / scale if scale > 0 else 0.0,
+            "rms": float(np.sqrt(np.mean(np.square(error))))}
+

@@ -115,43 +115,70 @@ def forward(weights_or_dump, x, upto=None, architecture=None):
     return _native.forward_arrays(json.dumps(architecture), weights, x, upto)
 
 
-def compare(ref, cand, atol=None, rtol=None, equal_nan=False):
+def compare(ref, cand, atol=None, rtol=None, equal_nan=False, tol=None, tol_multiple=None, cand_dtype=None,
+            floor=None):
     """Compares two arrays of the same shape with the CLI's rule and metrics;
     returns a dict: verdict, max_abs_error, relative_error,
-    cosine_similarity, mismatched, worst (index, reference, candidate), ..."""
-    return json.loads(_native.compare(_float32(ref), _float32(cand), atol, rtol, equal_nan))
+    cosine_similarity, mismatched, worst (index, reference, candidate), ...
+
+    tol="auto" judges by the reference's noise floor, as `verify --tol
+    auto` does: give `floor`, the same computation in float64 (an array)
+    or a dump manifest stage's `floor` dict; `cand_dtype` ("float16",
+    "bfloat16") scales it to a reduced-precision candidate."""
+    floor_json = None
+    if floor is not None:
+        if not isinstance(floor, dict):
+            from reference.manifest import noise_floor
+            floor = noise_floor(_float32(ref), floor)
+        floor_json = json.dumps(floor)
+    return json.loads(_native.compare(_float32(ref), _float32(cand), atol, rtol, equal_nan, tol, tol_multiple,
+                                      cand_dtype, floor_json))
 
 
-def verify(dump_dir, upto=None, isolate=False, atol=None, rtol=None, allow_train_reference=False, print_report=False):
-    """`verify DUMP_DIR` in-process; returns the Report."""
-    report = Report(*_native.verify(os.fspath(dump_dir), upto, isolate, atol, rtol, allow_train_reference))
+def verify(dump_dir, upto=None, isolate=False, atol=None, rtol=None, allow_train_reference=False, print_report=False,
+           tol=None, tol_multiple=None, cand_dtype=None):
+    """`verify DUMP_DIR` in-process; returns the Report. tol="auto": each
+    stage's tolerance from the dump's noise floor (a dump made with
+    --floor), as `verify --tol auto`."""
+    report = Report(*_native.verify(os.fspath(dump_dir), upto, isolate, atol, rtol, allow_train_reference,
+                                    tol, tol_multiple, cand_dtype))
     if print_report:
         print(report.text, end="")
     return report
 
 
-def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print_report=False):
+def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print_report=False, tol=None,
+                 tol_multiple=None, cand_dtype=None):
     """Verifies the core against a live torch model: hooks every module,
     runs the model once on `x` (NCHW), and compares each stage, without
     writing files. A model with any module in train mode is refused
     (TrainModeError, naming them) before it runs, since a train-mode pass
     would also change its running statistics; so is one the core would not
     build exactly (VerifyError, naming the modules). The model is not
-    changed."""
+    changed. tol="auto" also runs a float64 copy of the model to measure
+    each stage's noise floor, and judges by it (`verify --tol auto`)."""
+    import copy
+
     import torch
     from reference import hooks
-    from reference.manifest import build_manifest, class_names
+    from reference.manifest import build_manifest, class_names, noise_floor
 
     _refuse_train_mode(model)
     weights, architecture = _torch_weights(model)
     x = torch.as_tensor(_float32(x))
     stages, _ = hooks.stages(model, x)
+    exact = None
+    if tol == "auto":
+        exact, _ = hooks.stages(copy.deepcopy(model).double(), x.double())
+        exact = {stage["name"]: stage["output"] for stage in exact}
     arrays = {f"weights/{name}": array for name, array in weights.items()}
     entries = []
     for stage in stages:
         output = stage.pop("output")
         stage.pop("module")
         stage["file"] = f"stages/{stage['name']}"
+        if exact is not None:
+            stage["floor"] = noise_floor(output, exact[stage["name"]])
         arrays[stage["file"]] = _float32(output)
         entries.append(stage)
     manifest = build_manifest(
@@ -162,7 +189,8 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
         weights=[{"name": name, "shape": list(array.shape), "file": f"weights/{name}"} for name, array in weights.items()],
         classes=class_names(architecture["num_classes"]),
     )
-    report = Report(*_native.verify_arrays("<torch model>", json.dumps(manifest), arrays, upto, isolate, atol, rtol))
+    report = Report(*_native.verify_arrays("<torch model>", json.dumps(manifest), arrays, upto, isolate, atol, rtol,
+                                           tol, tol_multiple, cand_dtype))
     if print_report:
         print(report.text, end="")
     return report

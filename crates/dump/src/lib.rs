@@ -14,7 +14,7 @@ pub use dump::{Dump, LoadedStage};
 pub use error::DumpError;
 pub use manifest::{
     similar_stage_names, Architecture, BlockKind, Head, InputInfo, Layout, Manifest,
-    ManifestProblem, Mode, ModuleKind, NormLayer, StageEntry, TopClass, WeightEntry, FORMAT_NAME,
-    SCHEMA_VERSION,
+    ManifestProblem, Mode, ModuleKind, NoiseFloor, NormLayer, Precision, StageEntry, TopClass,
+    WeightEntry, FORMAT_NAME, SCHEMA_VERSION,
 };
 pub use writer::{CandidateWriter, WriteError};

@@ -269,6 +269,58 @@ pub struct StageEntry {
     pub file: String,
     #[serde(default)]
     pub params: serde_json::Value,
+    /// How far the reference's own float32 result is from the same
+    /// computation in float64 (`python -m reference.dump --floor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<NoiseFloor>,
+}
+
+/// A stage's float32 noise floor: the reference's float32 output against
+/// the same weights and input computed in float64. What a correct float32
+/// implementation can be expected to differ by, at this stage.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NoiseFloor {
+    /// `max|float32 - float64|` over the stage.
+    pub max_abs: f64,
+    /// `max|float64|` over the stage.
+    pub scale: f64,
+    /// `max_abs / scale` (0 when the stage is all zeros).
+    pub relative: f64,
+    /// The root mean square of `float32 - float64`.
+    pub rms: f64,
+}
+
+/// The floating-point type a dump's values were computed in. Stage files
+/// hold float32 (or float64) whatever it is: an engine computing in
+/// float16 or bfloat16 stores its outputs widened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Float64,
+    Float32,
+    Float16,
+    Bfloat16,
+}
+
+impl Precision {
+    /// The unit roundoff: half the distance from 1 to the next number.
+    pub fn unit_roundoff(self) -> f64 {
+        match self {
+            Precision::Float64 => 2f64.powi(-53),
+            Precision::Float32 => 2f64.powi(-24),
+            Precision::Float16 => 2f64.powi(-11),
+            Precision::Bfloat16 => 2f64.powi(-8),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Float64 => "float64",
+            Precision::Float32 => "float32",
+            Precision::Float16 => "float16",
+            Precision::Bfloat16 => "bfloat16",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -319,6 +371,9 @@ pub struct Manifest {
     #[serde(default)]
     pub input: Option<InputInfo>,
     pub layout: Layout,
+    /// What the values were computed in; absent means float32.
+    #[serde(default)]
+    pub dtype: Option<Precision>,
     pub stages: Vec<StageEntry>,
     #[serde(default)]
     pub weights: Vec<WeightEntry>,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use ndarray::ArrayD;
 use resnet_core::Network;
-use resnet_dump::{Dump, Layout};
+use resnet_dump::{Dump, Layout, Precision};
 
 use crate::adapter::{self, DumpWeights};
 use crate::diagnosis::{axis_order, Evidence, Observed};
@@ -14,7 +14,7 @@ use crate::pipeline::{run, shown, Candidate, Explained, Feed, Output, Row, RunOp
 use crate::reference_check::{check_reference, ReferenceCheck};
 use crate::reference_stages::ReferenceStages;
 use crate::report::{abbreviate, Event, Report, RunMode};
-use crate::VerifyError;
+use crate::{ToleranceRule, VerifyError};
 
 #[derive(Clone, Debug)]
 pub struct CompareOptions {
@@ -23,6 +23,9 @@ pub struct CompareOptions {
     /// How the candidate's stage files are laid out; `None`: as its
     /// manifest says.
     pub layout: Option<Layout>,
+    /// What the candidate computes in, for `--tol auto`; `None`: as its
+    /// manifest says (float32 when it says nothing).
+    pub candidate_dtype: Option<Precision>,
     pub run: RunOptions,
 }
 
@@ -33,6 +36,12 @@ pub fn compare_dumps(
     let reference = Dump::open(&options.reference)?;
     let candidate = Dump::open(&options.candidate)?;
     let layout = options.layout.unwrap_or(candidate.manifest().layout);
+    let mut run_options = options.run.clone();
+    if let ToleranceRule::Auto(auto) = &mut run_options.tolerance {
+        if let Some(dtype) = options.candidate_dtype.or(candidate.manifest().dtype) {
+            auto.candidate_dtype = dtype;
+        }
+    }
     let network = match reference.manifest().architecture.as_ref() {
         Some(architecture) => Some(
             Network::from_weights(
@@ -60,7 +69,7 @@ pub fn compare_dumps(
         options.candidate.display().to_string(),
         reference.manifest().model_name().to_string(),
         RunMode::Dumps,
-        options.run.tolerance,
+        run_options.tolerance,
         reference_check,
     );
     let rows: Vec<Row> = reference
@@ -74,7 +83,7 @@ pub fn compare_dumps(
             block: &entry.block,
             layer: &entry.layer,
             container: false,
-            shown: shown(index, &entry.name, options.run.only.as_ref(), false),
+            shown: shown(index, &entry.name, run_options.only.as_ref(), false),
         })
         .collect();
     let mut source = OtherEngine {
@@ -87,7 +96,7 @@ pub fn compare_dumps(
         &rows,
         &mut [&mut source],
         &stages,
-        &options.run,
+        &run_options,
         listener,
     )?;
     // A name the reference does not have (a typo, `relu#1` for `relu#2`)

@@ -21,5 +21,5 @@ pub use error::VerifyError;
 pub use metrics::{compare, compare_for_report, BeyondRtol, Comparison, Verdict};
 pub use pipeline::RunOptions;
 pub use report::{Event, Report, RunMode};
-pub use tolerance::{AbsoluteTolerance, Tolerance};
+pub use tolerance::{AbsoluteTolerance, AutoTolerance, Tolerance, ToleranceRule};
 pub use verify::{verify, verify_dump, VerifyOptions};

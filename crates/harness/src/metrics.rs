@@ -6,6 +6,7 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::tolerance::StageTolerance;
 use crate::Tolerance;
 
 /// The default is `Succ`: a run passes until a stage fails.
@@ -49,8 +50,13 @@ pub struct Comparison {
     /// fails); see [`compare_for_report`]. `None` when it passes
     /// or no rtol would.
     pub rtol_needed: Option<f64>,
-    /// For a failure no rtol passes: why.
+    /// For a failure no rtol passes: why (under `--tol auto`: no multiple).
     pub beyond_rtol: Option<BeyondRtol>,
+    /// Under `--tol auto`, for a failure: the smallest multiple of the
+    /// stage's noise floor under which it would pass (exact, like
+    /// `rtol_needed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multiple_needed: Option<f64>,
 }
 
 /// Why no rtol makes a failure pass.
@@ -77,23 +83,80 @@ impl BeyondRtol {
 }
 
 /// [`compare`] as a report shows it: for a failure, also the smallest rtol
-/// under which it would pass, or why none would (the hypotheses' own
-/// comparisons, many per failure, do without).
+/// (under `--tol auto`, multiple of the floor) under which it would pass,
+/// or why none would (the hypotheses' own comparisons, many per failure,
+/// do without).
 pub fn compare_for_report(
     reference: &[f32],
     candidate: &[f32],
     shape: &[usize],
-    tolerance: &Tolerance,
+    stage: &StageTolerance,
 ) -> Comparison {
+    let tolerance = &stage.tolerance;
     let mut comparison = compare(reference, candidate, shape, tolerance);
     if comparison.verdict == Verdict::Fail {
-        let atol = tolerance.atol_for(comparison.scale);
-        match rtol_needed(reference, candidate, atol, tolerance.equal_nan) {
-            Ok(rtol) => comparison.rtol_needed = Some(rtol),
-            Err(why) => comparison.beyond_rtol = Some(why),
+        let needed = match stage.auto_unit {
+            Some(unit) => multiple_needed(reference, candidate, unit, tolerance.equal_nan)
+                .map(|multiple| comparison.multiple_needed = Some(multiple)),
+            None => {
+                let atol = tolerance.atol_for(comparison.scale);
+                rtol_needed(reference, candidate, atol, tolerance.equal_nan)
+                    .map(|rtol| comparison.rtol_needed = Some(rtol))
+            }
+        };
+        if let Err(why) = needed {
+            comparison.beyond_rtol = Some(why);
         }
     }
     comparison
+}
+
+/// The smallest multiple `m` under which every element passes `|c - r| <=
+/// m * unit` as the comparison computes it (with the next smaller f64 one
+/// fails): a bisection over the bits, as for the rtol.
+fn multiple_needed(
+    reference: &[f32],
+    candidate: &[f32],
+    unit: f64,
+    equal_nan: bool,
+) -> Result<f64, BeyondRtol> {
+    let mut largest = 0f64;
+    for (&r, &c) in reference.iter().zip(candidate) {
+        let (r, c) = (r as f64, c as f64);
+        if !(r.is_finite() && c.is_finite()) {
+            let matches = if r.is_nan() && c.is_nan() {
+                equal_nan
+            } else {
+                r == c
+            };
+            if !matches {
+                return Err(BeyondRtol::NonFinite);
+            }
+            continue;
+        }
+        largest = largest.max((c - r).abs());
+    }
+    let passes = |multiple: f64| largest <= multiple * unit;
+    if passes(0.0) {
+        return Ok(0.0);
+    }
+    let mut passing = (largest / unit).max(f64::MIN_POSITIVE);
+    if !passing.is_finite() {
+        return Err(BeyondRtol::ZeroReference);
+    }
+    while !passes(passing) {
+        passing *= 2.0;
+    }
+    let (mut fails, mut passing) = (0u64, passing.to_bits());
+    while passing - fails > 1 {
+        let middle = fails + (passing - fails) / 2;
+        if passes(f64::from_bits(middle)) {
+            passing = middle;
+        } else {
+            fails = middle;
+        }
+    }
+    Ok(f64::from_bits(passing))
 }
 
 /// Compares two arrays of the same length, both in the reference's order;
@@ -182,6 +245,7 @@ pub fn compare(
         candidate_inf,
         rtol_needed: None,
         beyond_rtol: None,
+        multiple_needed: None,
     }
 }
 
@@ -604,9 +668,67 @@ mod tests {
     }
 
     #[test]
+    fn the_multiple_of_the_floor_a_failure_needs_is_exact() {
+        use crate::tolerance::{AutoTolerance, ToleranceRule};
+        use resnet_dump::{NoiseFloor, Precision};
+        let below = |value: f64| f64::from_bits(value.to_bits() - 1);
+        let mut next = uniform(0x2545_f491_4f6c_dd1d);
+        for (length, floor) in [(1usize, 3e-7), (64, 1e-6), (1000, 2.5e-5)] {
+            let reference: Vec<f32> = (0..length).map(|_| ((next() - 0.5) * 8.0) as f32).collect();
+            let candidate: Vec<f32> = reference
+                .iter()
+                .map(|&r| r + ((next() - 0.5) * 1e-3) as f32)
+                .collect();
+            let floor = NoiseFloor {
+                max_abs: floor,
+                scale: 4.0,
+                relative: floor / 4.0,
+                rms: floor / 3.0,
+            };
+            let with = |multiple| {
+                let rule = ToleranceRule::Auto(AutoTolerance {
+                    multiple,
+                    candidate_dtype: Precision::Float32,
+                    equal_nan: false,
+                });
+                let stage = rule.for_stage("s", Some(&floor)).unwrap();
+                compare_for_report(&reference, &candidate, &[length], &stage)
+            };
+            let run = with(AutoTolerance::DEFAULT_MULTIPLE);
+            assert_eq!(run.verdict, Verdict::Fail, "{length}");
+            assert_eq!(run.rtol_needed, None);
+            let needed = run.multiple_needed.unwrap();
+            assert_eq!(with(needed).verdict, Verdict::Succ, "{length}: {needed}");
+            assert_eq!(
+                with(below(needed)).verdict,
+                Verdict::Fail,
+                "{length}: {needed}"
+            );
+            assert_eq!(with(below(needed)).multiple_needed, Some(needed));
+        }
+        // A floor of 0 on an all-zero stage: no multiple passes an error.
+        let zero = NoiseFloor {
+            max_abs: 0.0,
+            scale: 0.0,
+            relative: 0.0,
+            rms: 0.0,
+        };
+        let stage = ToleranceRule::auto().for_stage("s", Some(&zero)).unwrap();
+        let run = compare_for_report(&[0.0, 0.0], &[0.0, 1e-3], &[2], &stage);
+        assert_eq!(
+            (run.verdict, run.multiple_needed, run.beyond_rtol),
+            (Verdict::Fail, None, Some(BeyondRtol::ZeroReference))
+        );
+    }
+
+    #[test]
     fn the_tolerance_a_failure_needs_is_exact() {
         fn reported(reference: &[f32], candidate: &[f32], tolerance: &Tolerance) -> Comparison {
-            compare_for_report(reference, candidate, &[reference.len()], tolerance)
+            let stage = StageTolerance {
+                tolerance: *tolerance,
+                auto_unit: None,
+            };
+            compare_for_report(reference, candidate, &[reference.len()], &stage)
         }
         let below = |value: f64| f64::from_bits(value.to_bits() - 1);
         let mut next = uniform(0x9e37_79b9_7f4a_7c15);

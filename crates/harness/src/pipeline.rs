@@ -17,7 +17,8 @@ use crate::reference_stages::ReferenceStages;
 use crate::report::{
     abbreviate, ClassScore, Event, Report, ReportBuilder, StageReport, TopClasses,
 };
-use crate::{Tolerance, VerifyError};
+use crate::tolerance::ToleranceRule;
+use crate::VerifyError;
 
 /// A stage of the run: the reference's entry for it, and where it sits.
 pub(crate) struct Row<'a> {
@@ -105,7 +106,7 @@ pub struct RunOptions {
     /// Report only the stages whose names match.
     pub only: Option<GlobMatcher>,
     pub fail_fast: bool,
-    pub tolerance: Tolerance,
+    pub tolerance: ToleranceRule,
     pub allow_train_reference: bool,
 }
 
@@ -119,6 +120,22 @@ pub(crate) fn run(
     options: &RunOptions,
     listener: &mut dyn FnMut(Event),
 ) -> Result<Report, VerifyError> {
+    // A stage without a floor under --tol auto is bad input: said before
+    // anything is compared.
+    let without_floor = rows.iter().filter(|row| row.shown).find_map(|row| {
+        (options.tolerance)
+            .for_stage(&row.entry.name, row.entry.floor.as_ref())
+            .err()
+    });
+    if let Some(mut missing) = without_floor {
+        if rows.iter().all(|row| row.entry.floor.is_none()) {
+            missing.stage = None;
+        }
+        return Err(VerifyError::Mismatch {
+            dump: reference.dump().manifest_path().to_path_buf(),
+            reason: missing.to_string(),
+        });
+    }
     let mut builder =
         match ReportBuilder::start(report, rows.len(), options.allow_train_reference, listener) {
             ControlFlow::Continue(builder) => builder,
@@ -142,7 +159,6 @@ fn compare_stages(
     builder: &mut ReportBuilder,
     listener: &mut dyn FnMut(Event),
 ) -> Result<Option<String>, VerifyError> {
-    let evidence = Evidence::new(stages, &options.tolerance);
     let mut missing = Vec::new();
     let mut stopped = None;
     let mut previous: Option<&Row> = None;
@@ -159,6 +175,9 @@ fn compare_stages(
         if !row.shown {
             continue;
         }
+        let tolerance = (options.tolerance)
+            .for_stage(&row.entry.name, row.entry.floor.as_ref())
+            .expect("checked before the run");
         let loaded = stages.load(row.entry)?;
         let reference = &*loaded.data;
         let mut notes = Vec::new();
@@ -175,7 +194,7 @@ fn compare_stages(
                     reference.as_slice().expect("standard layout"),
                     output.data.as_slice().expect("standard layout"),
                     reference.shape(),
-                    &options.tolerance,
+                    &tolerance,
                 )
             });
             produced[source.feed() as usize] = Some(Produced {
@@ -203,6 +222,7 @@ fn compare_stages(
         let origin = builder.origin(end_to_end_failed, isolated_failed, row.container);
         let mut hints = Vec::new();
         if builder.should_diagnose(&origin) {
+            let evidence = Evidence::new(stages, &tolerance.tolerance);
             // The stage's own error shows best with the reference's inputs.
             let wanted = if isolated_failed {
                 Feed::Reference
@@ -252,6 +272,7 @@ fn compare_stages(
                 notes,
                 origin,
                 hints,
+                floor: row.entry.floor,
             },
             listener,
         );

@@ -8,8 +8,13 @@
 //! computation at most stages. The default here therefore scales `atol`
 //! with the stage's magnitude: `atol = atol_scale * max|ref|`. docs/tolerance.md
 //! gives the measurements behind the numbers.
+//!
+//! `--tol auto` asks the reference instead: a dump made with `--floor`
+//! records, per stage, how far its own float32 result is from float64, and
+//! each stage's atol is a multiple of that ([`AutoTolerance`]).
 
-use serde::Serialize;
+use resnet_dump::{NoiseFloor, Precision};
+use serde::{Serialize, Serializer};
 
 /// The absolute part of the tolerance.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -85,6 +90,165 @@ impl Tolerance {
             "|cand - ref| <= atol + rtol * |ref| with rtol {:e}, {atol}",
             self.rtol
         )
+    }
+}
+
+/// `--tol auto`: a stage passes when `|cand - ref| <= multiple * unit`
+/// everywhere, where the unit is the stage's noise floor (the reference's
+/// own float32 error against float64, `max_abs`), at least one float32
+/// rounding of the stage's largest value, and scaled by the candidate's
+/// unit roundoff over float32's for a candidate computed in float16 or
+/// bfloat16. The default multiple, 3, is TorchDynamo's accuracy rule
+/// (a candidate within 2x of the floor against float64) plus the
+/// reference's own floor; docs/tolerance.md has the measurements.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct AutoTolerance {
+    pub multiple: f64,
+    /// What the candidate computes in.
+    pub candidate_dtype: Precision,
+    pub equal_nan: bool,
+}
+
+impl AutoTolerance {
+    pub const DEFAULT_MULTIPLE: f64 = 3.0;
+
+    /// `--tol auto` for a float32 candidate, with the multiple a user gave
+    /// (refused when negative or not finite).
+    pub fn with_multiple(
+        multiple: Option<f64>,
+        equal_nan: bool,
+    ) -> Result<ToleranceRule, InvalidTolerance> {
+        let multiple = multiple.unwrap_or(Self::DEFAULT_MULTIPLE);
+        if !(multiple.is_finite() && multiple >= 0.0) {
+            return Err(InvalidTolerance {
+                name: "tol-multiple",
+                value: multiple,
+            });
+        }
+        Ok(ToleranceRule::Auto(AutoTolerance {
+            multiple,
+            candidate_dtype: Precision::Float32,
+            equal_nan,
+        }))
+    }
+
+    /// The stage's unit of atol (see the type).
+    pub fn unit(&self, floor: &NoiseFloor) -> f64 {
+        let single = Precision::Float32.unit_roundoff();
+        let roundoff_ratio = (self.candidate_dtype.unit_roundoff() / single).max(1.0);
+        floor.max_abs.max(single * floor.scale) * roundoff_ratio
+    }
+}
+
+/// A run's rule: the same tolerance for every stage, or each stage's own.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum ToleranceRule {
+    Fixed(Tolerance),
+    Auto(AutoTolerance),
+}
+
+/// `--tol auto` on a stage whose reference has no noise floor (`None`:
+/// no stage of the reference has one).
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error(
+    "{} no noise floor: --tol auto needs a reference dumped with --floor \
+     (python -m reference.dump ... --floor)",
+    match .stage { Some(stage) => format!("stage {stage} has"), None => "the reference has".into() }
+)]
+pub struct MissingFloor {
+    pub stage: Option<String>,
+}
+
+/// One stage's tolerance, and for `--tol auto` its unit, in which a
+/// failure's need is said.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StageTolerance {
+    pub tolerance: Tolerance,
+    pub auto_unit: Option<f64>,
+}
+
+impl ToleranceRule {
+    /// `--tol auto` with the default multiple and a float32 candidate.
+    pub fn auto() -> Self {
+        AutoTolerance::with_multiple(None, false).expect("the default is valid")
+    }
+
+    /// The tolerance of stage `stage`, whose reference's noise floor is `floor`.
+    pub fn for_stage(
+        &self,
+        stage: &str,
+        floor: Option<&NoiseFloor>,
+    ) -> Result<StageTolerance, MissingFloor> {
+        match self {
+            ToleranceRule::Fixed(tolerance) => Ok(StageTolerance {
+                tolerance: *tolerance,
+                auto_unit: None,
+            }),
+            ToleranceRule::Auto(auto) => {
+                let floor = floor.ok_or_else(|| MissingFloor {
+                    stage: Some(stage.to_string()),
+                })?;
+                let unit = auto.unit(floor);
+                Ok(StageTolerance {
+                    tolerance: Tolerance {
+                        rtol: 0.0,
+                        atol: AbsoluteTolerance::Fixed(auto.multiple * unit),
+                        equal_nan: auto.equal_nan,
+                    },
+                    auto_unit: Some(unit),
+                })
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            ToleranceRule::Fixed(tolerance) => tolerance.describe(),
+            ToleranceRule::Auto(auto) => {
+                let dtype = match auto.candidate_dtype {
+                    Precision::Float32 | Precision::Float64 => String::new(),
+                    other => format!(
+                        ", scaled to a {} candidate's roundoff (x{})",
+                        other.name(),
+                        other.unit_roundoff() / Precision::Float32.unit_roundoff()
+                    ),
+                };
+                format!(
+                    "auto: |cand - ref| <= {} x the stage's noise floor (the reference's float32 \
+                     error against float64, at least 2^-24 x max|ref|){dtype}",
+                    auto.multiple
+                )
+            }
+        }
+    }
+
+    pub fn equal_nan(&self) -> bool {
+        match self {
+            ToleranceRule::Fixed(tolerance) => tolerance.equal_nan,
+            ToleranceRule::Auto(auto) => auto.equal_nan,
+        }
+    }
+}
+
+impl Default for ToleranceRule {
+    fn default() -> Self {
+        ToleranceRule::Fixed(Tolerance::default())
+    }
+}
+
+/// A fixed rule as the report has always shown it; auto with `"rule": "auto"`.
+impl Serialize for ToleranceRule {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Auto<'a> {
+            rule: &'static str,
+            #[serde(flatten)]
+            auto: &'a AutoTolerance,
+        }
+        match self {
+            ToleranceRule::Fixed(tolerance) => tolerance.serialize(serializer),
+            ToleranceRule::Auto(auto) => Auto { rule: "auto", auto }.serialize(serializer),
+        }
     }
 }
 

@@ -21,7 +21,8 @@ use resnet_verify::reference_check::ReferenceCheck;
 use resnet_verify::report::text::Text;
 use resnet_verify::report::{drive, json};
 use resnet_verify::{
-    verify_dump, AbsoluteTolerance, Report, RunMode, RunOptions, Tolerance, VerifyOptions,
+    verify_dump, AbsoluteTolerance, AutoTolerance, Report, RunMode, RunOptions, Tolerance,
+    ToleranceRule, VerifyOptions,
 };
 
 create_exception!(
@@ -61,12 +62,66 @@ fn run_verify(py: Python<'_>, dump: &Dump, options: VerifyOptions) -> PyResult<(
     Ok((json::render(&report), text))
 }
 
+/// The bindings' `tol` and `cand_dtype`: `tol="auto"` (each stage's
+/// tolerance from its noise floor), `tol=None` for atol/rtol.
+#[derive(Clone, Debug, Default)]
+struct Rule {
+    tol: Option<String>,
+    tol_multiple: Option<f64>,
+    cand_dtype: Option<String>,
+}
+
+impl Rule {
+    fn tolerance(
+        &self,
+        atol: Option<f64>,
+        rtol: Option<f64>,
+        equal_nan: bool,
+    ) -> PyResult<ToleranceRule> {
+        match self.tol.as_deref() {
+            None => {
+                if self.tol_multiple.is_some() || self.cand_dtype.is_some() {
+                    return Err(error("tol_multiple and cand_dtype need tol=\"auto\""));
+                }
+                Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, equal_nan)
+                    .map(ToleranceRule::Fixed)
+                    .map_err(error)
+            }
+            Some("auto") => {
+                if atol.is_some() || rtol.is_some() {
+                    return Err(error(
+                        "tol=\"auto\" sets each stage's atol and rtol; give neither",
+                    ));
+                }
+                let mut rule =
+                    AutoTolerance::with_multiple(self.tol_multiple, equal_nan).map_err(error)?;
+                if let (ToleranceRule::Auto(auto), Some(dtype)) = (&mut rule, &self.cand_dtype) {
+                    auto.candidate_dtype = serde_json::from_value(serde_json::Value::String(
+                        dtype.clone(),
+                    ))
+                    .map_err(|_| {
+                        error(format!(
+                            "cand_dtype {dtype:?}: expected float32, float16 or bfloat16"
+                        ))
+                    })?;
+                }
+                Ok(rule)
+            }
+            Some(other) => Err(error(format!(
+                "tol {other:?}: the only rule by name is \"auto\" (or give atol/rtol)"
+            ))),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn options(
     label: PathBuf,
     upto: Option<String>,
     isolate: bool,
     atol: Option<f64>,
     rtol: Option<f64>,
+    rule: &Rule,
     allow_train_reference: bool,
 ) -> PyResult<VerifyOptions> {
     Ok(VerifyOptions {
@@ -78,17 +133,17 @@ fn options(
             RunMode::Cumulative
         },
         run: RunOptions {
-            tolerance: Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, false)
-                .map_err(error)?,
+            tolerance: rule.tolerance(atol, rtol, false)?,
             allow_train_reference,
             ..RunOptions::default()
         },
     })
 }
 
-/// verify(dump_dir, upto=None, isolate=False, atol=None, rtol=None, allow_train_reference=False) -> (json, text)
+/// verify(dump_dir, upto=None, isolate=False, atol=None, rtol=None, allow_train_reference=False, tol=None, tol_multiple=None, cand_dtype=None) -> (json, text)
 #[pyfunction]
-#[pyo3(signature = (dump_dir, upto=None, isolate=false, atol=None, rtol=None, allow_train_reference=false))]
+#[pyo3(signature = (dump_dir, upto=None, isolate=false, atol=None, rtol=None, allow_train_reference=false, tol=None, tol_multiple=None, cand_dtype=None))]
+#[allow(clippy::too_many_arguments)]
 fn verify(
     py: Python<'_>,
     dump_dir: PathBuf,
@@ -97,12 +152,28 @@ fn verify(
     atol: Option<f64>,
     rtol: Option<f64>,
     allow_train_reference: bool,
+    tol: Option<String>,
+    tol_multiple: Option<f64>,
+    cand_dtype: Option<String>,
 ) -> PyResult<(String, String)> {
     let dump = Dump::open(&dump_dir).map_err(error)?;
+    let rule = Rule {
+        tol,
+        tol_multiple,
+        cand_dtype,
+    };
     run_verify(
         py,
         &dump,
-        options(dump_dir, upto, isolate, atol, rtol, allow_train_reference)?,
+        options(
+            dump_dir,
+            upto,
+            isolate,
+            atol,
+            rtol,
+            &rule,
+            allow_train_reference,
+        )?,
     )
 }
 
@@ -119,11 +190,11 @@ fn arrays(dict: &Bound<'_, PyDict>) -> PyResult<HashMap<String, ArrayD<f32>>> {
     Ok(arrays)
 }
 
-/// verify_arrays(label, manifest_json, arrays, upto=None, isolate=False, atol=None, rtol=None) -> (json, text)
+/// verify_arrays(label, manifest_json, arrays, upto=None, isolate=False, atol=None, rtol=None, tol=None, tol_multiple=None, cand_dtype=None) -> (json, text)
 ///
 /// A dump held in memory: `arrays` maps each manifest `file` to its array.
 #[pyfunction]
-#[pyo3(signature = (label, manifest_json, arrays_by_file, upto=None, isolate=false, atol=None, rtol=None))]
+#[pyo3(signature = (label, manifest_json, arrays_by_file, upto=None, isolate=false, atol=None, rtol=None, tol=None, tol_multiple=None, cand_dtype=None))]
 #[allow(clippy::too_many_arguments)]
 fn verify_arrays(
     py: Python<'_>,
@@ -134,12 +205,28 @@ fn verify_arrays(
     isolate: bool,
     atol: Option<f64>,
     rtol: Option<f64>,
+    tol: Option<String>,
+    tol_multiple: Option<f64>,
+    cand_dtype: Option<String>,
 ) -> PyResult<(String, String)> {
     let dump = Dump::from_memory(label, manifest_json, arrays(arrays_by_file)?).map_err(error)?;
+    let rule = Rule {
+        tol,
+        tol_multiple,
+        cand_dtype,
+    };
     run_verify(
         py,
         &dump,
-        options(PathBuf::from(label), upto, isolate, atol, rtol, false)?,
+        options(
+            PathBuf::from(label),
+            upto,
+            isolate,
+            atol,
+            rtol,
+            &rule,
+            false,
+        )?,
     )
 }
 
@@ -235,15 +322,20 @@ fn forward_arrays<'py>(
     forward_outputs(py, &network, x, upto)
 }
 
-/// compare(reference, candidate, atol=None, rtol=None, equal_nan=False) -> json
+/// compare(reference, candidate, atol=None, rtol=None, equal_nan=False, tol=None, tol_multiple=None, cand_dtype=None, floor_json=None) -> json
 #[pyfunction]
-#[pyo3(signature = (reference, candidate, atol=None, rtol=None, equal_nan=false))]
+#[pyo3(signature = (reference, candidate, atol=None, rtol=None, equal_nan=false, tol=None, tol_multiple=None, cand_dtype=None, floor_json=None))]
+#[allow(clippy::too_many_arguments)]
 fn compare(
     reference: PyReadonlyArrayDyn<'_, f32>,
     candidate: PyReadonlyArrayDyn<'_, f32>,
     atol: Option<f64>,
     rtol: Option<f64>,
     equal_nan: bool,
+    tol: Option<String>,
+    tol_multiple: Option<f64>,
+    cand_dtype: Option<String>,
+    floor_json: Option<String>,
 ) -> PyResult<String> {
     if reference.shape() != candidate.shape() {
         return Err(error(format!(
@@ -256,8 +348,19 @@ fn compare(
     let (reference_view, candidate_view) = (reference.as_array(), candidate.as_array());
     let reference_data = reference_view.as_standard_layout();
     let candidate_data = candidate_view.as_standard_layout();
-    let tolerance = Tolerance::with_overrides(atol.map(AbsoluteTolerance::Fixed), rtol, equal_nan)
-        .map_err(error)?;
+    let rule = Rule {
+        tol,
+        tol_multiple,
+        cand_dtype,
+    }
+    .tolerance(atol, rtol, equal_nan)?;
+    let floor: Option<resnet_dump::NoiseFloor> = floor_json
+        .map(|text| serde_json::from_str(&text))
+        .transpose()
+        .map_err(|e| error(format!("floor: {e}")))?;
+    let tolerance = rule
+        .for_stage("the reference", floor.as_ref())
+        .map_err(|_| error("tol=\"auto\" needs the reference's noise floor: floor= (a float64 array of the exact result, or a manifest stage's `floor`)"))?;
     let comparison = resnet_verify::compare_for_report(
         reference_data.as_slice().expect("standard layout"),
         candidate_data.as_slice().expect("standard layout"),

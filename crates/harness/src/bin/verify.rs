@@ -14,11 +14,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use resnet_dump::Precision;
 use resnet_verify::report::text::Text;
 use resnet_verify::report::{drive, json, junit, plot, Rendered, Sink};
 use resnet_verify::{
-    compare_dumps, verify, AbsoluteTolerance, CompareOptions, Event, Report, RunMode, RunOptions,
-    Tolerance, VerifyOptions,
+    compare_dumps, verify, AbsoluteTolerance, AutoTolerance, CompareOptions, Event, Report,
+    RunMode, RunOptions, Tolerance, ToleranceRule, VerifyOptions,
 };
 
 /// Proves that the Rust ResNet core computes what PyTorch computes, stage by
@@ -91,6 +92,9 @@ enum Command {
         /// Memory order of the candidate's stage files (auto: as its manifest says)
         #[arg(long, default_value = "auto", ignore_case = true, value_parser = ["nchw", "nhwc", "auto"])]
         cand_layout: String,
+        /// What the candidate computed in, for --tol auto: float16 and bfloat16 scale each stage's tolerance by their roundoff over float32's (default: the candidate manifest's dtype, else float32)
+        #[arg(long, value_name = "DTYPE", requires = "tol", value_parser = ["float32", "float16", "bfloat16"])]
+        cand_dtype: Option<String>,
         #[command(flatten)]
         common: Common,
     },
@@ -117,6 +121,14 @@ struct Common {
     /// Relative tolerance (torch's rule); default 1e-4
     #[arg(long)]
     rtol: Option<f64>,
+
+    /// auto: each stage's tolerance from the reference's noise floor (its own float32 error against float64, recorded by `python -m reference.dump --floor`): |cand - ref| <= 3 x floor (see --tol-multiple)
+    #[arg(long, value_name = "RULE", value_parser = ["auto"], conflicts_with_all = ["atol", "atol_scale", "rtol"])]
+    tol: Option<String>,
+
+    /// With --tol auto: the multiple of each stage's noise floor allowed (default 3)
+    #[arg(long, value_name = "M", requires = "tol")]
+    tol_multiple: Option<f64>,
 
     /// Count NaN in both at the same place as a match
     #[arg(long)]
@@ -170,6 +182,7 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
             reference,
             candidate,
             cand_layout,
+            cand_dtype,
             common,
         }) => {
             let options = CompareOptions {
@@ -180,6 +193,11 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
                     .then(|| cand_layout.parse())
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
+                candidate_dtype: cand_dtype.map(|dtype| match dtype.as_str() {
+                    "float16" => Precision::Float16,
+                    "bfloat16" => Precision::Bfloat16,
+                    _ => Precision::Float32,
+                }),
                 run: run_options(&common)?,
             };
             report(&common, RunMode::Dumps, |listener| {
@@ -221,7 +239,14 @@ fn run_options(common: &Common) -> anyhow::Result<RunOptions> {
     Ok(RunOptions {
         only: only.transpose()?,
         fail_fast: common.fail_fast,
-        tolerance: Tolerance::with_overrides(atol, common.rtol, common.equal_nan)?,
+        tolerance: match &common.tol {
+            Some(_) => AutoTolerance::with_multiple(common.tol_multiple, common.equal_nan)?,
+            None => ToleranceRule::Fixed(Tolerance::with_overrides(
+                atol,
+                common.rtol,
+                common.equal_nan,
+            )?),
+        },
         allow_train_reference: common.allow_train_reference,
     })
 }

@@ -9,13 +9,13 @@ pub mod text;
 use std::fmt::Write as _;
 use std::ops::ControlFlow;
 
-use resnet_dump::ModuleKind;
+use resnet_dump::{ModuleKind, NoiseFloor};
 use serde::Serialize;
 
 use crate::diagnosis::{origin, Hint, Origin};
 use crate::metrics::{BeyondRtol, Comparison, Verdict};
 use crate::reference_check::ReferenceCheck;
-use crate::Tolerance;
+use crate::ToleranceRule;
 
 pub const REPORT_SCHEMA: &str = "resnet-verify-report";
 pub const REPORT_SCHEMA_VERSION: u32 = 1;
@@ -64,6 +64,9 @@ pub struct StageReport {
     pub origin: Option<Origin>,
     /// For a root or introducing failure: the hypotheses that explain it.
     pub hints: Vec<Hint>,
+    /// The reference's noise floor at this stage, when it was dumped with one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor: Option<NoiseFloor>,
 }
 
 impl StageReport {
@@ -147,6 +150,10 @@ pub struct Summary {
     pub rtol_needed: Option<f64>,
     /// Why no rtol passes some failure, each reason once.
     pub beyond_rtol: Vec<BeyondRtol>,
+    /// Under `--tol auto`: the smallest multiple of the noise floor under
+    /// which every stage compared would pass.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multiple_needed: Option<f64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -158,7 +165,7 @@ pub struct Report {
     pub candidate: String,
     pub model: String,
     pub mode: RunMode,
-    pub tolerance: Tolerance,
+    pub tolerance: ToleranceRule,
     pub reference_check: ReferenceCheck,
     pub stages: Vec<StageReport>,
     pub blocks: Vec<GroupSummary>,
@@ -174,7 +181,7 @@ impl Report {
         candidate: String,
         model: String,
         mode: RunMode,
-        tolerance: Tolerance,
+        tolerance: ToleranceRule,
         reference_check: ReferenceCheck,
     ) -> Report {
         Report {
@@ -422,7 +429,12 @@ impl ReportBuilder {
     pub fn finish(mut self, stopped: Option<String>) -> Report {
         let summary = &mut self.report.summary;
         summary.stopped = stopped;
-        (summary.rtol_needed, summary.beyond_rtol) = tolerance_needed(&self.report.stages);
+        let needed = tolerance_needed(&self.report.stages);
+        (
+            summary.rtol_needed,
+            summary.multiple_needed,
+            summary.beyond_rtol,
+        ) = needed;
         if summary.compared == 0 {
             summary.verdict = Verdict::Fail;
         }
@@ -430,10 +442,12 @@ impl ReportBuilder {
     }
 }
 
-/// The rtol under which every stage that failed would pass (the largest any
-/// failure needs), or, each once, why no rtol would.
-fn tolerance_needed(stages: &[StageReport]) -> (Option<f64>, Vec<BeyondRtol>) {
-    let mut needed: Option<f64> = None;
+/// The rtol (under `--tol auto`, the multiple) under which every stage that
+/// failed would pass (the largest any failure needs), or, each once, why
+/// none would.
+fn tolerance_needed(stages: &[StageReport]) -> (Option<f64>, Option<f64>, Vec<BeyondRtol>) {
+    let largest = |so_far: Option<f64>, value: f64| Some(so_far.map_or(value, |n| n.max(value)));
+    let (mut needed, mut multiple): (Option<f64>, Option<f64>) = (None, None);
     let mut beyond = Vec::new();
     for stage in stages.iter().filter(|stage| stage.verdict == Verdict::Fail) {
         let failures: Vec<&Comparison> = [&stage.cumulative, &stage.isolated]
@@ -446,18 +460,19 @@ fn tolerance_needed(stages: &[StageReport]) -> (Option<f64>, Vec<BeyondRtol>) {
             beyond.push(BeyondRtol::Shape);
         }
         for comparison in failures {
-            match comparison.rtol_needed {
-                Some(rtol) => needed = Some(needed.map_or(rtol, |n| n.max(rtol))),
-                None => beyond.push(comparison.beyond_rtol.unwrap_or(BeyondRtol::ZeroReference)),
+            match (comparison.rtol_needed, comparison.multiple_needed) {
+                (Some(rtol), _) => needed = largest(needed, rtol),
+                (_, Some(times)) => multiple = largest(multiple, times),
+                _ => beyond.push(comparison.beyond_rtol.unwrap_or(BeyondRtol::ZeroReference)),
             }
         }
     }
     beyond.sort();
     beyond.dedup();
     if beyond.is_empty() {
-        (needed, beyond)
+        (needed, multiple, beyond)
     } else {
-        (None, beyond)
+        (None, None, beyond)
     }
 }
 

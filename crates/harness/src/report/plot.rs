@@ -46,17 +46,27 @@ fn draw<'a>(report: &Report, text: &'a mut String) -> Result<(), Box<dyn std::er
         .enumerate()
         .filter_map(|(position, stage)| {
             let scale = stage.primary()?.scale;
-            let bound = report.tolerance.rtol
-                + report.tolerance.atol_for(scale) / scale.max(f64::MIN_POSITIVE);
+            let tolerance = (report.tolerance)
+                .for_stage(&stage.name, stage.floor.as_ref())
+                .ok()?
+                .tolerance;
+            let bound = tolerance.rtol + tolerance.atol_for(scale) / scale.max(f64::MIN_POSITIVE);
             Some((position as f64, bound.max(FLOOR)))
         })
+        .collect();
+    // The reference's own float32 error against float64, where it was measured.
+    let noise_floor: Vec<(f64, f64)> = report
+        .stages
+        .iter()
+        .enumerate()
+        .filter_map(|(position, stage)| Some((position as f64, stage.floor?.relative.max(FLOOR))))
         .collect();
 
     let values = cumulative
         .iter()
         .chain(&isolated)
         .map(|&(_, y, _)| y)
-        .chain(tolerance.iter().map(|&(_, y)| y))
+        .chain(tolerance.iter().chain(&noise_floor).map(|&(_, y)| y))
         .filter(|y| y.is_finite());
     let (low, high) = values
         .filter(|&y| y > FLOOR)
@@ -131,6 +141,23 @@ fn draw<'a>(report: &Report, text: &'a mut String) -> Result<(), Box<dyn std::er
     }
 
     let red = RGBColor(200, 30, 30);
+    if !noise_floor.is_empty() {
+        // A band from the bottom up to the floor: error below it is the
+        // reference's own rounding.
+        let band = RGBColor(120, 170, 120);
+        let mut outline: Vec<(f64, f64)> =
+            noise_floor.iter().map(|&(x, y)| (x, y.max(low))).collect();
+        outline.extend(noise_floor.iter().rev().map(|&(x, _)| (x, low)));
+        chart
+            .draw_series(std::iter::once(Polygon::new(
+                outline,
+                band.mix(0.25).filled(),
+            )))?
+            .label("float32 noise floor (reference vs float64)")
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 5), (x + 20, y + 5)], band.mix(0.4).filled())
+            });
+    }
     chart
         .draw_series(DashedLineSeries::new(tolerance, 6, 4, red.stroke_width(2)))?
         .label("tolerance")

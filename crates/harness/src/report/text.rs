@@ -11,6 +11,7 @@ use super::{abbreviate, Event, GroupSummary, Report, RunMode, Sink, StageReport,
 use crate::diagnosis::{Hint, Origin};
 use crate::metrics::{Comparison, Verdict};
 use crate::reference_check;
+use crate::ToleranceRule;
 
 const NAME_WIDTH: usize = 26;
 const BOLD: Style = Style::new().bold();
@@ -222,10 +223,15 @@ fn failure_detail(label: &str, comparison: &Comparison) -> String {
             comparison.reference_inf, comparison.candidate_inf
         );
     }
-    let _ = match (comparison.rtol_needed, comparison.beyond_rtol) {
-        (Some(rtol), _) => write!(detail, "; needs rtol >= {}", at_least(rtol)),
-        (None, Some(why)) => write!(detail, "; no rtol passes it ({})", why.describe()),
-        (None, None) => Ok(()),
+    let _ = match (
+        comparison.rtol_needed,
+        comparison.multiple_needed,
+        comparison.beyond_rtol,
+    ) {
+        (Some(rtol), _, _) => write!(detail, "; needs rtol >= {}", at_least(rtol)),
+        (_, Some(times), _) => write!(detail, "; needs --tol-multiple >= {}", at_least(times)),
+        (_, _, Some(why)) => write!(detail, "; no tolerance passes it ({})", why.describe()),
+        _ => Ok(()),
     };
     detail
 }
@@ -313,15 +319,22 @@ fn summary(report: &Report) -> String {
         } else {
             ""
         };
-        let _ = match s.rtol_needed {
-            Some(rtol) => writeln!(
+        let auto = matches!(report.tolerance, ToleranceRule::Auto(_));
+        let _ = match (s.rtol_needed, s.multiple_needed) {
+            (Some(rtol), _) => writeln!(
                 out,
                 "tolerance needed: every stage compared passes with rtol >= {} (atol as run){more}",
                 at_least(rtol)
             ),
-            None => writeln!(
+            (_, Some(times)) => writeln!(
                 out,
-                "tolerance needed: no rtol passes every stage ({})",
+                "tolerance needed: every stage compared passes with --tol auto --tol-multiple {}{more}",
+                at_least(times)
+            ),
+            _ => writeln!(
+                out,
+                "tolerance needed: no {} passes every stage ({})",
+                if auto { "multiple of the floor" } else { "rtol" },
                 s.beyond_rtol
                     .iter()
                     .map(|why| why.describe())
