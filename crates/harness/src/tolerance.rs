@@ -98,9 +98,11 @@ impl Tolerance {
 /// own float32 error against float64, `max_abs`), at least one float32
 /// rounding of the stage's largest value, and scaled by the candidate's
 /// unit roundoff over float32's for a candidate computed in float16 or
-/// bfloat16. The default multiple, 3, is TorchDynamo's accuracy rule
-/// (a candidate within 2x of the floor against float64) plus the
-/// reference's own floor; docs/tolerance.md has the measurements.
+/// bfloat16. The default multiple, 5: a candidate within 4x the floor
+/// against float64 (TorchDynamo allows 2x on the RMS error; a stage's
+/// maximum is noisier, and the core measured up to 2.2x) plus the
+/// reference's own floor. docs/tolerance.md has the measurements: correct
+/// float32 implementations need up to 2.9x, the bug classes hundreds.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct AutoTolerance {
     pub multiple: f64,
@@ -110,7 +112,7 @@ pub struct AutoTolerance {
 }
 
 impl AutoTolerance {
-    pub const DEFAULT_MULTIPLE: f64 = 3.0;
+    pub const DEFAULT_MULTIPLE: f64 = 5.0;
 
     /// `--tol auto` for a float32 candidate, with the multiple a user gave
     /// (refused when negative or not finite).
@@ -329,6 +331,74 @@ mod tests {
         assert!(
             Tolerance::with_overrides(Some(AbsoluteTolerance::Fixed(0.0)), Some(0.0), false)
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn auto_gives_each_stage_a_multiple_of_its_floor_scaled_to_the_candidate() {
+        use resnet_dump::{NoiseFloor, Precision};
+        let floor = NoiseFloor {
+            max_abs: 2e-6,
+            scale: 4.0,
+            relative: 5e-7,
+            rms: 1e-7,
+        };
+        let stage = ToleranceRule::auto()
+            .for_stage("conv1", Some(&floor))
+            .unwrap();
+        assert_eq!(stage.auto_unit, Some(2e-6));
+        assert_eq!(stage.tolerance.rtol, 0.0);
+        assert_eq!(stage.tolerance.atol_for(123.0), 5.0 * 2e-6);
+        // A floor below one float32 rounding of the largest value is raised to it.
+        let exact = NoiseFloor {
+            max_abs: 0.0,
+            ..floor
+        };
+        let unit = |rule: ToleranceRule, floor: &NoiseFloor| {
+            rule.for_stage("input", Some(floor))
+                .unwrap()
+                .auto_unit
+                .unwrap()
+        };
+        assert_eq!(unit(ToleranceRule::auto(), &exact), 4.0 * 2f64.powi(-24));
+        // bfloat16: 2^16 times float32's roundoff; float64 is no tighter than float32.
+        let with = |dtype| {
+            ToleranceRule::Auto(AutoTolerance {
+                candidate_dtype: dtype,
+                ..match ToleranceRule::auto() {
+                    ToleranceRule::Auto(auto) => auto,
+                    ToleranceRule::Fixed(_) => unreachable!(),
+                }
+            })
+        };
+        assert_eq!(unit(with(Precision::Bfloat16), &floor), 2e-6 * 65536.0);
+        assert_eq!(unit(with(Precision::Float16), &floor), 2e-6 * 8192.0);
+        assert_eq!(unit(with(Precision::Float64), &floor), 2e-6);
+        assert_eq!(
+            ToleranceRule::auto().for_stage("layer1", None),
+            Err(MissingFloor {
+                stage: Some("layer1".into())
+            })
+        );
+        assert_eq!(
+            MissingFloor { stage: None }.to_string(),
+            "the reference has no noise floor: --tol auto needs a reference dumped with --floor \
+             (python -m reference.dump ... --floor)"
+        );
+        assert_eq!(
+            AutoTolerance::with_multiple(Some(-1.0), false)
+                .unwrap_err()
+                .name,
+            "tol-multiple"
+        );
+        // The report says which rule ran; a fixed one as it always has.
+        assert_eq!(
+            serde_json::to_value(ToleranceRule::auto()).unwrap(),
+            serde_json::json!({"rule": "auto", "multiple": 5.0, "candidate_dtype": "float32", "equal_nan": false})
+        );
+        assert_eq!(
+            serde_json::to_value(ToleranceRule::default()).unwrap(),
+            serde_json::to_value(Tolerance::default()).unwrap()
         );
     }
 }

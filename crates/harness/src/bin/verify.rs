@@ -122,11 +122,11 @@ struct Common {
     #[arg(long)]
     rtol: Option<f64>,
 
-    /// auto: each stage's tolerance from the reference's noise floor (its own float32 error against float64, recorded by `python -m reference.dump --floor`): |cand - ref| <= 3 x floor (see --tol-multiple)
+    /// auto: each stage's tolerance from the reference's noise floor (its own float32 error against float64, recorded by `python -m reference.dump --floor`): |cand - ref| <= 5 x floor (see --tol-multiple); for a candidate computed in float16 or bfloat16, see --cand-dtype
     #[arg(long, value_name = "RULE", value_parser = ["auto"], conflicts_with_all = ["atol", "atol_scale", "rtol"])]
     tol: Option<String>,
 
-    /// With --tol auto: the multiple of each stage's noise floor allowed (default 3)
+    /// With --tol auto: the multiple of each stage's noise floor allowed (default 5); a failure says the multiple it needs
     #[arg(long, value_name = "M", requires = "tol")]
     tol_multiple: Option<f64>,
 

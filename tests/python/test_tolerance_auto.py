@@ -1,0 +1,163 @@
+"""`--tol auto`: the noise floor a dump records with --floor, and the rule
+that judges each stage by it. Correct implementations that round
+differently pass; each bug class of docs/tolerance.md fails; the multiple a
+failure needs is exact."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, run_dump
+from reference import tolerance_study
+
+VERIFY = ROOT / "target" / "release" / "verify"
+SCHEMA = json.loads((ROOT / "docs" / "dump-format.schema.json").read_text())
+# A width-reduced ResNet50 topology, as the fixtures use; 64x64 leaves layer4
+# a 2x2 map, which a BatchNorm with batch statistics needs.
+SMALL = ("--model", "resnet50", "--width", "8", "--size", "64", "--image", "cat", "--threads", "1")
+
+
+def verify(*arguments):
+    return subprocess.run([str(VERIFY), *map(str, arguments)], capture_output=True, text=True)
+
+
+def report(*arguments):
+    result = verify(*arguments, "--format", "json")
+    assert result.returncode in (0, 1), result.stderr
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("auto") / "reference"
+    run_dump(out, *SMALL, "--floor")
+    return out
+
+
+def stage_arrays(directory):
+    manifest = json.loads((directory / "manifest.json").read_text())
+    return {stage["name"]: np.load(directory / stage["file"]) for stage in manifest["stages"]}
+
+
+def test_the_floor_is_the_float32_stage_against_the_same_run_in_float64(reference, tmp_path):
+    manifest = json.loads((reference / "manifest.json").read_text())
+    jsonschema.validate(manifest, SCHEMA)
+    exact = tmp_path / "float64"
+    run_dump(exact, *SMALL, "--precision", "float64")
+    single, double = stage_arrays(reference), stage_arrays(exact)
+    for stage in manifest["stages"]:
+        error = np.abs(single[stage["name"]].astype(np.float64) - double[stage["name"]])
+        floor = stage["floor"]
+        assert floor["max_abs"] == error.max(), stage["name"]
+        assert floor["scale"] == np.abs(double[stage["name"]]).max()
+        assert floor["rms"] == pytest.approx(np.sqrt(np.mean(error ** 2)), rel=1e-12)
+    floors = {stage["name"]: stage["floor"]["max_abs"] for stage in manifest["stages"]}
+    # The input is float32 in both; the convolutions round.
+    assert floors["input"] == 0 and floors["conv1"] > 0 and floors["layer4"] > 0
+
+
+def test_a_dump_without_floor_has_none_and_auto_refuses_it_with_exit_2(tmp_path):
+    manifest = json.loads((ROOT / "fixtures" / "resnet18-w8" / "manifest.json").read_text())
+    assert not any("floor" in stage for stage in manifest["stages"])
+    for arguments in ([ROOT / "fixtures" / "resnet18-w8"],
+                      ["compare", ROOT / "fixtures" / "resnet18-w8", ROOT / "fixtures" / "resnet18-w8"]):
+        result = verify(*arguments, "--tol", "auto")
+        assert result.returncode == 2
+        assert "the reference has no noise floor" in result.stderr
+        assert "python -m reference.dump ... --floor" in result.stderr
+        assert result.stdout == ""
+
+
+def test_auto_passes_the_core_and_pytorch_on_another_kernel_set(reference, tmp_path):
+    core = verify(reference, "--tol", "auto")
+    assert core.returncode == 0, core.stdout
+    assert "tolerance: auto: |cand - ref| <= 5 x the stage's noise floor" in core.stdout
+    other = tmp_path / "default-kernels"
+    command = [sys.executable, "-m", "reference.dump", "--out", str(other), *SMALL]
+    subprocess.run(command, check=True, cwd=ROOT, capture_output=True,
+                   env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})
+    assert not np.array_equal(stage_arrays(other)["layer4"], stage_arrays(reference)["layer4"]), \
+        "the other kernels should round differently, or this test proves nothing"
+    compared = verify("compare", reference, other, "--tol", "auto")
+    assert compared.returncode == 0, compared.stdout
+
+
+@pytest.mark.parametrize("bug, first", [
+    ("weights read OHWI", "conv1"),
+    ("BatchNorm eps 1e-3", "bn1"),
+    ("BatchNorm batch statistics", "bn1"),
+    ("missing ReLU (layer2.0.relu#0)", "layer2.0.relu#0"),
+])
+def test_auto_fails_each_bug_class_at_its_stage(reference, tmp_path, bug, first):
+    model, x = tolerance_study.reference_model(reference)
+    tolerance_study.BUGS[bug](model)
+    candidate = tmp_path / "candidate"
+    tolerance_study.write_candidate(reference, candidate, tolerance_study.torch_stages(model, x))
+    result = report("compare", reference, candidate, "--tol", "auto")
+    assert result["summary"]["verdict"] == "fail"
+    assert result["summary"]["first_failure"] == first
+    assert result["summary"]["multiple_needed"] > 5
+
+
+def test_the_multiple_a_failure_needs_is_exact(reference):
+    failing = report(reference, "--tol", "auto", "--tol-multiple", "0")
+    needed = failing["summary"]["multiple_needed"]
+    assert needed > 0
+    assert max(stage["cumulative"].get("multiple_needed") or 0 for stage in failing["stages"]) == needed
+    assert verify(reference, "--tol", "auto", "--tol-multiple", repr(needed)).returncode == 0
+    below = float(np.nextafter(needed, 0.0))
+    result = verify(reference, "--tol", "auto", "--tol-multiple", repr(below))
+    assert result.returncode == 1
+    assert "needs --tol-multiple >= " in result.stdout
+
+
+def test_a_bfloat16_candidate_passes_when_said_so_and_fails_as_float32(reference, tmp_path):
+    model, x = tolerance_study.reference_model(reference)
+    candidate = tmp_path / "bfloat16"
+    outputs = tolerance_study.torch_stages(model.to(torch.bfloat16), x.to(torch.bfloat16))
+    tolerance_study.write_candidate(reference, candidate, outputs)
+    scaled = verify("compare", reference, candidate, "--tol", "auto", "--cand-dtype", "bfloat16")
+    assert scaled.returncode == 0, scaled.stdout
+    assert "scaled to a bfloat16 candidate's roundoff (x65536)" in scaled.stdout
+    assert verify("compare", reference, candidate, "--tol", "auto").returncode == 1
+    # The candidate manifest's dtype says the same as the flag.
+    manifest = json.loads((candidate / "manifest.json").read_text())
+    manifest["dtype"] = "bfloat16"
+    (candidate / "manifest.json").write_text(json.dumps(manifest))
+    assert verify("compare", reference, candidate, "--tol", "auto").returncode == 0
+
+
+def test_the_bindings_take_tol_auto_and_cand_dtype(reference):
+    import resnet_verify
+
+    assert resnet_verify.verify(reference, tol="auto").passed
+    assert resnet_verify.verify(reference, tol="auto", tol_multiple=0.0)["summary"]["multiple_needed"] > 0
+    with pytest.raises(resnet_verify.VerifyError, match="no noise floor"):
+        resnet_verify.verify(ROOT / "fixtures" / "resnet18-w8", tol="auto")
+    with pytest.raises(resnet_verify.VerifyError, match="the only rule by name"):
+        resnet_verify.verify(reference, tol="loose")
+
+    model, x = tolerance_study.reference_model(reference)
+    live = resnet_verify.verify_torch(model, x, tol="auto")
+    assert live.passed and all("floor" in stage for stage in live["stages"])
+    assert live["tolerance"]["rule"] == "auto"
+
+    # One array: the floor from the float64 computation, or a manifest's.
+    with torch.no_grad():
+        single, double = model(x), copy.deepcopy(model).double()(x.double())
+        half = model.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+    assert resnet_verify.compare(single, single + 1e-7, tol="auto", floor=double.numpy())["verdict"] == "succ"
+    assert resnet_verify.compare(single, half, tol="auto", floor=double.numpy())["verdict"] == "fail"
+    judged = resnet_verify.compare(single, half, tol="auto", floor=double.numpy(), cand_dtype="bfloat16")
+    assert judged["verdict"] == "succ"
+    with pytest.raises(resnet_verify.VerifyError, match="needs the reference's noise floor"):
+        resnet_verify.compare(single, half, tol="auto")
+    with pytest.raises(resnet_verify.VerifyError, match="cand_dtype"):
+        resnet_verify.compare(single, half, tol="auto", floor=double.numpy(), cand_dtype="int8")
