@@ -106,6 +106,16 @@ def test_auto_fails_each_bug_class_at_its_stage(reference, tmp_path, bug, first)
     assert result["summary"]["multiple_needed"] > 5
 
 
+def test_the_plot_draws_the_floor_band(reference, tmp_path):
+    plot = tmp_path / "error.svg"
+    assert verify(reference, "--tol", "auto", "--plot", plot).returncode == 0
+    svg = plot.read_text()
+    assert "float32 noise floor (reference vs float64)" in svg and "<polygon" in svg
+    without = tmp_path / "without.svg"
+    assert verify(ROOT / "fixtures" / "resnet50-w8", "--plot", without).returncode == 0
+    assert "noise floor" not in without.read_text()
+
+
 def test_the_multiple_a_failure_needs_is_exact(reference):
     failing = report(reference, "--tol", "auto", "--tol-multiple", "0")
     needed = failing["summary"]["multiple_needed"]
