@@ -59,6 +59,9 @@ def parse_args(argv):
                         help="also run the same weights and input in float64 and record, per stage, how far the "
                              "float32 output is from it (the stage's noise floor, for `verify --tol auto`)")
     args = parser.parse_args(argv)
+    if args.floor and args.train_mode:
+        parser.error("--floor measures an eval-mode reference; in train mode the float64 pass would draw its own "
+                     "dropout and its own batch statistics")
     if args.floor and args.precision == "float64":
         parser.error("--floor measures a float32 dump against float64; it does not apply to --precision float64")
     for name in ("size", "batch", "width", "num_classes"):

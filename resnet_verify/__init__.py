@@ -126,6 +126,8 @@ def compare(ref, cand, atol=None, rtol=None, equal_nan=False, tol=None, tol_mult
     or a dump manifest stage's `floor` dict; `cand_dtype` ("float16",
     "bfloat16") scales it to a reduced-precision candidate."""
     floor_json = None
+    if floor is not None and tol != "auto":
+        raise VerifyError('compare(floor=...): the floor is used by tol="auto" only')
     if floor is not None:
         if not isinstance(floor, dict):
             from reference.manifest import noise_floor
@@ -136,19 +138,19 @@ def compare(ref, cand, atol=None, rtol=None, equal_nan=False, tol=None, tol_mult
 
 
 def verify(dump_dir, upto=None, isolate=False, atol=None, rtol=None, allow_train_reference=False, print_report=False,
-           tol=None, tol_multiple=None, cand_dtype=None):
+           tol=None, tol_multiple=None):
     """`verify DUMP_DIR` in-process; returns the Report. tol="auto": each
     stage's tolerance from the dump's noise floor (a dump made with
     --floor), as `verify --tol auto`."""
     report = Report(*_native.verify(os.fspath(dump_dir), upto, isolate, atol, rtol, allow_train_reference,
-                                    tol, tol_multiple, cand_dtype))
+                                    tol, tol_multiple, None))
     if print_report:
         print(report.text, end="")
     return report
 
 
 def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print_report=False, tol=None,
-                 tol_multiple=None, cand_dtype=None):
+                 tol_multiple=None):
     """Verifies the core against a live torch model: hooks every module,
     runs the model once on `x` (NCHW), and compares each stage, without
     writing files. A model with any module in train mode is refused
@@ -190,7 +192,7 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
         classes=class_names(architecture["num_classes"]),
     )
     report = Report(*_native.verify_arrays("<torch model>", json.dumps(manifest), arrays, upto, isolate, atol, rtol,
-                                           tol, tol_multiple, cand_dtype))
+                                           tol, tol_multiple, None))
     if print_report:
         print(report.text, end="")
     return report

@@ -6,6 +6,7 @@ failure needs is exact."""
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,6 +117,32 @@ def test_the_plot_draws_the_floor_band(reference, tmp_path):
     assert "noise floor" not in without.read_text()
 
 
+def test_under_auto_the_layout_advice_and_a_stage_without_floor_are_still_said(reference, tmp_path):
+    model, x = tolerance_study.reference_model(reference)
+    outputs = tolerance_study.torch_stages(model, x)
+    nhwc = tmp_path / "nhwc"
+    from resnet_verify import CandidateWriter
+    with CandidateWriter(nhwc, reference, layout="NHWC") as writer:
+        for name, output in outputs.items():
+            array = output.numpy()
+            writer.stage(name, array.transpose(0, 2, 3, 1).copy() if array.ndim == 4 else array)
+    manifest = json.loads((nhwc / "manifest.json").read_text())
+    manifest["layout"] = "NCHW"  # the classic mistake: NHWC data, said to be NCHW
+    (nhwc / "manifest.json").write_text(json.dumps(manifest))
+    result = verify("compare", reference, nhwc, "--tol", "auto")
+    assert result.returncode == 1
+    assert "--cand-layout nhwc" in result.stdout
+    # One stage without its floor is named; --only leaves it out of the run.
+    copy_of = tmp_path / "partial"
+    shutil.copytree(reference, copy_of)
+    manifest = json.loads((copy_of / "manifest.json").read_text())
+    del next(stage for stage in manifest["stages"] if stage["name"] == "layer1.0.conv2")["floor"]
+    (copy_of / "manifest.json").write_text(json.dumps(manifest))
+    missing = verify(copy_of, "--tol", "auto")
+    assert missing.returncode == 2 and "stage layer1.0.conv2 has no noise floor" in missing.stderr
+    assert verify(copy_of, "--tol", "auto", "--only", "layer2.*").returncode == 0
+
+
 def test_the_multiple_a_failure_needs_is_exact(reference):
     failing = report(reference, "--tol", "auto", "--tol-multiple", "0")
     needed = failing["summary"]["multiple_needed"]
@@ -153,6 +180,8 @@ def test_the_bindings_take_tol_auto_and_cand_dtype(reference):
         resnet_verify.verify(ROOT / "fixtures" / "resnet18-w8", tol="auto")
     with pytest.raises(resnet_verify.VerifyError, match="the only rule by name"):
         resnet_verify.verify(reference, tol="loose")
+    with pytest.raises(resnet_verify.VerifyError, match="cand_dtype is for compare"):
+        resnet_verify._native.verify(str(reference), None, False, None, None, False, "auto", None, "bfloat16")
 
     model, x = tolerance_study.reference_model(reference)
     live = resnet_verify.verify_torch(model, x, tol="auto")
@@ -163,7 +192,10 @@ def test_the_bindings_take_tol_auto_and_cand_dtype(reference):
     with torch.no_grad():
         single, double = model(x), copy.deepcopy(model).double()(x.double())
         half = model.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
-    assert resnet_verify.compare(single, single + 1e-7, tol="auto", floor=double.numpy())["verdict"] == "succ"
+    one_ulp = np.nextafter(single.numpy(), np.inf)
+    assert resnet_verify.compare(single, one_ulp, tol="auto", floor=double.numpy())["verdict"] == "succ"
+    with pytest.raises(resnet_verify.VerifyError, match='tol="auto" only'):
+        resnet_verify.compare(single, one_ulp, floor=double.numpy())
     assert resnet_verify.compare(single, half, tol="auto", floor=double.numpy())["verdict"] == "fail"
     judged = resnet_verify.compare(single, half, tol="auto", floor=double.numpy(), cand_dtype="bfloat16")
     assert judged["verdict"] == "succ"

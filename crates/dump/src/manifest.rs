@@ -371,8 +371,9 @@ pub struct Manifest {
     #[serde(default)]
     pub input: Option<InputInfo>,
     pub layout: Layout,
-    /// What the values were computed in; absent means float32.
-    #[serde(default)]
+    /// What the values were computed in; absent (or a name this format
+    /// does not know) means float32.
+    #[serde(default, deserialize_with = "known_precision")]
     pub dtype: Option<Precision>,
     pub stages: Vec<StageEntry>,
     #[serde(default)]
@@ -383,6 +384,15 @@ pub struct Manifest {
     /// The class names, for 1000-class models.
     #[serde(default)]
     pub classes: Option<Vec<String>>,
+}
+
+/// A `dtype` the format names, else none: a candidate's own word for its
+/// precision ("fp16") must not make its dump unreadable.
+fn known_precision<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Precision>, D::Error> {
+    let value = Option::<serde_json::Value>::deserialize(deserializer)?;
+    Ok(value.and_then(|value| serde_json::from_value(value).ok()))
 }
 
 /// The stage names among `names` (in their order, at most `most`) that a

@@ -140,6 +140,9 @@ fn multiple_needed(
     if passes(0.0) {
         return Ok(0.0);
     }
+    if !(unit > 0.0 && unit.is_finite()) {
+        return Err(BeyondRtol::ZeroReference);
+    }
     let mut passing = (largest / unit).max(f64::MIN_POSITIVE);
     if !passing.is_finite() {
         return Err(BeyondRtol::ZeroReference);

@@ -222,7 +222,7 @@ fn compare_stages(
         let origin = builder.origin(end_to_end_failed, isolated_failed, row.container);
         let mut hints = Vec::new();
         if builder.should_diagnose(&origin) {
-            let evidence = Evidence::new(stages, &tolerance.tolerance);
+            let evidence = Evidence::new(stages, &options.tolerance.for_diagnosis());
             // The stage's own error shows best with the reference's inputs.
             let wanted = if isolated_failed {
                 Feed::Reference

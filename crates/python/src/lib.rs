@@ -124,6 +124,11 @@ fn options(
     rule: &Rule,
     allow_train_reference: bool,
 ) -> PyResult<VerifyOptions> {
+    if rule.cand_dtype.is_some() {
+        return Err(error(
+            "cand_dtype is for compare(): here the candidate is the core, which computes in float32",
+        ));
+    }
     Ok(VerifyOptions {
         dump: label,
         upto,

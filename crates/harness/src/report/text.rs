@@ -12,6 +12,7 @@ use crate::diagnosis::{Hint, Origin};
 use crate::metrics::{Comparison, Verdict};
 use crate::reference_check;
 use crate::ToleranceRule;
+use resnet_dump::Precision;
 
 const NAME_WIDTH: usize = 26;
 const BOLD: Style = Style::new().bold();
@@ -328,8 +329,14 @@ fn summary(report: &Report) -> String {
             ),
             (_, Some(times)) => writeln!(
                 out,
-                "tolerance needed: every stage compared passes with --tol auto --tol-multiple {}{more}",
-                at_least(times)
+                "tolerance needed: every stage compared passes with --tol auto --tol-multiple {}{}{more}",
+                at_least(times),
+                match report.tolerance {
+                    ToleranceRule::Auto(auto) if auto.candidate_dtype != Precision::Float32 => {
+                        format!(" --cand-dtype {}", auto.candidate_dtype.name())
+                    }
+                    _ => String::new(),
+                }
             ),
             _ => writeln!(
                 out,
