@@ -35,7 +35,13 @@ def parse_args(argv):
     parser.add_argument("--weights", type=Path, help="a torchvision state_dict (.pth) you already have; default: seeded random weights with calibrated BatchNorm statistics")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, calibration and random input (default 0)")
     parser.add_argument("--image", default="cat", help="'cat' (scikit-image's chelsea), 'random', or an image path (default cat)")
-    parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+    parser.add_argument("--images", nargs="+", metavar="IMAGE",
+                        help="a batch of real images, one item each: files, a directory (its image files), or "
+                             "'samples' (scikit-image's %d photographs, shipped with it); replaces --image and --batch"
+                             % len(preprocess.SAMPLES))
+    parser.add_argument("--size", type=input_size, default=224, metavar="N|HxW",
+                        help="input size: N (square) or HxW, e.g. 225 or 240x320; odd sizes show padding and "
+                             "pooling mistakes that 224 hides (default 224)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     parser.add_argument("--width", type=int, default=models.FULL_WIDTH, help="stem channels; below 64 gives a width-reduced model with torchvision's names and topology (default 64)")
     parser.add_argument("--groups", type=int, help="override the constructor's groups (for width-reduced ResNeXt)")
@@ -59,15 +65,34 @@ def parse_args(argv):
                         help="also run the same weights and input in float64 and record, per stage, how far the "
                              "float32 output is from it (the stage's noise floor, for `verify --tol auto`)")
     args = parser.parse_args(argv)
+    if args.images and (args.image != "cat" or args.batch != 1):
+        parser.error("--images gives the batch itself: leave out --image and --batch")
+    if args.images:
+        try:
+            args.images = preprocess.image_sources(args.images)
+        except SystemExit as refused:
+            parser.error(str(refused))
     if args.floor and args.train_mode:
         parser.error("--floor measures an eval-mode reference; in train mode the float64 pass would draw its own "
                      "dropout and its own batch statistics")
     if args.floor and args.precision == "float64":
         parser.error("--floor measures a float32 dump against float64; it does not apply to --precision float64")
-    for name in ("size", "batch", "width", "num_classes"):
+    for name in ("batch", "width", "num_classes"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
+
+
+def input_size(text):
+    """`224` -> 224, `240x320` -> (240, 320) (height x width); a square HxW is N."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(part) for part in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size such as 224, or HxW such as 240x320 (each at least 1)")
+    return values[0] if len(values) == 1 or values[0] == values[1] else tuple(values)
 
 
 def dilation_flags(text):
@@ -172,7 +197,7 @@ def build(args):
     if args.norm_layer != "BatchNorm2d" or args.head != "linear":
         model = models.with_head(model, args.head).eval()
         architecture = models.describe(model)
-    x, input_description = preprocess.make_input(args.image, args.size, args.batch, args.seed)
+    x, input_description = preprocess.make_input(args.image, args.size, args.batch, args.seed, images=args.images)
     return model, architecture, weights_description, x, input_description
 
 

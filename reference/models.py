@@ -549,7 +549,8 @@ def calibrate_batch_norm(model, generator, size, batches, batch_size):
     model.double()
     with torch.no_grad():
         for _ in range(batches):
-            model(draw_normal(generator, (batch_size, 3, size, size), 1.0).double())
+            height, width = (size, size) if isinstance(size, int) else size
+            model(draw_normal(generator, (batch_size, 3, height, width), 1.0).double())
     model.float()
     for module, momentum in saved_momenta.items():
         module.momentum = momentum

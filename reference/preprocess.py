@@ -12,46 +12,107 @@ def resize_for(size):
     return round(size * 256 / 224)
 
 
-def load_image(source):
+# scikit-image's natural photographs, shipped inside the package (no
+# download): `--images samples`. Grey ones are read as RGB.
+SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "camera", "coins", "moon",
+           "hubble_deep_field", "immunohistochemistry", "retina")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def sample(name):
+    from skimage import data
+
+    pixels = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    return pixels
+
+
+def load_image(source, option="--image"):
     from PIL import Image
 
     if source == "cat":
         # scikit-image's `chelsea` sample (CC0), read from the installed package.
-        from skimage import data
-
-        return Image.fromarray(data.chelsea()).convert("RGB")
+        source = "chelsea"
+    if source in SAMPLES:
+        return Image.fromarray(sample(source)).convert("RGB")
     try:
         return Image.open(source).convert("RGB")
     except OSError as error:
-        raise SystemExit(f"--image {source}: cannot read the image: {error}") from None
+        raise SystemExit(f"{option} {source}: cannot read the image: {error}") from None
 
 
-def make_input(source, size, batch, seed):
-    """Returns the NCHW float32 input and its description for the manifest."""
+def image_sources(images):
+    """The images `--images` names: `samples` (scikit-image's photographs),
+    a directory (its image files, by name), or files."""
+    from pathlib import Path
+
+    if list(images) == ["samples"]:
+        return list(SAMPLES)
+    sources = []
+    for image in images:
+        path = Path(image)
+        if path.is_dir():
+            found = sorted(str(file) for file in path.iterdir() if file.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise SystemExit(f"--images {image}: a directory with no image file ({', '.join(IMAGE_SUFFIXES)})")
+            sources.extend(found)
+        elif image in SAMPLES or path.is_file():
+            sources.append(image)
+        else:
+            raise SystemExit(f"--images {image}: no such file or directory (or `samples` for scikit-image's photos)")
+    return sources
+
+
+def height_width(size):
+    """`--size` as (height, width): an int is square."""
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def make_input(source, size, batch, seed, images=None):
+    """Returns the NCHW float32 input and its description for the manifest.
+    `size`: an int (square) or (height, width); `images`: a list of image
+    sources, one batch item each (then `source` and `batch` are not used)."""
+    height, width = height_width(size)
     description = {
-        "source": source,
-        "size": size,
-        "batch": batch,
+        "source": "images" if images else source,
+        "size": size if isinstance(size, int) else [height, width],
+        "batch": len(images) if images else batch,
         "dtype": "float32",
         "layout": "NCHW",
         "color": "RGB",
         "mean": IMAGENET_MEAN,
         "std": IMAGENET_STD,
     }
+    if images:
+        description["images"] = [str(image) for image in images]
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    if source == "random":
+    if source == "random" and not images:
         generator = torch.Generator().manual_seed(seed + 1)
-        pixels = torch.rand(batch, 3, size, size, generator=generator)
+        pixels = torch.rand(batch, 3, height, width, generator=generator)
         description["pipeline"] = f"uniform [0, 1) pixels (seed {seed + 1}), normalize(mean, std)"
         return normalize(pixels), description
-    resize = resize_for(size)
-    pipeline = transforms.Compose([
-        transforms.Resize(resize),
-        transforms.CenterCrop(size),
-        transforms.ToTensor(),  # HWC uint8 0-255 -> CHW float 0-1
-        normalize,
-    ])
-    description["pipeline"] = f"resize({resize}, bilinear, antialias), center_crop({size}), to_tensor (0-1), normalize(mean, std)"
-    description["resize"] = resize
-    image = pipeline(load_image(source))
+    if height == width:
+        resize = resize_for(height)
+        resize_step, words = transforms.Resize(resize), f"resize({resize}, bilinear, antialias)"
+        description["resize"] = resize
+    else:
+        # The shorter side to torchvision's 256/224 margin over the crop,
+        # and the longer one at least as far over its own, so the crop fits.
+        resize_step, words = None, None
+    crop = height if height == width else (height, width)
+
+    def prepare(image):
+        step = resize_step
+        if step is None:
+            scale = max(resize_for(height) / image.height, resize_for(width) / image.width)
+            step = transforms.Resize((round(image.height * scale), round(image.width * scale)))
+        return transforms.Compose([step, transforms.CenterCrop(crop), transforms.ToTensor(), normalize])(image)
+
+    if words is None:
+        words = (f"resize (bilinear, antialias) by one factor so that height >= {resize_for(height)} and "
+                 f"width >= {resize_for(width)}")
+    crop_words = f"center_crop({height})" if height == width else f"center_crop({height}x{width})"
+    description["pipeline"] = f"{words}, {crop_words}, to_tensor (0-1), normalize(mean, std)"
+    if images:
+        return torch.stack([prepare(load_image(image, "--images")) for image in images]).contiguous(), description
+    image = prepare(load_image(source))
     return image.unsqueeze(0).repeat(batch, 1, 1, 1).contiguous(), description

@@ -355,6 +355,9 @@ pub struct InputInfo {
     /// Channel order, `RGB` for torchvision's models.
     #[serde(default)]
     pub color: Option<String>,
+    /// The image of each batch item, for a batch of real images (`--images`).
+    #[serde(default)]
+    pub images: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -323,6 +323,32 @@ fn rtol_needed(
     }
 }
 
+/// The largest `|cand - ref|` within each of `items` equal parts (batch
+/// items, for arrays whose first axis is the batch); a NaN or infinity
+/// that does not match counts as infinite.
+pub fn max_abs_error_by_item(reference: &[f32], candidate: &[f32], items: usize) -> Vec<f64> {
+    if items == 0 || reference.len() % items != 0 {
+        return Vec::new();
+    }
+    let per_item = reference.len() / items;
+    reference
+        .par_chunks(per_item.max(1))
+        .zip(candidate.par_chunks(per_item.max(1)))
+        .map(|(r, c)| {
+            r.iter().zip(c).fold(0f64, |worst, (&r, &c)| {
+                let error = if r.is_finite() && c.is_finite() {
+                    (c as f64 - r as f64).abs()
+                } else if r == c || (r.is_nan() && c.is_nan()) {
+                    0.0
+                } else {
+                    f64::INFINITY
+                };
+                worst.max(error)
+            })
+        })
+        .collect()
+}
+
 /// Elements per parallel piece of a comparison.
 const CHUNK: usize = 1 << 16;
 /// Independent sums per piece: one long chain of f64 additions would cost
@@ -668,6 +694,22 @@ mod tests {
         // Within tolerance, the first element that fails is still named.
         let first = compare(&[1.0, f32::NAN], &[1.0, 0.0], &[2], &fixed(0.0, 1.0));
         assert_eq!(first.worst.unwrap().index, vec![1]);
+    }
+
+    #[test]
+    fn the_error_by_item_splits_the_batch_and_counts_a_nan_as_infinite() {
+        let reference = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let candidate = [1.0, 2.5, 3.0, 4.0, f32::NAN, 6.25];
+        assert_eq!(
+            max_abs_error_by_item(&reference, &candidate, 3),
+            vec![0.5, 0.0, f64::INFINITY]
+        );
+        assert_eq!(
+            max_abs_error_by_item(&[f32::NAN, 1.0], &[f32::NAN, 1.0], 2),
+            vec![0.0, 0.0]
+        );
+        // Not a whole number of items: nothing is made up.
+        assert!(max_abs_error_by_item(&reference, &candidate, 4).is_empty());
     }
 
     #[test]

@@ -8,11 +8,11 @@
 use std::ops::ControlFlow;
 
 use globset::GlobMatcher;
-use ndarray::ArrayD;
+use ndarray::{ArrayD, Axis, Slice};
 use resnet_dump::{ModuleKind, StageEntry};
 
 use crate::diagnosis::{Evidence, Hint, Observed};
-use crate::metrics::{compare_for_report, Comparison, Verdict};
+use crate::metrics::{compare_for_report, max_abs_error_by_item, Comparison, Verdict};
 use crate::reference_stages::ReferenceStages;
 use crate::report::{
     abbreviate, ClassScore, Event, Report, ReportBuilder, StageReport, TopClasses,
@@ -108,6 +108,8 @@ pub struct RunOptions {
     pub fail_fast: bool,
     pub tolerance: ToleranceRule,
     pub allow_train_reference: bool,
+    /// Compare only this batch item (`--item K`).
+    pub item: Option<usize>,
 }
 
 /// Starts the run on `report` (its header), compares every row with the
@@ -136,12 +138,31 @@ pub(crate) fn run(
             reason: missing.to_string(),
         });
     }
+    if let Some(item) = options.item {
+        let batch = rows
+            .first()
+            .and_then(|row| row.entry.shape.first().copied());
+        if batch.is_none_or(|batch| item >= batch) {
+            return Err(VerifyError::Usage(format!(
+                "--item {item}: the reference's batch has {} item(s), numbered from 0",
+                batch.unwrap_or(0)
+            )));
+        }
+    }
+    let mut report = report;
+    report.item = options.item;
     let mut builder =
         match ReportBuilder::start(report, rows.len(), options.allow_train_reference, listener) {
             ControlFlow::Continue(builder) => builder,
             ControlFlow::Break(refused) => return Ok(refused),
         };
     let stopped = compare_stages(rows, sources, reference, options, &mut builder, listener)?;
+    let input = reference.dump().manifest().input.as_ref();
+    if let Some(images) = input.and_then(|input| input.images.as_ref()) {
+        for item in &mut builder.report.items {
+            item.image = images.get(item.index).cloned();
+        }
+    }
     for source in sources.iter() {
         source.finish(&builder.report)?;
     }
@@ -180,6 +201,17 @@ fn compare_stages(
             .expect("checked before the run");
         let loaded = stages.load(row.entry)?;
         let reference = &*loaded.data;
+        // What is compared: the whole batch, or the one item asked for.
+        let item_of = |array: &ArrayD<f32>| -> Option<ArrayD<f32>> {
+            let item = options.item?;
+            (array.ndim() > 0 && item < array.shape()[0]).then(|| {
+                array
+                    .slice_axis(Axis(0), Slice::from(item..item + 1))
+                    .to_owned()
+            })
+        };
+        let reference_item = item_of(reference);
+        let compared = reference_item.as_ref().unwrap_or(reference);
         let mut notes = Vec::new();
         if let Some(dtype) = &loaded.converted_from {
             notes.push(format!("reference stored as {dtype}, converted to float32"));
@@ -190,12 +222,22 @@ fn compare_stages(
         for (position, source) in sources.iter_mut().enumerate() {
             let output = source.output(row, reference)?;
             let comparison = (output.data.shape() == reference.shape()).then(|| {
-                compare_for_report(
-                    reference.as_slice().expect("standard layout"),
-                    output.data.as_slice().expect("standard layout"),
-                    reference.shape(),
+                let output_item = item_of(&output.data);
+                let mut comparison = compare_for_report(
+                    compared.as_slice().expect("standard layout"),
+                    output_item
+                        .as_ref()
+                        .unwrap_or(&output.data)
+                        .as_slice()
+                        .expect("standard layout"),
+                    compared.shape(),
                     &tolerance,
-                )
+                );
+                // Coordinates in the reference's batch.
+                if let (Some(item), Some(worst)) = (options.item, comparison.worst.as_mut()) {
+                    worst.index[0] += item;
+                }
+                comparison
             });
             produced[source.feed() as usize] = Some(Produced {
                 position,
@@ -205,13 +247,38 @@ fn compare_stages(
         }
         let produced_by = |feed: Feed| produced[feed as usize].as_ref();
         // The logits (not the features that an Identity `fc` passes on).
+        let end_to_end = produced_by(Feed::EndToEnd)
+            .map(|produced| &produced.output.data)
+            .filter(|data| data.shape() == reference.shape());
         if row.entry.name == "fc" && row.entry.module_type != ModuleKind::Identity {
-            builder.report.top5 = top_classes(
-                reference,
-                produced_by(Feed::EndToEnd).map(|produced| &produced.output.data),
-                stages.dump().manifest().classes.as_deref(),
-            );
+            let classes = stages.dump().manifest().classes.as_deref();
+            let candidate_item = end_to_end.and_then(item_of);
+            let candidate = candidate_item.as_ref().or(end_to_end);
+            builder.report.top5 = top_classes(compared, candidate, classes);
+            classify_items(&mut builder.report, compared, candidate, classes);
         }
+        // Each item's largest error, for a batch of several.
+        let batch = reference.shape().first().copied().unwrap_or(0);
+        let (by_item, worst_item) = match produced_by(Feed::EndToEnd)
+            .or(produced_by(Feed::Reference))
+            .filter(|produced| produced.comparison.is_some() && batch > 1)
+        {
+            Some(produced) => {
+                let output_item = item_of(&produced.output.data);
+                let output = output_item.as_ref().unwrap_or(&produced.output.data);
+                let by_item = max_abs_error_by_item(
+                    compared.as_slice().expect("standard layout"),
+                    output.as_slice().expect("standard layout"),
+                    compared.shape()[0],
+                );
+                let worst = (0..by_item.len())
+                    // The first on a tie, like the worst element.
+                    .max_by(|&a, &b| by_item[a].total_cmp(&by_item[b]).then(b.cmp(&a)))
+                    .map(|index| index + options.item.unwrap_or(0));
+                (by_item, worst)
+            }
+            None => (Vec::new(), None),
+        };
         let failed = |feed: Feed| {
             produced_by(feed).is_some_and(|produced| {
                 (produced.comparison.as_ref()).is_none_or(|c| c.verdict == Verdict::Fail)
@@ -247,7 +314,13 @@ fn compare_stages(
                     None if output.data.shape() == reference.shape() => {
                         hints = evidence.diagnose(&row.entry.name, &observed, &missing);
                     }
-                    None => {}
+                    None => {
+                        hints = evidence.diagnose_size(
+                            &row.entry.name,
+                            reference.shape(),
+                            output.data.shape(),
+                        );
+                    }
                 }
             }
         }
@@ -273,6 +346,8 @@ fn compare_stages(
                 origin,
                 hints,
                 floor: row.entry.floor,
+                max_abs_error_by_item: by_item,
+                worst_item,
             },
             listener,
         );
@@ -292,6 +367,47 @@ fn compare_stages(
         ));
     }
     Ok(stopped)
+}
+
+/// Each item's top-5 classes on both sides, and whether they agree, into
+/// the report's items (the candidate's empty when no source runs end to
+/// end); the items are those compared (one with `--item`).
+fn classify_items(
+    report: &mut Report,
+    reference: &ArrayD<f32>,
+    candidate: Option<&ArrayD<f32>>,
+    classes: Option<&[String]>,
+) {
+    let rows = |array: &ArrayD<f32>| -> Vec<Vec<f32>> {
+        match array.ndim() {
+            0 => Vec::new(),
+            _ => array
+                .outer_iter()
+                .map(|item| item.iter().copied().collect())
+                .collect(),
+        }
+    };
+    let reference_rows = rows(reference);
+    let candidate_rows = candidate.map(rows).unwrap_or_default();
+    let offset = report.item.unwrap_or(0);
+    for (position, logits) in reference_rows.iter().enumerate() {
+        let index = position + offset;
+        let item = report.item_mut(index);
+        item.reference_top5 = top5(logits, classes);
+        if let Some(candidate) = candidate_rows.get(position) {
+            item.candidate_top5 = top5(candidate, classes);
+            let indices = |scores: &[ClassScore]| -> Vec<usize> {
+                let mut indices: Vec<usize> = scores.iter().map(|score| score.index).collect();
+                indices.sort_unstable();
+                indices
+            };
+            item.top1_agree = Some(
+                item.reference_top5.first().map(|score| score.index)
+                    == item.candidate_top5.first().map(|score| score.index),
+            );
+            item.top5_agree = Some(indices(&item.reference_top5) == indices(&item.candidate_top5));
+        }
+    }
 }
 
 /// The first batch item's top-5 classes on both sides (the candidate's

@@ -109,6 +109,18 @@ impl Conv2d {
         &self.geometry
     }
 
+    /// The same conv with another padding: what the harness recomputes
+    /// when it asks whether an implementation padded its input another way.
+    pub fn with_padding(&self, padding: [usize; 2]) -> Conv2d {
+        Conv2d {
+            geometry: ConvGeometry {
+                padding,
+                ..self.geometry
+            },
+            ..self.clone()
+        }
+    }
+
     pub fn has_bias(&self) -> bool {
         self.bias.is_some()
     }

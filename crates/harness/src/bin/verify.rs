@@ -110,6 +110,10 @@ struct Common {
     #[arg(long)]
     fail_fast: bool,
 
+    /// Compare only batch item K (from 0): for a batch of images, the one to look at
+    #[arg(long, value_name = "K")]
+    item: Option<usize>,
+
     /// Absolute tolerance (torch's rule |cand - ref| <= atol + rtol * |ref|); default: 1e-4 x the stage's max|ref|
     #[arg(long)]
     atol: Option<f64>,
@@ -248,6 +252,7 @@ fn run_options(common: &Common) -> anyhow::Result<RunOptions> {
             )?),
         },
         allow_train_reference: common.allow_train_reference,
+        item: common.item,
     })
 }
 

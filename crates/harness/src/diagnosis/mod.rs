@@ -12,6 +12,7 @@ mod activation;
 pub(crate) mod axis_order;
 pub(crate) mod batch_norm;
 mod origin;
+mod padding;
 mod preprocessing;
 mod residual;
 mod weight_order;
@@ -54,6 +55,12 @@ pub enum Hypothesis {
     SkippedDownsample,
     /// The input image normalised or scaled differently.
     Preprocessing,
+    /// A conv or max pool padded TensorFlow's way ("SAME": more at the
+    /// bottom and right) instead of torch's symmetric padding.
+    SamePadding,
+    /// An output of another height or width: the convention that gives it
+    /// (max pooling's ceil_mode, SAME, no padding), or none.
+    OutputSize,
 }
 
 /// One hypothesis that holds, with its evidence.
@@ -129,7 +136,13 @@ impl<'a> Evidence<'a> {
         let stage = &network.stages()[index];
         match stage.kind {
             StageKind::Input => hints.extend(preprocessing::hints(self, observed)),
-            StageKind::Conv2d => hints.extend(weight_order::hints(self, index, observed)),
+            StageKind::Conv2d => {
+                hints.extend(weight_order::hints(self, index, observed));
+                hints.extend(padding::same_padding_hints(self, index, observed));
+            }
+            StageKind::MaxPool2d => {
+                hints.extend(padding::same_padding_hints(self, index, observed))
+            }
             StageKind::BatchNorm2d => {
                 hints.extend(batch_norm::hints(self, index, observed));
                 let conv = network.stage_inputs(index).next();
@@ -145,6 +158,23 @@ impl<'a> Evidence<'a> {
             hints.extend(residual::hints(self, index, observed));
         }
         hints
+    }
+
+    /// Why stage `name`'s candidate output has another shape than the
+    /// reference's, where a size convention explains it.
+    pub fn diagnose_size(
+        &self,
+        name: &str,
+        reference_shape: &[usize],
+        candidate_shape: &[usize],
+    ) -> Vec<Hint> {
+        match self
+            .network
+            .and_then(|network| network.stage_index(name).ok())
+        {
+            Some(index) => padding::size_hints(self, index, reference_shape, candidate_shape),
+            None => Vec::new(),
+        }
     }
 
     /// The relative error to which `recomputed` reproduces `observed`, if
@@ -204,6 +234,20 @@ impl<'a> Evidence<'a> {
     ) -> Option<ArrayD<f32>> {
         let tensor = reference_tensor(input.view())?;
         let output = conv.forward(&tensor).ok()?;
+        candidate_nchw(&output, output_shape)
+    }
+}
+
+impl Evidence<'_> {
+    /// Runs a max pool on an NCHW input, as [`Evidence::run_conv`] a conv.
+    pub fn run_max_pool(
+        &self,
+        pool: &resnet_core::ops::MaxPool2d,
+        input: &ArrayD<f32>,
+        output_shape: &[usize],
+    ) -> Option<ArrayD<f32>> {
+        let tensor = reference_tensor(input.view())?;
+        let output = pool.forward(&tensor).ok()?;
         candidate_nchw(&output, output_shape)
     }
 }

@@ -55,6 +55,47 @@ pub fn render(report: &Report) -> String {
             }
         }
     }
+    // A testcase per image for its classes. A class that differs while
+    // every stage is within tolerance is a near tie, which another CPU's
+    // rounding can flip: said, not failed.
+    if report.items.len() > 1 || report.item.is_some() {
+        for item in report.items.iter().filter(|item| item.top1_agree.is_some()) {
+            let image = item
+                .image
+                .as_deref()
+                .map(|image| format!(" ({image})"))
+                .unwrap_or_default();
+            let name = escape(&format!("item {}{image}: classes", item.index));
+            let _ = write!(out, "    <testcase classname=\"images\" name=\"{name}\"");
+            let words = |scores: &[super::ClassScore]| {
+                scores
+                    .iter()
+                    .map(|score| score.index.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let said = format!(
+                "top-1 {}, top-5 set {}; reference top-5 {}, candidate top-5 {}",
+                if item.top1_agree == Some(true) {
+                    "agrees"
+                } else {
+                    "differs"
+                },
+                if item.top5_agree == Some(true) {
+                    "agrees"
+                } else {
+                    "differs"
+                },
+                words(&item.reference_top5),
+                words(&item.candidate_top5)
+            );
+            let _ = writeln!(
+                out,
+                ">\n      <system-out>{}</system-out>\n    </testcase>",
+                escape(&said)
+            );
+        }
+    }
     out.push_str("  </testsuite>\n</testsuites>\n");
     out
 }

@@ -67,6 +67,12 @@ pub struct StageReport {
     /// The reference's noise floor at this stage, when it was dumped with one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub floor: Option<NoiseFloor>,
+    /// For a batch of several items: the largest |cand - ref| within each
+    /// (of the comparison that decides the line), and which is worst.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub max_abs_error_by_item: Vec<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worst_item: Option<usize>,
 }
 
 impl StageReport {
@@ -120,6 +126,35 @@ pub struct ClassScore {
     pub logit: f32,
 }
 
+/// One batch item (an image) over the whole run.
+#[derive(Clone, Debug, Serialize)]
+pub struct ItemReport {
+    pub index: usize,
+    /// The image it was made from, when the reference names it.
+    pub image: Option<String>,
+    /// Its top-5 classes on both sides (empty when no logits were compared).
+    pub reference_top5: Vec<ClassScore>,
+    pub candidate_top5: Vec<ClassScore>,
+    /// Same best class; the same five classes, in any order.
+    pub top1_agree: Option<bool>,
+    pub top5_agree: Option<bool>,
+    /// The item's largest error relative to the stage's max|ref|, and where.
+    pub max_relative_error: f64,
+    pub worst_stage: Option<String>,
+}
+
+/// The batch in one line: how many items agree on their classes, and
+/// which item is furthest from the reference.
+#[derive(Clone, Debug, Serialize)]
+pub struct ItemsSummary {
+    pub items: usize,
+    /// Items whose logits were compared.
+    pub classified: usize,
+    pub top1_agree: usize,
+    pub top5_agree: usize,
+    pub worst_item: Option<usize>,
+}
+
 /// Top-5 classes of the first batch item, on both sides.
 #[derive(Clone, Debug, Serialize)]
 pub struct TopClasses {
@@ -150,6 +185,9 @@ pub struct Summary {
     pub rtol_needed: Option<f64>,
     /// Why no rtol passes some failure, each reason once.
     pub beyond_rtol: Vec<BeyondRtol>,
+    /// For a batch of several items.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub items: Option<ItemsSummary>,
     /// Under `--tol auto`: the smallest multiple of the noise floor under
     /// which every stage compared would pass.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -171,6 +209,13 @@ pub struct Report {
     pub blocks: Vec<GroupSummary>,
     pub layers: Vec<GroupSummary>,
     pub top5: Option<TopClasses>,
+    /// Each batch item, for a batch of several (or a run restricted to one
+    /// with `--item`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<ItemReport>,
+    /// The one batch item compared (`--item K`), if the run was restricted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item: Option<usize>,
     pub summary: Summary,
 }
 
@@ -197,12 +242,35 @@ impl Report {
             blocks: Vec::new(),
             layers: Vec::new(),
             top5: None,
+            items: Vec::new(),
+            item: None,
             summary: Summary::default(),
         }
     }
 
     pub fn passed(&self) -> bool {
         self.summary.verdict == Verdict::Succ
+    }
+
+    /// Batch item `index`'s report, made when first asked for.
+    pub(crate) fn item_mut(&mut self, index: usize) -> &mut ItemReport {
+        let position = match self.items.iter().position(|item| item.index == index) {
+            Some(position) => position,
+            None => {
+                self.items.push(ItemReport {
+                    index,
+                    image: None,
+                    reference_top5: Vec::new(),
+                    candidate_top5: Vec::new(),
+                    top1_agree: None,
+                    top5_agree: None,
+                    max_relative_error: 0.0,
+                    worst_stage: None,
+                });
+                self.items.len() - 1
+            }
+        };
+        &mut self.items[position]
     }
 }
 
@@ -348,6 +416,7 @@ impl ReportBuilder {
     /// Records a stage and tells `listener`, closing a block or layer when
     /// the stage is that container's own output.
     pub fn push(&mut self, stage: StageReport, listener: &mut dyn FnMut(Event)) {
+        self.note_items(&stage);
         let verdict = stage.verdict;
         let summary = &mut self.report.summary;
         summary.compared += 1;
@@ -426,9 +495,51 @@ impl ReportBuilder {
         }
     }
 
+    /// Keeps each item's worst error relative to the stage's scale.
+    fn note_items(&mut self, stage: &StageReport) {
+        let Some(scale) = stage.primary().map(|comparison| comparison.scale) else {
+            return;
+        };
+        let offset = self.report.item.unwrap_or(0);
+        for (position, &error) in stage.max_abs_error_by_item.iter().enumerate() {
+            let relative = error / scale.max(f32::MIN_POSITIVE as f64);
+            let item = self.report.item_mut(position + offset);
+            if relative > item.max_relative_error
+                || (relative.is_nan() && item.worst_stage.is_none())
+            {
+                item.max_relative_error = relative;
+                item.worst_stage = Some(stage.name.clone());
+            }
+        }
+    }
+
     pub fn finish(mut self, stopped: Option<String>) -> Report {
         let summary = &mut self.report.summary;
         summary.stopped = stopped;
+        let items = &self.report.items;
+        if !items.is_empty() {
+            let classified = items
+                .iter()
+                .filter(|item| item.top1_agree.is_some())
+                .count();
+            let agree = |pick: fn(&ItemReport) -> Option<bool>| {
+                items.iter().filter(|item| pick(item) == Some(true)).count()
+            };
+            summary.items = Some(ItemsSummary {
+                items: items.len(),
+                classified,
+                top1_agree: agree(|item| item.top1_agree),
+                top5_agree: agree(|item| item.top5_agree),
+                worst_item: items
+                    .iter()
+                    .filter(|item| item.worst_stage.is_some())
+                    .max_by(|a, b| {
+                        (a.max_relative_error.total_cmp(&b.max_relative_error))
+                            .then(b.index.cmp(&a.index))
+                    })
+                    .map(|item| item.index),
+            });
+        }
         let needed = tolerance_needed(&self.report.stages);
         (
             summary.rtol_needed,

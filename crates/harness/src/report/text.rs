@@ -166,6 +166,18 @@ fn stage_line(stage: &StageReport, mode: RunMode) -> String {
             out.push('\n');
         }
     }
+    // For a batch (not one item of it, --item): where the error is.
+    let errors = &stage.max_abs_error_by_item;
+    if let (Verdict::Fail, Some(worst), true) = (stage.verdict, stage.worst_item, errors.len() > 1)
+    {
+        let mut order: Vec<(usize, f64)> = errors.iter().copied().enumerate().collect();
+        order.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let mut line = format!("    by item: worst {worst} (max|err| {:.2e})", order[0].1);
+        if let Some((next, error)) = order.get(1) {
+            let _ = write!(line, ", next {next} ({error:.2e})");
+        }
+        let _ = writeln!(out, "{line}");
+    }
     match &stage.origin {
         Some(Origin::Root) => {
             let _ = writeln!(out, "    origin: root, the first stage to fail end to end");
@@ -293,7 +305,10 @@ fn group_line(word: &str, group: &GroupSummary) -> String {
 fn summary(report: &Report) -> String {
     let mut out = String::new();
     let s = &report.summary;
-    if let Some(top5) = &report.top5 {
+    let per_item = report.items.len() > 1 || report.item.is_some();
+    if per_item {
+        out.push_str(&item_lines(report));
+    } else if let Some(top5) = &report.top5 {
         out.push_str(&top_lines(top5));
     }
     if let Some(hint) = &s.hint {
@@ -355,6 +370,20 @@ fn summary(report: &Report) -> String {
             let _ = writeln!(out, "stopped: {stopped}");
         }
     }
+    if let Some(items) = s.items.as_ref().filter(|_| per_item) {
+        let worst = items.worst_item.map_or("none".to_string(), |index| {
+            let item = report.items.iter().find(|item| item.index == index);
+            match item.and_then(item_label) {
+                Some(label) => format!("{index} ({label})"),
+                None => index.to_string(),
+            }
+        });
+        let _ = writeln!(
+            out,
+            "images: {}, top-1 agree {}/{}, top-5 sets agree {}/{}, worst item {worst}",
+            items.items, items.top1_agree, items.classified, items.top5_agree, items.classified
+        );
+    }
     let _ = writeln!(
         out,
         "summary {}: {} stages compared, {} succ, {} fail; first failure: {}",
@@ -364,6 +393,62 @@ fn summary(report: &Report) -> String {
         s.fail,
         s.first_failure.as_deref().unwrap_or("none")
     );
+    out
+}
+
+/// The image an item was made from, else its reference class.
+fn item_label(item: &super::ItemReport) -> Option<String> {
+    item.image.clone().or_else(|| {
+        let best = item.reference_top5.first()?;
+        Some(
+            best.name
+                .clone()
+                .unwrap_or_else(|| format!("class {}", best.index)),
+        )
+    })
+}
+
+/// One line per batch item: its classes on both sides and its worst error.
+fn item_lines(report: &Report) -> String {
+    let class = |score: Option<&super::ClassScore>| match score {
+        Some(score) => match &score.name {
+            Some(name) => format!("{} {name} ({:.3})", score.index, score.logit),
+            None => format!("{} ({:.3})", score.index, score.logit),
+        },
+        None => "-".to_string(),
+    };
+    let mut out = String::from(
+        "images (batch items): top-1 reference / candidate, top-5 set, largest error relative to the stage's max|ref|\n",
+    );
+    for item in &report.items {
+        let name = item
+            .image
+            .as_deref()
+            .map(|image| format!(" {image}"))
+            .unwrap_or_default();
+        let top1 = match item.top1_agree {
+            Some(true) => format!("top-1 agree {}", class(item.reference_top5.first())),
+            Some(false) => paint(
+                YELLOW,
+                format!(
+                    "top-1 DIFFERS: reference {}, candidate {}",
+                    class(item.reference_top5.first()),
+                    class(item.candidate_top5.first())
+                ),
+            ),
+            None => format!("top-1 reference {}", class(item.reference_top5.first())),
+        };
+        let top5 = match item.top5_agree {
+            Some(true) => "; top-5 set agrees",
+            Some(false) => "; top-5 set differs",
+            None => "",
+        };
+        let worst = match &item.worst_stage {
+            Some(stage) => format!("; worst {:.2e} at {stage}", item.max_relative_error),
+            None => String::new(),
+        };
+        let _ = writeln!(out, "  item {}{name}: {top1}{top5}{worst}", item.index);
+    }
     out
 }
 

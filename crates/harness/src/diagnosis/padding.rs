@@ -1,0 +1,280 @@
+//! Padding and output-size conventions other than torch's, which only some
+//! input sizes show. TensorFlow's "SAME" pads `max((ceil(in / s) - 1) * s +
+//! span - in, 0)` in total with the smaller half on top and left: where
+//! torch pads symmetrically, a stride-2 window then starts one pixel later
+//! at even sizes (same output size, other values). Max pooling with
+//! `ceil_mode=True` adds an output row where the last window only partly
+//! covers the input (a size that differs). A candidate whose output size
+//! differs gets the conventions that would give it, by name.
+
+use ndarray::{ArrayD, Slice};
+
+use super::{Evidence, Hint, Hypothesis, Observed, Side};
+
+/// One spatial axis of a conv or max pool window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Window {
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+}
+
+impl Window {
+    fn span(self) -> usize {
+        self.dilation * (self.kernel - 1) + 1
+    }
+
+    /// torch's output size: floor, or ceil with `ceil_mode` (where the last
+    /// window must still start inside the input or its left padding).
+    fn torch(self, input: usize, ceil_mode: bool) -> Option<usize> {
+        let extent = (input + 2 * self.padding).checked_sub(self.span())?;
+        let mut size = match ceil_mode {
+            false => extent / self.stride,
+            true => extent.div_ceil(self.stride),
+        } + 1;
+        if ceil_mode && (size - 1) * self.stride >= input + self.padding {
+            size -= 1;
+        }
+        Some(size)
+    }
+
+    /// TensorFlow's SAME: the output size, and the padding before the
+    /// first row and after the last.
+    fn same(self, input: usize) -> (usize, (usize, usize)) {
+        let size = input.div_ceil(self.stride);
+        let total = ((size - 1) * self.stride + self.span()).saturating_sub(input);
+        (size, (total / 2, total - total / 2))
+    }
+
+    /// TensorFlow's VALID (no padding).
+    fn valid(self, input: usize) -> Option<usize> {
+        Some(input.checked_sub(self.span())? / self.stride + 1)
+    }
+
+    /// Every convention's output size for `input`, by name.
+    fn conventions(self, input: usize, pool: bool) -> Vec<(&'static str, Option<usize>)> {
+        let mut sizes = vec![("torch's", self.torch(input, false))];
+        if pool {
+            sizes.push(("max pooling with ceil_mode=True", self.torch(input, true)));
+        }
+        sizes.push(("TensorFlow-style SAME padding", Some(self.same(input).0)));
+        sizes.push(("no padding (VALID)", self.valid(input)));
+        sizes
+    }
+}
+
+/// The stage's windows (height, width) and whether it pools; `None` for
+/// stages without one.
+fn windows(evidence: &Evidence, index: usize) -> Option<([Window; 2], bool)> {
+    let stage = &evidence.network?.stages()[index];
+    if let Some(conv) = stage.conv() {
+        let g = conv.geometry();
+        let axis = |a: usize| Window {
+            kernel: g.kernel[a],
+            stride: g.stride[a],
+            padding: g.padding[a],
+            dilation: g.dilation[a],
+        };
+        return Some(([axis(0), axis(1)], false));
+    }
+    let pool = stage.max_pool()?;
+    let window = Window {
+        kernel: pool.kernel,
+        stride: pool.stride,
+        padding: pool.padding,
+        dilation: 1,
+    };
+    Some(([window; 2], true))
+}
+
+/// For a stage whose candidate output has another height or width than the
+/// reference's: which convention gives the candidate's size.
+pub(super) fn size_hints(
+    evidence: &Evidence,
+    index: usize,
+    reference_shape: &[usize],
+    candidate_shape: &[usize],
+) -> Vec<Hint> {
+    let (Some((windows, pool)), Some(input)) =
+        (windows(evidence, index), evidence.reference_input(index))
+    else {
+        return Vec::new();
+    };
+    let (&[_, _, input_h, input_w], &[_, _, want_h, want_w], &[_, _, got_h, got_w]) =
+        (input.shape(), reference_shape, candidate_shape)
+    else {
+        return Vec::new();
+    };
+    if (got_h, got_w) == (want_h, want_w) {
+        return Vec::new();
+    }
+    let [along_h, along_w] = [(windows[0], input_h), (windows[1], input_w)]
+        .map(|(window, input)| window.conventions(input, pool));
+    let named: Vec<String> = along_h
+        .iter()
+        .zip(&along_w)
+        .filter_map(|((name, h), (_, w))| Some((*name, (*h)?, (*w)?)))
+        .map(|(name, h, w)| format!("{name} {h}x{w}"))
+        .collect();
+    let matching: Vec<&str> = along_h
+        .iter()
+        .zip(&along_w)
+        .filter(|((_, h), (_, w))| (*h, *w) == (Some(got_h), Some(got_w)))
+        .map(|((name, _), _)| *name)
+        .collect();
+    let what = if pool { "max pool" } else { "conv" };
+    let message = match matching.first() {
+        Some(name) => format!(
+            "the candidate's output is {got_h}x{got_w} where torch's is {want_h}x{want_w}, from a {input_h}x{input_w} input: {name} gives {got_h}x{got_w} (this {what}: kernel {}, stride {}, padding {}; {})",
+            windows[0].kernel,
+            windows[0].stride,
+            windows[0].padding,
+            named.join(", ")
+        ),
+        None => format!(
+            "the candidate's output is {got_h}x{got_w} where torch's is {want_h}x{want_w}, from a {input_h}x{input_w} input, which no usual convention gives ({}): an off-by-one in the output size",
+            named.join(", ")
+        ),
+    };
+    vec![Hint {
+        hypothesis: Hypothesis::OutputSize,
+        message,
+        relative_error: 0.0,
+    }]
+}
+
+/// For a conv or max pool whose output has torch's size but other values:
+/// whether TensorFlow-style SAME padding (the same windows started where
+/// SAME's asymmetric padding starts them) reproduces it.
+pub(super) fn same_padding_hints(
+    evidence: &Evidence,
+    index: usize,
+    observed: &Observed,
+) -> Vec<Hint> {
+    let (Some(network), Some((windows, pool)), Some(input)) = (
+        evidence.network,
+        windows(evidence, index),
+        evidence.reference_input(index),
+    ) else {
+        return Vec::new();
+    };
+    let &[_, _, input_h, input_w] = input.shape() else {
+        return Vec::new();
+    };
+    // Per axis, SAME's padding before and after, where its size is torch's
+    // and its padding is not torch's symmetric one.
+    let mut pads = [(0usize, 0usize); 2];
+    for (axis, (window, size)) in windows.iter().zip([input_h, input_w]).enumerate() {
+        let (same_size, padding) = window.same(size);
+        if Some(same_size) != window.torch(size, false) {
+            return Vec::new();
+        }
+        pads[axis] = padding;
+    }
+    if pads
+        .iter()
+        .zip(&windows)
+        .all(|(&(before, after), window)| before == window.padding && after == window.padding)
+    {
+        return Vec::new();
+    }
+    // The input padded SAME's way (zero, or -inf for a max pool, which
+    // never wins), then the stage's windows without padding of their own.
+    let fill = if pool { f32::NEG_INFINITY } else { 0.0 };
+    let padded = pad(&input, pads, fill);
+    let stage = &network.stages()[index];
+    let recomputed = match (stage.conv(), stage.max_pool()) {
+        (Some(conv), _) => evidence.run_conv(
+            &conv.with_padding([0, 0]),
+            &padded,
+            observed.reference.shape(),
+        ),
+        (None, Some(pool)) => {
+            let unpadded = resnet_core::ops::MaxPool2d {
+                padding: 0,
+                ..*pool
+            };
+            evidence.run_max_pool(&unpadded, &padded, observed.reference.shape())
+        }
+        _ => None,
+    };
+    let Some(recomputed) = recomputed else {
+        return Vec::new();
+    };
+    match evidence.explains(&recomputed, observed) {
+        Some((Side::Candidate, error)) => vec![Hint {
+            hypothesis: Hypothesis::SamePadding,
+            message: format!(
+                "the candidate matches this {} with TensorFlow-style SAME padding ({} row(s) on top and {} at the bottom, {} column(s) left and {} right) instead of torch's symmetric {}: pad symmetrically, as torch does",
+                if pool { "max pool" } else { "conv" },
+                pads[0].0,
+                pads[0].1,
+                pads[1].0,
+                pads[1].1,
+                windows[0].padding
+            ),
+            relative_error: error,
+        }],
+        _ => Vec::new(),
+    }
+}
+
+/// `input` (NCHW) with `pads[0]` rows added above and below and `pads[1]`
+/// columns left and right, set to `fill`.
+fn pad(input: &ArrayD<f32>, pads: [(usize, usize); 2], fill: f32) -> ArrayD<f32> {
+    let (height, width) = (input.shape()[2], input.shape()[3]);
+    let shape = [
+        input.shape()[0],
+        input.shape()[1],
+        height + pads[0].0 + pads[0].1,
+        width + pads[1].0 + pads[1].1,
+    ];
+    let mut padded = ArrayD::from_elem(&shape[..], fill);
+    padded
+        .slice_each_axis_mut(|axis| match axis.axis.index() {
+            2 => Slice::from(pads[0].0..pads[0].0 + height),
+            3 => Slice::from(pads[1].0..pads[1].0 + width),
+            _ => Slice::from(..),
+        })
+        .assign(input);
+    padded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Window;
+
+    fn window(kernel: usize, stride: usize, padding: usize) -> Window {
+        Window {
+            kernel,
+            stride,
+            padding,
+            dilation: 1,
+        }
+    }
+
+    #[test]
+    fn the_conventions_give_the_sizes_torch_and_tensorflow_give() {
+        let max_pool = window(3, 2, 1);
+        // torch: floor((112 + 2 - 3) / 2) + 1 = 56; ceil_mode: 57.
+        assert_eq!(max_pool.torch(112, false), Some(56));
+        assert_eq!(max_pool.torch(112, true), Some(57));
+        // At an odd size the two agree.
+        assert_eq!(max_pool.torch(113, false), Some(57));
+        assert_eq!(max_pool.torch(113, true), Some(57));
+        // ceil_mode never starts a window in the right padding: 5 + 2 - 3 = 4,
+        // ceil(4 / 2) + 1 = 3, and the third window starts at 4 < 5 + 1.
+        assert_eq!(window(3, 2, 1).torch(5, true), Some(3));
+        assert_eq!(window(2, 2, 0).torch(5, true), Some(3));
+        assert_eq!(window(2, 2, 1).torch(4, true), Some(3));
+        // SAME: ceil(in / stride), the smaller half of the padding first.
+        let stem = window(7, 2, 3);
+        assert_eq!(stem.same(224), (112, (2, 3)));
+        assert_eq!(stem.same(225), (113, (3, 3)));
+        assert_eq!(window(3, 2, 1).same(56), (28, (0, 1)));
+        assert_eq!(window(1, 2, 0).same(56), (28, (0, 0)));
+        assert_eq!(stem.valid(224), Some(109));
+        assert_eq!(window(3, 1, 1).valid(2), None);
+    }
+}

@@ -1,0 +1,238 @@
+"""Many real images and odd sizes: the dumper's --images and --size HxW, the
+per-image report (classes, worst item, --item, JUnit), and the hints for
+the padding and pooling mistakes that only some sizes show."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import ROOT, run_dump
+from reference import preprocess, tolerance_study
+from reference.manifest import build_manifest
+
+VERIFY = ROOT / "target" / "release" / "verify"
+SMALL = ("--model", "resnet50", "--width", "8", "--threads", "1")
+
+
+def verify(*arguments):
+    return subprocess.run([str(VERIFY), *map(str, arguments)], capture_output=True, text=True)
+
+
+def report(*arguments):
+    result = verify(*arguments, "--format", "json")
+    assert result.returncode in (0, 1), result.stderr
+    return json.loads(result.stdout)
+
+
+def write_candidate(reference, out, outputs):
+    """A candidate dump as another engine would write it, shapes as they come
+    (the writers refuse a shape the reference does not have)."""
+    (out / "stages").mkdir(parents=True)
+    manifest = json.loads((reference / "manifest.json").read_text())
+    types = {stage["name"]: stage["module_type"] for stage in manifest["stages"]}
+    entries = []
+    for number, (name, output) in enumerate(outputs.items()):
+        array = output.detach().float().numpy()
+        file = f"stages/{number:03d}.npy"
+        np.save(out / file, array)
+        entries.append({"name": name, "module_type": types[name], "shape": list(array.shape), "file": file})
+    (out / "manifest.json").write_text(json.dumps(build_manifest(mode="eval", stages=entries)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A batch of scikit-image's photographs through a width-reduced ResNet50."""
+    out = tmp_path_factory.mktemp("photos") / "dump"
+    run_dump(out, *SMALL, "--size", 64, "--images", "samples")
+    return out
+
+
+def test_the_dumper_takes_a_batch_of_photos_and_odd_sizes(photos, tmp_path):
+    manifest = json.loads((photos / "manifest.json").read_text())
+    assert len(preprocess.SAMPLES) >= 8
+    assert manifest["input"]["images"] == list(preprocess.SAMPLES)
+    assert manifest["input"]["source"] == "images" and manifest["input"]["batch"] == len(preprocess.SAMPLES)
+    assert manifest["stages"][0]["shape"] == [len(preprocess.SAMPLES), 3, 64, 64]
+    # Every photo is its own item: no two are the same.
+    x = np.load(photos / manifest["stages"][0]["file"])
+    assert len({item.tobytes() for item in x}) == len(x)
+    # HxW: height first; a square HxW is N.
+    wide = run_dump(tmp_path / "wide", *SMALL, "--size", "45x71")
+    assert wide["stages"][0]["shape"] == [1, 3, 45, 71] and wide["input"]["size"] == [45, 71]
+    assert run_dump(tmp_path / "square", *SMALL, "--size", "33x33")["input"]["size"] == 33
+    # A directory of images, in name order.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    from PIL import Image
+    for name in ("b.png", "a.jpg"):
+        Image.fromarray(preprocess.sample("coffee")).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    listed = run_dump(tmp_path / "folder", *SMALL, "--size", 33, "--images", folder)
+    assert [path.split("/")[-1] for path in listed["input"]["images"]] == ["a.jpg", "b.png"]
+    for bad, message in ([("--size", "0x3"), "HxW"], [("--images", tmp_path / "none"), "no such file"],
+                         [("--images", "samples", "--batch", "2"), "leave out --image and --batch"]):
+        result = subprocess.run([sys.executable, "-m", "reference.dump", "--out", str(tmp_path / "bad"), *SMALL,
+                                 *map(str, bad)], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_a_batch_of_photos_is_reported_image_by_image(photos, tmp_path):
+    result = verify(photos)
+    assert result.returncode == 0, result.stdout
+    count = len(preprocess.SAMPLES)
+    for index, name in enumerate(preprocess.SAMPLES):
+        assert f"  item {index} {name}: top-1 agree " in result.stdout
+    assert f"images: {count}, top-1 agree {count}/{count}, top-5 sets agree {count}/{count}, worst item " \
+        in result.stdout
+    data = report(photos)
+    assert [item["image"] for item in data["items"]] == list(preprocess.SAMPLES)
+    assert data["summary"]["items"]["top1_agree"] == count
+    conv = next(stage for stage in data["stages"] if stage["name"] == "layer1.0.conv2")
+    assert len(conv["max_abs_error_by_item"]) == count
+    assert conv["worst_item"] == int(np.argmax(conv["max_abs_error_by_item"]))
+    junit = verify(photos, "--format", "junit").stdout
+    assert junit.count('classname="images"') == count
+    assert 'name="item 2 (coffee): classes"' in junit
+    # --item: that image alone, in the reference's coordinates.
+    one = report(photos, "--item", 2)
+    assert one["item"] == 2 and [item["index"] for item in one["items"]] == [2]
+    assert one["items"][0]["image"] == "coffee"
+    assert "images: 1, top-1 agree 1/1" in verify(photos, "--item", 2).stdout
+    out_of_range = verify(photos, "--item", count)
+    assert out_of_range.returncode == 2 and f"--item {count}: the reference's batch has {count}" in out_of_range.stderr
+
+
+def test_a_class_flipped_on_one_image_is_that_images_disagreement_while_stages_pass(photos, tmp_path):
+    manifest = json.loads((photos / "manifest.json").read_text())
+    outputs = {stage["name"]: torch.from_numpy(np.load(photos / stage["file"])) for stage in manifest["stages"]}
+    logits = outputs["fc"].clone()
+    # The image whose two best classes are closest: raise the second just
+    # past the first.
+    best = torch.topk(logits, 2, dim=1)
+    item = int(torch.argmin(best.values[:, 0] - best.values[:, 1]))
+    second = int(best.indices[item, 1])
+    logits[item, second] = best.values[item, 0] + 1e-3
+    outputs["fc"] = logits
+    candidate = write_candidate(photos, tmp_path / "flipped", outputs)
+    gap = float(best.values[item, 0] - best.values[item, 1]) + 1e-3
+    atol = 2 * gap  # within tolerance: the stages pass, the class flips
+    result = report("compare", photos, candidate, "--atol", atol)
+    assert result["summary"]["verdict"] == "succ"
+    flipped = [entry for entry in result["items"] if entry["top1_agree"] is False]
+    assert [entry["index"] for entry in flipped] == [item]
+    assert flipped[0]["candidate_top5"][0]["index"] == second
+    count = len(preprocess.SAMPLES)
+    assert result["summary"]["items"]["top1_agree"] == count - 1
+    text = verify("compare", photos, candidate, "--atol", atol).stdout
+    assert f"item {item} {preprocess.SAMPLES[item]}: top-1 DIFFERS" in text
+    assert f"top-1 agree {count - 1}/{count}" in text
+
+
+def test_verify_torch_reports_a_batch_item_by_item(photos):
+    import resnet_verify
+
+    model, x = tolerance_study.reference_model(photos)
+    live = resnet_verify.verify_torch(model, x)
+    assert live.passed and len(live["items"]) == len(preprocess.SAMPLES)
+    assert all(item["top1_agree"] for item in live["items"])
+    assert "images: " in live.text
+
+
+class SamePadded(nn.Module):
+    """A conv or max pool padded TensorFlow's way: the smaller half first."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        kernel, stride = self.module.kernel_size, self.module.stride
+        kernel = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+        stride = stride if isinstance(stride, tuple) else (stride, stride)
+        pads = []
+        for size, k, s in zip(reversed(x.shape[2:]), reversed(kernel), reversed(stride)):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        if isinstance(self.module, nn.MaxPool2d):
+            x = F.pad(x, pads, value=float("-inf"))
+            return F.max_pool2d(x, kernel, stride)
+        return F.conv2d(F.pad(x, pads), self.module.weight, self.module.bias, stride)
+
+
+def candidate_with(reference, tmp_path, change):
+    model, x = tolerance_study.reference_model(reference)
+    change(model)
+    outputs = tolerance_study.torch_stages(model, x)
+    return write_candidate(reference, tmp_path / "candidate", outputs)
+
+
+def hints_at(result, name):
+    stage = next(stage for stage in result["stages"] if stage["name"] == name)
+    return [hint["hypothesis"] for hint in stage["hints"]], [hint["message"] for hint in stage["hints"]]
+
+
+@pytest.fixture(scope="module")
+def size_67(tmp_path_factory):
+    """67x67: conv1 gives 34x34, where max pooling's ceil_mode and SAME
+    padding each differ from torch's."""
+    out = tmp_path_factory.mktemp("odd") / "dump"
+    run_dump(out, *SMALL, "--size", 67)
+    return out
+
+
+def test_a_correct_candidate_at_odd_sizes_gets_no_hint(size_67, tmp_path):
+    result = report("compare", size_67, candidate_with(size_67, tmp_path, lambda model: None))
+    assert result["summary"]["verdict"] == "succ"
+    assert not any(stage["hints"] for stage in result["stages"])
+
+
+def test_max_pooling_with_ceil_mode_is_named_with_the_sizes(size_67, tmp_path):
+    def ceil_mode(model):
+        model.maxpool.ceil_mode = True
+    result = report("compare", size_67, candidate_with(size_67, tmp_path, ceil_mode))
+    assert result["summary"]["first_failure"] == "maxpool"
+    hypotheses, messages = hints_at(result, "maxpool")
+    assert hypotheses == ["output_size"]
+    assert "the candidate's output is 18x18 where torch's is 17x17, from a 34x34 input: " \
+           "max pooling with ceil_mode=True gives 18x18" in messages[0]
+
+
+def test_same_padding_in_a_max_pool_is_named(size_67, tmp_path):
+    def same(model):
+        model.maxpool = SamePadded(model.maxpool)
+    result = report("compare", size_67, candidate_with(size_67, tmp_path, same))
+    assert result["summary"]["first_failure"] == "maxpool"
+    hypotheses, messages = hints_at(result, "maxpool")
+    assert hypotheses == ["same_padding"]
+    assert "TensorFlow-style SAME padding" in messages[0]
+
+
+def test_same_padding_in_a_conv_is_named_where_the_size_shows_it(tmp_path):
+    reference = tmp_path / "dump"
+    # 66x66: conv1's input is even, so SAME pads 2 on top and 3 below.
+    run_dump(reference, *SMALL, "--size", 66)
+
+    def same(model):
+        model.conv1 = SamePadded(model.conv1)
+    result = report("compare", reference, candidate_with(reference, tmp_path, same))
+    assert result["summary"]["first_failure"] == "conv1"
+    hypotheses, _ = hints_at(result, "conv1")
+    assert hypotheses == ["same_padding"]
+
+
+def test_an_output_size_no_convention_gives_is_an_off_by_one(size_67, tmp_path):
+    model, x = tolerance_study.reference_model(size_67)
+    outputs = tolerance_study.torch_stages(model, x)
+    outputs = {name: (output[:, :, :-1, :] if name == "maxpool" else output) for name, output in outputs.items()}
+    result = report("compare", size_67, write_candidate(size_67, tmp_path / "cut", outputs))
+    hypotheses, messages = hints_at(result, "maxpool")
+    assert hypotheses == ["output_size"]
+    assert "16x17" in messages[0] and "no usual convention gives" in messages[0]
+    assert "torch's 17x17" in messages[0] and "TensorFlow-style SAME padding 17x17" in messages[0]
