@@ -21,7 +21,7 @@ from . import _native
 from ._native import TrainModeError, VerifyError
 from .writer import CandidateWriter, stage_names
 
-__all__ = ["forward", "compare", "verify", "verify_torch", "Report", "VerifyError", "TrainModeError",
+__all__ = ["forward", "compare", "verify", "verify_torch", "repro", "Report", "VerifyError", "TrainModeError",
            "CandidateWriter", "stage_names"]
 
 
@@ -196,3 +196,17 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
     if print_report:
         print(report.text, end="")
     return report
+
+
+def repro(out, dump_dir=None, reference=None, candidate=None, stage=None, shrink=False, force=False, atol=None,
+          rtol=None):
+    """`verify repro` in-process: writes the failing stage (the root
+    failure, or `stage`) of the core on `dump_dir`, or of the `candidate`
+    dump against `reference`, as a bundle in `out` (inputs, weights, both
+    outputs, case.json, test_repro.py, README.md). Returns the stage's name
+    and the path written, or None when the stage passes (unless `force`)."""
+    path = lambda value: None if value is None else os.fspath(value)
+    name, written, _ = _native.repro(os.fspath(out), path(dump_dir), path(reference), path(candidate), stage, shrink,
+                                     force, atol, rtol)
+    return name, (os.fspath(out) if written else None)
+

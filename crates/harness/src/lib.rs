@@ -13,6 +13,7 @@ mod pipeline;
 pub mod reference_check;
 pub mod reference_stages;
 pub mod report;
+pub mod repro;
 pub mod tolerance;
 pub mod verify;
 
@@ -21,5 +22,6 @@ pub use error::VerifyError;
 pub use metrics::{compare, compare_for_report, BeyondRtol, Comparison, Verdict};
 pub use pipeline::RunOptions;
 pub use report::{Event, Report, RunMode};
+pub use repro::{repro, run_case, ReproOptions, ReproSource};
 pub use tolerance::{AbsoluteTolerance, AutoTolerance, Tolerance, ToleranceRule};
 pub use verify::{verify, verify_dump, VerifyOptions};

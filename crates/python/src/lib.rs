@@ -375,6 +375,60 @@ fn compare(
     serde_json::to_string(&comparison).map_err(error)
 }
 
+/// repro(out, dump_dir=None, reference=None, candidate=None, stage=None, shrink=False, force=False, atol=None, rtol=None) -> (stage, written, message)
+#[pyfunction]
+#[pyo3(signature = (out, dump_dir=None, reference=None, candidate=None, stage=None, shrink=false, force=false, atol=None, rtol=None))]
+#[allow(clippy::too_many_arguments)]
+fn repro(
+    py: Python<'_>,
+    out: PathBuf,
+    dump_dir: Option<PathBuf>,
+    reference: Option<PathBuf>,
+    candidate: Option<PathBuf>,
+    stage: Option<String>,
+    shrink: bool,
+    force: bool,
+    atol: Option<f64>,
+    rtol: Option<f64>,
+) -> PyResult<(String, bool, String)> {
+    let run = RunOptions {
+        tolerance: Rule::default().tolerance(atol, rtol, false)?,
+        ..RunOptions::default()
+    };
+    let source = match (dump_dir, reference, candidate) {
+        (Some(dump), None, None) => resnet_verify::ReproSource::Core(VerifyOptions {
+            dump,
+            upto: None,
+            mode: RunMode::Isolated,
+            run,
+        }),
+        (None, Some(reference), Some(candidate)) => {
+            resnet_verify::ReproSource::Dumps(resnet_verify::CompareOptions {
+                reference,
+                candidate,
+                layout: None,
+                candidate_dtype: None,
+                run,
+            })
+        }
+        _ => {
+            return Err(error(
+                "repro: give dump_dir (the core's failure) or reference and candidate (another engine's)",
+            ))
+        }
+    };
+    let options = resnet_verify::ReproOptions {
+        out,
+        stage,
+        shrink,
+        force,
+    };
+    let outcome = py
+        .detach(|| resnet_verify::repro(&source, &options))
+        .map_err(error)?;
+    Ok((outcome.stage, outcome.written, outcome.message))
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("VerifyError", m.py().get_type::<VerifyError>())?;
@@ -385,5 +439,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward_dump, m)?)?;
     m.add_function(wrap_pyfunction!(forward_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(compare, m)?)?;
+    m.add_function(wrap_pyfunction!(repro, m)?)?;
     Ok(())
 }

@@ -19,7 +19,7 @@ use resnet_verify::report::text::Text;
 use resnet_verify::report::{drive, json, junit, plot, Rendered, Sink};
 use resnet_verify::{
     compare_dumps, verify, AbsoluteTolerance, AutoTolerance, CompareOptions, Event, Report,
-    RunMode, RunOptions, Tolerance, ToleranceRule, VerifyOptions,
+    ReproOptions, ReproSource, RunMode, RunOptions, Tolerance, ToleranceRule, VerifyOptions,
 };
 
 /// Proves that the Rust ResNet core computes what PyTorch computes, stage by
@@ -36,6 +36,10 @@ use resnet_verify::{
 ///   verify out/resnet50 --both           error made here vs carried in
 ///   verify out/resnet50 --plot error.svg error growth along the depth
 ///   verify compare out/resnet50 my-engine-dump --cand-layout nhwc
+///   verify out/resnet50-floor --tol auto  each stage judged by its float64 noise floor
+///   verify repro compare out/resnet50 my-engine-dump --out case/ --shrink
+///                                        the failing stage as a runnable bundle
+///   verify case case/                    the core on that bundle alone
 ///
 /// A failing stage is marked as the root (the first to fail end to end),
 /// carried (its inputs were already wrong) or as introducing error (it
@@ -84,20 +88,72 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Compare two dumps in the documented format (another engine's output against the reference); the core does not run
-    Compare {
-        /// The reference dump directory
-        reference: PathBuf,
-        /// The candidate dump directory, written by the engine under test
-        candidate: PathBuf,
-        /// Memory order of the candidate's stage files (auto: as its manifest says)
-        #[arg(long, default_value = "auto", ignore_case = true, value_parser = ["nchw", "nhwc", "auto"])]
-        cand_layout: String,
-        /// What the candidate computed in, for --tol auto: float16 and bfloat16 scale each stage's tolerance by their roundoff over float32's (default: the candidate manifest's dtype, else float32)
-        #[arg(long, value_name = "DTYPE", requires = "tol", value_parser = ["float32", "float16", "bfloat16"])]
-        cand_dtype: Option<String>,
-        #[command(flatten)]
-        common: Common,
+    Compare(Box<CompareArgs>),
+    /// Write the failing stage (the root failure, or --stage) as a bundle someone else can run: its reference inputs, weights (torch layout), torch parameters, both outputs, case.json, a test_repro.py (pytest) and a README; `verify repro compare REF CAND` for another engine's dump
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+    Repro(Box<ReproArgs>),
+    /// Rerun the core on a bundle written by `verify repro`, alone: exit 0 when the core computes the stage within the bundle's tolerance
+    Case {
+        /// The bundle directory (with case.json)
+        dir: PathBuf,
     },
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// The reference dump directory
+    reference: PathBuf,
+    /// The candidate dump directory, written by the engine under test
+    candidate: PathBuf,
+    /// Memory order of the candidate's stage files (auto: as its manifest says)
+    #[arg(long, default_value = "auto", ignore_case = true, value_parser = ["nchw", "nhwc", "auto"])]
+    cand_layout: String,
+    /// What the candidate computed in, for --tol auto: float16 and bfloat16 scale each stage's tolerance by their roundoff over float32's (default: the candidate manifest's dtype, else float32)
+    #[arg(long, value_name = "DTYPE", requires = "tol", value_parser = ["float32", "float16", "bfloat16"])]
+    cand_dtype: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct ReproArgs {
+    #[command(subcommand)]
+    compare: Option<ReproCompare>,
+    /// The reference dump: the core's failure, fed the reference's inputs (as --isolate), is handed over
+    #[arg(required = true)]
+    dump: Option<PathBuf>,
+    /// (None only with the compare subcommand, which has its own.)
+    #[command(flatten)]
+    flags: Option<ReproFlags>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Subcommand)]
+enum ReproCompare {
+    /// Hand over another engine's failing stage: `verify repro compare REF CAND --out DIR`
+    Compare {
+        #[command(flatten)]
+        compare: CompareArgs,
+        #[command(flatten)]
+        flags: ReproFlags,
+    },
+}
+
+#[derive(Args)]
+struct ReproFlags {
+    /// The bundle's directory (created; refused if it exists and is not empty)
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// The stage to hand over (default: the root failure)
+    #[arg(long, value_name = "NAME")]
+    stage: Option<String>,
+    /// Cut the case down to the worst element's receptive field (its input window and channels, one output channel's weights)
+    #[arg(long)]
+    shrink: bool,
+    /// Write the bundle even when the stage passes
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -165,8 +221,8 @@ enum Format {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
-        Ok(report) if report.passed() => ExitCode::SUCCESS,
-        Ok(_) => ExitCode::from(1),
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
         Err(error) => {
             eprintln!("verify: error: {error:#}");
             ExitCode::from(2)
@@ -174,7 +230,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<Report> {
+/// Runs the command; `Ok(passed)`.
+fn run(cli: Cli) -> anyhow::Result<bool> {
     if let Some(threads) = cli.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -182,31 +239,50 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
             .context("cannot start the thread pool")?;
     }
     match cli.command {
-        Some(Command::Compare {
-            reference,
-            candidate,
-            cand_layout,
-            cand_dtype,
-            common,
-        }) => {
-            let options = CompareOptions {
-                reference,
-                candidate,
-                // auto: as the candidate's manifest says.
-                layout: (!cand_layout.eq_ignore_ascii_case("auto"))
-                    .then(|| cand_layout.parse())
-                    .transpose()
-                    .map_err(anyhow::Error::msg)?,
-                candidate_dtype: cand_dtype.map(|dtype| match dtype.as_str() {
-                    "float16" => Precision::Float16,
-                    "bfloat16" => Precision::Bfloat16,
-                    _ => Precision::Float32,
-                }),
-                run: run_options(&common)?,
-            };
-            report(&common, RunMode::Dumps, |listener| {
+        Some(Command::Compare(compare)) => {
+            let options = compare_options(&compare)?;
+            let report = report(&compare.common, RunMode::Dumps, |listener| {
                 Ok(compare_dumps(&options, listener)?)
-            })
+            })?;
+            Ok(report.passed())
+        }
+        Some(Command::Repro(repro_args)) => {
+            let (source, flags, common) = match &repro_args.compare {
+                Some(ReproCompare::Compare { compare, flags }) => (
+                    ReproSource::Dumps(compare_options(compare)?),
+                    flags,
+                    &compare.common,
+                ),
+                None => (
+                    ReproSource::Core(VerifyOptions {
+                        dump: repro_args.dump.clone().expect("clap requires DUMP"),
+                        upto: None,
+                        mode: RunMode::Isolated,
+                        run: run_options(&repro_args.common)?,
+                    }),
+                    (repro_args.flags.as_ref()).context("--out DIR is required")?,
+                    &repro_args.common,
+                ),
+            };
+            if common.format != Format::Text || common.output.is_some() || common.plot.is_some() {
+                anyhow::bail!("repro writes a bundle: --format, --output and --plot do not apply");
+            }
+            let outcome = resnet_verify::repro(
+                &source,
+                &ReproOptions {
+                    out: flags.out.clone(),
+                    stage: flags.stage.clone(),
+                    shrink: flags.shrink,
+                    force: flags.force,
+                },
+            )?;
+            println!("{}", outcome.message);
+            Ok(true)
+        }
+        Some(Command::Case { dir }) => {
+            let outcome = resnet_verify::run_case(&dir)?;
+            print!("{}", outcome.message());
+            Ok(outcome.core.verdict == resnet_verify::Verdict::Succ)
         }
         None => {
             let mode = match (cli.isolate, cli.both) {
@@ -220,11 +296,30 @@ fn run(cli: Cli) -> anyhow::Result<Report> {
                 mode,
                 run: run_options(&cli.common)?,
             };
-            report(&cli.common, mode, |listener| {
+            let report = report(&cli.common, mode, |listener| {
                 Ok(verify(&options, listener)?)
-            })
+            })?;
+            Ok(report.passed())
         }
     }
+}
+
+fn compare_options(compare: &CompareArgs) -> anyhow::Result<CompareOptions> {
+    Ok(CompareOptions {
+        reference: compare.reference.clone(),
+        candidate: compare.candidate.clone(),
+        // auto: as the candidate's manifest says.
+        layout: (!compare.cand_layout.eq_ignore_ascii_case("auto"))
+            .then(|| compare.cand_layout.parse())
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        candidate_dtype: compare.cand_dtype.as_deref().map(|dtype| match dtype {
+            "float16" => Precision::Float16,
+            "bfloat16" => Precision::Bfloat16,
+            _ => Precision::Float32,
+        }),
+        run: run_options(&compare.common)?,
+    })
 }
 
 fn run_options(common: &Common) -> anyhow::Result<RunOptions> {
