@@ -203,8 +203,9 @@ def repro(out, dump_dir=None, reference=None, candidate=None, stage=None, shrink
     """`verify repro` in-process: writes the failing stage (the root
     failure, or `stage`) of the core on `dump_dir`, or of the `candidate`
     dump against `reference`, as a bundle in `out` (inputs, weights, both
-    outputs, case.json, test_repro.py, README.md). Returns the stage's name
-    and the path written, or None when the stage passes (unless `force`)."""
+    outputs, case.json, test_repro.py, README.md). Returns (the stage, the
+    path written): the path is None when the stage passes (unless `force`),
+    and the stage "" when every stage passes and none was named."""
     path = lambda value: None if value is None else os.fspath(value)
     name, written, _ = _native.repro(os.fspath(out), path(dump_dir), path(reference), path(candidate), stage, shrink,
                                      force, atol, rtol)

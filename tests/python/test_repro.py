@@ -130,8 +130,17 @@ def test_bad_requests_write_nothing(reference, tmp_path):
     assert not (tmp_path / "b").exists()
     everything = verify("repro", reference, "--out", tmp_path / "b")
     assert everything.returncode == 0 and "nothing to hand over" in everything.stdout
-    forced = verify("repro", reference, "--out", tmp_path / "b", "--stage", "layer1.0.conv1", "--force")
+    forced = verify("repro", reference, "--out", tmp_path / "b", "--stage", "layer1.0.conv2", "--force", "--shrink")
     assert forced.returncode == 0 and (tmp_path / "b" / "case.json").exists()
+    # Nothing to cut to: the whole stage, and a bundle that still holds together.
+    case = json.loads((tmp_path / "b" / "case.json").read_text())
+    assert case["shrunk"].startswith("not shrunk (no element is out of tolerance)")
+    assert case["params"]["padding"] == [1, 1] and case["core"]["padding"] == [1, 1]
+    outcomes, output = pytest_bundle(tmp_path / "b")
+    assert all(outcomes.values()) and len(outcomes) == 2, output
+    assert verify("case", tmp_path / "b").returncode == 0
+    item = verify("repro", reference, "--out", tmp_path / "d", "--item", "0")
+    assert item.returncode == 2 and "--item does not apply" in item.stderr
     # An output directory that holds something is left alone.
     occupied = tmp_path / "occupied"
     occupied.mkdir()

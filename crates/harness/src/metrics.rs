@@ -325,8 +325,14 @@ fn rtol_needed(
 
 /// The largest `|cand - ref|` within each of `items` equal parts (batch
 /// items, for arrays whose first axis is the batch); a NaN or infinity
-/// that does not match counts as infinite.
-pub fn max_abs_error_by_item(reference: &[f32], candidate: &[f32], items: usize) -> Vec<f64> {
+/// that does not match counts as infinite (NaN against NaN matches only
+/// with `equal_nan`, as in the comparison).
+pub fn max_abs_error_by_item(
+    reference: &[f32],
+    candidate: &[f32],
+    items: usize,
+    equal_nan: bool,
+) -> Vec<f64> {
     if items == 0 || reference.len() % items != 0 {
         return Vec::new();
     }
@@ -338,7 +344,7 @@ pub fn max_abs_error_by_item(reference: &[f32], candidate: &[f32], items: usize)
             r.iter().zip(c).fold(0f64, |worst, (&r, &c)| {
                 let error = if r.is_finite() && c.is_finite() {
                     (c as f64 - r as f64).abs()
-                } else if r == c || (r.is_nan() && c.is_nan()) {
+                } else if r == c || (equal_nan && r.is_nan() && c.is_nan()) {
                     0.0
                 } else {
                     f64::INFINITY
@@ -701,15 +707,17 @@ mod tests {
         let reference = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let candidate = [1.0, 2.5, 3.0, 4.0, f32::NAN, 6.25];
         assert_eq!(
-            max_abs_error_by_item(&reference, &candidate, 3),
+            max_abs_error_by_item(&reference, &candidate, 3, false),
             vec![0.5, 0.0, f64::INFINITY]
         );
+        let nan = [f32::NAN, 1.0];
+        assert_eq!(max_abs_error_by_item(&nan, &nan, 2, true), vec![0.0, 0.0]);
         assert_eq!(
-            max_abs_error_by_item(&[f32::NAN, 1.0], &[f32::NAN, 1.0], 2),
-            vec![0.0, 0.0]
+            max_abs_error_by_item(&nan, &nan, 2, false),
+            vec![f64::INFINITY, 0.0]
         );
         // Not a whole number of items: nothing is made up.
-        assert!(max_abs_error_by_item(&reference, &candidate, 4).is_empty());
+        assert!(max_abs_error_by_item(&reference, &candidate, 4, false).is_empty());
     }
 
     #[test]

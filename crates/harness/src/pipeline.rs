@@ -18,6 +18,7 @@ use crate::report::{
     abbreviate, ClassScore, Event, Report, ReportBuilder, StageReport, TopClasses,
 };
 use crate::tolerance::ToleranceRule;
+use crate::AbsoluteTolerance;
 use crate::VerifyError;
 
 /// A stage of the run: the reference's entry for it, and where it sits.
@@ -196,11 +197,24 @@ fn compare_stages(
         if !row.shown {
             continue;
         }
-        let tolerance = (options.tolerance)
+        let mut tolerance = (options.tolerance)
             .for_stage(&row.entry.name, row.entry.floor.as_ref())
             .expect("checked before the run");
         let loaded = stages.load(row.entry)?;
         let reference = &*loaded.data;
+        // --item only narrows the view: the tolerance and the relative
+        // error keep the whole stage's scale, so that an item's verdict is
+        // the one the whole batch gives it.
+        let full_scale = options.item.map(|_| {
+            reference
+                .iter()
+                .filter(|v| v.is_finite())
+                .fold(0f32, |max, v| max.max(v.abs())) as f64
+        });
+        if let Some(scale) = full_scale {
+            tolerance.tolerance.atol =
+                AbsoluteTolerance::Fixed(tolerance.tolerance.atol_for(scale));
+        }
         // What is compared: the whole batch, or the one item asked for.
         let item_of = |array: &ArrayD<f32>| -> Option<ArrayD<f32>> {
             let item = options.item?;
@@ -233,9 +247,14 @@ fn compare_stages(
                     compared.shape(),
                     &tolerance,
                 );
-                // Coordinates in the reference's batch.
+                // Coordinates and scale in the reference's batch.
                 if let (Some(item), Some(worst)) = (options.item, comparison.worst.as_mut()) {
                     worst.index[0] += item;
+                }
+                if let Some(scale) = full_scale {
+                    comparison.scale = scale;
+                    comparison.relative_error =
+                        comparison.max_abs_error / scale.max(f32::MIN_POSITIVE as f64);
                 }
                 comparison
             });
@@ -255,7 +274,10 @@ fn compare_stages(
             let candidate_item = end_to_end.and_then(item_of);
             let candidate = candidate_item.as_ref().or(end_to_end);
             builder.report.top5 = top_classes(compared, candidate, classes);
-            classify_items(&mut builder.report, compared, candidate, classes);
+            // Per image for a batch of several, or the one asked for.
+            if options.item.is_some() || reference.shape().first().is_some_and(|&batch| batch > 1) {
+                classify_items(&mut builder.report, compared, candidate, classes);
+            }
         }
         // Each item's largest error, for a batch of several.
         let batch = reference.shape().first().copied().unwrap_or(0);
@@ -270,6 +292,7 @@ fn compare_stages(
                     compared.as_slice().expect("standard layout"),
                     output.as_slice().expect("standard layout"),
                     compared.shape()[0],
+                    tolerance.tolerance.equal_nan,
                 );
                 let worst = (0..by_item.len())
                     // The first on a tie, like the worst element.

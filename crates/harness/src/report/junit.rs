@@ -8,17 +8,30 @@ use crate::metrics::Verdict;
 
 pub fn render(report: &Report) -> String {
     let s = &report.summary;
+    let per_image = report.items.len() > 1 || report.item.is_some();
+    let images = match per_image {
+        true => report
+            .items
+            .iter()
+            .filter(|item| item.top1_agree.is_some())
+            .count(),
+        false => 0,
+    };
+    let reference_mode = report.reference_check.message().is_some() as usize;
+    // Every <testcase> counts: the stages, the reference mode, the images.
+    let (tests, failures) = (
+        s.compared + reference_mode + images,
+        s.fail + reference_mode,
+    );
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let suite = escape(&format!("verify {}", report.model));
     let _ = writeln!(
         out,
-        "<testsuites name=\"{suite}\" tests=\"{}\" failures=\"{}\">",
-        s.compared, s.fail
+        "<testsuites name=\"{suite}\" tests=\"{tests}\" failures=\"{failures}\">"
     );
     let _ = writeln!(
         out,
-        "  <testsuite name=\"{suite}\" tests=\"{}\" failures=\"{}\">",
-        s.compared, s.fail
+        "  <testsuite name=\"{suite}\" tests=\"{tests}\" failures=\"{failures}\">"
     );
     if let Some(check) = report.reference_check.message() {
         let _ = writeln!(
@@ -58,7 +71,7 @@ pub fn render(report: &Report) -> String {
     // A testcase per image for its classes. A class that differs while
     // every stage is within tolerance is a near tie, which another CPU's
     // rounding can flip: said, not failed.
-    if report.items.len() > 1 || report.item.is_some() {
+    if per_image {
         for item in report.items.iter().filter(|item| item.top1_agree.is_some()) {
             let image = item
                 .image

@@ -119,6 +119,17 @@ pub fn run_case(dir: &Path) -> Result<CaseOutcome, VerifyError> {
                     "the conv weight does not fit the case's kernel and groups".into(),
                 ));
             }
+            if stride.contains(&0) || dilation.contains(&0) || kernel.contains(&0) {
+                return Err(bad("a conv stride, dilation or kernel of 0".into()));
+            }
+            if bias
+                .as_ref()
+                .is_some_and(|bias: &Vec<f32>| bias.len() != out_channels)
+            {
+                return Err(bad(
+                    "a conv bias of another length than the output channels".into(),
+                ));
+            }
             let weights = conv_weight_from_oihw(w.view(), *groups);
             Conv2d::new(in_per_group * groups, out_channels, geometry, weights, bias)
                 .forward(first)
@@ -172,6 +183,11 @@ pub fn run_case(dir: &Path) -> Result<CaseOutcome, VerifyError> {
                 false => vec![0.0; w.shape()[0]],
             };
             let (out_features, in_features) = (w.shape()[0], w.shape()[1]);
+            if bias.len() != out_features {
+                return Err(bad(
+                    "a linear bias of another length than the output features".into(),
+                ));
+            }
             if first.nchw_shape()[1] * first.height() * first.width() != in_features {
                 return Err(bad("the linear weight does not fit the input".into()));
             }
@@ -197,7 +213,7 @@ pub fn run_case(dir: &Path) -> Result<CaseOutcome, VerifyError> {
         tolerance: Tolerance {
             rtol: case.tolerance.rtol,
             atol: AbsoluteTolerance::Fixed(case.tolerance.atol),
-            equal_nan: false,
+            equal_nan: case.tolerance.equal_nan,
         },
         auto_unit: None,
     };

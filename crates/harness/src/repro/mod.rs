@@ -11,7 +11,7 @@ mod shrink;
 
 use std::path::{Path, PathBuf};
 
-use ndarray::ArrayD;
+use ndarray::{ArrayD, Dimension};
 use resnet_core::{Network, StageKind};
 use resnet_dump::{npy, Dump};
 use serde::{Deserialize, Serialize};
@@ -111,6 +111,9 @@ pub struct Case {
 pub struct CaseTolerance {
     pub rtol: f64,
     pub atol: f64,
+    /// NaN in both at the same place counts as a match.
+    #[serde(default)]
+    pub equal_nan: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -133,6 +136,16 @@ pub(crate) struct CaseArrays {
 }
 
 pub fn repro(source: &ReproSource, options: &ReproOptions) -> Result<ReproOutcome, VerifyError> {
+    let run = match source {
+        ReproSource::Core(options) => &options.run,
+        ReproSource::Dumps(options) => &options.run,
+    };
+    if run.item.is_some() {
+        return Err(VerifyError::Usage(
+            "repro hands over the whole batch (--shrink cuts it to the worst element); --item does not apply"
+                .into(),
+        ));
+    }
     refuse_occupied(&options.out)?;
     let (report, reference_dir) = match source {
         ReproSource::Core(verify_options) => {
@@ -316,17 +329,17 @@ pub fn repro(source: &ReproSource, options: &ReproOptions) -> Result<ReproOutcom
     let full_size = arrays.bytes();
     let mut shrink_note = String::new();
     if options.shrink {
-        let worst = comparison
-            .as_ref()
-            .and_then(|c| c.worst.as_ref())
-            .map(|w| w.index.clone());
+        let worst = most_failing(&arrays, &case.tolerance);
         let batch_statistics = (stage_report.hints.iter())
             .any(|hint| hint.hypothesis == crate::diagnosis::Hypothesis::BatchStatistics);
         let needs_whole = batch_statistics
             .then_some("a BatchNorm with batch statistics depends on the whole batch and map");
-        match shrink::shrink(&mut case, &arrays, worst.as_deref(), needs_whole) {
+        // Cut a copy: a cut that fails leaves the case whole.
+        let mut cut_case = case.clone();
+        match shrink::shrink(&mut cut_case, &arrays, worst.as_deref(), needs_whole) {
             Ok(smaller) => {
                 arrays = smaller;
+                case = cut_case;
                 shrink_note = format!(
                     "shrunk to the worst element's receptive field: {} -> {}",
                     human(full_size),
@@ -376,6 +389,38 @@ impl CaseArrays {
             + count(&self.reference)
             + count(&self.candidate)
     }
+}
+
+/// The element furthest outside the rule, `|c - r| / (atol + rtol * |r|)`
+/// (a NaN or Inf mismatch first): the one a cut case keeps. `None` when the
+/// shapes differ or every element passes.
+fn most_failing(arrays: &CaseArrays, rule: &CaseTolerance) -> Option<Vec<usize>> {
+    let (reference, candidate) = (&arrays.reference, &arrays.candidate);
+    if reference.shape() != candidate.shape() {
+        return None;
+    }
+    let mut worst: Option<(f64, Vec<usize>)> = None;
+    for ((index, &r), &c) in reference.indexed_iter().zip(candidate.iter()) {
+        let (r, c) = (r as f64, c as f64);
+        let error = (c - r).abs();
+        let bound = rule.atol + rule.rtol * r.abs();
+        let badness = if !error.is_finite() {
+            let matches =
+                r.to_bits() == c.to_bits() || (rule.equal_nan && r.is_nan() && c.is_nan());
+            if matches {
+                continue;
+            }
+            f64::INFINITY
+        } else if error <= bound {
+            continue;
+        } else {
+            error / bound.max(f64::MIN_POSITIVE)
+        };
+        if worst.as_ref().is_none_or(|(most, _)| badness > *most) {
+            worst = Some((badness, index.as_array_view().to_vec()));
+        }
+    }
+    worst.map(|(_, index)| index)
 }
 
 fn human(bytes: u64) -> String {
@@ -452,6 +497,7 @@ fn stage_tolerance(
     CaseTolerance {
         rtol: resolved.rtol,
         atol: resolved.atol_for(scale),
+        equal_nan: resolved.equal_nan,
     }
 }
 

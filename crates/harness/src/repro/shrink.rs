@@ -21,7 +21,7 @@ pub(super) fn shrink(
     if let Some(why) = needs_whole_stage {
         return Err(why.to_string());
     }
-    let worst = worst.ok_or("no element differs")?.to_vec();
+    let worst = worst.ok_or("no element is out of tolerance")?.to_vec();
     let element = |array: &ArrayD<f32>| -> Result<ArrayD<f32>, String> { at(array, &worst) };
     let (reference, candidate) = (element(&arrays.reference)?, element(&arrays.candidate)?);
     let input = arrays.inputs.first().ok_or("the stage has no input")?;
@@ -148,14 +148,14 @@ pub(super) fn shrink(
         reference,
         candidate,
     };
-    // Still failing, the same way: the one element verify found worst.
-    let error = (cut.candidate.iter().next().copied().unwrap_or(0.0) as f64
-        - cut.reference.iter().next().copied().unwrap_or(0.0) as f64)
-        .abs();
-    let bound = case.tolerance.atol
-        + case.tolerance.rtol * cut.reference.iter().next().copied().unwrap_or(0.0).abs() as f64;
-    if error.is_finite() && error <= bound {
-        return Err("the worst element alone passes".into());
+    // Still failing: the element kept is outside the rule.
+    let (r, c) = (
+        cut.reference.iter().next().copied().unwrap_or(0.0) as f64,
+        cut.candidate.iter().next().copied().unwrap_or(0.0) as f64,
+    );
+    let error = (c - r).abs();
+    if error.is_finite() && error <= case.tolerance.atol + case.tolerance.rtol * r.abs() {
+        return Err("the element kept passes".into());
     }
     case.shrunk = Some(format!("the element at {worst:?} alone"));
     Ok(cut)
