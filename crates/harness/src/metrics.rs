@@ -355,6 +355,84 @@ pub fn max_abs_error_by_item(
         .collect()
 }
 
+/// A failing stage looked at closely: its worst elements, the largest error
+/// of each channel (a channel-order or BatchNorm-parameter mistake shows
+/// as a pattern across channels), and how the errors spread.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct FailureDetail {
+    /// The largest errors, largest first (NCHW coordinates).
+    pub worst: Vec<WorstElement>,
+    /// Per channel (axis 1), the largest |cand - ref|.
+    pub channel_max_error: Vec<f64>,
+    /// How many elements have |cand - ref| in each decade: `[0]` counts
+    /// exact matches, `[k]` errors in `[1e(k-13), 1e(k-12))` for k = 1..=15
+    /// (1e-12 to 1e3), the last anything larger or not finite.
+    pub histogram: Vec<usize>,
+}
+
+/// The number of worst elements a [`FailureDetail`] keeps.
+pub const WORST_SHOWN: usize = 8;
+
+/// [`FailureDetail`] of two arrays of the reference's shape (NCHW, or `[N, C]`).
+pub fn failure_detail(
+    reference: &ndarray::ArrayD<f32>,
+    candidate: &ndarray::ArrayD<f32>,
+) -> FailureDetail {
+    let shape = reference.shape();
+    let channels = shape.get(1).copied().unwrap_or(1).max(1);
+    let inner: usize = shape.iter().skip(2).product();
+    let mut channel_max_error = vec![0f64; channels];
+    let mut histogram = vec![0usize; 17];
+    let mut worst: Vec<(f64, usize)> = Vec::with_capacity(WORST_SHOWN + 1);
+    let (reference_data, candidate_data) = (
+        reference.as_standard_layout(),
+        candidate.as_standard_layout(),
+    );
+    let (r, c) = (
+        reference_data.as_slice().expect("standard layout"),
+        candidate_data.as_slice().expect("standard layout"),
+    );
+    for (flat, (&r, &c)) in r.iter().zip(c).enumerate() {
+        let error = if r.is_nan() && c.is_nan() || r == c {
+            0.0
+        } else {
+            let error = (c as f64 - r as f64).abs();
+            if error.is_nan() {
+                f64::INFINITY
+            } else {
+                error
+            }
+        };
+        let channel = (flat / inner.max(1)) % channels;
+        channel_max_error[channel] = channel_max_error[channel].max(error);
+        let bucket = if error == 0.0 {
+            0
+        } else if !error.is_finite() {
+            16
+        } else {
+            (error.log10().floor() + 13.0).clamp(1.0, 16.0) as usize
+        };
+        histogram[bucket] += 1;
+        if error > 0.0 && (worst.len() < WORST_SHOWN || error > worst[worst.len() - 1].0) {
+            let at = worst.partition_point(|&(e, _)| e >= error);
+            worst.insert(at, (error, flat));
+            worst.truncate(WORST_SHOWN);
+        }
+    }
+    FailureDetail {
+        worst: worst
+            .into_iter()
+            .map(|(_, flat)| WorstElement {
+                index: unravel(flat, shape),
+                reference: r[flat],
+                candidate: c[flat],
+            })
+            .collect(),
+        channel_max_error,
+        histogram,
+    }
+}
+
 /// Elements per parallel piece of a comparison.
 const CHUNK: usize = 1 << 16;
 /// Independent sums per piece: one long chain of f64 additions would cost
@@ -700,6 +778,30 @@ mod tests {
         // Within tolerance, the first element that fails is still named.
         let first = compare(&[1.0, f32::NAN], &[1.0, 0.0], &[2], &fixed(0.0, 1.0));
         assert_eq!(first.worst.unwrap().index, vec![1]);
+    }
+
+    #[test]
+    fn a_failure_in_detail_has_its_worst_elements_channels_and_spread() {
+        // [N=1, C=3, H=1, W=2]: channel 1 is off by 0.5 and 2.0, channel 2 by 1e-6.
+        let reference =
+            ndarray::ArrayD::from_shape_vec(vec![1, 3, 1, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+                .unwrap();
+        let candidate = ndarray::ArrayD::from_shape_vec(
+            vec![1, 3, 1, 2],
+            vec![1.0, 2.0, 3.5, 6.0, 5.0, 6.000001],
+        )
+        .unwrap();
+        let detail = failure_detail(&reference, &candidate);
+        assert_eq!(detail.worst.len(), 3);
+        assert_eq!(detail.worst[0].index, vec![0, 1, 0, 1]);
+        assert_eq!(detail.worst[1].index, vec![0, 1, 0, 0]);
+        assert_eq!(detail.channel_max_error[0], 0.0);
+        assert_eq!(detail.channel_max_error[1], 2.0);
+        assert!(detail.channel_max_error[2] > 0.0 && detail.channel_max_error[2] < 1e-5);
+        assert_eq!(detail.histogram.iter().sum::<usize>(), 6);
+        assert_eq!(detail.histogram[0], 3);
+        // 0.5 is in [1e-1, 1), 2.0 in [1, 10): buckets 12 and 13.
+        assert_eq!((detail.histogram[12], detail.histogram[13]), (1, 1));
     }
 
     #[test]

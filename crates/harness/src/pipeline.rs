@@ -12,7 +12,9 @@ use ndarray::{ArrayD, Axis, Slice};
 use resnet_dump::{ModuleKind, StageEntry};
 
 use crate::diagnosis::{Evidence, Hint, Observed};
-use crate::metrics::{compare_for_report, max_abs_error_by_item, Comparison, Verdict};
+use crate::metrics::{
+    compare_for_report, failure_detail, max_abs_error_by_item, Comparison, Verdict,
+};
 use crate::reference_stages::ReferenceStages;
 use crate::report::{
     abbreviate, ClassScore, Event, Report, ReportBuilder, StageReport, TopClasses,
@@ -311,6 +313,7 @@ fn compare_stages(
             (failed(Feed::EndToEnd), failed(Feed::Reference));
         let origin = builder.origin(end_to_end_failed, isolated_failed, row.container);
         let mut hints = Vec::new();
+        let mut detail = None;
         if builder.should_diagnose(&origin) {
             let evidence = Evidence::new(stages, &options.tolerance.for_diagnosis());
             // The stage's own error shows best with the reference's inputs.
@@ -323,6 +326,9 @@ fn compare_stages(
                 position, output, ..
             }) = produced_by(wanted)
             {
+                if output.data.shape() == reference.shape() {
+                    detail = Some(failure_detail(reference, &output.data));
+                }
                 let observed = Observed {
                     reference,
                     candidate: &output.data,
@@ -371,6 +377,7 @@ fn compare_stages(
                 floor: row.entry.floor,
                 max_abs_error_by_item: by_item,
                 worst_item,
+                detail,
             },
             listener,
         );

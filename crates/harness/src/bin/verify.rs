@@ -16,7 +16,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use resnet_dump::Precision;
 use resnet_verify::report::text::Text;
-use resnet_verify::report::{drive, json, junit, plot, Rendered, Sink};
+use resnet_verify::report::{drive, html, json, junit, plot, Rendered, Sink};
 use resnet_verify::{
     compare_dumps, verify, AbsoluteTolerance, AutoTolerance, CompareOptions, Event, Report,
     ReproOptions, ReproSource, RunMode, RunOptions, Tolerance, ToleranceRule, VerifyOptions,
@@ -216,6 +216,8 @@ enum Format {
     Text,
     Json,
     Junit,
+    /// One self-contained page (inline CSS, script and SVG) for people
+    Html,
 }
 
 fn main() -> ExitCode {
@@ -375,6 +377,7 @@ fn report(
         Format::Text => None,
         Format::Json => Some(Rendered::new(json::render)),
         Format::Junit => Some(Rendered::new(junit::render)),
+        Format::Html => Some(Rendered::new(html::render)),
     };
     let mut plot = common.plot.as_ref().map(|_| Rendered::new(plot::svg));
     let mut sinks: Vec<&mut dyn Sink> = vec![&mut progress];

@@ -1,6 +1,7 @@
 //! What a run found, independent of how it is printed. The text, JSON and
 //! JUnit writers all read this one structure.
 
+pub mod html;
 pub mod json;
 pub mod junit;
 pub mod plot;
@@ -13,7 +14,7 @@ use resnet_dump::{ModuleKind, NoiseFloor};
 use serde::Serialize;
 
 use crate::diagnosis::{origin, Hint, Origin};
-use crate::metrics::{BeyondRtol, Comparison, Verdict};
+use crate::metrics::{BeyondRtol, Comparison, FailureDetail, Verdict};
 use crate::reference_check::ReferenceCheck;
 use crate::ToleranceRule;
 
@@ -73,6 +74,10 @@ pub struct StageReport {
     pub max_abs_error_by_item: Vec<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub worst_item: Option<usize>,
+    /// For a failure that was diagnosed (a root, a stage introducing error):
+    /// its worst elements, per-channel error and error histogram.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<FailureDetail>,
 }
 
 impl StageReport {
