@@ -36,7 +36,7 @@ def look(report, screenshot=None, script=True):
         seen["table_rows"] = page.locator("#stages tbody tr").count()
         seen["failures"] = page.locator("#failures article").evaluate_all(
             "articles => articles.map(a => ({id: a.id, "
-            "channels: a.querySelectorAll('.strip rect.channel').length, "
+            "channels: Number((a.querySelector('.strip svg') || {dataset: {}}).dataset.channels || 0), "
             "hints: a.querySelectorAll('.hint').length, "
             "worst: a.querySelectorAll('table.worst tbody tr').length}))")
         seen["summary"] = page.locator("#summary").inner_text()

@@ -222,7 +222,8 @@ fn worst_table(page: &mut String, detail: &FailureDetail) {
     page.push_str("</tbody></table>");
 }
 
-/// One bar per output channel, its height the channel's largest error.
+/// One bar per output channel, its height the channel's largest error: one
+/// SVG path, so that 2048 channels stay a few kilobytes.
 fn channel_strip(page: &mut String, detail: &FailureDetail) {
     let errors = &detail.channel_max_error;
     let largest = errors
@@ -232,10 +233,7 @@ fn channel_strip(page: &mut String, detail: &FailureDetail) {
         .fold(0f64, f64::max);
     let (width, height) = (720.0, 60.0);
     let bar = width / errors.len().max(1) as f64;
-    let _ = write!(
-        page,
-        "<figure class=\"strip\"><svg role=\"img\" viewBox=\"0 0 {width} {height}\" width=\"{width}\" height=\"{height}\" aria-label=\"largest error per output channel\">"
-    );
+    let mut path = String::with_capacity(errors.len() * 24);
     for (channel, &error) in errors.iter().enumerate() {
         let fraction = if error.is_finite() {
             error / largest.max(f64::MIN_POSITIVE)
@@ -243,17 +241,19 @@ fn channel_strip(page: &mut String, detail: &FailureDetail) {
             1.0
         };
         let h = (fraction * height).max(if error > 0.0 { 1.0 } else { 0.0 });
-        let _ = write!(
-            page,
-            "<rect class=\"channel\" x=\"{:.2}\" y=\"{:.2}\" width=\"{:.2}\" height=\"{h:.2}\"><title>channel {channel}: {error:.3e}</title></rect>",
-            channel as f64 * bar,
-            height - h,
-            bar.max(0.5)
-        );
+        if h > 0.0 {
+            let _ = write!(
+                path,
+                "M{:.1} {height}v-{h:.1}h{:.2}v{h:.1}z",
+                channel as f64 * bar,
+                bar.max(0.5)
+            );
+        }
     }
     let _ = write!(
         page,
-        "</svg><figcaption>largest |cand &minus; ref| per output channel ({} channels, up to {largest:.3e}): a channel-order or BatchNorm-parameter mistake shows as a pattern</figcaption></figure>",
+        "<figure class=\"strip\"><svg role=\"img\" viewBox=\"0 0 {width} {height}\" width=\"{width}\" height=\"{height}\" data-channels=\"{}\" aria-label=\"largest error per output channel\"><path class=\"channels\" d=\"{path}\"/></svg><figcaption>largest |cand &minus; ref| per output channel ({} channels, up to {largest:.3e}): a channel-order or BatchNorm-parameter mistake shows as a pattern</figcaption></figure>",
+        errors.len(),
         errors.len()
     );
 }
@@ -585,7 +585,7 @@ details { margin: .1rem 0 .1rem 1rem; } summary { cursor: pointer; }
 .stage:target, tr:target { outline: 2px solid var(--fg); }
 .failure { border: 1px solid var(--line); border-radius: .4rem; padding: .5rem 1rem; margin: 1rem 0; }
 figure { margin: .5rem 0; } figcaption { color: var(--muted); font-size: .9em; }
-rect.channel, rect.bucket { fill: var(--bar); }
+path.channels, rect.bucket { fill: var(--bar); }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; }
 th, td { border-bottom: 1px solid var(--line); padding: .15rem .5rem; text-align: left; }
 th button { font: inherit; font-weight: 600; background: none; border: none; color: var(--fg); cursor: pointer; padding: 0; }
