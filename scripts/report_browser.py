@@ -37,6 +37,7 @@ def look(report, screenshot=None, script=True):
         seen["failures"] = page.locator("#failures article").evaluate_all(
             "articles => articles.map(a => ({id: a.id, "
             "channels: Number((a.querySelector('.strip svg') || {dataset: {}}).dataset.channels || 0), "
+            "drawn: ((a.querySelector('.strip path') || {getAttribute: () => ''}).getAttribute('d') || '').length, "
             "hints: a.querySelectorAll('.hint').length, "
             "worst: a.querySelectorAll('table.worst tbody tr').length}))")
         seen["summary"] = page.locator("#summary").inner_text()

@@ -48,7 +48,7 @@ def test_a_failing_report_loads_with_no_error_and_no_request(tmp_path):
     assert seen["tree_rows"] == seen["table_rows"] == 182
     assert seen["plot"] == 1
     bn1 = next(failure for failure in seen["failures"] if failure["id"] == "failure-bn1")
-    assert bn1["channels"] == 8 and bn1["hints"] >= 1 and bn1["worst"] == 8
+    assert bn1["channels"] == 8 and bn1["drawn"] > 0 and bn1["hints"] >= 1 and bn1["worst"] == 8
     assert "root: bn1" in seen["summary"] and "eps" in seen["summary"]
     assert seen["visible_when_failing"] == 181
     text = page.read_text()

@@ -366,17 +366,21 @@ pub struct FailureDetail {
     pub channel_max_error: Vec<f64>,
     /// How many elements have |cand - ref| in each decade: `[0]` counts
     /// exact matches, `[k]` errors in `[1e(k-13), 1e(k-12))` for k = 1..=15
-    /// (1e-12 to 1e3), the last anything larger or not finite.
+    /// (`[1]` also anything smaller than 1e-12), `[16]` 1e3 and above or
+    /// not finite.
     pub histogram: Vec<usize>,
 }
 
 /// The number of worst elements a [`FailureDetail`] keeps.
 pub const WORST_SHOWN: usize = 8;
 
-/// [`FailureDetail`] of two arrays of the reference's shape (NCHW, or `[N, C]`).
+/// [`FailureDetail`] of two arrays of the reference's shape (NCHW, or
+/// `[N, C]`); NaN against NaN is a match only with `equal_nan`, as in the
+/// comparison.
 pub fn failure_detail(
     reference: &ndarray::ArrayD<f32>,
     candidate: &ndarray::ArrayD<f32>,
+    equal_nan: bool,
 ) -> FailureDetail {
     let shape = reference.shape();
     let channels = shape.get(1).copied().unwrap_or(1).max(1);
@@ -393,7 +397,7 @@ pub fn failure_detail(
         candidate_data.as_slice().expect("standard layout"),
     );
     for (flat, (&r, &c)) in r.iter().zip(c).enumerate() {
-        let error = if r.is_nan() && c.is_nan() || r == c {
+        let error = if (equal_nan && r.is_nan() && c.is_nan()) || r == c {
             0.0
         } else {
             let error = (c as f64 - r as f64).abs();
@@ -791,7 +795,7 @@ mod tests {
             vec![1.0, 2.0, 3.5, 6.0, 5.0, 6.000001],
         )
         .unwrap();
-        let detail = failure_detail(&reference, &candidate);
+        let detail = failure_detail(&reference, &candidate, false);
         assert_eq!(detail.worst.len(), 3);
         assert_eq!(detail.worst[0].index, vec![0, 1, 0, 1]);
         assert_eq!(detail.worst[1].index, vec![0, 1, 0, 0]);
@@ -802,6 +806,13 @@ mod tests {
         assert_eq!(detail.histogram[0], 3);
         // 0.5 is in [1e-1, 1), 2.0 in [1, 10): buckets 12 and 13.
         assert_eq!((detail.histogram[12], detail.histogram[13]), (1, 1));
+        // NaN against NaN: a match with equal_nan only, else the worst.
+        let nan = ndarray::ArrayD::from_shape_vec(vec![1, 2], vec![f32::NAN, 1.0]).unwrap();
+        let strict = failure_detail(&nan, &nan, false);
+        assert_eq!((strict.histogram[16], strict.worst.len()), (1, 1));
+        assert_eq!(strict.channel_max_error, vec![f64::INFINITY, 0.0]);
+        let lenient = failure_detail(&nan, &nan, true);
+        assert_eq!((lenient.histogram[0], lenient.worst.len()), (2, 0));
     }
 
     #[test]

@@ -327,7 +327,15 @@ fn compare_stages(
             }) = produced_by(wanted)
             {
                 if output.data.shape() == reference.shape() {
-                    detail = Some(failure_detail(reference, &output.data));
+                    // What was compared: the one item under --item.
+                    let output_item = item_of(&output.data);
+                    let output_compared = output_item.as_ref().unwrap_or(&output.data);
+                    let mut found =
+                        failure_detail(compared, output_compared, tolerance.tolerance.equal_nan);
+                    for worst in &mut found.worst {
+                        worst.index[0] += options.item.unwrap_or(0);
+                    }
+                    detail = Some(found);
                 }
                 let observed = Observed {
                     reference,

@@ -272,7 +272,7 @@ fn histogram(page: &mut String, detail: &FailureDetail) {
     for (bucket, &count) in counts.iter().enumerate() {
         let label = match bucket {
             0 => "0".to_string(),
-            16 => "&gt;1e3".to_string(),
+            16 => "&ge;1e3".to_string(),
             k => format!("1e{}", k as i32 - 13),
         };
         let h = count as f64 / most * height;
@@ -297,8 +297,8 @@ fn tree(page: &mut String, report: &Report) {
     for (class, words) in [
         ("far", "&le; 0.1 of the tolerance"),
         ("near", "0.1 to 1"),
-        ("over", "1 to 10 (fail)"),
-        ("way-over", "&gt; 10 (fail)"),
+        ("over", "fail, up to 10x"),
+        ("way-over", "fail, over 10x"),
     ] {
         let _ = write!(page, "<span class=\"swatch {class}\">{words}</span> ");
     }
@@ -544,9 +544,19 @@ fn stage_link(name: Option<&str>) -> String {
     }
 }
 
-/// A stage name as an id: `#` is not welcome in a fragment.
+/// A stage name as an id, one to one: letters, digits, `.` and `-` kept,
+/// every other character (`#`, `_`, spaces) written `_` and its hex code,
+/// so that no two names share an id and none holds a space.
 fn anchor(name: &str) -> String {
-    escape(&name.replace('#', "-"))
+    let mut id = String::with_capacity(name.len());
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+            id.push(c);
+        } else {
+            let _ = write!(id, "_{:x}_", c as u32);
+        }
+    }
+    id
 }
 
 fn escape(text: &str) -> String {
@@ -560,14 +570,14 @@ fn escape(text: &str) -> String {
 /// with light and dark steps; every verdict also says its word), and a dark
 /// scheme.
 const STYLE: &str = r#"
-:root { --bg: #ffffff; --fg: #1a1a1a; --muted: #5a5a5a; --line: #d8d8d8;
-  --far: #d6e9f8; --near: #9cc8ea; --over: #f5b88f; --way-over: #d55e00; --way-over-fg: #ffffff;
-  --succ: #0072b2; --fail: #b34700; --bar: #0072b2; --hint: #fff4d6; }
+:root { color-scheme: light dark; --bg: #ffffff; --fg: #1a1a1a; --muted: #5a5a5a; --line: #d8d8d8;
+  --far: #d6e9f8; --near: #9cc8ea; --over: #f5b88f; --way-over: #a94400; --way-over-fg: #ffffff;
+  --succ: #0072b2; --fail: #b34700; --bar: #0072b2; --hint: #fff4d6; --link: #0b5cad; }
 @media (prefers-color-scheme: dark) {
   :root { --bg: #15171a; --fg: #e8e8e8; --muted: #a0a0a0; --line: #3a3d42;
     --far: #1d3447; --near: #2f5878; --over: #7a4a24; --way-over: #e07b39; --way-over-fg: #15171a;
-    --succ: #56b4e9; --fail: #f0a060; --bar: #56b4e9; --hint: #3a3320; }
-  svg { background: #ffffff; }
+    --succ: #56b4e9; --fail: #f0a060; --bar: #56b4e9; --hint: #3a3320; --link: #8cc8f5; }
+  #plot svg { background: #ffffff; }
 }
 body { background: var(--bg); color: var(--fg); font: 14px/1.45 system-ui, sans-serif; margin: 1.5rem auto; max-width: 1200px; padding: 0 1rem; }
 h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; border-bottom: 1px solid var(--line); padding-bottom: .2rem; margin-top: 2rem; }
@@ -578,6 +588,7 @@ code { font-family: ui-monospace, monospace; } .meta { color: var(--muted); }
 .warning { font-weight: 600; color: var(--fail); }
 .legend .swatch { padding: .1rem .5rem; border-radius: .2rem; margin-right: .4rem; }
 .far { background: var(--far); } .near { background: var(--near); } .over { background: var(--over); }
+a { color: var(--link); }
 .way-over { background: var(--way-over); color: var(--way-over-fg); }
 .way-over a { color: var(--way-over-fg); }
 details { margin: .1rem 0 .1rem 1rem; } summary { cursor: pointer; }
@@ -603,8 +614,10 @@ const SCRIPT: &str = r#"
   var name = document.getElementById('filter-name');
   var type = document.getElementById('filter-type');
   var verdict = document.getElementById('filter-verdict');
+  // A glob: * any run, ? one character, everything else literal.
   function pattern(text) {
-    try { return new RegExp(text.replace(/\./g, '\\.').replace(/\*/g, '.*'), 'i'); } catch (e) { return null; }
+    var escaped = text.replace(/[.+^${}()|[\]\\]/g, '\\$&').replace(/\*/g, '.*').replace(/\?/g, '.');
+    return new RegExp(escaped, 'i');
   }
   function filter() {
     var match = pattern(name.value);
@@ -633,3 +646,28 @@ const SCRIPT: &str = r#"
   });
 })();
 "#;
+
+#[cfg(test)]
+mod tests {
+    use super::anchor;
+
+    #[test]
+    fn ids_are_one_to_one_and_hold_no_space() {
+        let names = [
+            "layer1.0.relu#1",
+            "layer1.0.relu-1",
+            "layer1.0.relu_23_1",
+            "a b",
+            "a_20_b",
+        ];
+        let ids: Vec<String> = names.iter().map(|name| anchor(name)).collect();
+        for (i, id) in ids.iter().enumerate() {
+            assert!(
+                !id.contains(char::is_whitespace) && !id.contains('#'),
+                "{id}"
+            );
+            assert!(ids[i + 1..].iter().all(|other| other != id), "{id}");
+        }
+        assert_eq!(anchor("layer2.0.downsample.0"), "layer2.0.downsample.0");
+    }
+}
