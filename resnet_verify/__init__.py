@@ -131,7 +131,10 @@ def compare(ref, cand, atol=None, rtol=None, equal_nan=False, tol=None, tol_mult
     if floor is not None:
         if not isinstance(floor, dict):
             from reference.manifest import noise_floor
-            floor = noise_floor(_float32(ref), floor)
+            try:
+                floor = noise_floor(_float32(ref), floor)
+            except ValueError as refused:
+                raise VerifyError(str(refused)) from None
         floor_json = json.dumps(floor)
     return json.loads(_native.compare(_float32(ref), _float32(cand), atol, rtol, equal_nan, tol, tol_multiple,
                                       cand_dtype, floor_json))
@@ -199,7 +202,7 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
 
 
 def repro(out, dump_dir=None, reference=None, candidate=None, stage=None, shrink=False, force=False, atol=None,
-          rtol=None):
+          rtol=None, tol=None, tol_multiple=None, cand_dtype=None):
     """`verify repro` in-process: writes the failing stage (the root
     failure, or `stage`) of the core on `dump_dir`, or of the `candidate`
     dump against `reference`, as a bundle in `out` (inputs, weights, both
@@ -208,6 +211,6 @@ def repro(out, dump_dir=None, reference=None, candidate=None, stage=None, shrink
     and the stage "" when every stage passes and none was named."""
     path = lambda value: None if value is None else os.fspath(value)
     name, written, _ = _native.repro(os.fspath(out), path(dump_dir), path(reference), path(candidate), stage, shrink,
-                                     force, atol, rtol)
+                                     force, atol, rtol, tol, tol_multiple, cand_dtype)
     return name, (os.fspath(out) if written else None)
 

@@ -230,6 +230,9 @@ def test_odd_sizes_give_no_size_hint_to_a_candidate_that_fails_otherwise(size_67
         hypotheses, _ = hints_at(result, stage)
         assert "same_padding" not in hypotheses and "output_size" not in hypotheses, hypotheses
     assert result["summary"]["first_failure"] == "conv1"
+    # One image, asked for by --item: its worst stage is said.
+    alone = report("compare", size_67, tmp_path / "scaled", "--item", 0)
+    assert alone["summary"]["items"]["worst_item"] == 0 and alone["items"][0]["worst_stage"]
 
 
 def test_max_pooling_with_ceil_mode_is_named_with_the_sizes(size_67, tmp_path):

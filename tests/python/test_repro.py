@@ -148,6 +148,9 @@ def test_bad_requests_write_nothing(reference, tmp_path):
     refused = verify("repro", "compare", reference, engine, "--out", occupied)
     assert refused.returncode == 2 and "exists and is not empty" in refused.stderr
     assert [path.name for path in occupied.iterdir()] == ["keep.txt"]
+    left_out = verify("repro", "compare", reference, engine, "--out", tmp_path / "e", "--stage", "layer3.0.conv1",
+                      "--only", "layer1.*")
+    assert left_out.returncode == 2 and "not compared in this run" in left_out.stderr
     container = verify("repro", "compare", reference, engine, "--out", tmp_path / "c", "--stage", "layer1.0")
     assert container.returncode == 2 and "hand over that stage" in container.stderr
     assert verify("case", tmp_path / "nothing").returncode == 2

@@ -104,7 +104,9 @@ def test_auto_fails_each_bug_class_at_its_stage(reference, tmp_path, bug, first)
     result = report("compare", reference, candidate, "--tol", "auto")
     assert result["summary"]["verdict"] == "fail"
     assert result["summary"]["first_failure"] == first
-    assert result["summary"]["multiple_needed"] > 5
+    # Beyond any multiple, or well past the default one.
+    summary = result["summary"]
+    assert "above_ceiling" in summary["beyond_rtol"] or summary["multiple_needed"] > 5
 
 
 def test_the_plot_draws_the_floor_band(reference, tmp_path):
@@ -164,6 +166,15 @@ def test_a_bfloat16_candidate_passes_when_said_so_and_fails_as_float32(reference
     assert scaled.returncode == 0, scaled.stdout
     assert "scaled to a bfloat16 candidate's roundoff (x65536)" in scaled.stdout
     assert verify("compare", reference, candidate, "--tol", "auto").returncode == 1
+    # However loose bfloat16 makes a deep stage, a stage of zeros still fails:
+    # no multiple allows more than half the stage's max|ref|.
+    manifest = json.loads((candidate / "manifest.json").read_text())
+    deep = next(stage for stage in manifest["stages"] if stage["name"] == "layer4.2.conv3")
+    np.save(candidate / deep["file"], np.zeros(deep["shape"], dtype=np.float32))
+    zeroed = report("compare", reference, candidate, "--tol", "auto", "--cand-dtype", "bfloat16")
+    stage = next(stage for stage in zeroed["stages"] if stage["name"] == "layer4.2.conv3")
+    assert stage["verdict"] == "fail" and stage["cumulative"]["beyond_rtol"] == "above_ceiling"
+    np.save(candidate / deep["file"], outputs["layer4.2.conv3"].float().numpy())
     # The candidate manifest's dtype says the same as the flag.
     manifest = json.loads((candidate / "manifest.json").read_text())
     manifest["dtype"] = "bfloat16"

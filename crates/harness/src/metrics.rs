@@ -70,6 +70,9 @@ pub enum BeyondRtol {
     ZeroReference,
     /// The candidate's shape is not the reference's: nothing was compared.
     Shape,
+    /// Under `--tol auto`: an error above the ceiling (half the stage's
+    /// max|ref|), which no multiple of the floor allows.
+    AboveCeiling,
 }
 
 impl BeyondRtol {
@@ -78,6 +81,9 @@ impl BeyondRtol {
             BeyondRtol::NonFinite => "a NaN or Inf mismatch",
             BeyondRtol::ZeroReference => "an error above atol where the reference is 0",
             BeyondRtol::Shape => "a shape that differs",
+            BeyondRtol::AboveCeiling => {
+                "an error above half the stage's max|ref|, which --tol auto never allows"
+            }
         }
     }
 }
@@ -96,8 +102,14 @@ pub fn compare_for_report(
     let mut comparison = compare(reference, candidate, shape, tolerance);
     if comparison.verdict == Verdict::Fail {
         let needed = match stage.auto_unit {
-            Some(unit) => multiple_needed(reference, candidate, unit, tolerance.equal_nan)
-                .map(|multiple| comparison.multiple_needed = Some(multiple)),
+            Some(unit) => multiple_needed(
+                reference,
+                candidate,
+                unit,
+                stage.auto_ceiling.unwrap_or(f64::INFINITY),
+                tolerance.equal_nan,
+            )
+            .map(|multiple| comparison.multiple_needed = Some(multiple)),
             None => {
                 let atol = tolerance.atol_for(comparison.scale);
                 rtol_needed(reference, candidate, atol, tolerance.equal_nan)
@@ -112,12 +124,13 @@ pub fn compare_for_report(
 }
 
 /// The smallest multiple `m` under which every element passes `|c - r| <=
-/// m * unit` as the comparison computes it (with the next smaller f64 one
-/// fails): a bisection over the bits, as for the rtol.
+/// min(m * unit, ceiling)` as the comparison computes it (with the next
+/// smaller f64 one fails): a bisection over the bits, as for the rtol.
 fn multiple_needed(
     reference: &[f32],
     candidate: &[f32],
     unit: f64,
+    ceiling: f64,
     equal_nan: bool,
 ) -> Result<f64, BeyondRtol> {
     let mut largest = 0f64;
@@ -136,12 +149,15 @@ fn multiple_needed(
         }
         largest = largest.max((c - r).abs());
     }
-    let passes = |multiple: f64| largest <= multiple * unit;
+    let passes = |multiple: f64| largest <= (multiple * unit).min(ceiling);
     if passes(0.0) {
         return Ok(0.0);
     }
     if !(unit > 0.0 && unit.is_finite()) {
         return Err(BeyondRtol::ZeroReference);
+    }
+    if largest > ceiling {
+        return Err(BeyondRtol::AboveCeiling);
     }
     let mut passing = (largest / unit).max(f64::MIN_POSITIVE);
     if !passing.is_finite() {
@@ -885,6 +901,28 @@ mod tests {
             (run.verdict, run.multiple_needed, run.beyond_rtol),
             (Verdict::Fail, None, Some(BeyondRtol::ZeroReference))
         );
+        // Scaled to bfloat16, the floor would allow more than the stage
+        // holds: zeros for ones still fail, at the ceiling.
+        let coarse = NoiseFloor {
+            max_abs: 1e-4,
+            scale: 1.0,
+            relative: 1e-4,
+            rms: 1e-5,
+        };
+        let rule = ToleranceRule::Auto(AutoTolerance {
+            multiple: AutoTolerance::DEFAULT_MULTIPLE,
+            candidate_dtype: Precision::Bfloat16,
+            equal_nan: false,
+        });
+        let stage = rule.for_stage("s", Some(&coarse)).unwrap();
+        assert_eq!(stage.tolerance.atol_for(1.0), AutoTolerance::CEILING);
+        let zeros = compare_for_report(&[1.0, -1.0], &[0.0, 0.0], &[2], &stage);
+        assert_eq!(
+            (zeros.verdict, zeros.beyond_rtol),
+            (Verdict::Fail, Some(BeyondRtol::AboveCeiling))
+        );
+        let close = compare_for_report(&[1.0, -1.0], &[0.75, -1.0], &[2], &stage);
+        assert_eq!(close.verdict, Verdict::Succ);
     }
 
     #[test]
@@ -893,6 +931,7 @@ mod tests {
             let stage = StageTolerance {
                 tolerance: *tolerance,
                 auto_unit: None,
+                auto_ceiling: None,
             };
             compare_for_report(reference, candidate, &[reference.len()], &stage)
         }

@@ -285,8 +285,9 @@ fn compare_stages(
         let batch = reference.shape().first().copied().unwrap_or(0);
         let (by_item, worst_item) = match produced_by(Feed::EndToEnd)
             .or(produced_by(Feed::Reference))
-            .filter(|produced| produced.comparison.is_some() && batch > 1)
-        {
+            .filter(|produced| {
+                produced.comparison.is_some() && (batch > 1 || options.item.is_some())
+            }) {
             Some(produced) => {
                 let output_item = item_of(&produced.output.data);
                 let output = output_item.as_ref().unwrap_or(&produced.output.data);

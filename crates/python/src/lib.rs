@@ -362,7 +362,12 @@ fn compare(
     let floor: Option<resnet_dump::NoiseFloor> = floor_json
         .map(|text| serde_json::from_str(&text))
         .transpose()
-        .map_err(|e| error(format!("floor: {e}")))?;
+        .map_err(|e| {
+            error(format!(
+                "floor: {e}; give the float64 result as an array, or a manifest stage's floor \
+                 (max_abs, scale, relative, rms)"
+            ))
+        })?;
     let tolerance = rule
         .for_stage("the reference", floor.as_ref())
         .map_err(|_| error("tol=\"auto\" needs the reference's noise floor: floor= (a float64 array of the exact result, or a manifest stage's `floor`)"))?;
@@ -375,9 +380,9 @@ fn compare(
     serde_json::to_string(&comparison).map_err(error)
 }
 
-/// repro(out, dump_dir=None, reference=None, candidate=None, stage=None, shrink=False, force=False, atol=None, rtol=None) -> (stage, written, message)
+/// repro(out, dump_dir=None, reference=None, candidate=None, stage=None, shrink=False, force=False, atol=None, rtol=None, tol=None, tol_multiple=None, cand_dtype=None) -> (stage, written, message)
 #[pyfunction]
-#[pyo3(signature = (out, dump_dir=None, reference=None, candidate=None, stage=None, shrink=false, force=false, atol=None, rtol=None))]
+#[pyo3(signature = (out, dump_dir=None, reference=None, candidate=None, stage=None, shrink=false, force=false, atol=None, rtol=None, tol=None, tol_multiple=None, cand_dtype=None))]
 #[allow(clippy::too_many_arguments)]
 fn repro(
     py: Python<'_>,
@@ -390,9 +395,22 @@ fn repro(
     force: bool,
     atol: Option<f64>,
     rtol: Option<f64>,
+    tol: Option<String>,
+    tol_multiple: Option<f64>,
+    cand_dtype: Option<String>,
 ) -> PyResult<(String, bool, String)> {
+    if cand_dtype.is_some() && dump_dir.is_some() {
+        return Err(error(
+            "cand_dtype is for another engine's dump: with dump_dir the candidate is the core, which computes in float32",
+        ));
+    }
     let run = RunOptions {
-        tolerance: Rule::default().tolerance(atol, rtol, false)?,
+        tolerance: Rule {
+            tol,
+            tol_multiple,
+            cand_dtype,
+        }
+        .tolerance(atol, rtol, false)?,
         ..RunOptions::default()
     };
     let source = match (dump_dir, reference, candidate) {

@@ -88,7 +88,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Compare two dumps in the documented format (another engine's output against the reference); the core does not run
-    Compare(Box<CompareArgs>),
+    Compare {
+        #[command(flatten)]
+        compare: Box<CompareArgs>,
+        #[command(flatten)]
+        output: OutputFlags,
+    },
     /// Write the failing stage (the root failure, or --stage) as a bundle someone else can run: its reference inputs, weights (torch layout), torch parameters, both outputs, case.json, a test_repro.py (pytest) and a README; `verify repro compare REF CAND` for another engine's dump
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Repro(Box<ReproArgs>),
@@ -112,7 +117,7 @@ struct CompareArgs {
     #[arg(long, value_name = "DTYPE", requires = "tol", value_parser = ["float32", "float16", "bfloat16"])]
     cand_dtype: Option<String>,
     #[command(flatten)]
-    common: Common,
+    run: RunFlags,
 }
 
 #[derive(Args)]
@@ -126,7 +131,7 @@ struct ReproArgs {
     #[command(flatten)]
     flags: Option<ReproFlags>,
     #[command(flatten)]
-    common: Common,
+    run: RunFlags,
 }
 
 #[derive(Subcommand)]
@@ -156,8 +161,9 @@ struct ReproFlags {
     force: bool,
 }
 
+/// What every run takes: which stages, which rule.
 #[derive(Args)]
-struct Common {
+struct RunFlags {
     /// Report only stages whose names match this glob (layer1.*, *.conv2)
     #[arg(long, value_name = "GLOB")]
     only: Option<String>,
@@ -197,7 +203,11 @@ struct Common {
     /// Compare against a reference that was dumped in train mode (refused by default)
     #[arg(long)]
     allow_train_reference: bool,
+}
 
+/// How a report is written (not for `repro`, which writes a bundle).
+#[derive(Args)]
+struct OutputFlags {
     /// Report format
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
@@ -209,6 +219,14 @@ struct Common {
     /// Draw each stage's error relative to its scale along the network's depth (log scale, with the tolerance and the first failure) as an SVG
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct Common {
+    #[command(flatten)]
+    run: RunFlags,
+    #[command(flatten)]
+    output: OutputFlags,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -241,34 +259,28 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             .context("cannot start the thread pool")?;
     }
     match cli.command {
-        Some(Command::Compare(compare)) => {
+        Some(Command::Compare { compare, output }) => {
             let options = compare_options(&compare)?;
-            let report = report(&compare.common, RunMode::Dumps, |listener| {
+            let report = report(&output, RunMode::Dumps, |listener| {
                 Ok(compare_dumps(&options, listener)?)
             })?;
             Ok(report.passed())
         }
         Some(Command::Repro(repro_args)) => {
-            let (source, flags, common) = match &repro_args.compare {
-                Some(ReproCompare::Compare { compare, flags }) => (
-                    ReproSource::Dumps(compare_options(compare)?),
-                    flags,
-                    &compare.common,
-                ),
+            let (source, flags) = match &repro_args.compare {
+                Some(ReproCompare::Compare { compare, flags }) => {
+                    (ReproSource::Dumps(compare_options(compare)?), flags)
+                }
                 None => (
                     ReproSource::Core(VerifyOptions {
                         dump: repro_args.dump.clone().expect("clap requires DUMP"),
                         upto: None,
                         mode: RunMode::Isolated,
-                        run: run_options(&repro_args.common)?,
+                        run: run_options(&repro_args.run)?,
                     }),
                     (repro_args.flags.as_ref()).context("--out DIR is required")?,
-                    &repro_args.common,
                 ),
             };
-            if common.format != Format::Text || common.output.is_some() || common.plot.is_some() {
-                anyhow::bail!("repro writes a bundle: --format, --output and --plot do not apply");
-            }
             let outcome = resnet_verify::repro(
                 &source,
                 &ReproOptions {
@@ -278,12 +290,12 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                     force: flags.force,
                 },
             )?;
-            println!("{}", outcome.message);
+            say(&format!("{}\n", outcome.message))?;
             Ok(true)
         }
         Some(Command::Case { dir }) => {
             let outcome = resnet_verify::run_case(&dir)?;
-            print!("{}", outcome.message());
+            say(&outcome.message())?;
             Ok(outcome.core.verdict == resnet_verify::Verdict::Succ)
         }
         None => {
@@ -296,13 +308,24 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
                 dump: cli.dump.expect("clap requires DUMP without a subcommand"),
                 upto: cli.upto,
                 mode,
-                run: run_options(&cli.common)?,
+                run: run_options(&cli.common.run)?,
             };
-            let report = report(&cli.common, mode, |listener| {
+            let report = report(&cli.common.output, mode, |listener| {
                 Ok(verify(&options, listener)?)
             })?;
             Ok(report.passed())
         }
+    }
+}
+
+/// Writes `text` to stdout; a reader that stopped early (`| head`) is not
+/// an error.
+fn say(text: &str) -> anyhow::Result<()> {
+    match anstream::stdout().write_all(text.as_bytes()) {
+        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(error).context("cannot write to stdout")
+        }
+        _ => Ok(()),
     }
 }
 
@@ -320,11 +343,11 @@ fn compare_options(compare: &CompareArgs) -> anyhow::Result<CompareOptions> {
             "bfloat16" => Precision::Bfloat16,
             _ => Precision::Float32,
         }),
-        run: run_options(&compare.common)?,
+        run: run_options(&compare.run)?,
     })
 }
 
-fn run_options(common: &Common) -> anyhow::Result<RunOptions> {
+fn run_options(common: &RunFlags) -> anyhow::Result<RunOptions> {
     let atol = match (common.atol, common.atol_scale) {
         (Some(atol), _) => Some(AbsoluteTolerance::Fixed(atol)),
         (None, Some(fraction)) => Some(AbsoluteTolerance::ScaleRelative(fraction)),
@@ -356,7 +379,7 @@ fn run_options(common: &Common) -> anyhow::Result<RunOptions> {
 /// Streams the text report to stdout (unless stdout is to carry JSON or
 /// JUnit), shows progress on a terminal, and writes --output at the end.
 fn report(
-    common: &Common,
+    common: &OutputFlags,
     mode: RunMode,
     run: impl FnOnce(&mut dyn FnMut(Event)) -> anyhow::Result<Report>,
 ) -> anyhow::Result<Report> {
@@ -399,18 +422,11 @@ fn report(
         Some(text_file) => Some(text_file.plain()),
         None => rendered.and_then(Rendered::into_output),
     };
-    let mut stdout = anstream::stdout();
     if let Some(rendered) = rendered {
         match &common.output {
             Some(path) => std::fs::write(path, rendered)
                 .with_context(|| format!("cannot write {}", path.display()))?,
-            // A reader that stopped early (`| head`) is not an error.
-            None => match stdout.write_all(rendered.as_bytes()) {
-                Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
-                    return Err(error).context("cannot write to stdout")
-                }
-                _ => {}
-            },
+            None => say(&rendered)?,
         }
     }
     if let (Some(path), Some(drawn)) = (&common.plot, plot.and_then(Rendered::into_output)) {

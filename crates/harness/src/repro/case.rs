@@ -216,6 +216,7 @@ pub fn run_case(dir: &Path) -> Result<CaseOutcome, VerifyError> {
             equal_nan: case.tolerance.equal_nan,
         },
         auto_unit: None,
+        auto_ceiling: None,
     };
     let judge = |array: &ArrayD<f32>| -> Result<Comparison, VerifyError> {
         if array.shape() != reference.shape() {

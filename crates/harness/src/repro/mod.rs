@@ -99,6 +99,9 @@ pub struct Case {
     pub candidate: String,
     /// The rule as verify applied it at this stage: `|cand - ref| <= atol + rtol * |ref|`.
     pub tolerance: CaseTolerance,
+    /// The run's rule in words (`--tol auto`: the multiple of the floor).
+    #[serde(default)]
+    pub rule: String,
     /// What verify found.
     pub verdict: CaseVerdict,
     pub hints: Vec<String>,
@@ -183,6 +186,12 @@ pub fn repro(source: &ReproSource, options: &ReproOptions) -> Result<ReproOutcom
         }
     };
     let Some(stage_report) = report.stages.iter().find(|stage| stage.name == name) else {
+        let reference = Dump::open(&reference_dir)?;
+        if reference.stage(&name).is_some() {
+            return Err(VerifyError::Usage(format!(
+                "--stage {name}: not compared in this run (--only or --fail-fast left it out)"
+            )));
+        }
         let names = report.stages.iter().map(|stage| stage.name.as_str());
         let similar = resnet_dump::similar_stage_names(&name, names, 3);
         return Err(VerifyError::Usage(format!(
@@ -301,6 +310,7 @@ pub fn repro(source: &ReproSource, options: &ReproOptions) -> Result<ReproOutcom
         reference: "reference.npy".into(),
         candidate: "candidate.npy".into(),
         tolerance,
+        rule: report.tolerance.describe(),
         verdict: verdict_of(stage_report, comparison.as_ref()),
         hints: stage_report
             .hints
@@ -341,7 +351,7 @@ pub fn repro(source: &ReproSource, options: &ReproOptions) -> Result<ReproOutcom
                 arrays = smaller;
                 case = cut_case;
                 shrink_note = format!(
-                    "shrunk to the worst element's receptive field: {} -> {}",
+                    "shrunk to the worst element's receptive field: arrays {} -> {}",
                     human(full_size),
                     human(arrays.bytes())
                 );
@@ -569,7 +579,10 @@ fn readme(case: &Case) -> String {
     if let Some(index) = &v.worst_index {
         text.push_str(&format!(", worst at {index:?} (NCHW)"));
     }
-    text.push_str(&format!(".\n\nFrom: {}.\n", case.source));
+    text.push_str(&format!(
+        ".\n\nThe run's rule: {}.\n\nFrom: {}.\n",
+        case.rule, case.source
+    ));
     if let Some(shrunk) = &case.shrunk {
         text.push_str(&format!("Cut: {shrunk}.\n"));
     }
