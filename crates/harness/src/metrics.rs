@@ -349,7 +349,7 @@ pub fn max_abs_error_by_item(
     items: usize,
     equal_nan: bool,
 ) -> Vec<f64> {
-    if items == 0 || reference.len() % items != 0 {
+    if items == 0 || !reference.len().is_multiple_of(items) {
         return Vec::new();
     }
     let per_item = reference.len() / items;

@@ -30,7 +30,7 @@ fn expect(output: &Output, code: i32, needle: &str) {
 /// A .npy file with a hand-written header.
 fn raw_npy(header: &str, data: &[u8]) -> Vec<u8> {
     let mut dict = header.to_string();
-    while (10 + dict.len() + 1) % 64 != 0 {
+    while !(10 + dict.len() + 1).is_multiple_of(64) {
         dict.push(' ');
     }
     dict.push('\n');

@@ -77,8 +77,8 @@ impl Conv2d {
         let [kh, kw] = geometry.kernel;
         assert!(
             geometry.groups > 0
-                && in_channels % geometry.groups == 0
-                && out_channels % geometry.groups == 0
+                && in_channels.is_multiple_of(geometry.groups)
+                && out_channels.is_multiple_of(geometry.groups)
         );
         assert!(geometry
             .stride

@@ -14,40 +14,80 @@
 //! contiguous streams), and the depth is not split into blocks, so each
 //! output tile is stored once, epilogue included. Rows are blocked so that
 //! an activation block stays in L2 while the weight panels pass over it.
-//! CPUs without AVX2 and FMA use the `gemm` crate (see `conv.rs`).
+//! On a CPU with AVX-512 the tile is 12x16, one 16-float register per row
+//! (12 of the 32 registers), over the same panels: twice the work per
+//! instruction, and the same sums in the same order, so the two kernels
+//! give the same bits. The kernel is chosen at each call from the CPU's
+//! features (`is_x86_feature_detected!` caches them). CPUs without AVX2
+//! and FMA use the `gemm` crate (see `conv.rs`).
 
 use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-/// Rows of the register tile (output pixels).
+/// Rows of the AVX2 register tile (output pixels).
 const MR: usize = 6;
-/// Columns of the register tile (output channels): two 8-float registers.
+/// Rows of the AVX-512 register tile.
+const MR_512: usize = 12;
+/// Columns of the register tile (output channels): two 8-float registers,
+/// or one 16-float register.
 const NR: usize = 16;
 /// An activation block's size in floats (256 KiB): it stays in L2 while
 /// every weight panel passes over it.
 const BLOCK_FLOATS: usize = 64 * 1024;
 
 /// Rows of each activation block: as many as fit [`BLOCK_FLOATS`] (24 to
-/// 384), in blocks of about equal height: every block is one more pass of
-/// all the weights through the cache, so a last block of one row (ResNet50's
-/// 49-pixel late layers) would cost as much as a full one.
-fn block_rows(rows: usize, own_per_row: usize) -> usize {
+/// 384), in blocks of about equal height, a multiple of the tile's
+/// `tile_rows`: every block is one more pass of all the weights through the
+/// cache, so a last block of one row (ResNet50's 49-pixel late layers)
+/// would cost as much as a full one.
+fn block_rows(rows: usize, own_per_row: usize, tile_rows: usize) -> usize {
     let most = (BLOCK_FLOATS / own_per_row.max(1)).clamp(4 * MR, 64 * MR);
     let blocks = rows.div_ceil(most);
-    rows.div_ceil(blocks.max(1)).next_multiple_of(MR)
+    rows.div_ceil(blocks.max(1)).next_multiple_of(tile_rows)
 }
 
-/// Whether this CPU runs the kernel (checked once; the std macro caches it).
+/// A register-tile kernel and its height.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// 6x16, AVX2 and FMA.
+    Avx2,
+    /// 12x16, AVX-512F.
+    Avx512,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs, if any.
+    pub fn best() -> Option<Kernel> {
+        Kernel::all()
+            .into_iter()
+            .rev()
+            .find(|kernel| kernel.runs_here())
+    }
+
+    pub fn all() -> [Kernel; 2] {
+        [Kernel::Avx2, Kernel::Avx512]
+    }
+
+    pub fn runs_here(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            match self {
+                Kernel::Avx2 => avx2,
+                Kernel::Avx512 => avx2 && is_x86_feature_detected!("avx512f"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
+
+/// Whether this CPU runs a kernel (the std macro caches the features).
 pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Kernel::best().is_some()
 }
 
 /// A `depth x columns` row-major matrix as 16-column panels, each `depth`
@@ -131,7 +171,21 @@ pub(crate) fn multiply(
     epilogue: Epilogue<'_>,
     threads: usize,
 ) {
-    assert!(available(), "the packed kernel needs AVX2 and FMA");
+    let kernel = Kernel::best().expect("the packed kernel needs AVX2 and FMA");
+    multiply_with(kernel, rows, lhs, weights, output, epilogue, threads);
+}
+
+/// [`multiply`] with a kernel of the caller's choice (one this CPU runs).
+pub(crate) fn multiply_with(
+    kernel: Kernel,
+    rows: usize,
+    lhs: &Rows<'_>,
+    weights: &PackedWeights,
+    output: &mut [MaybeUninit<f32>],
+    epilogue: Epilogue<'_>,
+    threads: usize,
+) {
+    assert!(kernel.runs_here(), "{kernel:?} does not run on this CPU");
     let (depth, columns) = (weights.depth, weights.columns);
     if rows == 0 || columns == 0 {
         return;
@@ -145,7 +199,11 @@ pub(crate) fn multiply(
         assert_eq!(residual.len(), output.len());
     }
 
-    let block_height = block_rows(rows, lhs.own_per_row);
+    let tile_rows = match kernel {
+        Kernel::Avx2 => MR,
+        Kernel::Avx512 => MR_512,
+    };
+    let block_height = block_rows(rows, lhs.own_per_row, tile_rows);
     let row_blocks = rows.div_ceil(block_height);
     let panels = columns.div_ceil(NR);
     // Enough tasks for every thread, more for balance: a late layer of
@@ -165,18 +223,32 @@ pub(crate) fn multiply(
         let block_rows = block_height.min(rows - first_row);
         let first_panel = split * panels_per_task;
         let last_panel = panels.min(first_panel + panels_per_task);
-        // SAFETY: this task's rows and panels are its own; AVX2 and FMA
-        // were checked above.
+        let panels = first_panel..last_panel;
+        // SAFETY: this task's rows and panels are its own; the kernel's
+        // CPU features were checked above.
         unsafe {
-            block(
-                lhs,
-                block_rows,
-                weights,
-                first_panel..last_panel,
-                out,
-                first_row,
-                epilogue,
-            )
+            match kernel {
+                Kernel::Avx2 => block::<MR>(
+                    lhs,
+                    block_rows,
+                    weights,
+                    panels,
+                    out,
+                    first_row,
+                    epilogue,
+                    kernel_avx2,
+                ),
+                Kernel::Avx512 => block::<MR_512>(
+                    lhs,
+                    block_rows,
+                    weights,
+                    panels,
+                    out,
+                    first_row,
+                    epilogue,
+                    kernel_avx512,
+                ),
+            }
         };
     };
     if threads > 1 && tasks > 1 {
@@ -186,11 +258,15 @@ pub(crate) fn multiply(
     }
 }
 
+/// A register-tile kernel of `ROWS` rows: the tile's activation rows (each
+/// its taps' run starts), the weight panel, where the tile goes.
+type TileKernel<const ROWS: usize> =
+    unsafe fn(usize, usize, &[*const *const f32; ROWS], *const f32, &Tile);
+
 /// One row block against a range of weight panels: each panel (16 output
 /// channels, the whole depth) passes over the block's register tiles.
 #[allow(clippy::too_many_arguments)]
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-unsafe fn block(
+unsafe fn block<const ROWS: usize>(
     lhs: &Rows<'_>,
     rows: usize,
     weights: &PackedWeights,
@@ -198,6 +274,7 @@ unsafe fn block(
     out: Output,
     first_row: usize,
     epilogue: Epilogue<'_>,
+    kernel: TileKernel<ROWS>,
 ) {
     let taps = lhs.taps;
     let mut starts = vec![std::ptr::null(); rows * taps];
@@ -208,12 +285,12 @@ unsafe fn block(
         let weight_panel = weights.panel(panel);
         let first_column = panel * NR;
         let width = NR.min(weights.columns - first_column);
-        for first in (0..rows).step_by(MR) {
-            let tile_rows = MR.min(rows - first);
-            // The tile's rows of the activations, read in place: six
-            // streams the prefetcher follows, no packing. Past the last
-            // row, the last row again (computed, never stored).
-            let mut lhs_rows = [std::ptr::null(); MR];
+        for first in (0..rows).step_by(ROWS) {
+            let tile_rows = ROWS.min(rows - first);
+            // The tile's rows of the activations, read in place: six (or
+            // twelve) streams the prefetcher follows, no packing. Past the
+            // last row, the last row again (computed, never stored).
+            let mut lhs_rows = [std::ptr::null(); ROWS];
             for (r, pointer) in lhs_rows.iter_mut().enumerate() {
                 *pointer = starts.as_ptr().add((first + r.min(tile_rows - 1)) * taps);
             }
@@ -247,7 +324,7 @@ struct Tile {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn kernel(
+unsafe fn kernel_avx2(
     taps: usize,
     segment: usize,
     rows: &[*const *const f32; MR],
@@ -302,14 +379,76 @@ unsafe fn kernel(
     store_edge(&values, tile);
 }
 
+/// The AVX-512 tile: each row's 16 columns in one register, the activation
+/// value broadcast from memory into the FMA. The sums run over the depth in
+/// the same order as [`kernel_avx2`]'s, so the bits are the same.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn kernel_avx512(
+    taps: usize,
+    segment: usize,
+    rows: &[*const *const f32; MR_512],
+    b: *const f32,
+    tile: &Tile,
+) {
+    use std::arch::x86_64::*;
+
+    let mut acc = [_mm512_setzero_ps(); MR_512];
+    let mut b = b;
+    for tap in 0..taps {
+        let a: [*const f32; MR_512] = std::array::from_fn(|r| *rows[r].add(tap));
+        for step in 0..segment {
+            let weights = _mm512_loadu_ps(b);
+            b = b.add(NR);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*a[r].add(step)), weights, *acc);
+            }
+        }
+    }
+
+    if tile.rows == MR_512 && tile.columns == NR {
+        let zero = _mm512_setzero_ps();
+        for (r, &sum) in acc.iter().enumerate() {
+            let mut sum = sum;
+            if let Some(bias) = tile.bias {
+                sum = _mm512_add_ps(sum, _mm512_loadu_ps(bias));
+            }
+            if let Some(residual) = tile.residual {
+                sum = _mm512_add_ps(sum, _mm512_loadu_ps(residual.add(r * tile.stride)));
+            }
+            if tile.relu {
+                sum = _mm512_max_ps(sum, zero);
+            }
+            _mm512_storeu_ps(tile.output.add(r * tile.stride), sum);
+        }
+        return;
+    }
+    let mut values = [0f32; MR_512 * NR];
+    for (r, &acc) in acc.iter().enumerate() {
+        _mm512_storeu_ps(values.as_mut_ptr().add(r * NR), acc);
+    }
+    store_edge(&values, tile);
+}
+
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel(_: usize, _: usize, _: &[*const *const f32; MR], _: *const f32, _: &Tile) {
-    unreachable!("available() is false off x86_64")
+unsafe fn kernel_avx2(_: usize, _: usize, _: &[*const *const f32; MR], _: *const f32, _: &Tile) {
+    unreachable!("no kernel runs off x86_64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn kernel_avx512(
+    _: usize,
+    _: usize,
+    _: &[*const *const f32; MR_512],
+    _: *const f32,
+    _: &Tile,
+) {
+    unreachable!("no kernel runs off x86_64")
 }
 
 /// The epilogue for a tile cut by the output's edge, in the same order of
 /// additions as the full tile, so that edge and inner values round alike.
-unsafe fn store_edge(values: &[f32; MR * NR], tile: &Tile) {
+unsafe fn store_edge<const VALUES: usize>(values: &[f32; VALUES], tile: &Tile) {
     for r in 0..tile.rows {
         for c in 0..tile.columns {
             let out = tile.output.add(r * tile.stride + c);
@@ -357,10 +496,52 @@ mod tests {
     }
 
     #[test]
-    fn agrees_with_the_definition_on_edges_blocks_and_epilogues() {
-        if !available() {
+    fn every_kernel_this_cpu_runs_agrees_with_the_definition() {
+        let kernels: Vec<Kernel> = Kernel::all()
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect();
+        for kernel in kernels {
+            agrees_with_the_definition_on_edges_blocks_and_epilogues(kernel);
+        }
+    }
+
+    #[test]
+    fn the_kernels_give_the_same_bits() {
+        if !(Kernel::Avx2.runs_here() && Kernel::Avx512.runs_here()) {
             return;
         }
+        let (rows, depth, columns) = (61, 147, 70);
+        let a = values(rows * depth, 5);
+        let packed = PackedWeights::pack(&values(depth * columns, 6), depth, columns);
+        let plain = |row: usize, starts: &mut [*const f32]| starts[0] = a[row * depth..].as_ptr();
+        let lhs = Rows {
+            taps: 1,
+            segment: depth,
+            own_per_row: depth,
+            locate: &plain,
+        };
+        let run = |kernel| {
+            let mut output = vec![MaybeUninit::new(0f32); rows * columns];
+            multiply_with(
+                kernel,
+                rows,
+                &lhs,
+                &packed,
+                &mut output,
+                Epilogue::default(),
+                2,
+            );
+            // SAFETY: every element was written.
+            output
+                .iter()
+                .map(|v| unsafe { v.assume_init() }.to_bits())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(Kernel::Avx2), run(Kernel::Avx512));
+    }
+
+    fn agrees_with_the_definition_on_edges_blocks_and_epilogues(kernel: Kernel) {
         // Rows and columns off the tile sizes, depth over one K block,
         // rows over one row block, one and several threads.
         for &(rows, depth, columns) in &[
@@ -412,13 +593,13 @@ mod tests {
                         own_per_row: depth,
                         locate: if taps == 3 { &locate } else { &plain },
                     };
-                    multiply(rows, &lhs, &packed, &mut output, epilogue, threads);
+                    multiply_with(kernel, rows, &lhs, &packed, &mut output, epilogue, threads);
                     for (index, (got, &want)) in output.iter().zip(&expected).enumerate() {
                         // SAFETY: `multiply` wrote every element.
                         let got = unsafe { got.assume_init() };
                         assert!(
                             close(got, want, (depth as f32).sqrt()),
-                            "{rows}x{depth}x{columns}, {threads} threads, element {index}: {got} vs {want}"
+                            "{kernel:?} {rows}x{depth}x{columns}, {threads} threads, element {index}: {got} vs {want}"
                         );
                     }
                 }
