@@ -1,4 +1,5 @@
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -6,6 +7,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+VERIFY = ROOT / "target" / "release" / "verify"
+
+
+def run_verify(*arguments):
+    """`verify ARGUMENTS` as a user runs it: the finished process, output as text."""
+    return subprocess.run([str(VERIFY), *map(str, arguments)], capture_output=True, text=True)
+
+
+def verify_report(*arguments):
+    """The JSON report of `verify ARGUMENTS`; bad input (exit 2) fails the test."""
+    result = run_verify(*arguments, "--format", "json")
+    assert result.returncode in (0, 1), result.stderr
+    return json.loads(result.stdout)
 
 
 def run_dump(out, *arguments):

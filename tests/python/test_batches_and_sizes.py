@@ -12,22 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import ROOT, run_dump
+from conftest import ROOT, run_dump, run_verify as verify, verify_report as report
 from reference import preprocess, tolerance_study
 from reference.manifest import build_manifest
 
-VERIFY = ROOT / "target" / "release" / "verify"
 SMALL = ("--model", "resnet50", "--width", "8", "--threads", "1")
 
 
-def verify(*arguments):
-    return subprocess.run([str(VERIFY), *map(str, arguments)], capture_output=True, text=True)
-
-
-def report(*arguments):
-    result = verify(*arguments, "--format", "json")
-    assert result.returncode in (0, 1), result.stderr
-    return json.loads(result.stdout)
 
 
 def write_candidate(reference, out, outputs):

@@ -20,10 +20,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, VERIFY
 
 FIXTURES = ROOT / "fixtures"
-VERIFY = ROOT / "target" / "release" / "verify"
 NAMES = ["resnet50-w8", "resnet18-w8", "resnext50-w8", "resnet18-w8-train"]
 # rtol and atol-scale (atol = this x the stage's max|ref|) for stage outputs
 # regenerated on another CPU. The largest difference measured between

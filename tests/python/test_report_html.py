@@ -12,12 +12,11 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_dump
+from conftest import ROOT, VERIFY, run_dump
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import report_browser  # noqa: E402
 
-VERIFY = ROOT / "target" / "release" / "verify"
 SHOTS = ROOT / "out" / "html-report"
 
 

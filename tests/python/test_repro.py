@@ -10,15 +10,11 @@ import types
 
 import pytest
 
-from conftest import ROOT, run_dump
+from conftest import ROOT, run_dump, run_verify as verify
 from reference import tolerance_study
 
-VERIFY = ROOT / "target" / "release" / "verify"
 SMALL = ("--model", "resnet50", "--width", "8", "--size", "64", "--threads", "1")
 
-
-def verify(*arguments):
-    return subprocess.run([str(VERIFY), *map(str, arguments)], capture_output=True, text=True)
 
 
 def pytest_bundle(bundle):

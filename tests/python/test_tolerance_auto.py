@@ -15,24 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_dump
+from conftest import ROOT, run_dump, run_verify as verify, verify_report as report
 from reference import tolerance_study
 
-VERIFY = ROOT / "target" / "release" / "verify"
 SCHEMA = json.loads((ROOT / "docs" / "dump-format.schema.json").read_text())
 # A width-reduced ResNet50 topology, as the fixtures use; 64x64 leaves layer4
 # a 2x2 map, which a BatchNorm with batch statistics needs.
 SMALL = ("--model", "resnet50", "--width", "8", "--size", "64", "--image", "cat", "--threads", "1")
 
 
-def verify(*arguments):
-    return subprocess.run([str(VERIFY), *map(str, arguments)], capture_output=True, text=True)
-
-
-def report(*arguments):
-    result = verify(*arguments, "--format", "json")
-    assert result.returncode in (0, 1), result.stderr
-    return json.loads(result.stdout)
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 import resnet_verify as rv
-from conftest import ROOT
+from conftest import ROOT, VERIFY
 
 FIXTURES = ROOT / "fixtures"
-VERIFY = ROOT / "target" / "release" / "verify"
 MODELS = ["resnet18-w8", "resnet50-w8", "resnext50-w8"]
 CXX_FLAGS = ["-Wall", "-Wextra", "-Werror", "-std=c++17", f"-I{ROOT / 'include'}"]
 

@@ -137,12 +137,7 @@ fn multiple_needed(
     for (&r, &c) in reference.iter().zip(candidate) {
         let (r, c) = (r as f64, c as f64);
         if !(r.is_finite() && c.is_finite()) {
-            let matches = if r.is_nan() && c.is_nan() {
-                equal_nan
-            } else {
-                r == c
-            };
-            if !matches {
+            if !non_finite_match(r, c, equal_nan) {
                 return Err(BeyondRtol::NonFinite);
             }
             continue;
@@ -159,10 +154,29 @@ fn multiple_needed(
     if largest > ceiling {
         return Err(BeyondRtol::AboveCeiling);
     }
-    let mut passing = (largest / unit).max(f64::MIN_POSITIVE);
-    if !passing.is_finite() {
+    let guess = largest / unit;
+    if !guess.is_finite() {
         return Err(BeyondRtol::ZeroReference);
     }
+    Ok(smallest_passing(passes, guess))
+}
+
+/// Whether `r` and `c`, one of them NaN or infinite, count as equal: the
+/// same infinity, or NaN against NaN with `equal_nan`.
+fn non_finite_match(r: f64, c: f64, equal_nan: bool) -> bool {
+    if r.is_nan() && c.is_nan() {
+        equal_nan
+    } else {
+        r == c
+    }
+}
+
+/// The smallest non-negative f64 `x` with `passes(x)`, for a `passes` that
+/// only gets easier as `x` grows and fails at 0: from `guess`, doubled until
+/// it passes, a bisection over the bits (non-negative f64s order as their
+/// bits), so that the next smaller f64 fails.
+fn smallest_passing(passes: impl Fn(f64) -> bool, guess: f64) -> f64 {
+    let mut passing = guess.max(f64::MIN_POSITIVE);
     while !passes(passing) {
         passing *= 2.0;
     }
@@ -175,7 +189,7 @@ fn multiple_needed(
             fails = middle;
         }
     }
-    Ok(f64::from_bits(passing))
+    f64::from_bits(passing)
 }
 
 /// Compares two arrays of the same length, both in the reference's order;
@@ -286,12 +300,7 @@ fn rtol_needed(
     for (&r, &c) in reference.iter().zip(candidate) {
         let (r, c) = (r as f64, c as f64);
         if !(r.is_finite() && c.is_finite()) {
-            let matches = if r.is_nan() && c.is_nan() {
-                equal_nan
-            } else {
-                r == c
-            };
-            if !matches {
+            if !non_finite_match(r, c, equal_nan) {
                 return Err(BeyondRtol::NonFinite);
             }
             continue;
@@ -306,36 +315,23 @@ fn rtol_needed(
             over_atol.push((r.abs(), error));
         }
     }
-    let smallest_passing = |elements: &[(f64, f64)]| {
+    let least_rtol = |elements: &[(f64, f64)]| {
         let passes = |rtol: f64| elements.iter().all(|&(r, e)| e <= atol + rtol * r);
-        let (mut fails, mut passing) = (0u64, largest.max(f64::MIN_POSITIVE));
-        while !passes(passing) {
-            passing *= 2.0;
-        }
         if passes(0.0) {
             return 0.0;
         }
-        let mut passing = passing.to_bits();
-        while passing - fails > 1 {
-            let middle = fails + (passing - fails) / 2;
-            if passes(f64::from_bits(middle)) {
-                passing = middle;
-            } else {
-                fails = middle;
-            }
-        }
-        f64::from_bits(passing)
+        smallest_passing(passes, largest)
     };
     let near: Vec<(f64, f64)> = over_atol
         .iter()
         .copied()
         .filter(|&(r, e)| (e - atol) / r >= largest * (1.0 - 1e-9))
         .collect();
-    let needed = smallest_passing(&near);
+    let needed = least_rtol(&near);
     if over_atol.iter().all(|&(r, e)| e <= atol + needed * r) {
         Ok(needed)
     } else {
-        Ok(smallest_passing(&over_atol))
+        Ok(least_rtol(&over_atol))
     }
 }
 
@@ -360,7 +356,7 @@ pub fn max_abs_error_by_item(
             r.iter().zip(c).fold(0f64, |worst, (&r, &c)| {
                 let error = if r.is_finite() && c.is_finite() {
                     (c as f64 - r as f64).abs()
-                } else if r == c || (equal_nan && r.is_nan() && c.is_nan()) {
+                } else if non_finite_match(r as f64, c as f64, equal_nan) {
                     0.0
                 } else {
                     f64::INFINITY
@@ -413,7 +409,7 @@ pub fn failure_detail(
         candidate_data.as_slice().expect("standard layout"),
     );
     for (flat, (&r, &c)) in r.iter().zip(c).enumerate() {
-        let error = if (equal_nan && r.is_nan() && c.is_nan()) || r == c {
+        let error = if r == c || non_finite_match(r as f64, c as f64, equal_nan) {
             0.0
         } else {
             let error = (c as f64 - r as f64).abs();
