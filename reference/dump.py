@@ -8,7 +8,6 @@ torch's own layouts). docs/dump-format.md describes the format.
 """
 
 import argparse
-import copy
 import json
 import platform
 import shutil
@@ -144,13 +143,6 @@ def save(path, array):
     np.save(path, np.ascontiguousarray(array, dtype=dtype), allow_pickle=False)
 
 
-def float64_outputs(model, x, train_mode):
-    """Stage name -> output of the same weights and input run in float64."""
-    exact = copy.deepcopy(model).double().train(train_mode)
-    recorded, _ = hooks.stages(exact, x.double())
-    return {stage["name"]: stage["output"] for stage in recorded}
-
-
 def top5(logits, categories):
     result = []
     for row in logits:
@@ -216,7 +208,7 @@ def write(out, model, architecture, x, *, model_name, weights_description, input
         weights.append({"name": name, "shape": list(tensor.shape), "dtype": "float32", "file": file})
 
     # Before the float32 pass: in train mode it moves the running statistics.
-    exact = float64_outputs(model, x, train_mode) if floor else None
+    exact = hooks.float64_stages(model.train(train_mode), x) if floor else None
     if precision == "float64":
         # The same float32 weights and input, computed exactly (to float64).
         model, x = model.double(), x.double()

@@ -67,3 +67,14 @@ def stages(model, x):
             "shape": list(output.shape), "module": module, "output": output,
         })
     return result, logits
+
+
+def float64_stages(model, x):
+    """Stage name -> output of a float64 copy of `model` (in the modes its
+    modules are in) on `x`: the exact computation a stage's noise floor is
+    measured against. The model is not changed."""
+    import copy
+
+    recorded, _ = stages(copy.deepcopy(model).double(), x.double())
+    return {stage["name"]: stage["output"] for stage in recorded}
+

@@ -209,11 +209,11 @@ def module_inputs(model, x):
     return calls
 
 
-def isolated(reference, model, x, dtype, bug, floors):
+def isolated(reference, model, inputs, dtype, bug, floors):
     """How many of the modules the bug touches fail when each runs alone on
-    the reference's input, in `dtype`, under auto; and the largest multiple."""
+    the reference's input (`inputs`: module_inputs of the float32 model), in
+    `dtype`, under auto; and the largest multiple."""
     import resnet_verify
-    inputs = module_inputs(model, x)
     buggy = copy.deepcopy(model)
     touched = bug(buggy) if bug else [name for name, m in buggy.named_modules()
                                        if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
@@ -291,6 +291,7 @@ def main(argv=None):
             model, x = reference_model(reference)
             floors = {stage["name"]: stage["floor"]
                       for stage in json.loads((reference / "manifest.json").read_text())["stages"]}
+            inputs = module_inputs(model, x)
             for dtype in (torch.float32, torch.bfloat16, torch.float16):
                 dtype_name = str(dtype).split(".")[-1]
                 for label, bug in [("correct", None), *BUGS.items()]:
@@ -302,7 +303,7 @@ def main(argv=None):
                     candidate = work / name / f"{dtype_name}"
                     write_candidate(reference, candidate, outputs)
                     figures = judged("compare", reference, candidate, dtype=dtype_name)
-                    fails, touched, worst = isolated(reference, model, x, dtype, bug, floors)
+                    fails, touched, worst = isolated(reference, model, inputs, dtype, bug, floors)
                     say(f"| {name}, {dtype_name}, {label} | {figures['default_fail']}/{figures['compared']} "
                         f"| {figures['auto_fail']}/{figures['compared']} (first {figures['first_auto_fail']}) "
                         f"| {figures['worst_multiple']:.2f} ({figures['worst_at']}) | {fails}/{touched} | {worst:.2f} |")

@@ -162,8 +162,6 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
     build exactly (VerifyError, naming the modules). The model is not
     changed. tol="auto" also runs a float64 copy of the model to measure
     each stage's noise floor, and judges by it (`verify --tol auto`)."""
-    import copy
-
     import torch
     from reference import hooks
     from reference.manifest import build_manifest, class_names, noise_floor
@@ -172,10 +170,7 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
     weights, architecture = _torch_weights(model)
     x = torch.as_tensor(_float32(x))
     stages, _ = hooks.stages(model, x)
-    exact = None
-    if tol == "auto":
-        exact, _ = hooks.stages(copy.deepcopy(model).double(), x.double())
-        exact = {stage["name"]: stage["output"] for stage in exact}
+    exact = hooks.float64_stages(model, x) if tol == "auto" else None
     arrays = {f"weights/{name}": array for name, array in weights.items()}
     entries = []
     for stage in stages:

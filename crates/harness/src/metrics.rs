@@ -134,16 +134,10 @@ fn multiple_needed(
     equal_nan: bool,
 ) -> Result<f64, BeyondRtol> {
     let mut largest = 0f64;
-    for (&r, &c) in reference.iter().zip(candidate) {
-        let (r, c) = (r as f64, c as f64);
-        if !(r.is_finite() && c.is_finite()) {
-            if !non_finite_match(r, c, equal_nan) {
-                return Err(BeyondRtol::NonFinite);
-            }
-            continue;
-        }
+    finite_pairs(reference, candidate, equal_nan, |r, c| {
         largest = largest.max((c - r).abs());
-    }
+        Ok(())
+    })?;
     let passes = |multiple: f64| largest <= (multiple * unit).min(ceiling);
     if passes(0.0) {
         return Ok(0.0);
@@ -159,6 +153,25 @@ fn multiple_needed(
         return Err(BeyondRtol::ZeroReference);
     }
     Ok(smallest_passing(passes, guess))
+}
+
+/// Calls `each` with every pair of finite values, as f64, in order; a NaN
+/// or an infinity that does not match ends it with `NonFinite`.
+fn finite_pairs(
+    reference: &[f32],
+    candidate: &[f32],
+    equal_nan: bool,
+    mut each: impl FnMut(f64, f64) -> Result<(), BeyondRtol>,
+) -> Result<(), BeyondRtol> {
+    for (&r, &c) in reference.iter().zip(candidate) {
+        let (r, c) = (r as f64, c as f64);
+        if r.is_finite() && c.is_finite() {
+            each(r, c)?;
+        } else if !non_finite_match(r, c, equal_nan) {
+            return Err(BeyondRtol::NonFinite);
+        }
+    }
+    Ok(())
 }
 
 /// Whether `r` and `c`, one of them NaN or infinite, count as equal: the
@@ -297,14 +310,7 @@ fn rtol_needed(
 ) -> Result<f64, BeyondRtol> {
     let mut over_atol = Vec::new();
     let mut largest = 0f64;
-    for (&r, &c) in reference.iter().zip(candidate) {
-        let (r, c) = (r as f64, c as f64);
-        if !(r.is_finite() && c.is_finite()) {
-            if !non_finite_match(r, c, equal_nan) {
-                return Err(BeyondRtol::NonFinite);
-            }
-            continue;
-        }
+    finite_pairs(reference, candidate, equal_nan, |r, c| {
         let error = (c - r).abs();
         if error > atol {
             let ratio = (error - atol) / r.abs();
@@ -314,7 +320,8 @@ fn rtol_needed(
             largest = largest.max(ratio);
             over_atol.push((r.abs(), error));
         }
-    }
+        Ok(())
+    })?;
     let least_rtol = |elements: &[(f64, f64)]| {
         let passes = |rtol: f64| elements.iter().all(|&(r, e)| e <= atol + rtol * r);
         if passes(0.0) {

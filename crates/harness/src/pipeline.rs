@@ -59,8 +59,17 @@ struct Produced {
     /// The source's position in the run's list.
     position: usize,
     output: Output,
+    /// Under `--item`, the item's slice of the output (what is compared).
+    item: Option<ArrayD<f32>>,
     /// `None` when the shapes differ.
     comparison: Option<Comparison>,
+}
+
+impl Produced {
+    /// The output as compared: the item's slice under `--item`, else all.
+    fn compared(&self) -> &ArrayD<f32> {
+        self.item.as_ref().unwrap_or(&self.output.data)
+    }
 }
 
 /// What a source's own look at a failure found, besides the hypotheses.
@@ -237,13 +246,11 @@ fn compare_stages(
         let mut produced: [Option<Produced>; 2] = [None, None];
         for (position, source) in sources.iter_mut().enumerate() {
             let output = source.output(row, reference)?;
+            let item = item_of(&output.data);
             let comparison = (output.data.shape() == reference.shape()).then(|| {
-                let output_item = item_of(&output.data);
                 let mut comparison = compare_for_report(
                     compared.as_slice().expect("standard layout"),
-                    output_item
-                        .as_ref()
-                        .unwrap_or(&output.data)
+                    (item.as_ref().unwrap_or(&output.data))
                         .as_slice()
                         .expect("standard layout"),
                     compared.shape(),
@@ -263,37 +270,34 @@ fn compare_stages(
             produced[source.feed() as usize] = Some(Produced {
                 position,
                 output,
+                item,
                 comparison,
             });
         }
         let produced_by = |feed: Feed| produced[feed as usize].as_ref();
+        // Per image: for a batch of several, or the one asked for.
+        let per_item =
+            options.item.is_some() || reference.shape().first().is_some_and(|&batch| batch > 1);
         // The logits (not the features that an Identity `fc` passes on).
         // Classes are read off the candidate's logits whatever their shape
         // (another number of classes still has a best one).
-        let end_to_end = produced_by(Feed::EndToEnd).map(|produced| &produced.output.data);
         if row.entry.name == "fc" && row.entry.module_type != ModuleKind::Identity {
             let classes = stages.dump().manifest().classes.as_deref();
-            let candidate_item = end_to_end.and_then(item_of);
-            let candidate = candidate_item.as_ref().or(end_to_end);
+            let candidate = produced_by(Feed::EndToEnd).map(Produced::compared);
             builder.report.top5 = top_classes(compared, candidate, classes);
-            // Per image for a batch of several, or the one asked for.
-            if options.item.is_some() || reference.shape().first().is_some_and(|&batch| batch > 1) {
+            if per_item {
                 classify_items(&mut builder.report, compared, candidate, classes);
             }
         }
-        // Each item's largest error, for a batch of several.
-        let batch = reference.shape().first().copied().unwrap_or(0);
+        // Each item's largest error.
         let (by_item, worst_item) = match produced_by(Feed::EndToEnd)
             .or(produced_by(Feed::Reference))
-            .filter(|produced| {
-                produced.comparison.is_some() && (batch > 1 || options.item.is_some())
-            }) {
+            .filter(|produced| produced.comparison.is_some() && per_item)
+        {
             Some(produced) => {
-                let output_item = item_of(&produced.output.data);
-                let output = output_item.as_ref().unwrap_or(&produced.output.data);
                 let by_item = max_abs_error_by_item(
                     compared.as_slice().expect("standard layout"),
-                    output.as_slice().expect("standard layout"),
+                    produced.compared().as_slice().expect("standard layout"),
                     compared.shape()[0],
                     tolerance.tolerance.equal_nan,
                 );
@@ -323,16 +327,15 @@ fn compare_stages(
             } else {
                 Feed::EndToEnd
             };
-            if let Some(Produced {
-                position, output, ..
-            }) = produced_by(wanted)
-            {
+            if let Some(produced) = produced_by(wanted) {
+                let (position, output) = (produced.position, &produced.output);
                 if output.data.shape() == reference.shape() {
                     // What was compared: the one item under --item.
-                    let output_item = item_of(&output.data);
-                    let output_compared = output_item.as_ref().unwrap_or(&output.data);
-                    let mut found =
-                        failure_detail(compared, output_compared, tolerance.tolerance.equal_nan);
+                    let mut found = failure_detail(
+                        compared,
+                        produced.compared(),
+                        tolerance.tolerance.equal_nan,
+                    );
                     for worst in &mut found.worst {
                         worst.index[0] += options.item.unwrap_or(0);
                     }
@@ -342,7 +345,7 @@ fn compare_stages(
                     reference,
                     candidate: &output.data,
                 };
-                match sources[*position].explain(row, &observed, &evidence)? {
+                match sources[position].explain(row, &observed, &evidence)? {
                     Some(Explained::Stage(hint)) => hints.push(hint),
                     Some(Explained::Run { hint, stopped: why }) => {
                         // Said once for the run, not again on the stage.

@@ -377,20 +377,28 @@ fn stage_row(page: &mut String, report: &Report, stage: &StageReport) {
     let class = stage
         .primary()
         .map_or("missing", |c| closeness(report, stage, c));
-    let numbers = |label: &str, comparison: &Option<Comparison>| match comparison {
+    let numbers = |label: &str, comparison: Option<&Comparison>| match comparison {
         Some(c) => format!("{label}{:.2e}", c.relative_error),
         None => String::new(),
     };
-    let both = report.mode == RunMode::Both;
+    // With --both, cumulative and isolated side by side.
+    let (first, second) = match report.mode {
+        RunMode::Both => (
+            numbers("cumulative ", stage.cumulative.as_ref()),
+            format!(
+                "<span class=\"err\">{}</span>",
+                numbers("isolated ", stage.isolated.as_ref())
+            ),
+        ),
+        _ => (numbers("", stage.primary()), String::new()),
+    };
     let _ = write!(
         page,
-        "<div class=\"stage {class}\" id=\"stage-{}\"><span class=\"name\">{}</span><span class=\"type\">{}</span>{}<span class=\"err\">{}</span>{}</div>",
+        "<div class=\"stage {class}\" id=\"stage-{}\"><span class=\"name\">{}</span><span class=\"type\">{}</span>{}<span class=\"err\">{first}</span>{second}</div>",
         anchor(&stage.name),
         escape(&stage.name),
         escape(stage.module_type.as_str()),
         verdict_badge(stage.verdict),
-        if both { numbers("cumulative ", &stage.cumulative) } else { numbers("", &stage.cumulative.clone().or(stage.isolated.clone())) },
-        if both { format!("<span class=\"err\">{}</span>", numbers("isolated ", &stage.isolated)) } else { String::new() }
     );
 }
 

@@ -185,8 +185,8 @@ pub fn repro(source: &ReproSource, options: &ReproOptions) -> Result<ReproOutcom
             })
         }
     };
+    let reference = Dump::open(&reference_dir)?;
     let Some(stage_report) = report.stages.iter().find(|stage| stage.name == name) else {
-        let reference = Dump::open(&reference_dir)?;
         if reference.stage(&name).is_some() {
             return Err(VerifyError::Usage(format!(
                 "--stage {name}: not compared in this run (--only or --fail-fast left it out)"
@@ -215,7 +215,6 @@ pub fn repro(source: &ReproSource, options: &ReproOptions) -> Result<ReproOutcom
         });
     }
 
-    let reference = Dump::open(&reference_dir)?;
     let network = Network::from_weights(
         &adapter::architecture(reference.architecture()?),
         &DumpWeights(&reference),
@@ -337,7 +336,6 @@ pub fn repro(source: &ReproSource, options: &ReproOptions) -> Result<ReproOutcom
         candidate,
     };
     let full_size = arrays.bytes();
-    let mut shrink_note = String::new();
     if options.shrink {
         let worst = most_failing(&arrays, &case.tolerance);
         let batch_statistics = (stage_report.hints.iter())
@@ -346,22 +344,20 @@ pub fn repro(source: &ReproSource, options: &ReproOptions) -> Result<ReproOutcom
             .then_some("a BatchNorm with batch statistics depends on the whole batch and map");
         // Cut a copy: a cut that fails leaves the case whole.
         let mut cut_case = case.clone();
-        match shrink::shrink(&mut cut_case, &arrays, worst.as_deref(), needs_whole) {
-            Ok(smaller) => {
-                arrays = smaller;
-                case = cut_case;
-                shrink_note = format!(
-                    "shrunk to the worst element's receptive field: arrays {} -> {}",
-                    human(full_size),
-                    human(arrays.bytes())
-                );
-                case.shrunk = Some(shrink_note.clone());
-            }
-            Err(why) => {
-                shrink_note = format!("not shrunk ({why}): the whole stage, {}", human(full_size));
-                case.shrunk = Some(shrink_note.clone());
-            }
-        }
+        case.shrunk = Some(
+            match shrink::shrink(&mut cut_case, &arrays, worst.as_deref(), needs_whole) {
+                Ok(smaller) => {
+                    arrays = smaller;
+                    case = cut_case;
+                    format!(
+                        "shrunk to the worst element's receptive field: arrays {} -> {}",
+                        human(full_size),
+                        human(arrays.bytes())
+                    )
+                }
+                Err(why) => format!("not shrunk ({why}): the whole stage, {}", human(full_size)),
+            },
+        );
     }
     write_bundle(&options.out, &mut case, &arrays)?;
     let mut message = format!(
@@ -372,8 +368,8 @@ pub fn repro(source: &ReproSource, options: &ReproOptions) -> Result<ReproOutcom
         arrays.weights.len(),
         human(arrays.bytes())
     );
-    if !shrink_note.is_empty() {
-        message.push_str(&format!("; {shrink_note}"));
+    if let Some(shrunk) = &case.shrunk {
+        message.push_str(&format!("; {shrunk}"));
     }
     message.push_str(&format!(
         "\nrun it: cd {} && pytest test_repro.py    (and: verify case {})",

@@ -157,7 +157,6 @@ pub(super) fn shrink(
     if error.is_finite() && error <= case.tolerance.atol + case.tolerance.rtol * r.abs() {
         return Err("the element kept passes".into());
     }
-    case.shrunk = Some(format!("the element at {worst:?} alone"));
     Ok(cut)
 }
 
