@@ -55,6 +55,17 @@ def test_the_floor_is_the_float32_stage_against_the_same_run_in_float64(referenc
     assert floors["input"] == 0 and floors["conv1"] > 0 and floors["layer4"] > 0
 
 
+@pytest.mark.parametrize("option, message", [
+    (("--train-mode",), "--floor measures an eval-mode reference"),
+    (("--precision", "float64"), "does not apply to --precision float64"),
+])
+def test_the_dumper_refuses_a_floor_it_cannot_measure(tmp_path, option, message):
+    command = [sys.executable, "-m", "reference.dump", "--out", str(tmp_path / "x"), *SMALL, "--floor", *option]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_a_dump_without_floor_has_none_and_auto_refuses_it_with_exit_2(tmp_path):
     manifest = json.loads((ROOT / "fixtures" / "resnet18-w8" / "manifest.json").read_text())
     assert not any("floor" in stage for stage in manifest["stages"])
