@@ -12,6 +12,7 @@ pub mod architecture;
 pub mod error;
 pub mod network;
 pub mod ops;
+mod parallel;
 pub mod tensor;
 pub mod weights;
 

@@ -1,5 +1,4 @@
 use ndarray::{Array4, ArrayView4, ArrayViewMut4};
-use rayon::prelude::*;
 
 /// Activations in NHWC order (batch, height, width, channels), f32, always in
 /// standard (row-major) layout, so that a pixel's channels are contiguous.
@@ -47,30 +46,29 @@ impl Tensor {
         let input = self.as_slice();
         let mut output = vec![0f32; input.len()];
         let image_len = (pixels * channels).max(1);
-        output
-            .par_chunks_mut(image_len)
-            .zip(input.par_chunks(image_len))
-            .for_each(|(out_image, image)| {
-                out_image
-                    .par_chunks_mut((pixels * CHANNEL_BLOCK).max(1))
-                    .enumerate()
-                    .for_each(|(block, out)| {
-                        let first_channel = block * CHANNEL_BLOCK;
-                        for first in (0..pixels).step_by(TILE) {
-                            let count = TILE.min(pixels - first);
-                            let tile = &image[first * channels..(first + count) * channels];
-                            for (offset, run) in out.chunks_exact_mut(pixels).enumerate() {
-                                let channel = first_channel + offset;
-                                for (value, pixel) in run[first..first + count]
-                                    .iter_mut()
-                                    .zip(tile.chunks_exact(channels))
-                                {
-                                    *value = pixel[channel];
-                                }
+        for (out_image, image) in output.chunks_mut(image_len).zip(input.chunks(image_len)) {
+            crate::parallel::for_each_chunk(
+                crate::parallel::threads(),
+                out_image,
+                pixels * CHANNEL_BLOCK,
+                |block, out| {
+                    let first_channel = block * CHANNEL_BLOCK;
+                    for first in (0..pixels).step_by(TILE) {
+                        let count = TILE.min(pixels - first);
+                        let tile = &image[first * channels..(first + count) * channels];
+                        for (offset, run) in out.chunks_exact_mut(pixels).enumerate() {
+                            let channel = first_channel + offset;
+                            for (value, pixel) in run[first..first + count]
+                                .iter_mut()
+                                .zip(tile.chunks_exact(channels))
+                            {
+                                *value = pixel[channel];
                             }
                         }
-                    });
-            });
+                    }
+                },
+            );
+        }
         Array4::from_shape_vec((batch, channels, height, width), output)
             .expect("the same number of elements")
     }

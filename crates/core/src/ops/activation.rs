@@ -1,7 +1,5 @@
-use rayon::prelude::*;
-
 use super::ShapeError;
-use crate::Tensor;
+use crate::{parallel, Tensor};
 
 /// Elements per parallel task in element-wise passes: large enough that a
 /// task outweighs its scheduling.
@@ -14,9 +12,12 @@ pub fn relu(x: &Tensor) -> Tensor {
 }
 
 pub fn relu_in_place(x: &mut Tensor) {
-    x.as_slice_mut()
-        .par_chunks_mut(PARALLEL_CHUNK)
-        .for_each(|chunk| chunk.iter_mut().for_each(|v| *v = v.max(0.0)));
+    parallel::for_each_chunk(
+        parallel::threads(),
+        x.as_slice_mut(),
+        PARALLEL_CHUNK,
+        |_, chunk| chunk.iter_mut().for_each(|v| *v = v.max(0.0)),
+    );
 }
 
 /// The end of every residual block: `relu(residual + identity)`.
@@ -34,14 +35,17 @@ pub fn add_relu_in_place(residual: &mut Tensor, identity: &Tensor) -> Result<(),
             identity: identity.nhwc_shape(),
         });
     }
-    residual
-        .as_slice_mut()
-        .par_chunks_mut(PARALLEL_CHUNK)
-        .zip(identity.as_slice().par_chunks(PARALLEL_CHUNK))
-        .for_each(|(sums, skips)| {
+    let identity = identity.as_slice();
+    parallel::for_each_chunk(
+        parallel::threads(),
+        residual.as_slice_mut(),
+        PARALLEL_CHUNK,
+        |index, sums| {
+            let skips = &identity[index * PARALLEL_CHUNK..];
             for (sum, &skip) in sums.iter_mut().zip(skips) {
                 *sum = (*sum + skip).max(0.0);
             }
-        });
+        },
+    );
     Ok(())
 }

@@ -1,5 +1,3 @@
-use rayon::prelude::*;
-
 use super::ShapeError;
 use crate::Tensor;
 
@@ -68,13 +66,18 @@ impl BatchNorm {
         let channels = self.channels();
         // Whole pixels per task, so that each task's channels line up.
         let chunk = (super::activation::PARALLEL_CHUNK / channels).max(1) * channels;
-        x.as_slice_mut().par_chunks_mut(chunk).for_each(|pixels| {
-            for pixel in pixels.chunks_exact_mut(channels) {
-                for ((v, &s), &t) in pixel.iter_mut().zip(&self.scale).zip(&self.shift) {
-                    *v = *v * s + t;
+        crate::parallel::for_each_chunk(
+            crate::parallel::threads(),
+            x.as_slice_mut(),
+            chunk,
+            |_, pixels| {
+                for pixel in pixels.chunks_exact_mut(channels) {
+                    for ((v, &s), &t) in pixel.iter_mut().zip(&self.scale).zip(&self.shift) {
+                        *v = *v * s + t;
+                    }
                 }
-            }
-        });
+            },
+        );
         Ok(())
     }
 }

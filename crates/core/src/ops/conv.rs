@@ -1,14 +1,13 @@
 use std::mem::MaybeUninit;
 
 use ndarray::{Array4, ArrayView4};
-use rayon::prelude::*;
 
-use super::matmul::{available_threads, multiply, MatrixView, OutputBlock};
+use super::matmul::{multiply, MatrixView, OutputBlock};
 use super::packed_gemm::{self, Epilogue, PackedWeights, Rows};
 use super::BatchNorm;
 use super::ShapeError;
 use crate::weights::conv_weight_from_oihw;
-use crate::Tensor;
+use crate::{parallel, Tensor};
 
 /// Kernel, stride, padding, dilation and groups, as `(height, width)` pairs
 /// where torch has them.
@@ -182,7 +181,7 @@ impl Conv2d {
                 });
             }
         }
-        let threads = available_threads();
+        let threads = parallel::threads();
         if let Some(packed) = &self.packed {
             let epilogue = Epilogue {
                 bias: self.bias.as_deref(),
@@ -222,9 +221,7 @@ impl Conv2d {
             run_group(0, threads);
         } else {
             // Many narrow products: parallel over groups, each single-threaded.
-            (0..groups)
-                .into_par_iter()
-                .for_each(|group| run_group(group, 1));
+            parallel::run(threads, groups, &|group| run_group(group, 1));
         }
 
         if self.bias.is_some() || residual.is_some() || relu {
@@ -232,25 +229,21 @@ impl Conv2d {
             let rows = (out_w * channels).max(1);
             let zeros = vec![0f32; channels];
             let bias = self.bias.as_deref().unwrap_or(&zeros);
-            out.as_slice_mut()
-                .par_chunks_mut(rows)
-                .enumerate()
-                .for_each(|(row, values)| {
-                    let skip =
-                        residual.map(|r| &r.as_slice()[row * rows..row * rows + values.len()]);
-                    for (pixel, start) in values
-                        .chunks_exact_mut(channels)
-                        .zip((0..).step_by(channels))
-                    {
-                        for (c, v) in pixel.iter_mut().enumerate() {
-                            let mut sum = *v + bias[c];
-                            if let Some(skip) = skip {
-                                sum += skip[start + c];
-                            }
-                            *v = if relu { sum.max(0.0) } else { sum };
+            parallel::for_each_chunk(threads, out.as_slice_mut(), rows, |row, values| {
+                let skip = residual.map(|r| &r.as_slice()[row * rows..row * rows + values.len()]);
+                for (pixel, start) in values
+                    .chunks_exact_mut(channels)
+                    .zip((0..).step_by(channels))
+                {
+                    for (c, v) in pixel.iter_mut().enumerate() {
+                        let mut sum = *v + bias[c];
+                        if let Some(skip) = skip {
+                            sum += skip[start + c];
                         }
+                        *v = if relu { sum.max(0.0) } else { sum };
                     }
-                });
+                }
+            });
         }
         Ok(out)
     }
@@ -361,10 +354,11 @@ impl Conv2d {
         let row_len = g.groups * depth;
         let mut patches = vec![0f32; batch * out_h * out_w * row_len];
         let input = x.as_slice();
-        patches
-            .par_chunks_mut((out_w * row_len).max(1))
-            .enumerate()
-            .for_each(|(output_row, rows)| {
+        parallel::for_each_chunk(
+            parallel::threads(),
+            &mut patches,
+            out_w * row_len,
+            |output_row, rows| {
                 let (n, oy) = (output_row / out_h, output_row % out_h);
                 for ox in 0..out_w {
                     let patch = &mut rows[ox * row_len..(ox + 1) * row_len];
@@ -395,7 +389,8 @@ impl Conv2d {
                         }
                     }
                 }
-            });
+            },
+        );
         patches
     }
 }

@@ -1,4 +1,4 @@
-use super::matmul::{available_threads, multiply, MatrixView, OutputBlock};
+use super::matmul::{multiply, MatrixView, OutputBlock};
 use super::ShapeError;
 use crate::Tensor;
 
@@ -51,7 +51,7 @@ impl Linear {
                 MatrixView::row_major(x.as_slice(), 0, self.in_features),
                 MatrixView::row_major(&self.weight, 0, self.out_features),
                 output,
-                available_threads(),
+                crate::parallel::threads(),
             );
         }
         for row in out.as_slice_mut().chunks_exact_mut(self.out_features) {

@@ -105,8 +105,3 @@ pub(crate) unsafe fn multiply(
         parallelism,
     );
 }
-
-/// Threads the GEMM may use: those of the rayon pool the caller runs in.
-pub(crate) fn available_threads() -> usize {
-    rayon::current_num_threads()
-}

@@ -23,8 +23,6 @@
 
 use std::mem::MaybeUninit;
 
-use rayon::prelude::*;
-
 /// Rows of the AVX2 register tile (output pixels).
 const MR: usize = 6;
 /// Rows of the AVX-512 register tile.
@@ -251,11 +249,7 @@ pub(crate) fn multiply_with(
             }
         };
     };
-    if threads > 1 && tasks > 1 {
-        (0..tasks).into_par_iter().for_each(task);
-    } else {
-        (0..tasks).for_each(task);
-    }
+    crate::parallel::run(threads, tasks, &task);
 }
 
 /// A register-tile kernel of `ROWS` rows: the tile's activation rows (each

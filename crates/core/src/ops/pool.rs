@@ -1,6 +1,5 @@
 use super::ShapeError;
 use crate::Tensor;
-use rayon::prelude::*;
 
 /// MaxPool2d with a square window; padding counts as -inf, as in torch, so a
 /// padded position never wins.
@@ -34,10 +33,11 @@ impl MaxPool2d {
         let [batch, height, width, channels] = x.nhwc_shape();
         let mut out = Tensor::zeros(batch, out_h, out_w, channels);
         let input = x.as_slice();
-        out.as_slice_mut()
-            .par_chunks_mut((out_w * channels).max(1))
-            .enumerate()
-            .for_each(|(row, out_row)| {
+        crate::parallel::for_each_chunk(
+            crate::parallel::threads(),
+            out.as_slice_mut(),
+            out_w * channels,
+            |row, out_row| {
                 let (n, oy) = (row / out_h, row % out_h);
                 for ox in 0..out_w {
                     let best = &mut out_row[ox * channels..(ox + 1) * channels];
@@ -66,7 +66,8 @@ impl MaxPool2d {
                         }
                     }
                 }
-            });
+            },
+        );
         Ok(out)
     }
 }
