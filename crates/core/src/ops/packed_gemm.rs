@@ -27,9 +27,12 @@ use std::mem::MaybeUninit;
 const MR: usize = 6;
 /// Rows of the AVX-512 register tile.
 const MR_512: usize = 12;
-/// Columns of the register tile (output channels): two 8-float registers,
-/// or one 16-float register.
+/// Columns of a weight panel, and of the AVX2 tile (output channels): two
+/// 8-float registers, or one 16-float register.
 const NR: usize = 16;
+/// Panels side by side in the AVX-512 tile (12x32): 24 accumulators, so
+/// that each activation value loaded serves two FMAs.
+const PANELS_512: usize = 2;
 /// An activation block's size in floats (256 KiB): it stays in L2 while
 /// every weight panel passes over it.
 const BLOCK_FLOATS: usize = 64 * 1024;
@@ -50,7 +53,7 @@ fn block_rows(rows: usize, own_per_row: usize, tile_rows: usize) -> usize {
 pub(crate) enum Kernel {
     /// 6x16, AVX2 and FMA.
     Avx2,
-    /// 12x16, AVX-512F.
+    /// 12x32, AVX-512F (12x16 on a last, odd panel).
     Avx512,
 }
 
@@ -117,8 +120,9 @@ impl PackedWeights {
         }
     }
 
-    fn panel(&self, panel: usize) -> &[f32] {
-        &self.data[panel * self.depth * NR..(panel + 1) * self.depth * NR]
+    /// Panels `first..first + count`, one after the other.
+    fn panels(&self, first: usize, count: usize) -> &[f32] {
+        &self.data[first * self.depth * NR..(first + count) * self.depth * NR]
     }
 }
 
@@ -197,9 +201,9 @@ pub(crate) fn multiply_with(
         assert_eq!(residual.len(), output.len());
     }
 
-    let tile_rows = match kernel {
-        Kernel::Avx2 => MR,
-        Kernel::Avx512 => MR_512,
+    let (tile_rows, tile_panels) = match kernel {
+        Kernel::Avx2 => (MR, 1),
+        Kernel::Avx512 => (MR_512, PANELS_512),
     };
     let block_height = block_rows(rows, lhs.own_per_row, tile_rows);
     let row_blocks = rows.div_ceil(block_height);
@@ -209,7 +213,10 @@ pub(crate) fn multiply_with(
     // work is split over the output channels.
     let wanted = if threads > 1 { 4 * threads } else { 1 };
     let panel_splits = wanted.div_ceil(row_blocks).clamp(1, panels);
-    let panels_per_task = panels.div_ceil(panel_splits);
+    // Whole tiles per task: a pair of panels is not split.
+    let panels_per_task = panels
+        .div_ceil(panel_splits)
+        .next_multiple_of(tile_panels);
     let tasks = row_blocks * panels.div_ceil(panels_per_task);
     let out = Output {
         data: output.as_mut_ptr().cast::<f32>(),
@@ -231,6 +238,7 @@ pub(crate) fn multiply_with(
                     block_rows,
                     weights,
                     panels,
+                    1,
                     out,
                     first_row,
                     epilogue,
@@ -241,6 +249,7 @@ pub(crate) fn multiply_with(
                     block_rows,
                     weights,
                     panels,
+                    PANELS_512,
                     out,
                     first_row,
                     epilogue,
@@ -253,18 +262,21 @@ pub(crate) fn multiply_with(
 }
 
 /// A register-tile kernel of `ROWS` rows: the tile's activation rows (each
-/// its taps' run starts), the weight panel, where the tile goes.
+/// its taps' run starts), its weight panels (one after the other, as many
+/// as `Tile::columns` reaches into), where the tile goes.
 type TileKernel<const ROWS: usize> =
-    unsafe fn(usize, usize, &[*const *const f32; ROWS], *const f32, &Tile);
+    unsafe fn(usize, usize, &[*const *const f32; ROWS], &[f32], &Tile);
 
-/// One row block against a range of weight panels: each panel (16 output
-/// channels, the whole depth) passes over the block's register tiles.
+/// One row block against a range of weight panels: each `tile_panels`
+/// panels (16 output channels each, the whole depth) pass over the block's
+/// register tiles together.
 #[allow(clippy::too_many_arguments)]
 unsafe fn block<const ROWS: usize>(
     lhs: &Rows<'_>,
     rows: usize,
     weights: &PackedWeights,
     panels: std::ops::Range<usize>,
+    tile_panels: usize,
     out: Output,
     first_row: usize,
     epilogue: Epilogue<'_>,
@@ -275,10 +287,11 @@ unsafe fn block<const ROWS: usize>(
     for (row, row_starts) in starts.chunks_exact_mut(taps).enumerate() {
         (lhs.locate)(first_row + row, row_starts);
     }
-    for panel in panels {
-        let weight_panel = weights.panel(panel);
+    for panel in panels.clone().step_by(tile_panels) {
+        let count = tile_panels.min(panels.end - panel);
+        let weight_panels = weights.panels(panel, count);
         let first_column = panel * NR;
-        let width = NR.min(weights.columns - first_column);
+        let width = (count * NR).min(weights.columns - first_column);
         for first in (0..rows).step_by(ROWS) {
             let tile_rows = ROWS.min(rows - first);
             // The tile's rows of the activations, read in place: six (or
@@ -300,7 +313,7 @@ unsafe fn block<const ROWS: usize>(
                     .map(|r| r.as_ptr().add(row * out.columns + first_column)),
                 relu: epilogue.relu,
             };
-            kernel(taps, lhs.segment, &lhs_rows, weight_panel.as_ptr(), &tile);
+            kernel(taps, lhs.segment, &lhs_rows, weight_panels, &tile);
         }
     }
 }
@@ -316,19 +329,33 @@ struct Tile {
     relu: bool,
 }
 
+impl Tile {
+    /// The part of this tile from column `first` on.
+    unsafe fn columns_from(&self, first: usize) -> Tile {
+        Tile {
+            output: self.output.add(first),
+            columns: self.columns - first,
+            bias: self.bias.map(|bias| bias.add(first)),
+            residual: self.residual.map(|residual| residual.add(first)),
+            ..*self
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn kernel_avx2(
     taps: usize,
     segment: usize,
     rows: &[*const *const f32; MR],
-    b: *const f32,
+    panel: &[f32],
     tile: &Tile,
 ) {
     use std::arch::x86_64::*;
 
+    debug_assert!(tile.columns <= NR && panel.len() == taps * segment * NR);
     let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    let mut b = b;
+    let mut b = panel.as_ptr();
     for tap in 0..taps {
         let a: [*const f32; MR] = std::array::from_fn(|r| *rows[r].add(tap));
         for step in 0..segment {
@@ -373,59 +400,94 @@ unsafe fn kernel_avx2(
     store_edge(&values, tile);
 }
 
-/// The AVX-512 tile: each row's 16 columns in one register, the activation
-/// value broadcast from memory into the FMA. The sums run over the depth in
-/// the same order as [`kernel_avx2`]'s, so the bits are the same.
+/// The AVX-512 tile: 12 rows of two panels' 32 columns (one panel's 16 on
+/// a last, odd panel), each row's 16 columns of a panel in one register,
+/// the activation value broadcast from memory into the FMA. The sums run
+/// over the depth in the same order as [`kernel_avx2`]'s, so the bits are
+/// the same.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
 unsafe fn kernel_avx512(
     taps: usize,
     segment: usize,
     rows: &[*const *const f32; MR_512],
-    b: *const f32,
+    panels: &[f32],
+    tile: &Tile,
+) {
+    if tile.columns > NR {
+        kernel_avx512_panels::<2>(taps, segment, rows, panels, tile);
+    } else {
+        kernel_avx512_panels::<1>(taps, segment, rows, panels, tile);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn kernel_avx512_panels<const PANELS: usize>(
+    taps: usize,
+    segment: usize,
+    rows: &[*const *const f32; MR_512],
+    panels: &[f32],
     tile: &Tile,
 ) {
     use std::arch::x86_64::*;
 
-    let mut acc = [_mm512_setzero_ps(); MR_512];
-    let mut b = b;
+    let panel_len = taps * segment * NR;
+    debug_assert!(tile.columns <= PANELS * NR && panels.len() == PANELS * panel_len);
+    let mut acc = [[_mm512_setzero_ps(); PANELS]; MR_512];
+    let mut b = panels.as_ptr();
     for tap in 0..taps {
         let a: [*const f32; MR_512] = std::array::from_fn(|r| *rows[r].add(tap));
         for step in 0..segment {
-            let weights = _mm512_loadu_ps(b);
+            let weights: [__m512; PANELS] =
+                std::array::from_fn(|panel| _mm512_loadu_ps(b.add(panel * panel_len)));
             b = b.add(NR);
             for (r, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_fmadd_ps(_mm512_set1_ps(*a[r].add(step)), weights, *acc);
+                let value = _mm512_set1_ps(*a[r].add(step));
+                for (acc, &weights) in acc.iter_mut().zip(&weights) {
+                    *acc = _mm512_fmadd_ps(value, weights, *acc);
+                }
             }
         }
     }
 
-    if tile.rows == MR_512 && tile.columns == NR {
+    if tile.rows == MR_512 && tile.columns == PANELS * NR {
         let zero = _mm512_setzero_ps();
-        for (r, &sum) in acc.iter().enumerate() {
-            let mut sum = sum;
-            if let Some(bias) = tile.bias {
-                sum = _mm512_add_ps(sum, _mm512_loadu_ps(bias));
+        for (r, acc) in acc.iter().enumerate() {
+            for (panel, &sum) in acc.iter().enumerate() {
+                let column = panel * NR;
+                let mut sum = sum;
+                if let Some(bias) = tile.bias {
+                    sum = _mm512_add_ps(sum, _mm512_loadu_ps(bias.add(column)));
+                }
+                if let Some(residual) = tile.residual {
+                    let residual = residual.add(r * tile.stride + column);
+                    sum = _mm512_add_ps(sum, _mm512_loadu_ps(residual));
+                }
+                if tile.relu {
+                    sum = _mm512_max_ps(sum, zero);
+                }
+                _mm512_storeu_ps(tile.output.add(r * tile.stride + column), sum);
             }
-            if let Some(residual) = tile.residual {
-                sum = _mm512_add_ps(sum, _mm512_loadu_ps(residual.add(r * tile.stride)));
-            }
-            if tile.relu {
-                sum = _mm512_max_ps(sum, zero);
-            }
-            _mm512_storeu_ps(tile.output.add(r * tile.stride), sum);
         }
         return;
     }
-    let mut values = [0f32; MR_512 * NR];
-    for (r, &acc) in acc.iter().enumerate() {
-        _mm512_storeu_ps(values.as_mut_ptr().add(r * NR), acc);
+    let mut values = [[0f32; MR_512 * NR]; PANELS];
+    for (r, acc) in acc.iter().enumerate() {
+        for (panel, &sum) in acc.iter().enumerate() {
+            _mm512_storeu_ps(values[panel].as_mut_ptr().add(r * NR), sum);
+        }
     }
-    store_edge(&values, tile);
+    for (panel, values) in values.iter().enumerate() {
+        let column = panel * NR;
+        if column < tile.columns {
+            store_edge(values, &tile.columns_from(column));
+        }
+    }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel_avx2(_: usize, _: usize, _: &[*const *const f32; MR], _: *const f32, _: &Tile) {
+unsafe fn kernel_avx2(_: usize, _: usize, _: &[*const *const f32; MR], _: &[f32], _: &Tile) {
     unreachable!("no kernel runs off x86_64")
 }
 
@@ -434,17 +496,18 @@ unsafe fn kernel_avx512(
     _: usize,
     _: usize,
     _: &[*const *const f32; MR_512],
-    _: *const f32,
+    _: &[f32],
     _: &Tile,
 ) {
     unreachable!("no kernel runs off x86_64")
 }
 
 /// The epilogue for a tile cut by the output's edge, in the same order of
-/// additions as the full tile, so that edge and inner values round alike.
+/// additions as the full tile, so that edge and inner values round alike;
+/// `values` holds one panel's sums, `NR` per row.
 unsafe fn store_edge<const VALUES: usize>(values: &[f32; VALUES], tile: &Tile) {
     for r in 0..tile.rows {
-        for c in 0..tile.columns {
+        for c in 0..tile.columns.min(NR) {
             let out = tile.output.add(r * tile.stride + c);
             let mut sum = values[r * NR + c];
             if let Some(bias) = tile.bias {
