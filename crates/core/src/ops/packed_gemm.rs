@@ -26,7 +26,7 @@ use std::mem::MaybeUninit;
 /// Rows of the AVX2 register tile (output pixels).
 const MR: usize = 6;
 /// Rows of the AVX-512 register tile.
-const MR_512: usize = 12;
+const MR_512: usize = 14;
 /// Columns of a weight panel, and of the AVX2 tile (output channels): two
 /// 8-float registers, or one 16-float register.
 const NR: usize = 16;
@@ -214,9 +214,7 @@ pub(crate) fn multiply_with(
     let wanted = if threads > 1 { 4 * threads } else { 1 };
     let panel_splits = wanted.div_ceil(row_blocks).clamp(1, panels);
     // Whole tiles per task: a pair of panels is not split.
-    let panels_per_task = panels
-        .div_ceil(panel_splits)
-        .next_multiple_of(tile_panels);
+    let panels_per_task = panels.div_ceil(panel_splits).next_multiple_of(tile_panels);
     let tasks = row_blocks * panels.div_ceil(panels_per_task);
     let out = Output {
         data: output.as_mut_ptr().cast::<f32>(),
@@ -263,9 +261,10 @@ pub(crate) fn multiply_with(
 
 /// A register-tile kernel of `ROWS` rows: the tile's activation rows (each
 /// its taps' run starts), its weight panels (one after the other, as many
-/// as `Tile::columns` reaches into), where the tile goes.
+/// as `Tile::columns` reaches into), the panels the next tiles will read
+/// (which the kernel may prefetch), where the tile goes.
 type TileKernel<const ROWS: usize> =
-    unsafe fn(usize, usize, &[*const *const f32; ROWS], &[f32], &Tile);
+    unsafe fn(usize, usize, &[*const *const f32; ROWS], &[f32], Option<&[f32]>, &Tile);
 
 /// One row block against a range of weight panels: each `tile_panels`
 /// panels (16 output channels each, the whole depth) pass over the block's
@@ -292,6 +291,12 @@ unsafe fn block<const ROWS: usize>(
         let weight_panels = weights.panels(panel, count);
         let first_column = panel * NR;
         let width = (count * NR).min(weights.columns - first_column);
+        // The first tile of these panels fetches the next ones into L2 as
+        // it goes: in ResNet50's last layers (49 pixels) each panel serves
+        // only four tiles, and the weights come from memory, not L3.
+        let next_panel = panel + count;
+        let next = (next_panel < panels.end)
+            .then(|| weights.panels(next_panel, tile_panels.min(panels.end - next_panel)));
         for first in (0..rows).step_by(ROWS) {
             let tile_rows = ROWS.min(rows - first);
             // The tile's rows of the activations, read in place: six (or
@@ -313,7 +318,8 @@ unsafe fn block<const ROWS: usize>(
                     .map(|r| r.as_ptr().add(row * out.columns + first_column)),
                 relu: epilogue.relu,
             };
-            kernel(taps, lhs.segment, &lhs_rows, weight_panels, &tile);
+            let prefetch = if first == 0 { next } else { None };
+            kernel(taps, lhs.segment, &lhs_rows, weight_panels, prefetch, &tile);
         }
     }
 }
@@ -349,6 +355,7 @@ unsafe fn kernel_avx2(
     segment: usize,
     rows: &[*const *const f32; MR],
     panel: &[f32],
+    _next: Option<&[f32]>,
     tile: &Tile,
 ) {
     use std::arch::x86_64::*;
@@ -412,22 +419,37 @@ unsafe fn kernel_avx512(
     segment: usize,
     rows: &[*const *const f32; MR_512],
     panels: &[f32],
+    next: Option<&[f32]>,
     tile: &Tile,
 ) {
-    if tile.columns > NR {
-        kernel_avx512_panels::<2>(taps, segment, rows, panels, tile);
-    } else {
-        kernel_avx512_panels::<1>(taps, segment, rows, panels, tile);
+    // The next panels are prefetched only when they have the same length,
+    // one cache line per panel and depth step, `PREFETCH` steps ahead.
+    let next = next.filter(|next| next.len() == panels.len());
+    match (tile.columns > NR, next) {
+        (true, None) => kernel_avx512_panels::<2, false>(taps, segment, rows, panels, panels, tile),
+        (true, Some(next)) => {
+            kernel_avx512_panels::<2, true>(taps, segment, rows, panels, next, tile)
+        }
+        (false, None) => {
+            kernel_avx512_panels::<1, false>(taps, segment, rows, panels, panels, tile)
+        }
+        (false, Some(next)) => {
+            kernel_avx512_panels::<1, true>(taps, segment, rows, panels, next, tile)
+        }
     }
 }
 
+// Not inlined: inlined together into `kernel_avx512`, the four variants
+// had LLVM keep the accumulators of one of them on the stack (3x slower).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn kernel_avx512_panels<const PANELS: usize>(
+#[inline(never)]
+unsafe fn kernel_avx512_panels<const PANELS: usize, const PREFETCH: bool>(
     taps: usize,
     segment: usize,
     rows: &[*const *const f32; MR_512],
     panels: &[f32],
+    next: &[f32],
     tile: &Tile,
 ) {
     use std::arch::x86_64::*;
@@ -436,12 +458,19 @@ unsafe fn kernel_avx512_panels<const PANELS: usize>(
     debug_assert!(tile.columns <= PANELS * NR && panels.len() == PANELS * panel_len);
     let mut acc = [[_mm512_setzero_ps(); PANELS]; MR_512];
     let mut b = panels.as_ptr();
+    let mut ahead = next.as_ptr();
     for tap in 0..taps {
         let a: [*const f32; MR_512] = std::array::from_fn(|r| *rows[r].add(tap));
         for step in 0..segment {
             let weights: [__m512; PANELS] =
                 std::array::from_fn(|panel| _mm512_loadu_ps(b.add(panel * panel_len)));
             b = b.add(NR);
+            if PREFETCH {
+                for panel in 0..PANELS {
+                    _mm_prefetch::<_MM_HINT_T1>(ahead.add(panel * panel_len).cast());
+                }
+                ahead = ahead.add(NR);
+            }
             for (r, acc) in acc.iter_mut().enumerate() {
                 let value = _mm512_set1_ps(*a[r].add(step));
                 for (acc, &weights) in acc.iter_mut().zip(&weights) {
@@ -487,7 +516,14 @@ unsafe fn kernel_avx512_panels<const PANELS: usize>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn kernel_avx2(_: usize, _: usize, _: &[*const *const f32; MR], _: &[f32], _: &Tile) {
+unsafe fn kernel_avx2(
+    _: usize,
+    _: usize,
+    _: &[*const *const f32; MR],
+    _: &[f32],
+    _: Option<&[f32]>,
+    _: &Tile,
+) {
     unreachable!("no kernel runs off x86_64")
 }
 
@@ -497,6 +533,7 @@ unsafe fn kernel_avx512(
     _: usize,
     _: &[*const *const f32; MR_512],
     _: &[f32],
+    _: Option<&[f32]>,
     _: &Tile,
 ) {
     unreachable!("no kernel runs off x86_64")
