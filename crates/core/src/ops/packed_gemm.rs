@@ -11,15 +11,19 @@
 //! accumulators), over weights packed in 16-column panels. Measured on
 //! ResNet50 here, two of BLIS's usual steps lost time and are left out: the
 //! activations are read in place rather than packed (a 6-row tile reads six
-//! contiguous streams), and the depth is not split into blocks, so each
-//! output tile is stored once, epilogue included. Rows are blocked so that
-//! an activation block stays in L2 while the weight panels pass over it.
-//! On a CPU with AVX-512 the tile is 12x16, one 16-float register per row
-//! (12 of the 32 registers), over the same panels: twice the work per
-//! instruction, and the same sums in the same order, so the two kernels
-//! give the same bits. The kernel is chosen at each call from the CPU's
-//! features (`is_x86_feature_detected!` caches them). CPUs without AVX2
-//! and FMA use the `gemm` crate (see `conv.rs`).
+//! contiguous streams), and each output tile is stored once, epilogue
+//! included. Rows are blocked so that an activation block stays in L2
+//! while the weight panels pass over it.
+//!
+//! On a CPU with AVX-512 the tile is 14x32: two panels side by side, one
+//! 16-float register per row and panel (28 of the 32 registers), so each
+//! activation value loaded serves two FMAs; 14 rows fit the 56/28/14 maps
+//! with no tail. Its first tile of each panel pair prefetches the next
+//! pair. Every kernel sums the depth in the same order ([`sum_in_chunks`]:
+//! chunks of 256 steps, for accuracy), so they give the same bits. The
+//! kernel is chosen at each call from the CPU's features
+//! (`is_x86_feature_detected!` caches them). CPUs without AVX2 and FMA use
+//! the `gemm` crate (see `conv.rs`).
 
 use std::mem::MaybeUninit;
 
@@ -30,9 +34,17 @@ const MR_512: usize = 14;
 /// Columns of a weight panel, and of the AVX2 tile (output channels): two
 /// 8-float registers, or one 16-float register.
 const NR: usize = 16;
-/// Panels side by side in the AVX-512 tile (12x32): 24 accumulators, so
+/// Panels side by side in the AVX-512 tile (14x32): 28 accumulators, so
 /// that each activation value loaded serves two FMAs.
 const PANELS_512: usize = 2;
+/// Depth steps summed into fresh accumulators before they are added to the
+/// tile's running total: a two-level sum, whose rounding error grows with
+/// `CHUNK + depth / CHUNK` rather than with the depth (4608 in ResNet50's
+/// last 3x3 convs). `scripts/measure-accuracy` (ResNet50, against float64):
+/// one running sum left the core's error up to 2.2x PyTorch float32's own
+/// (fc; layer4.2.bn3 1.9x); in chunks of 256, 1.6x at fc and at most 1.3x
+/// elsewhere, for about 2% of the time.
+const CHUNK: usize = 256;
 /// An activation block's size in floats (256 KiB): it stays in L2 while
 /// every weight panel passes over it.
 const BLOCK_FLOATS: usize = 64 * 1024;
@@ -53,7 +65,7 @@ fn block_rows(rows: usize, own_per_row: usize, tile_rows: usize) -> usize {
 pub(crate) enum Kernel {
     /// 6x16, AVX2 and FMA.
     Avx2,
-    /// 12x32, AVX-512F (12x16 on a last, odd panel).
+    /// 14x32, AVX-512F (14x16 on a last, odd panel).
     Avx512,
 }
 
@@ -300,7 +312,7 @@ unsafe fn block<const ROWS: usize>(
         for first in (0..rows).step_by(ROWS) {
             let tile_rows = ROWS.min(rows - first);
             // The tile's rows of the activations, read in place: six (or
-            // twelve) streams the prefetcher follows, no packing. Past the
+            // fourteen) streams the prefetcher follows, no packing. Past the
             // last row, the last row again (computed, never stored).
             let mut lhs_rows = [std::ptr::null(); ROWS];
             for (r, pointer) in lhs_rows.iter_mut().enumerate() {
@@ -361,21 +373,32 @@ unsafe fn kernel_avx2(
     use std::arch::x86_64::*;
 
     debug_assert!(tile.columns <= NR && panel.len() == taps * segment * NR);
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
     let mut b = panel.as_ptr();
-    for tap in 0..taps {
-        let a: [*const f32; MR] = std::array::from_fn(|r| *rows[r].add(tap));
-        for step in 0..segment {
-            let b0 = _mm256_loadu_ps(b);
-            let b1 = _mm256_loadu_ps(b.add(8));
-            b = b.add(NR);
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let value = _mm256_broadcast_ss(&*a[r].add(step));
-                acc[0] = _mm256_fmadd_ps(value, b0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(value, b1, acc[1]);
+    let acc = sum_in_chunks(
+        taps,
+        segment,
+        [[_mm256_setzero_ps(); 2]; MR],
+        |total, part| {
+            for (total, part) in total.iter_mut().zip(part) {
+                for (total, part) in total.iter_mut().zip(part) {
+                    *total = _mm256_add_ps(*total, part);
+                }
             }
-        }
-    }
+        },
+        |acc, tap, steps| {
+            let a: [*const f32; MR] = std::array::from_fn(|r| *rows[r].add(tap));
+            for step in steps {
+                let b0 = _mm256_loadu_ps(b);
+                let b1 = _mm256_loadu_ps(b.add(8));
+                b = b.add(NR);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let value = _mm256_broadcast_ss(&*a[r].add(step));
+                    acc[0] = _mm256_fmadd_ps(value, b0, acc[0]);
+                    acc[1] = _mm256_fmadd_ps(value, b1, acc[1]);
+                }
+            }
+        },
+    );
 
     if tile.rows == MR && tile.columns == NR {
         let zero = _mm256_setzero_ps();
@@ -456,29 +479,40 @@ unsafe fn kernel_avx512_panels<const PANELS: usize, const PREFETCH: bool>(
 
     let panel_len = taps * segment * NR;
     debug_assert!(tile.columns <= PANELS * NR && panels.len() == PANELS * panel_len);
-    let mut acc = [[_mm512_setzero_ps(); PANELS]; MR_512];
     let mut b = panels.as_ptr();
     let mut ahead = next.as_ptr();
-    for tap in 0..taps {
-        let a: [*const f32; MR_512] = std::array::from_fn(|r| *rows[r].add(tap));
-        for step in 0..segment {
-            let weights: [__m512; PANELS] =
-                std::array::from_fn(|panel| _mm512_loadu_ps(b.add(panel * panel_len)));
-            b = b.add(NR);
-            if PREFETCH {
-                for panel in 0..PANELS {
-                    _mm_prefetch::<_MM_HINT_T1>(ahead.add(panel * panel_len).cast());
-                }
-                ahead = ahead.add(NR);
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let value = _mm512_set1_ps(*a[r].add(step));
-                for (acc, &weights) in acc.iter_mut().zip(&weights) {
-                    *acc = _mm512_fmadd_ps(value, weights, *acc);
+    let acc = sum_in_chunks(
+        taps,
+        segment,
+        [[_mm512_setzero_ps(); PANELS]; MR_512],
+        |total, part| {
+            for (total, part) in total.iter_mut().zip(part) {
+                for (total, part) in total.iter_mut().zip(part) {
+                    *total = _mm512_add_ps(*total, part);
                 }
             }
-        }
-    }
+        },
+        |acc, tap, steps| {
+            let a: [*const f32; MR_512] = std::array::from_fn(|r| *rows[r].add(tap));
+            for step in steps {
+                let weights: [__m512; PANELS] =
+                    std::array::from_fn(|panel| _mm512_loadu_ps(b.add(panel * panel_len)));
+                b = b.add(NR);
+                if PREFETCH {
+                    for panel in 0..PANELS {
+                        _mm_prefetch::<_MM_HINT_T1>(ahead.add(panel * panel_len).cast());
+                    }
+                    ahead = ahead.add(NR);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let value = _mm512_set1_ps(*a[r].add(step));
+                    for (acc, &weights) in acc.iter_mut().zip(&weights) {
+                        *acc = _mm512_fmadd_ps(value, weights, *acc);
+                    }
+                }
+            }
+        },
+    );
 
     if tile.rows == MR_512 && tile.columns == PANELS * NR {
         let zero = _mm512_setzero_ps();
@@ -537,6 +571,37 @@ unsafe fn kernel_avx512(
     _: &Tile,
 ) {
     unreachable!("no kernel runs off x86_64")
+}
+
+/// The order of every kernel's sums over the depth (`taps` runs of
+/// `segment` steps), so that the kernels give the same bits: a depth of at
+/// most [`CHUNK`] is one running sum; a longer one is summed in chunks
+/// (each tap's steps, [`CHUNK`] at a time) from zero, each chunk then added
+/// to the total. `steps(accumulators, tap, steps)` adds those steps of a
+/// tap, in order, to the accumulators; `add(total, part)` adds a chunk.
+#[inline(always)]
+fn sum_in_chunks<Sums: Copy>(
+    taps: usize,
+    segment: usize,
+    zero: Sums,
+    add: impl Fn(&mut Sums, Sums),
+    mut steps: impl FnMut(&mut Sums, usize, std::ops::Range<usize>),
+) -> Sums {
+    let mut total = zero;
+    if taps * segment <= CHUNK {
+        for tap in 0..taps {
+            steps(&mut total, tap, 0..segment);
+        }
+        return total;
+    }
+    for tap in 0..taps {
+        for first in (0..segment).step_by(CHUNK) {
+            let mut part = zero;
+            steps(&mut part, tap, first..segment.min(first + CHUNK));
+            add(&mut total, part);
+        }
+    }
+    total
 }
 
 /// The epilogue for a tile cut by the output's edge, in the same order of
@@ -605,34 +670,74 @@ mod tests {
         if !(Kernel::Avx2.runs_here() && Kernel::Avx512.runs_here()) {
             return;
         }
-        let (rows, depth, columns) = (61, 147, 70);
-        let a = values(rows * depth, 5);
-        let packed = PackedWeights::pack(&values(depth * columns, 6), depth, columns);
-        let plain = |row: usize, starts: &mut [*const f32]| starts[0] = a[row * depth..].as_ptr();
+        // One running sum (a depth within one chunk), and several chunks
+        // per tap with a short last one.
+        for (taps, segment) in [(1, 147), (2, 600)] {
+            let (rows, depth, columns) = (61, taps * segment, 70);
+            let a = values(rows * depth, 5);
+            let packed = PackedWeights::pack(&values(depth * columns, 6), depth, columns);
+            let locate = |row: usize, starts: &mut [*const f32]| {
+                for (tap, start) in starts.iter_mut().enumerate() {
+                    *start = a[row * depth + tap * segment..].as_ptr();
+                }
+            };
+            let lhs = Rows {
+                taps,
+                segment,
+                own_per_row: depth,
+                locate: &locate,
+            };
+            let run = |kernel| {
+                let mut output = vec![MaybeUninit::new(0f32); rows * columns];
+                multiply_with(
+                    kernel,
+                    rows,
+                    &lhs,
+                    &packed,
+                    &mut output,
+                    Epilogue::default(),
+                    2,
+                );
+                // SAFETY: every element was written.
+                output
+                    .iter()
+                    .map(|v| unsafe { v.assume_init() }.to_bits())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(run(Kernel::Avx2), run(Kernel::Avx512), "{taps} x {segment}");
+        }
+    }
+
+    #[test]
+    fn a_long_depth_is_summed_in_chunks() {
+        // 2^24, then ones: a running sum stays at 2^24 (each +1 rounds back
+        // to even); summed in chunks, only the first chunk's ones are lost.
+        let depth = 3 * CHUNK;
+        let mut a = vec![1f32; depth];
+        a[0] = 16_777_216.0;
+        let packed = PackedWeights::pack(&vec![1f32; depth], depth, 1);
+        let plain = |_: usize, starts: &mut [*const f32]| starts[0] = a.as_ptr();
         let lhs = Rows {
             taps: 1,
             segment: depth,
             own_per_row: depth,
             locate: &plain,
         };
-        let run = |kernel| {
-            let mut output = vec![MaybeUninit::new(0f32); rows * columns];
+        for kernel in Kernel::all().into_iter().filter(|k| k.runs_here()) {
+            let mut output = [MaybeUninit::new(0f32)];
             multiply_with(
                 kernel,
-                rows,
+                1,
                 &lhs,
                 &packed,
                 &mut output,
                 Epilogue::default(),
-                2,
+                1,
             );
-            // SAFETY: every element was written.
-            output
-                .iter()
-                .map(|v| unsafe { v.assume_init() }.to_bits())
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(run(Kernel::Avx2), run(Kernel::Avx512));
+            // SAFETY: written by `multiply_with`.
+            let sum = unsafe { output[0].assume_init() };
+            assert_eq!(sum, 16_777_216.0 + 2.0 * CHUNK as f32, "{kernel:?}");
+        }
     }
 
     fn agrees_with_the_definition_on_edges_blocks_and_epilogues(kernel: Kernel) {
