@@ -25,6 +25,10 @@ use std::time::{Duration, Instant};
 
 /// How long a worker spins, waiting for the next region, before it parks.
 const SPIN: Duration = Duration::from_millis(2);
+/// How long of that it keeps its CPU to itself; after, it yields the CPU at
+/// each check, to whatever else the process runs between regions (`verify`
+/// compares each stage on rayon's threads), and stays awake all the same.
+const SPIN_ALONE: Duration = Duration::from_micros(50);
 
 /// Runs `task(index)` for every index in `0..count`, over `threads` threads
 /// (the caller's and `threads - 1` workers), and returns once all have run.
@@ -209,8 +213,14 @@ impl Pool {
             }
             std::hint::spin_loop();
             spins = spins.wrapping_add(1);
-            if spins.is_multiple_of(1024) && started.elapsed() > SPIN {
-                break;
+            if spins.is_multiple_of(256) {
+                let waited = started.elapsed();
+                if waited > SPIN {
+                    break;
+                }
+                if waited > SPIN_ALONE {
+                    std::thread::yield_now();
+                }
             }
         }
         let mut parked = self.parked.lock().unwrap_or_else(|p| p.into_inner());
