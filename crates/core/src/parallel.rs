@@ -18,8 +18,9 @@
 //! busy (another thread's pass, or a region started from inside a region)
 //! runs its region alone, which gives the same results.
 
+use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
@@ -44,7 +45,9 @@ pub(crate) fn run(threads: usize, count: usize, task: &(dyn Fn(usize) + Sync)) {
 
 /// Threads the core uses: as many as the rayon pool the caller runs in has
 /// (`verify --threads`, `RAYON_NUM_THREADS`, or one per CPU), so that one
-/// setting governs the core and the harness.
+/// setting governs the core and the harness. On one of the core's own
+/// workers that is the global pool's count; no task starts a region of
+/// its own, and one that did would run it alone (see [`run`]'s pool).
 pub(crate) fn threads() -> usize {
     rayon::current_num_threads()
 }
@@ -106,8 +109,9 @@ struct Pool {
     generation: AtomicU64,
     /// Workers between joining a region and leaving it.
     inside: AtomicUsize,
-    /// A task panicked on a worker.
-    panicked: AtomicBool,
+    /// What the first task to panic on a worker panicked with, for the
+    /// caller to panic with in turn.
+    panicked: Mutex<Option<Box<dyn Any + Send>>>,
     /// Held by the caller whose region runs.
     running: Mutex<()>,
     /// Parked workers, and the condition that wakes them.
@@ -131,7 +135,7 @@ impl Pool {
             region: AtomicPtr::new(std::ptr::null_mut()),
             generation: AtomicU64::new(0),
             inside: AtomicUsize::new(0),
-            panicked: AtomicBool::new(false),
+            panicked: Mutex::new(None),
             running: Mutex::new(()),
             parked: Mutex::new(0),
             wake: Condvar::new(),
@@ -166,7 +170,12 @@ impl Pool {
             count,
             next: AtomicUsize::new(0),
         };
-        let closing = Closing(self);
+        // A panic left over from a region whose caller panicked too.
+        self.take_panic();
+        let closing = Closing {
+            pool: self,
+            region: &region,
+        };
         self.region
             .store(&region as *const Region as *mut Region, SeqCst);
         self.generation.fetch_add(1, SeqCst);
@@ -175,9 +184,16 @@ impl Pool {
         }
         region.work();
         drop(closing);
-        if self.panicked.swap(false, SeqCst) {
-            panic!("a task panicked on a worker thread");
+        if let Some(payload) = self.take_panic() {
+            std::panic::resume_unwind(payload);
         }
+    }
+
+    fn take_panic(&self) -> Option<Box<dyn Any + Send>> {
+        self.panicked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// A worker's life: wait for a region, help with it, again.
@@ -193,8 +209,13 @@ impl Pool {
             if !region.is_null() {
                 // SAFETY: the region's caller waits for `inside` to fall.
                 let region = unsafe { &*region };
-                if catch_unwind(AssertUnwindSafe(|| region.work())).is_err() {
-                    self.panicked.store(true, SeqCst);
+                if let Err(payload) = catch_unwind(AssertUnwindSafe(|| region.work())) {
+                    // The rest need not run: the caller panics.
+                    region.next.store(region.count, SeqCst);
+                    self.panicked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(payload);
                 }
             }
             self.inside.fetch_sub(1, SeqCst);
@@ -241,13 +262,26 @@ impl Pool {
 
 /// Closes a region when dropped (on return or unwinding): no worker may
 /// join it after, and every worker inside has left.
-struct Closing<'a>(&'a Pool);
+struct Closing<'a> {
+    pool: &'a Pool,
+    region: &'a Region,
+}
 
 impl Drop for Closing<'_> {
     fn drop(&mut self) {
-        self.0.region.store(std::ptr::null_mut(), SeqCst);
-        while self.0.inside.load(SeqCst) != 0 {
+        if std::thread::panicking() {
+            // A task panicked on the caller: the rest need not run.
+            self.region.next.store(self.region.count, SeqCst);
+        }
+        self.pool.region.store(std::ptr::null_mut(), SeqCst);
+        let mut spins = 0u32;
+        while self.pool.inside.load(SeqCst) != 0 {
             std::hint::spin_loop();
+            spins = spins.wrapping_add(1);
+            // A worker may have been preempted inside.
+            if spins.is_multiple_of(256) {
+                std::thread::yield_now();
+            }
         }
     }
 }
@@ -304,11 +338,14 @@ mod tests {
 
     #[test]
     fn a_region_after_the_workers_parked_still_runs_on_them() {
-        run(2, 4, &|_| {});
+        // A thread count no other test uses: a pool busy with another
+        // test's region would run this one on the caller alone.
+        const THREADS: usize = 5;
+        run(THREADS, 4, &|_| {});
         std::thread::sleep(SPIN * 3);
         let on_workers = AtomicUsize::new(0);
         // Long enough tasks that the woken worker takes some.
-        run(2, 64, &|_| {
+        run(THREADS, 64, &|_| {
             if std::thread::current()
                 .name()
                 .is_some_and(|name| name.starts_with("resnet-core-"))
@@ -322,17 +359,24 @@ mod tests {
 
     #[test]
     fn a_panicking_task_panics_the_caller_and_leaves_the_pool_usable() {
-        let result = std::panic::catch_unwind(|| {
-            run(2, 100, &|index| {
-                std::thread::sleep(Duration::from_micros(100));
-                assert!(index != 50, "index 50");
-            })
-        });
-        assert!(result.is_err());
-        let count = AtomicUsize::new(0);
-        run(2, 100, &|_| {
-            count.fetch_add(1, SeqCst);
-        });
-        assert_eq!(count.load(SeqCst), 100);
+        const THREADS: usize = 6;
+        for _ in 0..20 {
+            // Tasks panic on the caller and on the worker alike.
+            let result = std::panic::catch_unwind(|| {
+                run(THREADS, 100, &|index| {
+                    std::thread::sleep(Duration::from_micros(100));
+                    assert!(index < 50, "index {index}");
+                })
+            });
+            let payload = result.expect_err("the region panics");
+            let message = payload.downcast_ref::<String>().expect("assert's message");
+            assert!(message.starts_with("index "), "{message}");
+            // Nothing is left over for the next region.
+            let count = AtomicUsize::new(0);
+            run(THREADS, 100, &|_| {
+                count.fetch_add(1, SeqCst);
+            });
+            assert_eq!(count.load(SeqCst), 100);
+        }
     }
 }

@@ -430,7 +430,7 @@ unsafe fn kernel_avx2(
     store_edge(&values, tile);
 }
 
-/// The AVX-512 tile: 12 rows of two panels' 32 columns (one panel's 16 on
+/// The AVX-512 tile: 14 rows of two panels' 32 columns (one panel's 16 on
 /// a last, odd panel), each row's 16 columns of a panel in one register,
 /// the activation value broadcast from memory into the FMA. The sums run
 /// over the depth in the same order as [`kernel_avx2`]'s, so the bits are
@@ -446,7 +446,8 @@ unsafe fn kernel_avx512(
     tile: &Tile,
 ) {
     // The next panels are prefetched only when they have the same length,
-    // one cache line per panel and depth step, `PREFETCH` steps ahead.
+    // one cache line per panel and depth step, at the depth step this tile
+    // is at.
     let next = next.filter(|next| next.len() == panels.len());
     match (tile.columns > NR, next) {
         (true, None) => kernel_avx512_panels::<2, false>(taps, segment, rows, panels, panels, tile),
