@@ -101,7 +101,7 @@ impl Tolerance {
 /// bfloat16. The default multiple, 5: a candidate within 4x the floor
 /// against float64 (TorchDynamo allows 2x on the RMS error; a stage's
 /// maximum is noisier: 2x + 1 would leave the core, at up to 2.89x
-/// against the reference when it summed in one running sum, 2.48x since,
+/// against the reference when it summed in one running sum, 1.80x since,
 /// no margin) plus the reference's own floor. docs/tolerance.md has the
 /// measurements: correct float32 implementations need up to 2.9x, the bug
 /// classes hundreds.
