@@ -1,3 +1,4 @@
+use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
 use ndarray::{Array4, ArrayView4};
@@ -55,14 +56,22 @@ pub struct Conv2d {
     in_channels: usize,
     out_channels: usize,
     geometry: ConvGeometry,
-    /// One `(kernel_y * kernel_x * in_per_group) x out_per_group` matrix per
-    /// group; see `weights::conv_weight_from_oihw`.
-    weight: Vec<f32>,
+    weights: ConvWeights,
     bias: Option<Vec<f32>>,
-    /// The weights packed for the AVX2 kernel, once, where it runs and the
-    /// conv is not grouped (grouped convs are many narrow products, which
-    /// the `gemm` crate runs in parallel over the groups).
-    packed: Option<PackedWeights>,
+}
+
+/// A conv's weights, in one form only: as the product reads them.
+#[derive(Clone, Debug, PartialEq)]
+enum ConvWeights {
+    /// One `(kernel_y * kernel_x * in_per_group) x out_per_group` matrix per
+    /// group (see `weights::conv_weight_from_oihw`), for the `gemm` crate:
+    /// grouped convs (many narrow products, run in parallel over the
+    /// groups) and CPUs without the packed kernel.
+    Plain(Vec<f32>),
+    /// The same matrix packed once for the packed kernel, where it runs and
+    /// the conv is not grouped. The plain matrix is not kept beside it (94
+    /// MB in ResNet50); folding a BatchNorm unpacks it.
+    Packed(PackedWeights),
 }
 
 impl Conv2d {
@@ -92,15 +101,21 @@ impl Conv2d {
         if let Some(bias) = &bias {
             assert_eq!(bias.len(), out_channels);
         }
-        let packed = (geometry.groups == 1 && packed_gemm::available())
-            .then(|| PackedWeights::pack(&weight_panels, kh * kw * in_channels, out_channels));
+        let weights = if geometry.groups == 1 && packed_gemm::available() {
+            ConvWeights::Packed(PackedWeights::pack(
+                &weight_panels,
+                kh * kw * in_channels,
+                out_channels,
+            ))
+        } else {
+            ConvWeights::Plain(weight_panels)
+        };
         Conv2d {
             in_channels,
             out_channels,
             geometry,
-            weight: weight_panels,
+            weights,
             bias,
-            packed,
         }
     }
 
@@ -182,19 +197,22 @@ impl Conv2d {
             }
         }
         let threads = parallel::threads();
-        if let Some(packed) = &self.packed {
-            let epilogue = Epilogue {
-                bias: self.bias.as_deref(),
-                residual: residual.map(Tensor::as_slice),
-                relu,
-            };
-            // Not zeroed first: the kernel writes every element.
-            let mut out = Array4::<f32>::uninit((batch, out_h, out_w, self.out_channels));
-            let slice = out.as_slice_mut().expect("a new array is contiguous");
-            self.multiply_packed(x, out_h, out_w, packed, slice, epilogue, threads);
-            // SAFETY: `packed_gemm::multiply` wrote every element.
-            return Ok(Tensor::from_nhwc(unsafe { out.assume_init() }));
-        }
+        let weight = match &self.weights {
+            ConvWeights::Plain(weight) => weight,
+            ConvWeights::Packed(packed) => {
+                let epilogue = Epilogue {
+                    bias: self.bias.as_deref(),
+                    residual: residual.map(Tensor::as_slice),
+                    relu,
+                };
+                // Not zeroed first: the kernel writes every element.
+                let mut out = Array4::<f32>::uninit((batch, out_h, out_w, self.out_channels));
+                let slice = out.as_slice_mut().expect("a new array is contiguous");
+                self.multiply_packed(x, out_h, out_w, packed, slice, epilogue, threads);
+                // SAFETY: `packed_gemm::multiply` wrote every element.
+                return Ok(Tensor::from_nhwc(unsafe { out.assume_init() }));
+            }
+        };
         let mut out = Tensor::zeros(batch, out_h, out_w, self.out_channels);
 
         let patches;
@@ -210,8 +228,7 @@ impl Conv2d {
         };
         let run_group = |group: usize, threads: usize| {
             let lhs = MatrixView::row_major(lhs_data, group * depth, groups * depth);
-            let rhs =
-                MatrixView::row_major(&self.weight, group * depth * out_per_group, out_per_group);
+            let rhs = MatrixView::row_major(weight, group * depth * out_per_group, out_per_group);
             // SAFETY: the column block of one group stays inside `out`.
             let block = unsafe { output.shifted(group * out_per_group) };
             // SAFETY: each group writes only its own `out_per_group` columns.
@@ -318,12 +335,15 @@ impl Conv2d {
     pub fn fold_batch_norm(&self, norm: &BatchNorm) -> Conv2d {
         let (scale, shift) = norm.scale_and_shift();
         let out_per_group = self.out_channels / self.geometry.groups;
-        let weight = self
-            .weight
+        let plain = match &self.weights {
+            ConvWeights::Plain(weight) => Cow::Borrowed(weight),
+            ConvWeights::Packed(packed) => Cow::Owned(packed.unpack()),
+        };
+        let weight = plain
             .iter()
             .enumerate()
             .map(|(index, &w)| {
-                let group = index / (self.weight.len() / self.geometry.groups);
+                let group = index / (plain.len() / self.geometry.groups);
                 let channel = group * out_per_group + index % out_per_group;
                 (w as f64 * scale[channel] as f64) as f32
             })
@@ -455,9 +475,11 @@ mod tests {
                 weight,
                 Some(values(out_channels, 2)),
             );
-            assert!(packed.packed.is_some());
+            let ConvWeights::Packed(packed_weights) = &packed.weights else {
+                panic!("a conv of one group is packed where the kernel runs");
+            };
             let plain = Conv2d {
-                packed: None,
+                weights: ConvWeights::Plain(packed_weights.unpack()),
                 ..packed.clone()
             };
             let x = Tensor::from_nhwc(

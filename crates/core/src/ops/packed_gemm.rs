@@ -132,6 +132,20 @@ impl PackedWeights {
         }
     }
 
+    /// The `depth x columns` row-major matrix it was packed from.
+    pub fn unpack(&self) -> Vec<f32> {
+        let mut matrix = vec![0f32; self.depth * self.columns];
+        for (panel, packed) in self.data.chunks_exact(self.depth * NR).enumerate() {
+            let first = panel * NR;
+            let width = NR.min(self.columns - first);
+            for (row, packed_row) in packed.chunks_exact(NR).enumerate() {
+                let start = row * self.columns + first;
+                matrix[start..start + width].copy_from_slice(&packed_row[..width]);
+            }
+        }
+        matrix
+    }
+
     /// Panels `first..first + count`, one after the other.
     fn panels(&self, first: usize, count: usize) -> &[f32] {
         &self.data[first * self.depth * NR..(first + count) * self.depth * NR]
@@ -706,6 +720,14 @@ mod tests {
                     .collect::<Vec<_>>()
             };
             assert_eq!(run(Kernel::Avx2), run(Kernel::Avx512), "{taps} x {segment}");
+        }
+    }
+
+    #[test]
+    fn unpacking_gives_the_matrix_back() {
+        for (depth, columns) in [(1, 1), (3, 17), (5, 32), (7, 70)] {
+            let matrix = values(depth * columns, 7);
+            assert_eq!(PackedWeights::pack(&matrix, depth, columns).unpack(), matrix);
         }
     }
 
