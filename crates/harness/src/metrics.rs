@@ -205,6 +205,33 @@ fn smallest_passing(passes: impl Fn(f64) -> bool, guess: f64) -> f64 {
     f64::from_bits(passing)
 }
 
+/// The largest |value| among the finite values (0 when none is): a
+/// comparison's scale. In lanes, with a select for the maximum, so that it
+/// vectorises: `filter(is_finite).fold(f32::max)` ran one value at a time
+/// and took some 10% of verify's time on a ResNet50 dump.
+pub fn largest_finite_magnitude(values: &[f32]) -> f32 {
+    const WIDTH: usize = 16;
+    let mut lanes = [0f32; WIDTH];
+    let mut add = |lane: usize, value: f32| {
+        let magnitude = if value.is_finite() { value.abs() } else { 0.0 };
+        lanes[lane] = if magnitude > lanes[lane] {
+            magnitude
+        } else {
+            lanes[lane]
+        };
+    };
+    let whole = values.len() / WIDTH * WIDTH;
+    for chunk in values[..whole].chunks_exact(WIDTH) {
+        for (lane, &value) in chunk.iter().enumerate() {
+            add(lane, value);
+        }
+    }
+    for &value in &values[whole..] {
+        add(0, value);
+    }
+    lanes.into_iter().fold(0f32, f32::max)
+}
+
 /// Compares two arrays of the same length, both in the reference's order;
 /// `shape` is the reference's, used to name the worst element.
 pub fn compare(
@@ -220,12 +247,7 @@ pub fn compare(
     );
     let scale = reference
         .par_chunks(CHUNK)
-        .map(|chunk| {
-            chunk
-                .iter()
-                .filter(|v| v.is_finite())
-                .fold(0f32, |max, &v| max.max(v.abs()))
-        })
+        .map(largest_finite_magnitude)
         .reduce(|| 0f32, f32::max) as f64;
     let atol = tolerance.atol_for(scale);
 
@@ -608,6 +630,22 @@ fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_scale_is_the_largest_finite_magnitude_in_any_lane() {
+        for len in [0, 1, 15, 16, 17, 100] {
+            for at in 0..len {
+                let mut values: Vec<f32> = (0..len).map(|i| (i % 7) as f32 - 3.0).collect();
+                values[at] = -1e6;
+                if len > 2 {
+                    values[(at + 1) % len] = f32::NAN;
+                    values[(at + 2) % len] = f32::NEG_INFINITY;
+                }
+                assert_eq!(largest_finite_magnitude(&values), 1e6, "{len} values, -1e6 at {at}");
+            }
+        }
+        assert_eq!(largest_finite_magnitude(&[f32::NAN, f32::INFINITY]), 0.0);
+    }
     use crate::tolerance::AbsoluteTolerance;
 
     /// Seeded xorshift draws in [0, 1).

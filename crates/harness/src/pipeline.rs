@@ -13,7 +13,8 @@ use resnet_dump::{ModuleKind, StageEntry};
 
 use crate::diagnosis::{Evidence, Hint, Observed};
 use crate::metrics::{
-    compare_for_report, failure_detail, max_abs_error_by_item, Comparison, Verdict,
+    compare_for_report, failure_detail, largest_finite_magnitude, max_abs_error_by_item,
+    Comparison, Verdict,
 };
 use crate::reference_stages::ReferenceStages;
 use crate::report::{
@@ -217,10 +218,11 @@ fn compare_stages(
         // error keep the whole stage's scale, so that an item's verdict is
         // the one the whole batch gives it.
         let full_scale = options.item.map(|_| {
-            reference
-                .iter()
-                .filter(|v| v.is_finite())
-                .fold(0f32, |max, v| max.max(v.abs())) as f64
+            let reference = reference.as_standard_layout();
+            let values = reference
+                .as_slice()
+                .expect("a standard layout is contiguous");
+            largest_finite_magnitude(values) as f64
         });
         if let Some(scale) = full_scale {
             tolerance.tolerance.atol =

@@ -727,7 +727,10 @@ mod tests {
     fn unpacking_gives_the_matrix_back() {
         for (depth, columns) in [(1, 1), (3, 17), (5, 32), (7, 70)] {
             let matrix = values(depth * columns, 7);
-            assert_eq!(PackedWeights::pack(&matrix, depth, columns).unpack(), matrix);
+            assert_eq!(
+                PackedWeights::pack(&matrix, depth, columns).unpack(),
+                matrix
+            );
         }
     }
 
