@@ -3,6 +3,7 @@
 //! block and layer.
 
 pub mod adapter;
+pub mod allocator;
 pub mod compare_dumps;
 pub mod diagnosis;
 mod error;

@@ -641,7 +641,11 @@ mod tests {
                     values[(at + 1) % len] = f32::NAN;
                     values[(at + 2) % len] = f32::NEG_INFINITY;
                 }
-                assert_eq!(largest_finite_magnitude(&values), 1e6, "{len} values, -1e6 at {at}");
+                assert_eq!(
+                    largest_finite_magnitude(&values),
+                    1e6,
+                    "{len} values, -1e6 at {at}"
+                );
             }
         }
         assert_eq!(largest_finite_magnitude(&[f32::NAN, f32::INFINITY]), 0.0);

@@ -41,6 +41,7 @@ struct Cli {
 }
 
 fn main() -> anyhow::Result<()> {
+    resnet_verify::allocator::keep_freed_memory();
     let cli = Cli::parse();
     rayon::ThreadPoolBuilder::new()
         .num_threads(cli.threads)

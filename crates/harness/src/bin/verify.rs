@@ -239,6 +239,7 @@ enum Format {
 }
 
 fn main() -> ExitCode {
+    resnet_verify::allocator::keep_freed_memory();
     let cli = Cli::parse();
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
