@@ -135,7 +135,7 @@ impl FusedPlan {
                         }
                     }
                     let step = Step::Conv {
-                        conv,
+                        conv: conv.for_inference(),
                         input: input.expect("a conv has an input"),
                         residual: None,
                         relu,

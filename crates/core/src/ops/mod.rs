@@ -9,6 +9,7 @@ mod linear;
 mod matmul;
 mod packed_gemm;
 mod pool;
+mod winograd;
 
 pub use activation::{add_relu, add_relu_in_place, relu, relu_in_place};
 pub use batch_norm::BatchNorm;
