@@ -90,6 +90,7 @@ impl WinogradWeights {
             tiles_x * 16 * channels,
             |tile_row, out| {
                 let (image, ty) = (tile_row / tiles_y, tile_row % tiles_y);
+                let mut rows = vec![0f32; 16 * channels];
                 for (tx, out) in out.chunks_exact_mut(16 * channels).enumerate() {
                     let pixel = |i: usize, j: usize| -> &[f32] {
                         let (y, x) = ((2 * ty + i).wrapping_sub(1), (2 * tx + j).wrapping_sub(1));
@@ -100,31 +101,28 @@ impl WinogradWeights {
                             &zeros
                         }
                     };
-                    let d: [[&[f32]; 4]; 4] =
-                        std::array::from_fn(|i| std::array::from_fn(|j| pixel(i, j)));
-                    for c in 0..channels {
-                        let d = |i: usize, j: usize| d[i][j][c];
-                        // B^T d: rows.
-                        let t: [[f32; 4]; 4] = std::array::from_fn(|j| {
-                            [
-                                d(0, j) - d(2, j),
-                                d(1, j) + d(2, j),
-                                d(2, j) - d(1, j),
-                                d(1, j) - d(3, j),
-                            ]
-                        });
-                        // (B^T d) B: columns; t is indexed [column][row].
-                        for i in 0..4 {
-                            let v = [
-                                t[0][i] - t[2][i],
-                                t[1][i] + t[2][i],
-                                t[2][i] - t[1][i],
-                                t[1][i] - t[3][i],
-                            ];
-                            for (j, value) in v.into_iter().enumerate() {
-                                out[(i * 4 + j) * channels + c] = value;
-                            }
-                        }
+                    // B^T d, a whole run of channels at a time: row i,
+                    // column j in `rows[(i * 4 + j) * channels..]`.
+                    for j in 0..4 {
+                        let d: [&[f32]; 4] = std::array::from_fn(|i| pixel(i, j));
+                        let at = |i: usize| (i * 4 + j) * channels..(i * 4 + j + 1) * channels;
+                        difference(&mut rows[at(0)], d[0], d[2]);
+                        sum(&mut rows[at(1)], d[1], d[2]);
+                        difference(&mut rows[at(2)], d[2], d[1]);
+                        difference(&mut rows[at(3)], d[1], d[3]);
+                    }
+                    // (B^T d) B: the same over each row's columns.
+                    for i in 0..4 {
+                        let t =
+                            |j: usize| &rows[(i * 4 + j) * channels..(i * 4 + j + 1) * channels];
+                        let (first, rest) =
+                            out[i * 4 * channels..(i + 1) * 4 * channels].split_at_mut(channels);
+                        let (second, rest) = rest.split_at_mut(channels);
+                        let (third, fourth) = rest.split_at_mut(channels);
+                        difference(first, t(0), t(2));
+                        sum(second, t(1), t(2));
+                        difference(third, t(2), t(1));
+                        difference(fourth, t(1), t(3));
                     }
                 }
             },
@@ -175,40 +173,52 @@ impl WinogradWeights {
             .enumerate()
         {
             parallel::for_each_chunk(threads, out_image, 2 * line, |ty, rows| {
+                // A^T m, row i, column j, in `columns[(i * 4 + j) * outputs..]`.
+                let mut columns = vec![0f32; 8 * outputs];
+                let mut pixel = vec![0f32; outputs];
                 for tx in 0..tiles_x {
                     let tile = (image * tiles_y + ty) * tiles_x + tx;
                     let m = |point: usize| {
                         let start = (point * tiles + tile) * outputs;
                         &products[start..start + outputs]
                     };
-                    let m: [&[f32]; 16] = std::array::from_fn(m);
-                    for k in 0..outputs {
-                        let m = |i: usize, j: usize| m[i * 4 + j][k];
-                        // A^T m: two rows of four.
-                        let s: [[f32; 4]; 2] = [
-                            std::array::from_fn(|j| m(0, j) + m(1, j) + m(2, j)),
-                            std::array::from_fn(|j| m(1, j) - m(2, j) - m(3, j)),
-                        ];
-                        for (i, s) in s.iter().enumerate() {
-                            let y = 2 * ty + i;
-                            if y >= height {
+                    for j in 0..4 {
+                        let (top, bottom) = columns.split_at_mut(4 * outputs);
+                        let at = j * outputs..(j + 1) * outputs;
+                        sum_of_three(&mut top[at.clone()], m(j), m(4 + j), m(8 + j));
+                        difference_of_three(&mut bottom[at], m(4 + j), m(8 + j), m(12 + j));
+                    }
+                    for i in 0..2 {
+                        if 2 * ty + i >= height {
+                            continue;
+                        }
+                        let s =
+                            |j: usize| &columns[(i * 4 + j) * outputs..(i * 4 + j + 1) * outputs];
+                        for j in 0..2 {
+                            let x = 2 * tx + j;
+                            if x >= width {
                                 continue;
                             }
-                            let pair = [s[0] + s[1] + s[2], s[1] - s[2] - s[3]];
-                            for (j, &value) in pair.iter().enumerate() {
-                                let x = 2 * tx + j;
-                                if x >= width {
-                                    continue;
-                                }
-                                let at = i * line + x * outputs + k;
+                            if j == 0 {
+                                sum_of_three(&mut pixel, s(0), s(1), s(2));
+                            } else {
+                                difference_of_three(&mut pixel, s(1), s(2), s(3));
+                            }
+                            let at = i * line + x * outputs;
+                            let skip = residual.map(|residual| {
+                                let start = image * height * line + 2 * ty * line + at;
+                                &residual[start..start + outputs]
+                            });
+                            let out = &mut rows[at..at + outputs];
+                            for (k, (out, &value)) in out.iter_mut().zip(&pixel).enumerate() {
                                 let mut sum = value;
                                 if let Some(bias) = bias {
                                     sum += bias[k];
                                 }
-                                if let Some(residual) = residual {
-                                    sum += residual[image * height * line + 2 * ty * line + at];
+                                if let Some(skip) = skip {
+                                    sum += skip[k];
                                 }
-                                rows[at] = if relu { sum.max(0.0) } else { sum };
+                                *out = if relu { sum.max(0.0) } else { sum };
                             }
                         }
                     }
@@ -216,6 +226,34 @@ impl WinogradWeights {
             });
         }
         out
+    }
+}
+
+/// `out = a + b`, element by element (one loop, so that it vectorises).
+fn sum(out: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((out, &a), &b) in out.iter_mut().zip(a).zip(b) {
+        *out = a + b;
+    }
+}
+
+/// `out = (a + b) + c`, element by element.
+fn sum_of_three(out: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
+    for (((out, &a), &b), &c) in out.iter_mut().zip(a).zip(b).zip(c) {
+        *out = a + b + c;
+    }
+}
+
+/// `out = (a - b) - c`, element by element.
+fn difference_of_three(out: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
+    for (((out, &a), &b), &c) in out.iter_mut().zip(a).zip(b).zip(c) {
+        *out = a - b - c;
+    }
+}
+
+/// `out = a - b`, element by element.
+fn difference(out: &mut [f32], a: &[f32], b: &[f32]) {
+    for ((out, &a), &b) in out.iter_mut().zip(a).zip(b) {
+        *out = a - b;
     }
 }
 
