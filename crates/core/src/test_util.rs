@@ -1,10 +1,14 @@
 //! Helpers shared by the core's unit tests.
 
-/// Deterministic values in [-0.5, 0.5).
+/// Deterministic values in [-0.5, 0.5); other seeds give unrelated values
+/// (the seed reaches the high bits, which the low ones would not).
 pub(crate) fn values(count: usize, seed: u32) -> Vec<f32> {
     (0..count)
         .map(|i| {
-            let bits = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+            let bits = (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(0x9E37_79B9))
+                >> 8;
             bits as f32 / (1u32 << 24) as f32 - 0.5
         })
         .collect()

@@ -1,5 +1,6 @@
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
+use std::sync::OnceLock;
 
 use ndarray::{Array4, ArrayView4};
 
@@ -73,11 +74,13 @@ enum ConvWeights {
     /// the conv is not grouped. The plain matrix is not kept beside it (94
     /// MB in ResNet50); folding a BatchNorm unpacks it.
     Packed(PackedWeights),
-    /// A 3x3 stride-1 conv of the inference path: Winograd's weights, and
-    /// the packed ones for maps under [`WINOGRAD_FROM`] pixels a side.
+    /// A 3x3 stride-1 conv of the inference path: the packed weights, and
+    /// Winograd's, made the first time a map of [`WINOGRAD_FROM`] pixels a
+    /// side or more comes (ResNet50's layer4 at 224x224 never needs them:
+    /// 48 MB).
     Winograd {
         packed: PackedWeights,
-        winograd: WinogradWeights,
+        winograd: OnceLock<WinogradWeights>,
     },
 }
 
@@ -85,6 +88,15 @@ enum ConvWeights {
 /// tiles, which the GEMM's 14-row tile covers with 28 rows (43% wasted):
 /// the direct conv's 49 pixels in 56 rows do about as well.
 const WINOGRAD_FROM: usize = 14;
+/// The convs the Winograd form computes: 3x3, stride 1, padding 1, one
+/// group, no dilation.
+const WINOGRAD_GEOMETRY: ConvGeometry = ConvGeometry {
+    kernel: [3, 3],
+    stride: [1, 1],
+    padding: [1, 1],
+    dilation: [1, 1],
+    groups: 1,
+};
 /// The fewest input channels the Winograd form is used for: at 64
 /// (ResNet50's layer1, 56x56) its transforms' traffic through memory cost
 /// more than the multiplies saved (1.2 ms a conv against 0.95 direct, one
@@ -219,9 +231,15 @@ impl Conv2d {
         let threads = parallel::threads();
         let weight = match &self.weights {
             ConvWeights::Plain(weight) => weight,
-            ConvWeights::Winograd { winograd, .. }
-                if height >= WINOGRAD_FROM && width >= WINOGRAD_FROM =>
+            // The geometry again: `with_padding` keeps the weights.
+            ConvWeights::Winograd { packed, winograd }
+                if height >= WINOGRAD_FROM
+                    && width >= WINOGRAD_FROM
+                    && self.geometry == WINOGRAD_GEOMETRY =>
             {
+                let winograd = winograd.get_or_init(|| {
+                    WinogradWeights::new(&packed.unpack(), self.in_channels, self.out_channels)
+                });
                 return Ok(winograd.forward(x, self.bias.as_deref(), residual, relu));
             }
             ConvWeights::Packed(packed) | ConvWeights::Winograd { packed, .. } => {
@@ -394,18 +412,17 @@ impl Conv2d {
     /// group, padded by 1, of [`WINOGRAD_DEPTH`] input channels or more, in
     /// Winograd's form as well (see `winograd.rs`); any other as it is.
     pub(crate) fn for_inference(self) -> Conv2d {
-        let ConvWeights::Packed(packed) = &self.weights else {
-            return self;
-        };
-        if self.geometry != ConvGeometry::square(3, 1, 1, 1) || self.in_channels < WINOGRAD_DEPTH {
+        if self.geometry != WINOGRAD_GEOMETRY || self.in_channels < WINOGRAD_DEPTH {
             return self;
         }
-        let winograd = WinogradWeights::new(&packed.unpack(), self.in_channels, self.out_channels);
         let ConvWeights::Packed(packed) = self.weights else {
-            unreachable!("matched above")
+            return self;
         };
         Conv2d {
-            weights: ConvWeights::Winograd { packed, winograd },
+            weights: ConvWeights::Winograd {
+                packed,
+                winograd: OnceLock::new(),
+            },
             ..self
         }
     }
@@ -492,6 +509,61 @@ mod tests {
     /// The packed kernel and the `gemm` crate path (what a CPU without
     /// AVX2 runs, untested otherwise on one that has it) give the same
     /// conv, bias, residual and ReLU.
+    #[test]
+    fn the_inference_path_takes_winograd_only_where_it_computes_the_same_conv() {
+        if !packed_gemm::available() {
+            return;
+        }
+        let conv = |geometry: ConvGeometry, channels: usize| {
+            let [kh, kw] = geometry.kernel;
+            let weights = values(channels / geometry.groups * 130 * kh * kw, 1);
+            Conv2d::new(channels, 130, geometry, weights, Some(values(130, 2)))
+        };
+        let winograd = |conv: &Conv2d| matches!(conv.weights, ConvWeights::Winograd { .. });
+        // Not 3x3 stride-1 padding-1 of one group, or too few channels.
+        let others = [
+            (ConvGeometry::square(3, 2, 1, 1), 128),
+            (ConvGeometry::square(3, 1, 0, 1), 128),
+            (ConvGeometry::square(3, 1, 1, 2), 128),
+            (ConvGeometry::square(1, 1, 0, 1), 128),
+            (
+                ConvGeometry {
+                    dilation: [2, 2],
+                    ..WINOGRAD_GEOMETRY
+                },
+                128,
+            ),
+            (WINOGRAD_GEOMETRY, WINOGRAD_DEPTH - 1),
+        ];
+        for (geometry, channels) in others {
+            assert!(
+                !winograd(&conv(geometry, channels).for_inference()),
+                "{geometry:?}"
+            );
+        }
+        let direct = conv(WINOGRAD_GEOMETRY, 128);
+        let inference = direct.clone().for_inference();
+        assert!(winograd(&inference));
+        // Winograd's form from 14x14; the packed weights under it, and for
+        // another padding.
+        for (height, width) in [(14, 15), (13, 14)] {
+            let x = Tensor::from_nhwc(
+                Array4::from_shape_vec((1, height, width, 128), values(height * width * 128, 3))
+                    .unwrap(),
+            );
+            let want = direct.forward_fused(&x, None, true).unwrap();
+            let got = inference.forward_fused(&x, None, true).unwrap();
+            for (g, w) in got.as_slice().iter().zip(want.as_slice()) {
+                assert!(close(*g, *w, 10.0), "{height}x{width}: {g} vs {w}");
+            }
+            let bits = |t: Tensor| t.as_slice().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            let same_bits = bits(got) == bits(want);
+            assert_eq!(same_bits, height < WINOGRAD_FROM, "{height}x{width}");
+            let padded = |conv: &Conv2d| conv.with_padding([0, 0]).forward_fused(&x, None, true);
+            assert_eq!(padded(&inference), padded(&direct));
+        }
+    }
+
     #[test]
     fn the_packed_kernel_and_the_gemm_crate_path_agree() {
         if !packed_gemm::available() {

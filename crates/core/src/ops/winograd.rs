@@ -12,7 +12,8 @@
 //! Used by the fused path only (`network::fused`), on maps of at least
 //! 14x14: the observed path that `verify` runs keeps the direct conv, so
 //! that what is verified stage by stage is the plainest form of the
-//! network.
+//! network. Infinities differ: the input transform's differences turn two
+//! infinite inputs into a NaN where the direct conv keeps an infinity.
 
 use std::mem::MaybeUninit;
 
@@ -77,6 +78,9 @@ impl WinogradWeights {
         let outputs = self.outputs;
         let (tiles_y, tiles_x) = (height.div_ceil(2), width.div_ceil(2));
         let tiles = batch * tiles_y * tiles_x;
+        if tiles == 0 || outputs == 0 {
+            return Tensor::zeros(batch, height, width, outputs);
+        }
         let threads = parallel::threads();
 
         // The input's 4x4 blocks, transformed: per tile, 16 runs of the
@@ -274,16 +278,20 @@ mod tests {
             (2, 7, 9, 16, 33),
             (1, 14, 14, 64, 64),
             (1, 1, 3, 3, 2),
+            // Over one chunk of the GEMM's sums.
+            (1, 6, 5, 300, 20),
         ] {
             let plain = values(9 * channels * outputs, 1);
             let bias = values(outputs, 2);
-            let direct = Conv2d::new(
-                channels,
-                outputs,
-                ConvGeometry::square(3, 1, 1, 1),
-                plain.clone(),
-                Some(bias.clone()),
-            );
+            let direct = |bias: Option<&Vec<f32>>| {
+                Conv2d::new(
+                    channels,
+                    outputs,
+                    ConvGeometry::square(3, 1, 1, 1),
+                    plain.clone(),
+                    bias.cloned(),
+                )
+            };
             let winograd = WinogradWeights::new(&plain, channels, outputs);
             let x = Tensor::from_nhwc(
                 Array4::from_shape_vec(
@@ -299,9 +307,14 @@ mod tests {
                 )
                 .unwrap(),
             );
-            for (residual, relu) in [(None, false), (Some(&residual), true), (None, true)] {
-                let want = direct.forward_fused(&x, residual, relu).unwrap();
-                let got = winograd.forward(&x, Some(&bias), residual, relu);
+            for (bias, residual, relu) in [
+                (Some(&bias), None, false),
+                (Some(&bias), Some(&residual), true),
+                (None, None, true),
+                (None, Some(&residual), false),
+            ] {
+                let want = direct(bias).forward_fused(&x, residual, relu).unwrap();
+                let got = winograd.forward(&x, bias.map(Vec::as_slice), residual, relu);
                 assert_eq!(got.nhwc_shape(), want.nhwc_shape());
                 let scale = want.as_slice().iter().fold(0f32, |m, v| m.max(v.abs()));
                 for (index, (g, w)) in got.as_slice().iter().zip(want.as_slice()).enumerate() {
