@@ -126,6 +126,13 @@ def main(argv=None):
               f"{median['core'] / median['torch']:>11.2f} {median['core'] / ort:>9.2f} {flops / median['core'] / 1e6:>13.1f}")
         results[threads] = median
     shutil.rmtree(work)
+    counts = sorted(results)
+    if len(counts) > 1:
+        # Each engine's speed-up from the fewest threads to the most, from
+        # this run's medians.
+        fewest, most = results[counts[0]], results[counts[-1]]
+        speedups = ", ".join(f"{name} {fewest[name] / most[name]:.2f}x" for name in fewest)
+        print(f"from {counts[0]} to {counts[-1]} threads: {speedups}")
     return results
 
 
