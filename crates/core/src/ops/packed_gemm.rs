@@ -391,15 +391,9 @@ unsafe fn kernel_avx2(
     let acc = sum_in_chunks(
         taps,
         segment,
-        [[_mm256_setzero_ps(); 2]; MR],
-        |total, part| {
-            for (total, part) in total.iter_mut().zip(part) {
-                for (total, part) in total.iter_mut().zip(part) {
-                    *total = _mm256_add_ps(*total, part);
-                }
-            }
-        },
-        |acc, tap, steps| {
+        _mm256_setzero_ps(),
+        |total, part| _mm256_add_ps(total, part),
+        |acc: &mut [[__m256; 2]; MR], tap, steps| {
             let a: [*const f32; MR] = std::array::from_fn(|r| *rows[r].add(tap));
             for step in steps {
                 let b0 = _mm256_loadu_ps(b);
@@ -499,15 +493,9 @@ unsafe fn kernel_avx512_panels<const PANELS: usize, const PREFETCH: bool>(
     let acc = sum_in_chunks(
         taps,
         segment,
-        [[_mm512_setzero_ps(); PANELS]; MR_512],
-        |total, part| {
-            for (total, part) in total.iter_mut().zip(part) {
-                for (total, part) in total.iter_mut().zip(part) {
-                    *total = _mm512_add_ps(*total, part);
-                }
-            }
-        },
-        |acc, tap, steps| {
+        _mm512_setzero_ps(),
+        |total, part| _mm512_add_ps(total, part),
+        |acc: &mut [[__m512; PANELS]; MR_512], tap, steps| {
             let a: [*const f32; MR_512] = std::array::from_fn(|r| *rows[r].add(tap));
             for step in steps {
                 let weights: [__m512; PANELS] =
@@ -592,16 +580,18 @@ unsafe fn kernel_avx512(
 /// `segment` steps), so that the kernels give the same bits: a depth of at
 /// most [`CHUNK`] is one running sum; a longer one is summed in chunks
 /// (each tap's steps, [`CHUNK`] at a time) from zero, each chunk then added
-/// to the total. `steps(accumulators, tap, steps)` adds those steps of a
-/// tap, in order, to the accumulators; `add(total, part)` adds a chunk.
+/// to the total. The accumulators are a tile's registers, `ROWS` rows of
+/// `COLUMNS` vectors; `steps(accumulators, tap, steps)` adds those steps of
+/// a tap, in order, to them; `add` adds two vectors.
 #[inline(always)]
-fn sum_in_chunks<Sums: Copy>(
+fn sum_in_chunks<Vector: Copy, const COLUMNS: usize, const ROWS: usize>(
     taps: usize,
     segment: usize,
-    zero: Sums,
-    add: impl Fn(&mut Sums, Sums),
-    mut steps: impl FnMut(&mut Sums, usize, std::ops::Range<usize>),
-) -> Sums {
+    zero: Vector,
+    add: impl Fn(Vector, Vector) -> Vector,
+    mut steps: impl FnMut(&mut [[Vector; COLUMNS]; ROWS], usize, std::ops::Range<usize>),
+) -> [[Vector; COLUMNS]; ROWS] {
+    let zero = [[zero; COLUMNS]; ROWS];
     let mut total = zero;
     if taps * segment <= CHUNK {
         for tap in 0..taps {
@@ -613,7 +603,11 @@ fn sum_in_chunks<Sums: Copy>(
         for first in (0..segment).step_by(CHUNK) {
             let mut part = zero;
             steps(&mut part, tap, first..segment.min(first + CHUNK));
-            add(&mut total, part);
+            for (total, part) in total.iter_mut().zip(part) {
+                for (total, part) in total.iter_mut().zip(part) {
+                    *total = add(*total, part);
+                }
+            }
         }
     }
     total
