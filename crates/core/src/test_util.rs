@@ -14,6 +14,16 @@ pub(crate) fn values(count: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// An NHWC tensor of `shape` filled with [`values`].
+pub(crate) fn tensor(shape: [usize; 4], seed: u32) -> crate::Tensor {
+    let [batch, height, width, channels] = shape;
+    let data = values(shape.iter().product(), seed);
+    crate::Tensor::from_nhwc(
+        ndarray::Array4::from_shape_vec((batch, height, width, channels), data)
+            .expect("as many values as the shape holds"),
+    )
+}
+
 /// Close enough for two f32 computations of the same sum: within 1e-5 of
 /// `want`, relative to `1 + |want|`, times `scale` (more for longer sums).
 pub(crate) fn close(got: f32, want: f32, scale: f32) -> bool {

@@ -501,10 +501,9 @@ fn pad(x: &Tensor, padding: [usize; 2]) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-    use ndarray::Array4;
 
     use super::*;
-    use crate::test_util::{close, values};
+    use crate::test_util::{close, tensor, values};
 
     /// The packed kernel and the `gemm` crate path (what a CPU without
     /// AVX2 runs, untested otherwise on one that has it) give the same
@@ -547,10 +546,7 @@ mod tests {
         // Winograd's form from 14x14; the packed weights under it, and for
         // another padding.
         for (height, width) in [(14, 15), (13, 14)] {
-            let x = Tensor::from_nhwc(
-                Array4::from_shape_vec((1, height, width, 128), values(height * width * 128, 3))
-                    .unwrap(),
-            );
+            let x = tensor([1, height, width, 128], 3);
             let want = direct.forward_fused(&x, None, true).unwrap();
             let got = inference.forward_fused(&x, None, true).unwrap();
             for (g, w) in got.as_slice().iter().zip(want.as_slice()) {
@@ -601,21 +597,8 @@ mod tests {
                 weights: ConvWeights::Plain(packed_weights.unpack()),
                 ..packed.clone()
             };
-            let x = Tensor::from_nhwc(
-                Array4::from_shape_vec(
-                    (2, 11, 13, in_channels),
-                    values(2 * 11 * 13 * in_channels, 3),
-                )
-                .unwrap(),
-            );
-            let shape = plain.forward(&x).unwrap().nhwc_shape();
-            let residual = Tensor::from_nhwc(
-                Array4::from_shape_vec(
-                    (shape[0], shape[1], shape[2], shape[3]),
-                    values(shape.iter().product(), 4),
-                )
-                .unwrap(),
-            );
+            let x = tensor([2, 11, 13, in_channels], 3);
+            let residual = tensor(plain.forward(&x).unwrap().nhwc_shape(), 4);
             for (residual, relu) in [(None, false), (Some(&residual), true)] {
                 let a = packed.forward_fused(&x, residual, relu).unwrap();
                 let b = plain.forward_fused(&x, residual, relu).unwrap();

@@ -117,16 +117,12 @@ impl WinogradWeights {
                     }
                     // (B^T d) B: the same over each row's columns.
                     for i in 0..4 {
-                        let t =
-                            |j: usize| &rows[(i * 4 + j) * channels..(i * 4 + j + 1) * channels];
-                        let (first, rest) =
-                            out[i * 4 * channels..(i + 1) * 4 * channels].split_at_mut(channels);
-                        let (second, rest) = rest.split_at_mut(channels);
-                        let (third, fourth) = rest.split_at_mut(channels);
-                        difference(first, t(0), t(2));
-                        sum(second, t(1), t(2));
-                        difference(third, t(2), t(1));
-                        difference(fourth, t(1), t(3));
+                        let at = |j: usize| (i * 4 + j) * channels..(i * 4 + j + 1) * channels;
+                        let t = |j: usize| &rows[at(j)];
+                        difference(&mut out[at(0)], t(0), t(2));
+                        sum(&mut out[at(1)], t(1), t(2));
+                        difference(&mut out[at(2)], t(2), t(1));
+                        difference(&mut out[at(3)], t(1), t(3));
                     }
                 }
             },
@@ -269,8 +265,7 @@ fn difference(out: &mut [f32], a: &[f32], b: &[f32]) {
 mod tests {
     use super::*;
     use crate::ops::{Conv2d, ConvGeometry};
-    use crate::test_util::values;
-    use ndarray::Array4;
+    use crate::test_util::{tensor, values};
 
     #[test]
     fn agrees_with_the_direct_conv_on_odd_and_even_maps_with_every_epilogue() {
@@ -297,20 +292,8 @@ mod tests {
                 )
             };
             let winograd = WinogradWeights::new(&plain, channels, outputs);
-            let x = Tensor::from_nhwc(
-                Array4::from_shape_vec(
-                    (batch, height, width, channels),
-                    values(batch * height * width * channels, 3),
-                )
-                .unwrap(),
-            );
-            let residual = Tensor::from_nhwc(
-                Array4::from_shape_vec(
-                    (batch, height, width, outputs),
-                    values(batch * height * width * outputs, 4),
-                )
-                .unwrap(),
-            );
+            let x = tensor([batch, height, width, channels], 3);
+            let residual = tensor([batch, height, width, outputs], 4);
             for (bias, residual, relu) in [
                 (Some(&bias), None, false),
                 (Some(&bias), Some(&residual), true),
