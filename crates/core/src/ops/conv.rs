@@ -501,13 +501,9 @@ fn pad(x: &Tensor, padding: [usize; 2]) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
-
     use super::*;
     use crate::test_util::{close, tensor, values};
 
-    /// The packed kernel and the `gemm` crate path (what a CPU without
-    /// AVX2 runs, untested otherwise on one that has it) give the same
-    /// conv, bias, residual and ReLU.
     #[test]
     fn the_inference_path_takes_winograd_only_where_it_computes_the_same_conv() {
         if !packed_gemm::available() {
@@ -560,6 +556,9 @@ mod tests {
         }
     }
 
+    /// The packed kernel and the `gemm` crate path (what a CPU without
+    /// AVX2 runs, untested otherwise on one that has it) give the same
+    /// conv, bias, residual and ReLU.
     #[test]
     fn the_packed_kernel_and_the_gemm_crate_path_agree() {
         if !packed_gemm::available() {
