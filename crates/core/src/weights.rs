@@ -46,7 +46,13 @@ pub(crate) fn load_with_shape(
             found: tensor.shape().to_vec(),
         });
     }
-    Ok(tensor.as_standard_layout().into_owned())
+    // `as_standard_layout().into_owned()` would copy even a tensor already
+    // in standard layout (every one a dump holds): 100 MB for ResNet50.
+    Ok(if tensor.is_standard_layout() {
+        tensor
+    } else {
+        tensor.as_standard_layout().into_owned()
+    })
 }
 
 /// Reorders a torch conv weight (OIHW) into one GEMM matrix per group.

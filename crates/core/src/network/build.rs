@@ -7,7 +7,7 @@ use ndarray::Ix4;
 use super::stage::repeated_call_name;
 use super::{last_readers, released_after, Network, Operation, Stage, StageKind};
 use crate::ops::{BatchNorm, Conv2d, ConvGeometry, Linear, MaxPool2d};
-use crate::weights::{conv_weight_from_oihw, linear_weight_from_torch, load_with_shape};
+use crate::weights::{linear_weight_from_torch, load_with_shape};
 use crate::{Architecture, BlockKind, CoreError, Head, WeightSource};
 
 impl Network {
@@ -351,8 +351,7 @@ impl Builder<'_> {
         let weight = weight
             .into_dimensionality::<Ix4>()
             .expect("shape checked above");
-        let panels = conv_weight_from_oihw(weight.view(), geometry.groups);
-        let conv = Conv2d::new(in_channels, out_channels, geometry, panels, None);
+        let conv = Conv2d::from_oihw(weight.view(), geometry, None);
         Ok(self.push(
             name,
             name,

@@ -106,6 +106,36 @@ const WINOGRAD_GEOMETRY: ConvGeometry = ConvGeometry {
 /// machine's noise (ResNet50 passes of 33.9-35.3 ms against 34.4-35.7).
 const WINOGRAD_DEPTH: usize = 128;
 
+/// What every conv must be: groups that divide the channels, a kernel,
+/// stride and dilation of at least 1, a weight and bias that fit.
+fn check_shapes(
+    in_channels: usize,
+    out_channels: usize,
+    geometry: &ConvGeometry,
+    weight_count: usize,
+    bias: &Option<Vec<f32>>,
+) {
+    let [kh, kw] = geometry.kernel;
+    assert!(
+        geometry.groups > 0
+            && in_channels.is_multiple_of(geometry.groups)
+            && out_channels.is_multiple_of(geometry.groups)
+    );
+    assert!(geometry
+        .stride
+        .iter()
+        .chain(&geometry.dilation)
+        .chain(&geometry.kernel)
+        .all(|&v| v > 0));
+    assert_eq!(
+        weight_count,
+        out_channels * (in_channels / geometry.groups) * kh * kw
+    );
+    if let Some(bias) = bias {
+        assert_eq!(bias.len(), out_channels);
+    }
+}
+
 impl Conv2d {
     pub fn new(
         in_channels: usize,
@@ -114,25 +144,14 @@ impl Conv2d {
         weight_panels: Vec<f32>,
         bias: Option<Vec<f32>>,
     ) -> Self {
-        let [kh, kw] = geometry.kernel;
-        assert!(
-            geometry.groups > 0
-                && in_channels.is_multiple_of(geometry.groups)
-                && out_channels.is_multiple_of(geometry.groups)
-        );
-        assert!(geometry
-            .stride
-            .iter()
-            .chain(&geometry.dilation)
-            .chain(&geometry.kernel)
-            .all(|&v| v > 0));
-        assert_eq!(
+        check_shapes(
+            in_channels,
+            out_channels,
+            &geometry,
             weight_panels.len(),
-            out_channels * (in_channels / geometry.groups) * kh * kw
+            &bias,
         );
-        if let Some(bias) = &bias {
-            assert_eq!(bias.len(), out_channels);
-        }
+        let [kh, kw] = geometry.kernel;
         let weights = if geometry.groups == 1 && packed_gemm::available() {
             ConvWeights::Packed(PackedWeights::pack(
                 &weight_panels,
@@ -147,6 +166,43 @@ impl Conv2d {
             out_channels,
             geometry,
             weights,
+            bias,
+        }
+    }
+
+    /// A conv of torch's weight (OIHW), put straight into the form the
+    /// product reads: [`Conv2d::new`] of `conv_weight_from_oihw(weight)`,
+    /// without the reordered copy where the weights are packed.
+    pub fn from_oihw(
+        weight: ArrayView4<'_, f32>,
+        geometry: ConvGeometry,
+        bias: Option<Vec<f32>>,
+    ) -> Self {
+        let (out_channels, in_per_group, kernel_y, kernel_x) = weight.dim();
+        let in_channels = in_per_group * geometry.groups;
+        if geometry.groups != 1 || !packed_gemm::available() || weight.is_empty() {
+            let panels = conv_weight_from_oihw(weight, geometry.groups);
+            return Conv2d::new(in_channels, out_channels, geometry, panels, bias);
+        }
+        assert_eq!(geometry.kernel, [kernel_y, kernel_x]);
+        check_shapes(in_channels, out_channels, &geometry, weight.len(), &bias);
+        // The GEMM's row `tap * in_channels + i` is each filter's value
+        // `i * taps + tap` (see `conv_weight_from_oihw`).
+        let taps = kernel_y * kernel_x;
+        let source_rows: Vec<usize> = (0..taps)
+            .flat_map(|tap| (0..in_channels).map(move |i| i * taps + tap))
+            .collect();
+        let weight = weight.as_standard_layout();
+        let filters = weight.as_slice().expect("standard layout");
+        Conv2d {
+            in_channels,
+            out_channels,
+            geometry,
+            weights: ConvWeights::Packed(PackedWeights::pack_columns(
+                filters,
+                &source_rows,
+                out_channels,
+            )),
             bias,
         }
     }
@@ -175,13 +231,7 @@ impl Conv2d {
     /// the same shape: what the harness recomputes when it asks whether an
     /// implementation read its weights in another order.
     pub fn with_oihw_weight(&self, weight: ArrayView4<'_, f32>) -> Conv2d {
-        Conv2d::new(
-            self.in_channels,
-            self.out_channels,
-            self.geometry,
-            conv_weight_from_oihw(weight, self.geometry.groups),
-            self.bias.clone(),
-        )
+        Conv2d::from_oihw(weight, self.geometry, self.bias.clone())
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, ShapeError> {
@@ -503,6 +553,45 @@ fn pad(x: &Tensor, padding: [usize; 2]) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::test_util::{close, tensor, values};
+
+    /// Packed straight from torch's layout, the weights are those packed
+    /// from the reordered matrix: 1x1, 3x3 and 7x7 kernels, output channels
+    /// that end a panel early, one input channel, and the grouped and empty
+    /// convs that keep the plain matrix.
+    #[test]
+    fn a_conv_built_from_torch_weights_is_the_one_built_from_the_reordered_matrix() {
+        let cases = [
+            (130, 3, ConvGeometry::square(7, 2, 3, 1)),
+            (16, 64, ConvGeometry::square(1, 1, 0, 1)),
+            (20, 5, ConvGeometry::square(3, 1, 1, 1)),
+            (33, 1, ConvGeometry::square(3, 2, 1, 1)),
+            (8, 6, ConvGeometry::square(3, 1, 1, 2)),
+            (0, 4, ConvGeometry::square(1, 1, 0, 1)),
+        ];
+        for (seed, (out_channels, in_channels, geometry)) in cases.into_iter().enumerate() {
+            let [kh, kw] = geometry.kernel;
+            let in_per_group = in_channels / geometry.groups;
+            let count = out_channels * in_per_group * kh * kw;
+            let weight = Array4::from_shape_vec(
+                (out_channels, in_per_group, kh, kw),
+                values(count, seed as u32),
+            )
+            .unwrap();
+            let bias = Some(values(out_channels, 9));
+            let reordered = Conv2d::new(
+                in_channels,
+                out_channels,
+                geometry,
+                conv_weight_from_oihw(weight.view(), geometry.groups),
+                bias.clone(),
+            );
+            assert_eq!(
+                Conv2d::from_oihw(weight.view(), geometry, bias),
+                reordered,
+                "{out_channels}x{in_channels} {geometry:?}"
+            );
+        }
+    }
 
     #[test]
     fn the_inference_path_takes_winograd_only_where_it_computes_the_same_conv() {

@@ -132,6 +132,34 @@ impl PackedWeights {
         }
     }
 
+    /// Packs the `depth x columns` matrix held column after column, each
+    /// column's rows in the order `source_rows` gives: row `k` of column
+    /// `c` is `column_major[c * depth + source_rows[k]]`. A torch conv
+    /// weight (OIHW: filter after filter) is such a matrix, packed here
+    /// without first being reordered into a row-major one (that reorder
+    /// took 20 ms of building ResNet50, the packing after it 11).
+    pub fn pack_columns(column_major: &[f32], source_rows: &[usize], columns: usize) -> Self {
+        let depth = source_rows.len();
+        assert_eq!(column_major.len(), depth * columns);
+        let panels = columns.div_ceil(NR);
+        let mut data = vec![0f32; panels * depth * NR];
+        for (panel, packed) in data.chunks_exact_mut(depth * NR).enumerate() {
+            let first = panel * NR;
+            let width = NR.min(columns - first);
+            let sources = &column_major[first * depth..(first + width) * depth];
+            for (packed_row, &source_row) in packed.chunks_exact_mut(NR).zip(source_rows) {
+                for (value, column) in packed_row.iter_mut().zip(sources.chunks_exact(depth)) {
+                    *value = column[source_row];
+                }
+            }
+        }
+        PackedWeights {
+            depth,
+            columns,
+            data,
+        }
+    }
+
     /// The `depth x columns` row-major matrix it was packed from.
     pub fn unpack(&self) -> Vec<f32> {
         let mut matrix = vec![0f32; self.depth * self.columns];
