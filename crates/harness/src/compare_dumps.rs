@@ -5,10 +5,9 @@
 use std::path::PathBuf;
 
 use ndarray::ArrayD;
-use resnet_core::Network;
 use resnet_dump::{Dump, Layout, Precision};
 
-use crate::adapter::{self, DumpWeights};
+use crate::adapter;
 use crate::diagnosis::{axis_order, Evidence, Observed};
 use crate::pipeline::{run, shown, Candidate, Explained, Feed, Output, Row, RunOptions};
 use crate::reference_check::{check_reference, ReferenceCheck};
@@ -44,14 +43,12 @@ pub fn compare_dumps(
     }
     let network = match reference.manifest().architecture.as_ref() {
         Some(architecture) => Some(
-            Network::from_weights(
-                &adapter::architecture(architecture),
-                &DumpWeights(&reference),
-            )
-            .map_err(|cause| VerifyError::Core {
-                dump: options.reference.clone(),
-                cause,
-            })?,
+            adapter::network(&reference, &adapter::architecture(architecture)).map_err(
+                |cause| VerifyError::Core {
+                    dump: options.reference.clone(),
+                    cause,
+                },
+            )?,
         ),
         None => None,
     };

@@ -20,11 +20,6 @@ use crate::reference_stages::ReferenceStages;
 use crate::report::abbreviate;
 use crate::VerifyError;
 
-/// Every BatchNorm is examined: a model put in eval mode with one module
-/// left in train mode is in train mode there. The first few are read
-/// through the run's cache (the loop needs them next); the rest are read
-/// and let go, so that the check holds no more than a stage pair at a time.
-const STAGES_KEPT: usize = 3;
 /// A recomputation within this relative error reproduces the reference.
 const REPRODUCES: f64 = 1e-3;
 
@@ -94,7 +89,9 @@ impl ReferenceCheck {
     }
 }
 
-/// Reads its stages through `stages`, which keeps them for the run.
+/// Every BatchNorm is examined: a model put in eval mode with one module
+/// left in train mode is in train mode there. The stages are read through
+/// `stages`, which keeps for the loop what fits in its read-ahead budget.
 pub fn check_reference(
     stages: &ReferenceStages,
     network: &Network,
@@ -115,15 +112,9 @@ pub fn check_reference(
         else {
             continue;
         };
-        let read = |entry| {
-            if evidence.len() < STAGES_KEPT {
-                stages.load(entry)
-            } else {
-                stages.peek(entry)
-            }
-        };
-        let input = read(input_entry)?.data;
-        let output = read(output_entry)?.data;
+        let [input, output] = stages
+            .read_ahead([input_entry, output_entry])?
+            .map(|stage| stage.data);
         if input.ndim() != 4 || input.shape() != output.shape() {
             continue;
         }

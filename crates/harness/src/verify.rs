@@ -8,7 +8,7 @@ use ndarray::ArrayD;
 use resnet_core::{CoreError, Network, Steps, Tensor};
 use resnet_dump::{similar_stage_names, Dump, StageEntry};
 
-use crate::adapter::{self, DumpWeights};
+use crate::adapter;
 use crate::layout::{candidate_nchw, reference_tensor};
 use crate::module_check;
 use crate::pipeline::{run, shown, Candidate, Feed, Output, Row, RunOptions};
@@ -52,8 +52,8 @@ pub fn verify_dump(
     // as a whole must still be one the core builds.
     whole.validate().map_err(core_error)?;
     let truncated = options.upto.as_deref().and_then(|upto| whole.up_to(upto));
-    let network = Network::from_weights(truncated.as_ref().unwrap_or(&whole), &DumpWeights(dump))
-        .map_err(core_error)?;
+    let network =
+        adapter::network(dump, truncated.as_ref().unwrap_or(&whole)).map_err(core_error)?;
     let last = match &options.upto {
         Some(name) => network
             .stage_index(name)

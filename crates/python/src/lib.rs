@@ -14,7 +14,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use resnet_core::Network;
 use resnet_dump::{Dump, Mode};
-use resnet_verify::adapter::{self, DumpWeights};
+use resnet_verify::adapter;
 use resnet_verify::layout::{candidate_nchw, reference_tensor};
 use resnet_verify::module_check;
 use resnet_verify::reference_check::ReferenceCheck;
@@ -299,9 +299,9 @@ fn forward_dump<'py>(
     upto: Option<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let dump = Dump::open(&dump_dir).map_err(error)?;
-    let network = Network::from_weights(
+    let network = adapter::network(
+        &dump,
         &adapter::architecture(dump.architecture().map_err(error)?),
-        &DumpWeights(&dump),
     )
     .map_err(|source| error(format!("{}: {source}", dump_dir.display())))?;
     if let Some(reason) = module_check::refusal(&network, &dump) {

@@ -16,9 +16,9 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Parser;
 use ndarray_npy::WriteNpyExt;
-use resnet_core::{Network, Tensor};
+use resnet_core::Tensor;
 use resnet_dump::Dump;
-use resnet_verify::adapter::{self, DumpWeights};
+use resnet_verify::adapter;
 use resnet_verify::layout::reference_tensor;
 use resnet_verify::reference_stages::ReferenceStages;
 
@@ -48,10 +48,7 @@ fn main() -> anyhow::Result<()> {
         .build_global()
         .context("thread pool")?;
     let dump = Dump::open(&cli.dump)?;
-    let network = Network::from_weights(
-        &adapter::architecture(dump.architecture()?),
-        &DumpWeights(&dump),
-    )?;
+    let network = adapter::network(&dump, &adapter::architecture(dump.architecture()?))?;
     let entry = dump.stage("input").context("the dump has no input stage")?;
     let input = ReferenceStages::new(&dump, None).peek(entry)?.data;
     let Some(input) = reference_tensor(input.view()) else {

@@ -16,7 +16,7 @@ use resnet_core::{Network, StageKind};
 use resnet_dump::{npy, Dump};
 use serde::{Deserialize, Serialize};
 
-use crate::adapter::{self, DumpWeights};
+use crate::adapter;
 use crate::compare_dumps::{compare_dumps, CompareOptions};
 use crate::layout::{candidate_nchw, reference_tensor};
 use crate::report::{Report, RunMode, StageReport};
@@ -215,9 +215,9 @@ pub fn repro(source: &ReproSource, options: &ReproOptions) -> Result<ReproOutcom
         });
     }
 
-    let network = Network::from_weights(
+    let network = adapter::network(
+        &reference,
         &adapter::architecture(reference.architecture()?),
-        &DumpWeights(&reference),
     )
     .map_err(|cause| VerifyError::Core {
         dump: reference_dir.clone(),
