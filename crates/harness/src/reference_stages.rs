@@ -38,6 +38,8 @@ pub struct ReferenceStages<'a> {
     /// For each network stage, the last stage that reads it as an input.
     last_reader: Vec<Option<usize>>,
     read: RefCell<HashMap<String, ReferenceStage>>,
+    /// [`READ_AHEAD_BYTES`], or a test's.
+    read_ahead_bytes: usize,
 }
 
 impl<'a> ReferenceStages<'a> {
@@ -54,6 +56,7 @@ impl<'a> ReferenceStages<'a> {
             network,
             last_reader,
             read: RefCell::new(HashMap::new()),
+            read_ahead_bytes: READ_AHEAD_BYTES,
         }
     }
 
@@ -106,7 +109,7 @@ impl<'a> ReferenceStages<'a> {
             let holding: usize = (self.read.borrow().values())
                 .map(|held| held.data.len())
                 .sum();
-            if (holding + stage.data.len()) * std::mem::size_of::<f32>() <= READ_AHEAD_BYTES {
+            if (holding + stage.data.len()) * std::mem::size_of::<f32>() <= self.read_ahead_bytes {
                 (self.read.borrow_mut())
                     .entry(entry.name.clone())
                     .or_insert_with(|| stage.clone());
@@ -223,6 +226,31 @@ mod tests {
         assert!(held(&stages, "layer2.0.conv1", &ahead));
         stages.release_after("layer2.0.bn1");
         assert!(!held(&stages, "layer2.0.conv1", &ahead));
+    }
+
+    #[test]
+    fn stages_read_ahead_are_kept_for_the_loop_while_they_fit() {
+        let dump = fixture();
+        let architecture = adapter::architecture(dump.architecture().unwrap());
+        let network = Network::from_weights(&architecture, &DumpWeights(&dump)).unwrap();
+        let mut stages = ReferenceStages::new(&dump, Some(&network));
+        let entry = |name| dump.stage(name).unwrap();
+        let (conv, bn) = (entry("layer1.0.conv1"), entry("layer1.0.bn1"));
+        let bytes = |entry: &StageEntry| entry.shape.iter().product::<usize>() * 4;
+        // Room for the first of the pair only.
+        stages.read_ahead_bytes = bytes(conv) + bytes(bn) - 1;
+        let [conv_data, bn_data] = stages
+            .read_ahead([conv, bn])
+            .unwrap()
+            .map(|stage| stage.data);
+        assert_eq!(conv_data.shape(), conv.shape.as_slice());
+        assert_eq!(*conv_data, *dump.load_stage(conv).unwrap().data);
+        assert_eq!(*bn_data, *dump.load_stage(bn).unwrap().data);
+        assert!(held(&stages, "layer1.0.conv1", &conv_data));
+        assert!(!held(&stages, "layer1.0.bn1", &bn_data));
+        // A stage already held is not read again.
+        let [again] = stages.read_ahead([conv]).unwrap();
+        assert!(Rc::ptr_eq(&again.data, &conv_data));
     }
 
     #[test]
