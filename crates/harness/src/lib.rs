@@ -7,6 +7,7 @@ pub mod allocator;
 pub mod compare_dumps;
 pub mod diagnosis;
 mod error;
+mod lane_sums;
 pub mod layout;
 pub mod metrics;
 pub mod module_check;
@@ -16,6 +17,7 @@ pub mod reference_stages;
 pub mod report;
 pub mod repro;
 pub mod tolerance;
+pub mod vectors;
 pub mod verify;
 
 pub use compare_dumps::{compare_dumps, CompareOptions};

@@ -6,7 +6,9 @@
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::lane_sums::{LaneSums, LANES};
 use crate::tolerance::StageTolerance;
+use crate::vectors::Vectors;
 use crate::Tolerance;
 
 /// The default is `Succ`: a run passes until a stage fails.
@@ -250,6 +252,7 @@ pub fn compare(
         .map(largest_finite_magnitude)
         .reduce(|| 0f32, f32::max) as f64;
     let atol = tolerance.atol_for(scale);
+    let vectors = Vectors::best();
 
     // In chunks, in parallel; the partial results are merged in order, so
     // that the figures do not depend on the number of threads.
@@ -257,15 +260,7 @@ pub fn compare(
         .par_chunks(CHUNK)
         .zip(candidate.par_chunks(CHUNK))
         .enumerate()
-        .map(|(chunk, (r, c))| {
-            // A fold, not `all`: no early exit, so it vectorises.
-            let finite = |values: &[f32]| values.iter().fold(true, |all, v| all & v.is_finite());
-            if finite(r) && finite(c) {
-                Partial::finite(r, c, chunk * CHUNK, atol, tolerance.rtol)
-            } else {
-                Partial::with_non_finite(r, c, chunk * CHUNK, atol, tolerance)
-            }
-        })
+        .map(|(chunk, (r, c))| Partial::of(vectors, r, c, chunk * CHUNK, atol, tolerance))
         .collect();
     let Partial {
         max_abs_error,
@@ -480,10 +475,6 @@ pub fn failure_detail(
 
 /// Elements per parallel piece of a comparison.
 const CHUNK: usize = 1 << 16;
-/// Independent sums per piece: one long chain of f64 additions would cost
-/// an addition's latency per element.
-const LANES: usize = 8;
-
 /// The figures of one piece of a comparison.
 #[derive(Default)]
 struct Partial {
@@ -500,36 +491,33 @@ struct Partial {
 }
 
 impl Partial {
-    /// The common case, written so that it vectorises: lanes of
-    /// independent sums and maxima, and a second look for where the
-    /// largest error is only when there is one.
-    fn finite(reference: &[f32], candidate: &[f32], offset: usize, atol: f64, rtol: f64) -> Self {
-        let mut part = Partial::default();
-        let mut max_error = [0f64; LANES];
-        let mut mismatched = [0usize; LANES];
-        let mut step = |lane: usize, r: f32, c: f32| {
-            let (r, c) = (r as f64, c as f64);
-            let error = (c - r).abs();
-            max_error[lane] = max_error[lane].max(error);
-            mismatched[lane] += (error > atol + rtol * r.abs()) as usize;
-            part.dot[lane] += r * c;
-            part.reference_norm[lane] += r * r;
-            part.candidate_norm[lane] += c * c;
+    /// The piece `reference`, `candidate` (at `offset` in the arrays).
+    fn of(
+        vectors: Vectors,
+        reference: &[f32],
+        candidate: &[f32],
+        offset: usize,
+        atol: f64,
+        tolerance: &Tolerance,
+    ) -> Self {
+        let sums = LaneSums::of(vectors, reference, candidate, atol, tolerance.rtol);
+        // The squares of finite f32 values sum to a finite f64 (each is
+        // below 2^256), so a norm that is not finite means an Inf or a NaN
+        // among the values: only then is the piece gone through again,
+        // element by element. One pass in the common case.
+        let finite = |norms: [f64; LANES]| norms.iter().all(|norm| norm.is_finite());
+        if !(finite(sums.reference_norm) && finite(sums.candidate_norm)) {
+            return Partial::with_non_finite(reference, candidate, offset, atol, tolerance);
+        }
+        let mut part = Partial {
+            dot: sums.dot,
+            reference_norm: sums.reference_norm,
+            candidate_norm: sums.candidate_norm,
+            mismatched: sums.mismatched.iter().sum::<u64>() as usize,
+            max_abs_error: sums.max_error.iter().copied().fold(0.0, f64::max),
+            ..Partial::default()
         };
-        let whole = reference.len() / LANES * LANES;
-        for (r, c) in reference[..whole]
-            .chunks_exact(LANES)
-            .zip(candidate[..whole].chunks_exact(LANES))
-        {
-            for lane in 0..LANES {
-                step(lane, r[lane], c[lane]);
-            }
-        }
-        for (&r, &c) in reference[whole..].iter().zip(&candidate[whole..]) {
-            step(0, r, c);
-        }
-        part.mismatched = mismatched.iter().sum();
-        part.max_abs_error = max_error.iter().copied().fold(0.0, f64::max);
+        // Where the largest error is, looked for only when there is one.
         if part.max_abs_error > 0.0 {
             part.worst_at = reference
                 .iter()
