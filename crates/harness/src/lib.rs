@@ -12,6 +12,7 @@ pub mod layout;
 pub mod metrics;
 pub mod module_check;
 mod pipeline;
+mod recomputation;
 pub mod reference_check;
 pub mod reference_stages;
 pub mod report;
