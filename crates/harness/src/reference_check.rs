@@ -93,7 +93,7 @@ impl ReferenceCheck {
 
 /// Every BatchNorm is examined: a model put in eval mode with one module
 /// left in train mode is in train mode there. The stages are read through
-/// `stages`, which keeps for the loop what fits in its read-ahead budget.
+/// `stages`, and not held: the check holds a BatchNorm's pair at a time.
 pub fn check_reference(
     stages: &ReferenceStages,
     network: &Network,
@@ -115,7 +115,7 @@ pub fn check_reference(
             continue;
         };
         let [input, output] = stages
-            .read_ahead([input_entry, output_entry])?
+            .peek_each([input_entry, output_entry])?
             .map(|stage| stage.data);
         if input.ndim() != 4 || input.shape() != output.shape() {
             continue;

@@ -15,13 +15,6 @@ use resnet_core::network::last_readers;
 use resnet_core::Network;
 use resnet_dump::{Dump, DumpError, LoadedStage, StageEntry};
 
-/// The most memory the stages read ahead of the loop may hold. A ResNet50
-/// dump of one image keeps all its BatchNorm pairs (some 100 MB), which the
-/// reference check reads before the loop and the loop would otherwise read
-/// again (a sixth of `verify`'s time); a dump of a large batch keeps what
-/// fits and reads the rest twice.
-pub const READ_AHEAD_BYTES: usize = 256 << 20;
-
 /// A reference stage as read: NCHW, and a note if it had to be converted to
 /// f32.
 #[derive(Clone)]
@@ -38,8 +31,6 @@ pub struct ReferenceStages<'a> {
     /// For each network stage, the last stage that reads it as an input.
     last_reader: Vec<Option<usize>>,
     read: RefCell<HashMap<String, ReferenceStage>>,
-    /// [`READ_AHEAD_BYTES`], or a test's.
-    read_ahead_bytes: usize,
 }
 
 impl<'a> ReferenceStages<'a> {
@@ -56,7 +47,6 @@ impl<'a> ReferenceStages<'a> {
             network,
             last_reader,
             read: RefCell::new(HashMap::new()),
-            read_ahead_bytes: READ_AHEAD_BYTES,
         }
     }
 
@@ -78,13 +68,13 @@ impl<'a> ReferenceStages<'a> {
         Ok(stage)
     }
 
-    /// The reference's stages `entries`, read ahead of the loop (the
-    /// reference check's BatchNorm pairs) side by side: read one after the
-    /// other, the check's 100 MB (ResNet50) kept the second core idle.
-    /// Each is held for the loop while the stages held stay within
-    /// [`READ_AHEAD_BYTES`], so that the loop does not read it a second
-    /// time; beyond that, it is let go as [`Self::peek`] does.
-    pub fn read_ahead<const N: usize>(
+    /// [`Self::peek`] of each of `entries`, the files read side by side:
+    /// the reference check reads every BatchNorm's input and output far
+    /// ahead of the loop (100 MB in ResNet50), and one after the other
+    /// they kept the second core idle. (Holding them for the loop instead
+    /// of reading them again measured no faster: memory the process has
+    /// not touched yet costs the kernel more than a second read.)
+    pub fn peek_each<const N: usize>(
         &self,
         entries: [&StageEntry; N],
     ) -> Result<[ReferenceStage; N], DumpError> {
@@ -98,23 +88,14 @@ impl<'a> ReferenceStages<'a> {
             .collect::<Vec<_>>()
             .into_iter();
         let mut stages = Vec::with_capacity(N);
-        for (entry, held) in entries.into_iter().zip(held) {
-            let stage = match held {
+        for held in held {
+            stages.push(match held {
                 Some(stage) => stage,
                 None => read
                     .next()
                     .expect("one read for each stage not held")?
                     .into(),
-            };
-            let holding: usize = (self.read.borrow().values())
-                .map(|held| held.data.len())
-                .sum();
-            if (holding + stage.data.len()) * std::mem::size_of::<f32>() <= self.read_ahead_bytes {
-                (self.read.borrow_mut())
-                    .entry(entry.name.clone())
-                    .or_insert_with(|| stage.clone());
-            }
-            stages.push(stage);
+            });
         }
         Ok(stages.try_into().ok().expect("one stage for each entry"))
     }
@@ -229,28 +210,24 @@ mod tests {
     }
 
     #[test]
-    fn stages_read_ahead_are_kept_for_the_loop_while_they_fit() {
+    fn stages_peeked_side_by_side_are_read_right_and_not_held() {
         let dump = fixture();
         let architecture = adapter::architecture(dump.architecture().unwrap());
         let network = Network::from_weights(&architecture, &DumpWeights(&dump)).unwrap();
-        let mut stages = ReferenceStages::new(&dump, Some(&network));
+        let stages = ReferenceStages::new(&dump, Some(&network));
         let entry = |name| dump.stage(name).unwrap();
         let (conv, bn) = (entry("layer1.0.conv1"), entry("layer1.0.bn1"));
-        let bytes = |entry: &StageEntry| entry.shape.iter().product::<usize>() * 4;
-        // Room for the first of the pair only.
-        stages.read_ahead_bytes = bytes(conv) + bytes(bn) - 1;
+        let held = stages.named("layer1.0.conv1").unwrap().unwrap().data;
         let [conv_data, bn_data] = stages
-            .read_ahead([conv, bn])
+            .peek_each([conv, bn])
             .unwrap()
             .map(|stage| stage.data);
-        assert_eq!(conv_data.shape(), conv.shape.as_slice());
-        assert_eq!(*conv_data, *dump.load_stage(conv).unwrap().data);
-        assert_eq!(*bn_data, *dump.load_stage(bn).unwrap().data);
-        assert!(held(&stages, "layer1.0.conv1", &conv_data));
-        assert!(!held(&stages, "layer1.0.bn1", &bn_data));
-        // A stage already held is not read again.
-        let [again] = stages.read_ahead([conv]).unwrap();
-        assert!(Rc::ptr_eq(&again.data, &conv_data));
+        assert!(
+            Rc::ptr_eq(&conv_data, &held),
+            "a held stage is not read again"
+        );
+        assert_eq!(*bn_data, dump.load_stage(bn).unwrap().data);
+        assert!(!stages.read.borrow().contains_key("layer1.0.bn1"));
     }
 
     #[test]

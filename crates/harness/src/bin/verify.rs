@@ -240,6 +240,7 @@ enum Format {
 
 fn main() -> ExitCode {
     resnet_verify::allocator::keep_freed_memory();
+    resnet_verify::allocator::without_huge_pages();
     let cli = Cli::parse();
     match run(cli) {
         Ok(true) => ExitCode::SUCCESS,
