@@ -190,18 +190,13 @@ impl LaneSums {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::uniform;
 
     /// Every set this CPU has gives the scalar code's figures bit for bit,
     /// tails and all, errors inside and outside the tolerance.
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut next = uniform(0x9e37_79b9_7f4a_7c15);
         for length in [0, 3, 8, 13, 64, 1001] {
             let reference: Vec<f32> = (0..length)
                 .map(|_| ((next() - 0.5) * 40.0) as f32)

@@ -17,6 +17,8 @@ pub mod reference_check;
 pub mod reference_stages;
 pub mod report;
 pub mod repro;
+#[cfg(test)]
+mod test_util;
 pub mod tolerance;
 pub mod vectors;
 pub mod verify;

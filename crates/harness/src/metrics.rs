@@ -638,17 +638,8 @@ mod tests {
         }
         assert_eq!(largest_finite_magnitude(&[f32::NAN, f32::INFINITY]), 0.0);
     }
+    use crate::test_util::uniform;
     use crate::tolerance::AbsoluteTolerance;
-
-    /// Seeded xorshift draws in [0, 1).
-    fn uniform(mut state: u64) -> impl FnMut() -> f64 {
-        move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        }
-    }
 
     fn fixed(rtol: f64, atol: f64) -> Tolerance {
         Tolerance {

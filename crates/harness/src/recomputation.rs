@@ -182,18 +182,13 @@ unsafe fn groups_avx2(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::uniform;
 
     /// Every set this CPU has gives the scalar code's figures bit for bit,
     /// on values that reproduce, that do not, and with NaN and infinities.
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f64 / (1u64 << 53) as f64
-        };
+        let mut next = uniform(0x2545_f491_4f6c_dd1d);
         let running = Normalisation {
             mean: 0.25,
             factor: 1.7,
