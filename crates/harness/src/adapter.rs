@@ -80,13 +80,18 @@ impl WeightSource for ReadAhead<'_> {
         if let Some(read) = self.arrived.borrow_mut().remove(name) {
             return weight_or_error(name, read);
         }
-        while let Ok((arrived, read)) = self.arriving.recv() {
-            if arrived == name {
-                return weight_or_error(name, read);
+        // A weight the manifest does not list never arrives: waiting for
+        // it would read all the others into memory first.
+        let listed = (self.dump.manifest().weights.iter()).any(|weight| weight.name == name);
+        if listed {
+            while let Ok((arrived, read)) = self.arriving.recv() {
+                if arrived == name {
+                    return weight_or_error(name, read);
+                }
+                self.arrived.borrow_mut().insert(arrived, read);
             }
-            self.arrived.borrow_mut().insert(arrived, read);
         }
-        // Every weight has arrived: asked twice, or not in the manifest.
+        // Not listed, or every weight has arrived (asked twice).
         weight_or_error(name, self.dump.load_weight(name))
     }
 }

@@ -42,12 +42,15 @@ impl LaneSums {
         let mut sums = LaneSums::default();
         let groups = (&reference[..whole], &candidate[..whole]);
         match vectors {
-            // SAFETY: `Vectors::available` lists a set only where the CPU
-            // has it; the groups are whole.
+            // SAFETY: the CPU has the set (asked); the groups are whole.
             #[cfg(target_arch = "x86_64")]
-            Vectors::Avx512 => unsafe { sums.add_groups_avx512(groups.0, groups.1, atol, rtol) },
+            Vectors::Avx512 if vectors.runs_here() => unsafe {
+                sums.add_groups_avx512(groups.0, groups.1, atol, rtol)
+            },
             #[cfg(target_arch = "x86_64")]
-            Vectors::Avx2 => unsafe { sums.add_groups_avx2(groups.0, groups.1, atol, rtol) },
+            Vectors::Avx2 if vectors.runs_here() => unsafe {
+                sums.add_groups_avx2(groups.0, groups.1, atol, rtol)
+            },
             _ => {
                 for (r, c) in groups
                     .0

@@ -42,20 +42,24 @@ impl PlaneErrors {
         const GROUP: usize = 8;
         let whole = input.len() / GROUP * GROUP;
         let groups = (&input[..whole], &output[..whole]);
-        let mut errors = match vectors {
-            // SAFETY: `Vectors::available` lists a set only where the CPU
-            // has it; the groups are whole.
+        let mut errors = PlaneErrors::default();
+        match vectors {
+            // SAFETY: the CPU has the set (asked); the groups are whole.
             #[cfg(target_arch = "x86_64")]
-            Vectors::Avx512 => unsafe { groups_avx512(groups.0, groups.1, running, batch) },
+            Vectors::Avx512 if vectors.runs_here() => {
+                errors = unsafe { groups_avx512(groups.0, groups.1, running, batch) }
+            }
             #[cfg(target_arch = "x86_64")]
-            Vectors::Avx2 => unsafe { groups_avx2(groups.0, groups.1, running, batch) },
-            _ => PlaneErrors::default(),
-        };
-        let scalar = match vectors {
-            Vectors::Baseline => (input, output),
-            _ => (&input[whole..], &output[whole..]),
-        };
-        for (&x, &y) in scalar.0.iter().zip(scalar.1) {
+            Vectors::Avx2 if vectors.runs_here() => {
+                errors = unsafe { groups_avx2(groups.0, groups.1, running, batch) }
+            }
+            _ => {
+                for (&x, &y) in groups.0.iter().zip(groups.1) {
+                    errors.add(x, y, running, batch);
+                }
+            }
+        }
+        for (&x, &y) in input[whole..].iter().zip(&output[whole..]) {
             errors.add(x, y, running, batch);
         }
         errors

@@ -17,21 +17,29 @@ impl Vectors {
     /// Every set this CPU runs, from the narrowest: the tests hold each to
     /// the same figures.
     pub fn available() -> Vec<Vectors> {
-        let mut sets = vec![Vectors::Baseline];
-        #[cfg(target_arch = "x86_64")]
-        {
-            // The std macro caches what the CPU has.
-            if is_x86_feature_detected!("avx2") {
-                sets.push(Vectors::Avx2);
+        [Vectors::Baseline, Vectors::Avx2, Vectors::Avx512]
+            .into_iter()
+            .filter(|set| set.runs_here())
+            .collect()
+    }
+
+    /// Whether this CPU has the set. The loops written for a set ask
+    /// before they run (the std macro caches what the CPU has), so that no
+    /// value of this type can run an instruction the CPU lacks.
+    pub fn runs_here(self) -> bool {
+        match self {
+            Vectors::Baseline => true,
+            #[cfg(target_arch = "x86_64")]
+            Vectors::Avx2 => is_x86_feature_detected!("avx2"),
+            #[cfg(target_arch = "x86_64")]
+            Vectors::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512dq")
+                    && is_x86_feature_detected!("avx512vl")
             }
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512dq")
-                && is_x86_feature_detected!("avx512vl")
-            {
-                sets.push(Vectors::Avx512);
-            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
         }
-        sets
     }
 
     /// The widest set this CPU runs.
