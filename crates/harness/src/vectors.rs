@@ -44,8 +44,9 @@ impl Vectors {
 
     /// The widest set this CPU runs.
     pub fn best() -> Vectors {
-        *Self::available()
-            .last()
-            .expect("the baseline is always there")
+        [Vectors::Avx512, Vectors::Avx2]
+            .into_iter()
+            .find(|set| set.runs_here())
+            .unwrap_or(Vectors::Baseline)
     }
 }
