@@ -20,8 +20,11 @@ pub struct Normalisation {
     pub bias: f64,
 }
 
-/// A plane's largest errors, both ways, and largest |output|. A NaN error
-/// counts as infinite; a NaN output is left out of the scale.
+/// A plane's (or several planes') largest errors, both ways, and largest
+/// |output|. A NaN error counts as infinite: `max` would drop it, and a
+/// recomputation that divides by a zero variance (batch statistics of one
+/// value, eps 0) would reproduce anything. A NaN output is left out of the
+/// scale.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct PlaneErrors {
     pub running: f64,
@@ -80,6 +83,23 @@ impl PlaneErrors {
         self.running = self.running.max(error(running));
         self.batch = self.batch.max(error(batch));
         self.scale = self.scale.max(y.abs());
+    }
+
+    /// The figures of both, as if one plane.
+    pub fn merge(self, other: PlaneErrors) -> PlaneErrors {
+        PlaneErrors {
+            running: self.running.max(other.running),
+            batch: self.batch.max(other.batch),
+            scale: self.scale.max(other.scale),
+        }
+    }
+
+    /// `max|recomputed - output| / max|output|`, with the running
+    /// statistics and with the batch's; an all-zero output keeps both
+    /// finite.
+    pub fn relative(self) -> [f64; 2] {
+        let scale = self.scale.max(f32::MIN_POSITIVE as f64);
+        [self.running / scale, self.batch / scale]
     }
 
     /// Folds eight lanes (none NaN) into one.

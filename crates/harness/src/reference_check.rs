@@ -142,11 +142,11 @@ pub fn check_reference(
             continue;
         }
         let eps = network.architecture().batch_norm_eps_of(&stage.module);
-        let [running, batch] = recomputation_errors(&input, &output, &parameters, eps);
+        let [running, batch] = recomputation_errors(&input, &output, &parameters, eps).relative();
         evidence.push(BatchNormEvidence {
             stage: stage.name.clone(),
-            running_statistics_error: running.relative(),
-            batch_statistics_error: batch.relative(),
+            running_statistics_error: running,
+            batch_statistics_error: batch,
         });
     }
     let train_mode = manifest.mode == Mode::Train || data_shows_train_mode(&evidence);
@@ -185,7 +185,7 @@ fn recomputation_errors(
     output: &ArrayD<f32>,
     parameters: &Parameters,
     eps: f64,
-) -> [ErrorFold; 2] {
+) -> PlaneErrors {
     let &[batch, channels, height, width] = input.shape() else {
         unreachable!("the caller passes NCHW arrays of one shape")
     };
@@ -202,7 +202,7 @@ fn recomputation_errors(
     groups
         .into_par_iter()
         .map(|first| {
-            let mut errors = [ErrorFold::default(); 2];
+            let mut errors = PlaneErrors::default();
             if first + CHANNELS_AT_ONCE <= channels {
                 planes.group_errors::<CHANNELS_AT_ONCE>(
                     input,
@@ -219,10 +219,7 @@ fn recomputation_errors(
             }
             errors
         })
-        .reduce(
-            || [ErrorFold::default(); 2],
-            |[a, b], [c, d]| [a.merge(c), b.merge(d)],
-        )
+        .reduce(PlaneErrors::default, PlaneErrors::merge)
 }
 
 /// Channels whose statistics are summed side by side: one channel's sum is
@@ -278,7 +275,7 @@ impl Planes {
         first: usize,
         parameters: &Parameters,
         eps: f64,
-        errors: &mut [ErrorFold; 2],
+        errors: &mut PlaneErrors,
     ) {
         let vectors = Vectors::best();
         let Parameters {
@@ -313,42 +310,9 @@ impl Planes {
                     self.of(input, image, channel),
                     self.of(output, image, channel),
                 );
-                let plane = PlaneErrors::of(vectors, x, y, running, batch);
-                *errors = [
-                    errors[0].merge(ErrorFold {
-                        max_error: plane.running,
-                        scale: plane.scale,
-                    }),
-                    errors[1].merge(ErrorFold {
-                        max_error: plane.batch,
-                        scale: plane.scale,
-                    }),
-                ];
+                *errors = errors.merge(PlaneErrors::of(vectors, x, y, running, batch));
             }
         }
-    }
-}
-
-/// max|recomputed - output| / max|output|, folded element by element. A
-/// NaN where the output has a number is an infinite error: `max` would
-/// drop it, and a recomputation that divides by a zero variance (batch
-/// statistics of one value, eps 0) would reproduce anything.
-#[derive(Clone, Copy, Debug, Default)]
-struct ErrorFold {
-    max_error: f64,
-    scale: f64,
-}
-
-impl ErrorFold {
-    fn merge(self, other: ErrorFold) -> ErrorFold {
-        ErrorFold {
-            max_error: self.max_error.max(other.max_error),
-            scale: self.scale.max(other.scale),
-        }
-    }
-
-    fn relative(self) -> f64 {
-        self.max_error / self.scale.max(f32::MIN_POSITIVE as f64)
     }
 }
 
@@ -459,19 +423,14 @@ mod tests {
             factor: 1.0,
             bias: 0.0,
         };
-        let values = |array: &ArrayD<f32>| array.as_slice().unwrap().to_vec();
         let plane = PlaneErrors::of(
             Vectors::best(),
-            &values(recomputed),
-            &values(output),
+            recomputed.as_slice().unwrap(),
+            output.as_slice().unwrap(),
             unchanged,
             unchanged,
         );
-        ErrorFold {
-            max_error: plane.running,
-            scale: plane.scale,
-        }
-        .relative()
+        plane.relative()[0]
     }
 
     #[test]
@@ -513,13 +472,13 @@ mod tests {
             var,
         } = &parameters;
         let (batch_mean, batch_var) = channel_statistics(&input);
-        let [running, batch] = recomputation_errors(&input, &output, &parameters, 1e-5);
+        let [running, batch] = recomputation_errors(&input, &output, &parameters, 1e-5).relative();
         assert_eq!(
-            running.relative().to_bits(),
+            running.to_bits(),
             relative_error(&normalise(&input, mean, var, weight, bias, 1e-5), &output).to_bits()
         );
         assert_eq!(
-            batch.relative().to_bits(),
+            batch.to_bits(),
             relative_error(
                 &normalise(&input, &batch_mean, &batch_var, weight, bias, 1e-5),
                 &output
@@ -533,9 +492,9 @@ mod tests {
             .enumerate()
         {
             let exact = normalise(&input, mean, var, weight, bias, 1e-5);
-            let errors = recomputation_errors(&input, &exact, &parameters, 1e-5);
-            assert_eq!(errors[which].relative(), 0.0);
-            assert!(errors[1 - which].relative() > 0.0);
+            let errors = recomputation_errors(&input, &exact, &parameters, 1e-5).relative();
+            assert_eq!(errors[which], 0.0);
+            assert!(errors[1 - which] > 0.0);
         }
     }
 }
