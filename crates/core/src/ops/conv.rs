@@ -136,6 +136,12 @@ fn check_shapes(
     }
 }
 
+/// Whether a conv's weights are packed for the packed kernel: where it
+/// runs, and the conv is not grouped.
+fn packs(geometry: &ConvGeometry) -> bool {
+    geometry.groups == 1 && packed_gemm::available()
+}
+
 impl Conv2d {
     pub fn new(
         in_channels: usize,
@@ -152,7 +158,7 @@ impl Conv2d {
             &bias,
         );
         let [kh, kw] = geometry.kernel;
-        let weights = if geometry.groups == 1 && packed_gemm::available() {
+        let weights = if packs(&geometry) {
             ConvWeights::Packed(PackedWeights::pack(
                 &weight_panels,
                 kh * kw * in_channels,
@@ -180,7 +186,7 @@ impl Conv2d {
     ) -> Self {
         let (out_channels, in_per_group, kernel_y, kernel_x) = weight.dim();
         let in_channels = in_per_group * geometry.groups;
-        if geometry.groups != 1 || !packed_gemm::available() || weight.is_empty() {
+        if !packs(&geometry) {
             let panels = conv_weight_from_oihw(weight, geometry.groups);
             return Conv2d::new(in_channels, out_channels, geometry, panels, bias);
         }
@@ -556,8 +562,8 @@ mod tests {
 
     /// Packed straight from torch's layout, the weights are those packed
     /// from the reordered matrix: 1x1, 3x3 and 7x7 kernels, output channels
-    /// that end a panel early, one input channel, and the grouped and empty
-    /// convs that keep the plain matrix.
+    /// that end a panel early, one input channel, no output or no input
+    /// channels, and the grouped conv that keeps the plain matrix.
     #[test]
     fn a_conv_built_from_torch_weights_is_the_one_built_from_the_reordered_matrix() {
         let cases = [
@@ -567,6 +573,7 @@ mod tests {
             (33, 1, ConvGeometry::square(3, 2, 1, 1)),
             (8, 6, ConvGeometry::square(3, 1, 1, 2)),
             (0, 4, ConvGeometry::square(1, 1, 0, 1)),
+            (8, 0, ConvGeometry::square(1, 1, 0, 1)),
         ];
         for (seed, (out_channels, in_channels, geometry)) in cases.into_iter().enumerate() {
             let [kh, kw] = geometry.kernel;
