@@ -475,6 +475,7 @@ pub fn failure_detail(
 
 /// Elements per parallel piece of a comparison.
 const CHUNK: usize = 1 << 16;
+
 /// The figures of one piece of a comparison.
 #[derive(Default)]
 struct Partial {
@@ -618,6 +619,8 @@ fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::uniform;
+    use crate::tolerance::AbsoluteTolerance;
 
     #[test]
     fn the_scale_is_the_largest_finite_magnitude_in_any_lane() {
@@ -638,8 +641,6 @@ mod tests {
         }
         assert_eq!(largest_finite_magnitude(&[f32::NAN, f32::INFINITY]), 0.0);
     }
-    use crate::test_util::uniform;
-    use crate::tolerance::AbsoluteTolerance;
 
     fn fixed(rtol: f64, atol: f64) -> Tolerance {
         Tolerance {

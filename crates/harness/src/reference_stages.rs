@@ -158,11 +158,16 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::adapter::{self, DumpWeights};
+    use crate::adapter;
 
     fn fixture() -> Dump {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/resnet18-w8");
         Dump::open(&dir).unwrap()
+    }
+
+    /// The core built on `dump`, as a run builds it.
+    fn network(dump: &Dump) -> Network {
+        adapter::network(dump, &adapter::architecture(dump.architecture().unwrap())).unwrap()
     }
 
     /// Whether `name` is still held: loading it again gives the same array.
@@ -179,8 +184,7 @@ mod tests {
     #[test]
     fn a_stage_is_read_once_and_kept_while_a_later_stage_reads_it() {
         let dump = fixture();
-        let architecture = adapter::architecture(dump.architecture().unwrap());
-        let network = Network::from_weights(&architecture, &DumpWeights(&dump)).unwrap();
+        let network = network(&dump);
         let stages = ReferenceStages::new(&dump, Some(&network));
         let maxpool = network.stage_index("maxpool").unwrap();
         let readers: Vec<usize> = (0..network.stages().len())
@@ -212,8 +216,7 @@ mod tests {
     #[test]
     fn stages_peeked_side_by_side_are_read_right_and_not_held() {
         let dump = fixture();
-        let architecture = adapter::architecture(dump.architecture().unwrap());
-        let network = Network::from_weights(&architecture, &DumpWeights(&dump)).unwrap();
+        let network = network(&dump);
         let stages = ReferenceStages::new(&dump, Some(&network));
         let entry = |name| dump.stage(name).unwrap();
         let (conv, bn) = (entry("layer1.0.conv1"), entry("layer1.0.bn1"));
