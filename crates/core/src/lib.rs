@@ -15,6 +15,7 @@ pub mod ops;
 mod parallel;
 pub mod tensor;
 pub mod weights;
+mod written;
 
 #[cfg(test)]
 mod test_util;

@@ -2,7 +2,7 @@ use std::borrow::Cow;
 use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
-use ndarray::{Array4, ArrayView4};
+use ndarray::ArrayView4;
 
 use super::matmul::{multiply, MatrixView, OutputBlock};
 use super::packed_gemm::{self, Epilogue, PackedWeights, Rows};
@@ -10,6 +10,7 @@ use super::winograd::WinogradWeights;
 use super::BatchNorm;
 use super::ShapeError;
 use crate::weights::conv_weight_from_oihw;
+use crate::written::{tensor_written_by, vec_written_by};
 use crate::{parallel, Tensor};
 
 /// Kernel, stride, padding, dilation and groups, as `(height, width)` pairs
@@ -304,12 +305,13 @@ impl Conv2d {
                     residual: residual.map(Tensor::as_slice),
                     relu,
                 };
-                // Not zeroed first: the kernel writes every element.
-                let mut out = Array4::<f32>::uninit((batch, out_h, out_w, self.out_channels));
-                let slice = out.as_slice_mut().expect("a new array is contiguous");
-                self.multiply_packed(x, out_h, out_w, packed, slice, epilogue, threads);
-                // SAFETY: `packed_gemm::multiply` wrote every element.
-                return Ok(Tensor::from_nhwc(unsafe { out.assume_init() }));
+                let multiply = |out: &mut [MaybeUninit<f32>]| {
+                    self.multiply_packed(x, out_h, out_w, packed, out, epilogue, threads)
+                };
+                // SAFETY: `packed_gemm::multiply` writes every element.
+                return Ok(unsafe {
+                    tensor_written_by([batch, out_h, out_w, self.out_channels], multiply)
+                });
             }
         };
         let mut out = Tensor::zeros(batch, out_h, out_w, self.out_channels);
@@ -388,7 +390,7 @@ impl Conv2d {
         let (input, height, width) = if g.padding == [0, 0] {
             (x.as_slice(), height, width)
         } else {
-            padded = pad(x, g.padding);
+            padded = pad(x, g.padding, threads);
             (
                 &padded[..],
                 height + 2 * g.padding[0],
@@ -535,30 +537,44 @@ impl Conv2d {
     }
 }
 
-/// `x` with `padding` zeros around each image (NHWC).
-fn pad(x: &Tensor, padding: [usize; 2]) -> Vec<f32> {
+/// `x` with `padding` zeros around each image (NHWC), a padded line per
+/// task.
+fn pad(x: &Tensor, padding: [usize; 2], threads: usize) -> Vec<f32> {
     let [batch, height, width, channels] = x.nhwc_shape();
     let [py, px] = padding;
-    let padded_width = width + 2 * px;
-    let line = padded_width * channels;
-    let mut padded = vec![0f32; batch * (height + 2 * py) * line];
-    for (n, image) in x
-        .as_slice()
-        .chunks_exact((height * width * channels).max(1))
-        .enumerate()
-    {
-        for (y, source) in image.chunks_exact((width * channels).max(1)).enumerate() {
-            let start = ((n * (height + 2 * py) + y + py) * padded_width + px) * channels;
-            padded[start..start + source.len()].copy_from_slice(source);
-        }
-    }
-    padded
+    let padded_height = height + 2 * py;
+    let line = (width + 2 * px) * channels;
+    let input = x.as_slice();
+    let write = |padded: &mut [MaybeUninit<f32>]| {
+        parallel::for_each_chunk(threads, padded, line, |row, out| {
+            let (n, y) = (row / padded_height, row % padded_height);
+            let zero = MaybeUninit::new(0.0);
+            match y.checked_sub(py).filter(|&y| y < height) {
+                None => out.fill(zero),
+                Some(y) => {
+                    let start = (n * height + y) * width * channels;
+                    let source = &input[start..start + width * channels];
+                    let (left, rest) = out.split_at_mut(px * channels);
+                    let (middle, right) = rest.split_at_mut(source.len());
+                    left.fill(zero);
+                    right.fill(zero);
+                    for (out, &value) in middle.iter_mut().zip(source) {
+                        out.write(value);
+                    }
+                }
+            }
+        })
+    };
+    // SAFETY: the tasks' lines cover the buffer, and each line is written
+    // whole: zeros, or zeros, the input's line and zeros.
+    unsafe { vec_written_by(batch * padded_height * line, write) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_util::{close, tensor, values};
+    use ndarray::Array4;
 
     /// Packed straight from torch's layout, the weights are those packed
     /// from the reordered matrix: 1x1, 3x3 and 7x7 kernels, output channels

@@ -1,4 +1,7 @@
+use std::mem::MaybeUninit;
+
 use super::ShapeError;
+use crate::written::{filled, tensor_written_by};
 use crate::Tensor;
 
 /// MaxPool2d with a square window; padding counts as -inf, as in torch, so a
@@ -31,44 +34,51 @@ impl MaxPool2d {
         let out_h = self.output_size(x.height()).ok_or_else(too_small)?;
         let out_w = self.output_size(x.width()).ok_or_else(too_small)?;
         let [batch, height, width, channels] = x.nhwc_shape();
-        let mut out = Tensor::zeros(batch, out_h, out_w, channels);
         let input = x.as_slice();
-        crate::parallel::for_each_chunk(
-            crate::parallel::threads(),
-            out.as_slice_mut(),
-            out_w * channels,
-            |row, out_row| {
-                let (n, oy) = (row / out_h, row % out_h);
-                for ox in 0..out_w {
-                    let best = &mut out_row[ox * channels..(ox + 1) * channels];
-                    best.fill(f32::NEG_INFINITY);
-                    for ky in 0..self.kernel {
-                        let Some(iy) = (oy * self.stride + ky).checked_sub(self.padding) else {
-                            continue;
-                        };
-                        if iy >= height {
-                            continue;
-                        }
-                        for kx in 0..self.kernel {
-                            let Some(ix) = (ox * self.stride + kx).checked_sub(self.padding) else {
+        let write = |out: &mut [MaybeUninit<f32>]| {
+            crate::parallel::for_each_chunk(
+                crate::parallel::threads(),
+                out,
+                out_w * channels,
+                |row, out_row| {
+                    let (n, oy) = (row / out_h, row % out_h);
+                    for ox in 0..out_w {
+                        let best = filled(
+                            &mut out_row[ox * channels..(ox + 1) * channels],
+                            f32::NEG_INFINITY,
+                        );
+                        for ky in 0..self.kernel {
+                            let Some(iy) = (oy * self.stride + ky).checked_sub(self.padding) else {
                                 continue;
                             };
-                            if ix >= width {
+                            if iy >= height {
                                 continue;
                             }
-                            let start = ((n * height + iy) * width + ix) * channels;
-                            for (b, &v) in best.iter_mut().zip(&input[start..start + channels]) {
-                                // NaN propagates, as in torch's max pool.
-                                // A select, not a branch, so that the
-                                // loop runs 16 channels at a time.
-                                *b = if v > *b || v.is_nan() { v } else { *b };
+                            for kx in 0..self.kernel {
+                                let Some(ix) = (ox * self.stride + kx).checked_sub(self.padding)
+                                else {
+                                    continue;
+                                };
+                                if ix >= width {
+                                    continue;
+                                }
+                                let start = ((n * height + iy) * width + ix) * channels;
+                                for (b, &v) in best.iter_mut().zip(&input[start..start + channels])
+                                {
+                                    // NaN propagates, as in torch's max pool.
+                                    // A select, not a branch, so that the
+                                    // loop runs 16 channels at a time.
+                                    *b = if v > *b || v.is_nan() { v } else { *b };
+                                }
                             }
                         }
                     }
-                }
-            },
-        );
-        Ok(out)
+                },
+            )
+        };
+        // SAFETY: each output row is a task, and each of its pixels is
+        // filled before the window's maximum is taken.
+        Ok(unsafe { tensor_written_by([batch, out_h, out_w, channels], write) })
     }
 }
 

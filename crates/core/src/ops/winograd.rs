@@ -18,6 +18,7 @@
 use std::mem::MaybeUninit;
 
 use super::packed_gemm::{self, Epilogue, PackedWeights, Rows};
+use crate::written::{tensor_written_by, vec_written_by, Store};
 use crate::{parallel, Tensor};
 
 /// Transformed weights: one `channels x outputs` matrix per point of the
@@ -87,156 +88,153 @@ impl WinogradWeights {
         // channels (`B^T d B`), tile after tile.
         let input = x.as_slice();
         let zeros = vec![0f32; channels];
-        let mut transformed = vec![0f32; tiles * 16 * channels];
-        parallel::for_each_chunk(
-            threads,
-            &mut transformed,
-            tiles_x * 16 * channels,
-            |tile_row, out| {
-                let (image, ty) = (tile_row / tiles_y, tile_row % tiles_y);
-                let mut rows = vec![0f32; 16 * channels];
-                for (tx, out) in out.chunks_exact_mut(16 * channels).enumerate() {
-                    let pixel = |i: usize, j: usize| -> &[f32] {
-                        let (y, x) = ((2 * ty + i).wrapping_sub(1), (2 * tx + j).wrapping_sub(1));
-                        if y < height && x < width {
-                            let start = ((image * height + y) * width + x) * channels;
-                            &input[start..start + channels]
-                        } else {
-                            &zeros
+        let transform = |transformed: &mut [MaybeUninit<f32>]| {
+            parallel::for_each_chunk(
+                threads,
+                transformed,
+                tiles_x * 16 * channels,
+                |tile_row, out| {
+                    let (image, ty) = (tile_row / tiles_y, tile_row % tiles_y);
+                    let mut rows = vec![0f32; 16 * channels];
+                    for (tx, out) in out.chunks_exact_mut(16 * channels).enumerate() {
+                        let pixel = |i: usize, j: usize| -> &[f32] {
+                            let (y, x) =
+                                ((2 * ty + i).wrapping_sub(1), (2 * tx + j).wrapping_sub(1));
+                            if y < height && x < width {
+                                let start = ((image * height + y) * width + x) * channels;
+                                &input[start..start + channels]
+                            } else {
+                                &zeros
+                            }
+                        };
+                        // B^T d, a whole run of channels at a time: row i,
+                        // column j in `rows[(i * 4 + j) * channels..]`.
+                        for j in 0..4 {
+                            let d: [&[f32]; 4] = std::array::from_fn(|i| pixel(i, j));
+                            let at = |i: usize| (i * 4 + j) * channels..(i * 4 + j + 1) * channels;
+                            difference(&mut rows[at(0)], d[0], d[2]);
+                            sum(&mut rows[at(1)], d[1], d[2]);
+                            difference(&mut rows[at(2)], d[2], d[1]);
+                            difference(&mut rows[at(3)], d[1], d[3]);
                         }
-                    };
-                    // B^T d, a whole run of channels at a time: row i,
-                    // column j in `rows[(i * 4 + j) * channels..]`.
-                    for j in 0..4 {
-                        let d: [&[f32]; 4] = std::array::from_fn(|i| pixel(i, j));
-                        let at = |i: usize| (i * 4 + j) * channels..(i * 4 + j + 1) * channels;
-                        difference(&mut rows[at(0)], d[0], d[2]);
-                        sum(&mut rows[at(1)], d[1], d[2]);
-                        difference(&mut rows[at(2)], d[2], d[1]);
-                        difference(&mut rows[at(3)], d[1], d[3]);
+                        // (B^T d) B: the same over each row's columns, which
+                        // writes all 16 runs of the tile.
+                        for i in 0..4 {
+                            let at = |j: usize| (i * 4 + j) * channels..(i * 4 + j + 1) * channels;
+                            let t = |j: usize| &rows[at(j)];
+                            difference(&mut out[at(0)], t(0), t(2));
+                            sum(&mut out[at(1)], t(1), t(2));
+                            difference(&mut out[at(2)], t(2), t(1));
+                            difference(&mut out[at(3)], t(1), t(3));
+                        }
                     }
-                    // (B^T d) B: the same over each row's columns.
-                    for i in 0..4 {
-                        let at = |j: usize| (i * 4 + j) * channels..(i * 4 + j + 1) * channels;
-                        let t = |j: usize| &rows[at(j)];
-                        difference(&mut out[at(0)], t(0), t(2));
-                        sum(&mut out[at(1)], t(1), t(2));
-                        difference(&mut out[at(2)], t(2), t(1));
-                        difference(&mut out[at(3)], t(1), t(3));
-                    }
-                }
-            },
-        );
+                },
+            )
+        };
+        // SAFETY: the chunks cover the buffer in whole tiles, and each tile
+        // is written whole (see above).
+        let transformed = unsafe { vec_written_by(tiles * 16 * channels, transform) };
 
         // Sixteen GEMMs: tiles x channels by channels x outputs, each on
         // one thread, the sixteen spread over the threads: one region, not
         // sixteen small ones (a 14x14 map is 49 tiles; split sixteen times
         // over the threads, layer3's convs scaled 1.4-1.8x from one thread
         // to two).
-        let mut products: Vec<MaybeUninit<f32>> = Vec::with_capacity(16 * tiles * outputs);
-        // SAFETY: every element is written by the GEMMs below before it is read.
-        unsafe { products.set_len(16 * tiles * outputs) };
-        let transformed = &transformed;
-        parallel::for_each_chunk(threads, &mut products, tiles * outputs, |point, product| {
-            let locate = |row: usize, starts: &mut [*const f32]| {
-                starts[0] = transformed[(row * 16 + point) * channels..].as_ptr();
-            };
-            let rows = Rows {
-                taps: 1,
-                segment: channels,
-                own_per_row: channels,
-                locate: &locate,
-            };
-            packed_gemm::multiply(
-                tiles,
-                &rows,
-                &self.transformed[point],
-                product,
-                Epilogue::default(),
-                1,
-            );
-        });
-        let mut products = std::mem::ManuallyDrop::new(products);
-        // SAFETY: the GEMMs wrote every element; MaybeUninit<f32> has f32's
-        // layout, and the allocation is handed over whole.
-        let products: Vec<f32> = unsafe {
-            Vec::from_raw_parts(
-                products.as_mut_ptr().cast::<f32>(),
-                products.len(),
-                products.capacity(),
-            )
+        let multiply = |products: &mut [MaybeUninit<f32>]| {
+            parallel::for_each_chunk(threads, products, tiles * outputs, |point, product| {
+                let locate = |row: usize, starts: &mut [*const f32]| {
+                    starts[0] = transformed[(row * 16 + point) * channels..].as_ptr();
+                };
+                let rows = Rows {
+                    taps: 1,
+                    segment: channels,
+                    own_per_row: channels,
+                    locate: &locate,
+                };
+                packed_gemm::multiply(
+                    tiles,
+                    &rows,
+                    &self.transformed[point],
+                    product,
+                    Epilogue::default(),
+                    1,
+                );
+            })
         };
+        // SAFETY: each of the sixteen GEMMs writes its whole chunk.
+        let products = unsafe { vec_written_by(16 * tiles * outputs, multiply) };
 
         // A^T m A for each tile and output channel, then the epilogue.
-        let mut out = Tensor::zeros(batch, height, width, outputs);
         let residual = residual.map(Tensor::as_slice);
         let line = width * outputs;
-        for (image, out_image) in out
-            .as_slice_mut()
-            .chunks_mut((height * line).max(1))
-            .enumerate()
-        {
-            parallel::for_each_chunk(threads, out_image, 2 * line, |ty, rows| {
-                // A^T m, row i, column j, in `columns[(i * 4 + j) * outputs..]`.
-                let mut columns = vec![0f32; 8 * outputs];
-                let mut pixel = vec![0f32; outputs];
-                for tx in 0..tiles_x {
-                    let tile = (image * tiles_y + ty) * tiles_x + tx;
-                    let m = |point: usize| {
-                        let start = (point * tiles + tile) * outputs;
-                        &products[start..start + outputs]
-                    };
-                    for j in 0..4 {
-                        let (top, bottom) = columns.split_at_mut(4 * outputs);
-                        let at = j * outputs..(j + 1) * outputs;
-                        sum_of_three(&mut top[at.clone()], m(j), m(4 + j), m(8 + j));
-                        difference_of_three(&mut bottom[at], m(4 + j), m(8 + j), m(12 + j));
-                    }
-                    for i in 0..2 {
-                        if 2 * ty + i >= height {
-                            continue;
+        let inverse = |out: &mut [MaybeUninit<f32>]| {
+            for (image, out_image) in out.chunks_mut((height * line).max(1)).enumerate() {
+                parallel::for_each_chunk(threads, out_image, 2 * line, |ty, rows| {
+                    // A^T m, row i, column j, in `columns[(i * 4 + j) * outputs..]`.
+                    let mut columns = vec![0f32; 8 * outputs];
+                    let mut pixel = vec![0f32; outputs];
+                    for tx in 0..tiles_x {
+                        let tile = (image * tiles_y + ty) * tiles_x + tx;
+                        let m = |point: usize| {
+                            let start = (point * tiles + tile) * outputs;
+                            &products[start..start + outputs]
+                        };
+                        for j in 0..4 {
+                            let (top, bottom) = columns.split_at_mut(4 * outputs);
+                            let at = j * outputs..(j + 1) * outputs;
+                            sum_of_three(&mut top[at.clone()], m(j), m(4 + j), m(8 + j));
+                            difference_of_three(&mut bottom[at], m(4 + j), m(8 + j), m(12 + j));
                         }
-                        let s =
-                            |j: usize| &columns[(i * 4 + j) * outputs..(i * 4 + j + 1) * outputs];
-                        for j in 0..2 {
-                            let x = 2 * tx + j;
-                            if x >= width {
+                        for i in 0..2 {
+                            if 2 * ty + i >= height {
                                 continue;
                             }
-                            if j == 0 {
-                                sum_of_three(&mut pixel, s(0), s(1), s(2));
-                            } else {
-                                difference_of_three(&mut pixel, s(1), s(2), s(3));
-                            }
-                            let at = i * line + x * outputs;
-                            let skip = residual.map(|residual| {
-                                let start = image * height * line + 2 * ty * line + at;
-                                &residual[start..start + outputs]
-                            });
-                            let out = &mut rows[at..at + outputs];
-                            for (k, (out, &value)) in out.iter_mut().zip(&pixel).enumerate() {
-                                let mut sum = value;
-                                if let Some(bias) = bias {
-                                    sum += bias[k];
+                            let s = |j: usize| {
+                                &columns[(i * 4 + j) * outputs..(i * 4 + j + 1) * outputs]
+                            };
+                            for j in 0..2 {
+                                let x = 2 * tx + j;
+                                if x >= width {
+                                    continue;
                                 }
-                                if let Some(skip) = skip {
-                                    sum += skip[k];
+                                if j == 0 {
+                                    sum_of_three(&mut pixel, s(0), s(1), s(2));
+                                } else {
+                                    difference_of_three(&mut pixel, s(1), s(2), s(3));
                                 }
-                                *out = if relu { sum.max(0.0) } else { sum };
+                                let at = i * line + x * outputs;
+                                let skip = residual.map(|residual| {
+                                    let start = image * height * line + 2 * ty * line + at;
+                                    &residual[start..start + outputs]
+                                });
+                                let out = &mut rows[at..at + outputs];
+                                for (k, (out, &value)) in out.iter_mut().zip(&pixel).enumerate() {
+                                    let mut sum = value;
+                                    if let Some(bias) = bias {
+                                        sum += bias[k];
+                                    }
+                                    if let Some(skip) = skip {
+                                        sum += skip[k];
+                                    }
+                                    out.write(if relu { sum.max(0.0) } else { sum });
+                                }
                             }
                         }
                     }
-                }
-            });
-        }
-        out
+                });
+            }
+        };
+        // SAFETY: every output pixel is in one tile (the tiles cover the
+        // map, those on an odd edge half outside it), and each tile writes
+        // its pixels inside the map, every channel.
+        unsafe { tensor_written_by([batch, height, width, outputs], inverse) }
     }
 }
 
 /// `out = a + b`, element by element (one loop, so that it vectorises).
-fn sum(out: &mut [f32], a: &[f32], b: &[f32]) {
+fn sum(out: &mut [impl Store], a: &[f32], b: &[f32]) {
     for ((out, &a), &b) in out.iter_mut().zip(a).zip(b) {
-        *out = a + b;
+        out.store(a + b);
     }
 }
 
@@ -255,9 +253,9 @@ fn difference_of_three(out: &mut [f32], a: &[f32], b: &[f32], c: &[f32]) {
 }
 
 /// `out = a - b`, element by element.
-fn difference(out: &mut [f32], a: &[f32], b: &[f32]) {
+fn difference(out: &mut [impl Store], a: &[f32], b: &[f32]) {
     for ((out, &a), &b) in out.iter_mut().zip(a).zip(b) {
-        *out = a - b;
+        out.store(a - b);
     }
 }
 
