@@ -52,6 +52,11 @@ class Core:
         self.process.wait()
 
 
+def paired_ratios(numerators, denominators):
+    """Each iteration's ratio of two engines' times."""
+    return [a / b for a, b in zip(numerators, denominators)]
+
+
 def timed(function):
     started = time.perf_counter()
     function()
@@ -90,6 +95,7 @@ def main(argv=None):
     print("core: the fused inference path; observed: stage by stage, as verify runs it")
     print(f"{'threads':>7} {'core ms':>9} {'observed':>9} {'torch ms':>9} {'ort ms':>9} {'core/torch':>11} {'core/ort':>9} {'core GFLOP/s':>13}")
     results = {}
+    spreads = {}
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         core = Core(work / "dump", threads)
@@ -125,7 +131,18 @@ def main(argv=None):
         print(f"{threads:>7} {median['core']:>9.1f} {median['observed']:>9.1f} {median['torch']:>9.1f} {ort:>9.1f} "
               f"{median['core'] / median['torch']:>11.2f} {median['core'] / ort:>9.2f} {flops / median['core'] / 1e6:>13.1f}")
         results[threads] = median
+        spreads[threads] = {other: paired_ratios(times["core"], times[other]) for other in ("torch", "ort") if other in times}
     shutil.rmtree(work)
+    # The ratio within each iteration (the engines ran one after the other),
+    # to tell a difference from this machine's noise: a middle half that
+    # straddles 1.00 says the two engines are level here.
+    for threads, ratios in spreads.items():
+        if args.iterations < 2:
+            break
+        parts = [f"core/{other} median {statistics.median(values):.2f}, middle half {low:.2f}-{high:.2f}"
+                 for other, values in ratios.items()
+                 for low, _, high in [statistics.quantiles(values, n=4)]]
+        print(f"{threads} thread{'s' if threads > 1 else ''}, iteration by iteration: " + "; ".join(parts))
     counts = sorted(results)
     if len(counts) > 1:
         # Each engine's speed-up from the fewest threads to the most, from
