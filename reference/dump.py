@@ -215,6 +215,13 @@ def write(out, model, architecture, x, *, model_name, weights_description, input
     model.train(train_mode)
     stages = []
     recorded, logits = hooks.stages(model, x)
+    # What the model returns must be its last stage's value: a model that
+    # computes anything after its last module (a __call__ or forward of its
+    # own) is not the network the stages describe.
+    if isinstance(logits, torch.Tensor) and not torch.equal(logits, recorded[-1]["output"]):
+        raise models.Unsupported(f"the model returns something other than its last stage "
+                                 f"({recorded[-1]['name']}): it computes after its last module, "
+                                 "which the core does not")
     for number, stage in enumerate(recorded):
         module, output = stage.pop("module"), stage.pop("output")
         stage["file"] = f"stages/{number:03d}_{stage['name'].replace('#', '@')}.npy"

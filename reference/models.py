@@ -257,9 +257,33 @@ def _overridden(module, cls):
     for method in ("forward", "_forward_impl"):
         if cls is not torch.fx.GraphModule and getattr(type(module), method, None) is not getattr(cls, method, None):
             return f"{type(module).__name__} overrides {cls.__name__}.{method}"
+    # Calling a module runs __call__ (nn.Module's, which runs forward and
+    # the hooks); one of its own may compute anything around forward. (A
+    # traced model's class gets a __call__ of its own from recompile(),
+    # around the forward checked above.)
+    methods = () if cls is torch.fx.GraphModule else ("__call__", "_call_impl", "forward", "_forward_impl")
+    for method in methods[:2]:
+        if getattr(type(module), method, None) is not getattr(cls, method, None):
+            return f"{type(module).__name__} overrides {cls.__name__}.{method}, so calling it may not be its forward"
+    for method in methods:
+        function = getattr(cls, method, None)
+        if function is not None and not _from_torch(function):
+            return (f"{cls.__name__}.{method} is {function.__module__}.{function.__qualname__}, "
+                    "not torch's or torchvision's own (patched on the class)")
     if module._forward_hooks or module._forward_pre_hooks:
         return "it has forward hooks (or pre-hooks), which may change what it computes"
+    if module._state_dict_hooks or module._state_dict_pre_hooks:
+        return "it has state_dict hooks, which may change the weights read from it"
     return None
+
+
+def _from_torch(function):
+    """Whether `function` is defined in torch's or torchvision's own code,
+    in a class body (not a lambda or a function made elsewhere and set on
+    the class)."""
+    package = (getattr(function, "__module__", None) or "").split(".")[0]
+    qualname = getattr(function, "__qualname__", "")
+    return package in ("torch", "torchvision") and "<" not in qualname
 
 
 def describe(model):
@@ -369,6 +393,17 @@ def describe(model):
         expected = [(path, nn.Module if cls in containers else cls, {} if cls in containers else attributes)
                     for path, cls, attributes in expected]
         problems.extend(_graph_problems(model, architecture, block))
+    # A Sequential runs its children in the order they were added, whatever
+    # their names; the core runs layer1.0 before layer1.1.
+    for path, cls, _ in expected:
+        module = modules.get(path)
+        if cls is nn.Sequential and type(module) is nn.Sequential:
+            order = list(module._modules)
+            stock = [child.rsplit(".", 1)[-1] for child, _, _ in expected
+                     if child.startswith(f"{path}.") and "." not in child[len(path) + 1:]]
+            if sorted(order) == sorted(stock) and order != stock:
+                problems.append((path, f"runs its children in the order {', '.join(order)}, "
+                                       f"where the core runs {', '.join(stock)}"))
     refused = []  # paths refused whole (wrong type, missing, not built): their children are not looked at
     for path, cls, attributes in expected:
         if any(path.startswith(f"{parent}.") for parent in refused if parent):

@@ -194,3 +194,23 @@ def test_refuses_to_overwrite_a_directory_that_is_not_a_dump(tmp_path):
     assert result.returncode != 0 and "not a dump" in result.stderr
     assert (tmp_path / "precious" / "thesis.tex").read_text() == "..."
     assert [p.name for p in (tmp_path / "precious").iterdir()] == ["thesis.tex"]
+
+
+def test_a_model_that_computes_after_its_last_module_is_not_dumped(tmp_path):
+    """What the model returns must be its last stage's value, or the stages
+    describe another network than the one the model is."""
+    import torch
+    from torchvision.models import resnet as tv
+
+    from reference import dump, preprocess
+
+    class Doubled(tv.ResNet):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model, architecture = models.build("resnet18", width=8, num_classes=10)
+    model.__class__ = Doubled
+    x, description = preprocess.make_input("random", 32, 1, 0)
+    with pytest.raises(models.Unsupported, match=r"returns something other than its last stage \(fc\)"):
+        dump.write(tmp_path / "dump", model.eval(), architecture, x, model_name="resnet18",
+                   weights_description={"source": "seeded"}, input_description=description)

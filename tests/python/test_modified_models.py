@@ -4,6 +4,7 @@ a torchvision constructor's. Each is either computed exactly by the core
 or refused up front with VerifyError naming the module; and no call, refused
 or not, changes the user's model."""
 
+import collections
 import functools
 import math
 
@@ -81,6 +82,23 @@ class BlockWithoutResidual(tv.BasicBlock):
         return self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x))))))
 
 
+class CalledDifferently(tv.ResNet):
+    """Its own __call__: what calling it returns is not its forward's."""
+
+    def __call__(self, x):
+        return torch.softmax(super().__call__(x), dim=1)
+
+
+def blocks_swapped(model):
+    model.layer1 = nn.Sequential(collections.OrderedDict([("1", model.layer1[1]), ("0", model.layer1[0])]))
+
+
+def bias_moved_in_state_dict(model):
+    def hook(module, state_dict, prefix, local_metadata):
+        state_dict[prefix + "fc.bias"] = state_dict[prefix + "fc.bias"] + 1.0
+    model.register_state_dict_post_hook(hook)
+
+
 def scale_output(module, inputs, output):
     return output * 2
 
@@ -147,6 +165,13 @@ REFUSED = [
     ("a forward replaced on the instance", lambda: changed(resnet18, lambda m: setattr(
         m.layer1[0].bn2, "forward", lambda x: x)),
      "layer1.0.bn2", "its forward is replaced on the instance"),
+    ("a ResNet subclass with its own __call__", lambda: changed(
+        resnet18, lambda m: setattr(m, "__class__", CalledDifferently)),
+     "the model", "CalledDifferently overrides ResNet.__call__"),
+    ("a layer whose blocks run in another order", lambda: changed(resnet18, blocks_swapped),
+     "layer1", "runs its children in the order 1, 0, where the core runs 0, 1"),
+    ("a state_dict hook that changes a weight", lambda: changed(resnet18, bias_moved_in_state_dict),
+     "the model", "state_dict hooks"),
     ("float64 weights", lambda: changed(resnet18, lambda m: m.double()),
      "conv1.weight", "torch.float64"),
     ("an extra module", lambda: changed(resnet18, lambda m: setattr(m, "dropout", nn.Dropout(0.2))),
@@ -321,6 +346,20 @@ def assert_unchanged(model, before):
     assert list(after) == list(before)
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), f"{name} changed"
+
+
+def test_a_torchvision_class_patched_in_place_is_refused_by_name(monkeypatch):
+    """A forward set on torchvision's own class (every instance runs it):
+    the instance's forward is its class's, so only where that came from
+    tells."""
+    model = seeded(resnet18())
+    stock = tv.BasicBlock.forward
+    monkeypatch.setattr(tv.BasicBlock, "forward", lambda self, x: stock(self, x) * 0.5)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for call in (lambda: rv.forward(model, x), lambda: rv.verify_torch(model, x)):
+        with pytest.raises(rv.VerifyError, match=r"layer1\.0, .*BasicBlock\.forward is .*<lambda>, "
+                                                 r"not torch's or torchvision's own"):
+            call()
 
 
 def test_every_case_is_one_change_from_torchvision():
