@@ -728,3 +728,25 @@ fn the_plot_draws_both_modes_the_tolerance_and_the_first_failure() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(stderr(&bad).contains("cannot write /nonexistent-dir/x.svg"));
 }
+
+#[test]
+fn a_candidate_holding_only_the_input_fails() {
+    // The input is the reference's own, copied: matching it checks nothing
+    // the candidate computed, so it must not pass (exit 0) in CI.
+    let report = compare_edited("resnet18-w8", |candidate| {
+        edit_manifest(candidate, |manifest| {
+            manifest["stages"]
+                .as_array_mut()
+                .unwrap()
+                .retain(|stage| stage["name"] == "input")
+        })
+    });
+    let summary = &report["summary"];
+    assert_eq!(summary["verdict"], "fail");
+    assert_eq!(summary["compared"], 1);
+    assert_eq!(summary["fail"], 0);
+    assert!(summary["stopped"]
+        .as_str()
+        .unwrap()
+        .ends_with("no stage but the input was compared: nothing computed was checked"));
+}

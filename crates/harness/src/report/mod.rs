@@ -551,8 +551,24 @@ impl ReportBuilder {
             summary.multiple_needed,
             summary.beyond_rtol,
         ) = needed;
-        if summary.compared == 0 {
+        // The input is given, not computed: a run that compared nothing
+        // else (a candidate holding only a copy of it, `--upto input`)
+        // proves nothing, and must not pass.
+        let computed = self
+            .report
+            .stages
+            .iter()
+            .any(|stage| stage.module_type != ModuleKind::Input);
+        if !computed {
             summary.verdict = Verdict::Fail;
+            let why = match summary.compared {
+                0 => "no stage was compared",
+                _ => "no stage but the input was compared: nothing computed was checked",
+            };
+            summary.stopped = Some(match summary.stopped.take() {
+                Some(stopped) => format!("{stopped}; {why}"),
+                None => why.to_string(),
+            });
         }
         self.report
     }
