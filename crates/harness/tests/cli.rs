@@ -872,3 +872,48 @@ fn a_reference_model_the_core_does_not_build_is_refused_by_name() {
         );
     }
 }
+
+#[test]
+fn a_refused_run_leaves_no_report_of_an_earlier_run() {
+    // CI reads the report file: after a refusal it must not find the last
+    // run's passing one there.
+    let dir = tempfile::tempdir().unwrap();
+    for format in ["junit", "json"] {
+        let report = dir.path().join(format!("report.{format}"));
+        let plot = dir.path().join("errors.svg");
+        let flags = [
+            "--format",
+            format,
+            "--output",
+            path(&report),
+            "--plot",
+            path(&plot),
+        ];
+        let fixture = fixture("resnet18-w8");
+        let mut args = vec![path(&fixture)];
+        args.extend(flags);
+        assert_eq!(verify(&args).status.code(), Some(0));
+        assert!(report.exists() && plot.exists());
+
+        let dump = copy_fixture("resnet18-w8", &dir.path().join(format));
+        edit_manifest(&dump, |m| {
+            entry_mut(m, "stages", "relu")["module_type"] = "ReLU6".into()
+        });
+        let mut args = vec![path(&dump)];
+        args.extend(flags);
+        let output = verify(&args);
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(!report.exists() && !plot.exists(), "{format}");
+    }
+}
+
+#[test]
+fn more_threads_than_the_machine_can_hold_is_an_error_not_a_crash() {
+    let output = verify(&[path(&fixture("resnet18-w8")), "--threads", "1000000"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).starts_with("verify: error: --threads 1000000: at most "),
+        "{}",
+        stderr(&output)
+    );
+}

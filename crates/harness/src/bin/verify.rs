@@ -77,7 +77,7 @@ struct Cli {
     #[arg(long)]
     both: bool,
 
-    /// Threads for the core (default: all cores)
+    /// Threads for the core (default: all cores; at most 8 per CPU)
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
 
@@ -255,6 +255,16 @@ fn main() -> ExitCode {
 /// Runs the command; `Ok(passed)`.
 fn run(cli: Cli) -> anyhow::Result<bool> {
     if let Some(threads) = cli.threads {
+        // The core's threads spin between its parallel regions: more of
+        // them than CPUs only slow it, and tens of thousands exhaust memory
+        // (20000 aborted on a failed stack guard, not an error).
+        let cpus = std::thread::available_parallelism().map_or(1, |cpus| cpus.get());
+        let most = 8 * cpus;
+        if threads > most {
+            anyhow::bail!(
+                "--threads {threads}: at most {most} (8 per CPU; this machine has {cpus})"
+            );
+        }
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build_global()
@@ -262,6 +272,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     }
     match cli.command {
         Some(Command::Compare { compare, output }) => {
+            remove_earlier_outputs(&output)?;
             let options = compare_options(&compare)?;
             let report = report(&output, RunMode::Dumps, |listener| {
                 Ok(compare_dumps(&options, listener)?)
@@ -301,6 +312,7 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(outcome.core.verdict == resnet_verify::Verdict::Succ)
         }
         None => {
+            remove_earlier_outputs(&cli.common.output)?;
             let mode = match (cli.isolate, cli.both) {
                 (true, _) => RunMode::Isolated,
                 (_, true) => RunMode::Both,
@@ -436,6 +448,21 @@ fn report(
         std::fs::write(path, drawn).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(report)
+}
+
+/// Removes the report and plot an earlier run left at this run's paths: they
+/// must not stand for this run if it is refused or fails before writing its
+/// own (a CI step that reads the file would see the old verdict).
+fn remove_earlier_outputs(common: &OutputFlags) -> anyhow::Result<()> {
+    for path in [&common.output, &common.plot].into_iter().flatten() {
+        match std::fs::remove_file(path) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(error).with_context(|| format!("cannot replace {}", path.display()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// The progress bar on stderr, for a terminal: a sink of the run's events.
