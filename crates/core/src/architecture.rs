@@ -80,7 +80,11 @@ impl Head {
 /// 64; resnext50_32x4d has groups 32, width per group 4; wide_resnet50_2 has
 /// width per group 128. The width-reduced test models change
 /// `stem_channels` and `planes`.
+/// A field it does not know is refused, not ignored: it may describe a
+/// network other than the one built (the schema's `additionalProperties:
+/// false`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Architecture {
     pub block: BlockKind,
     /// Blocks per stage (`layer1`, `layer2`, ...).

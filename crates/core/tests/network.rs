@@ -506,6 +506,26 @@ fn a_batch_norm_with_an_eps_of_its_own_uses_it() {
 }
 
 #[test]
+fn an_eps_for_a_batch_norm_the_network_does_not_have_is_refused() {
+    let base = architecture(BlockKind::BasicBlock, 1, 64);
+    let weights = random_weights(&base, 9);
+    // A misspelt path (a trailing dot), a BatchNorm a BasicBlock lacks, a conv.
+    for module in ["layer1.0.bn2.", "layer1.0.bn3", "layer1.0.conv1"] {
+        let misspelt = Architecture {
+            batch_norm_eps_overrides: [(module.to_string(), 0.5)].into(),
+            ..base.clone()
+        };
+        let Err(error) = Network::from_weights(&misspelt, &weights) else {
+            panic!("an eps for {module} was taken");
+        };
+        assert_eq!(
+            error.to_string(),
+            format!("unsupported architecture: `batch_norm_eps_overrides` names `{module}`, which is not a BatchNorm of this architecture")
+        );
+    }
+}
+
+#[test]
 fn the_outputs_are_the_same_bits_whatever_the_thread_count() {
     // Large enough that every operation splits its work (the packed GEMM
     // across output tiles, the grouped convs through the gemm crate, the

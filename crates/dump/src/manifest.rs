@@ -103,7 +103,11 @@ pub enum BlockKind {
 /// The manifest's `architecture`: everything that distinguishes one
 /// torchvision ResNet from another (docs/dump-format.md). The format only
 /// records it; an engine decides whether it can run it.
+/// A field it does not know is refused, not ignored: it may describe a
+/// network other than the one built (the schema's `additionalProperties:
+/// false`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Architecture {
     pub block: BlockKind,
     /// Blocks per stage (`layer1`, `layer2`, ...).

@@ -917,3 +917,18 @@ fn more_threads_than_the_machine_can_hold_is_an_error_not_a_crash() {
         stderr(&output)
     );
 }
+
+#[test]
+fn an_architecture_field_the_format_does_not_know_is_refused() {
+    // `"stem": "deep"` would describe another network than the one built.
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    edit_manifest(&dump, |m| m["architecture"]["stem"] = "deep".into());
+    let output = verify(&[path(&dump)]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("manifest.json: invalid manifest: unknown field `stem`"),
+        "{}",
+        stderr(&output)
+    );
+}

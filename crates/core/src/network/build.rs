@@ -120,6 +120,18 @@ impl Network {
             }
         }
 
+        // An eps given to a BatchNorm this network does not have would be
+        // silently unused: a misspelt path, or a model other than described.
+        if let Some(module) = architecture.batch_norm_eps_overrides.keys().find(|module| {
+            !net.stages
+                .iter()
+                .any(|stage| stage.kind == StageKind::BatchNorm2d && stage.module == **module)
+        }) {
+            return Err(CoreError::UnsupportedArchitecture(format!(
+                "`batch_norm_eps_overrides` names `{module}`, which is not a BatchNorm of this architecture"
+            )));
+        }
+
         // A container reads its last child's value.
         let reads = net
             .stages
