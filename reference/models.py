@@ -415,7 +415,10 @@ def describe(model):
             continue
         exact = isinstance(module, cls) if cls is root else type(module) is cls
         if not exact:
-            problems.append((path, f"{type(module).__name__}, where the core builds {cls.__name__}"))
+            found, built = type(module).__name__, cls.__name__
+            if found == built:  # torch.ao's quantized Linear, say: the names alone say nothing
+                found, built = (f"{kind.__module__}.{kind.__qualname__}" for kind in (type(module), cls))
+            problems.append((path, f"{found}, where the core builds {built}"))
             refused.append(path)
             continue
         overridden = _overridden(module, cls)

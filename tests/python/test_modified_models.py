@@ -89,6 +89,11 @@ class CalledDifferently(tv.ResNet):
         return torch.softmax(super().__call__(x), dim=1)
 
 
+class Linear(nn.Linear):
+    """Another class with torch's name (as torch.ao's quantized Linear): the
+    refusal must tell the two apart."""
+
+
 def blocks_swapped(model):
     model.layer1 = nn.Sequential(collections.OrderedDict([("1", model.layer1[1]), ("0", model.layer1[0])]))
 
@@ -168,6 +173,9 @@ REFUSED = [
     ("a ResNet subclass with its own __call__", lambda: changed(
         resnet18, lambda m: setattr(m, "__class__", CalledDifferently)),
      "the model", "CalledDifferently overrides ResNet.__call__"),
+    ("a Linear of another class with torch's name", lambda: changed(
+        resnet18, lambda m: setattr(m, "fc", Linear(64, 10))),
+     "fc", "test_modified_models.Linear, where the core builds torch.nn.modules.linear.Linear"),
     ("a layer whose blocks run in another order", lambda: changed(resnet18, blocks_swapped),
      "layer1", "runs its children in the order 1, 0, where the core runs 0, 1"),
     ("a state_dict hook that changes a weight", lambda: changed(resnet18, bias_moved_in_state_dict),

@@ -932,3 +932,23 @@ fn an_architecture_field_the_format_does_not_know_is_refused() {
         stderr(&output)
     );
 }
+
+#[test]
+fn a_negative_tolerance_is_explained_however_it_is_written() {
+    let fixture = fixture("resnet18-w8");
+    for args in [
+        ["--atol", "-1"],
+        ["--atol=-1", "--rtol=0"],
+        ["--rtol", "-1"],
+    ] {
+        let mut all = vec![path(&fixture)];
+        all.extend(args);
+        let output = verify(&all);
+        assert_eq!(output.status.code(), Some(2));
+        assert!(
+            stderr(&output).contains("must be a finite number >= 0, not -1"),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+}

@@ -173,19 +173,24 @@ struct RunFlags {
     fail_fast: bool,
 
     /// Compare only batch item K (from 0): for a batch of images, the one to look at
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", allow_negative_numbers = true)]
     item: Option<usize>,
 
     /// Absolute tolerance (torch's rule |cand - ref| <= atol + rtol * |ref|); default: 1e-4 x the stage's max|ref|
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     atol: Option<f64>,
 
     /// Absolute tolerance as a fraction of each stage's max|ref| (the default's form: 1e-4)
-    #[arg(long, value_name = "FRACTION", conflicts_with = "atol")]
+    #[arg(
+        long,
+        value_name = "FRACTION",
+        conflicts_with = "atol",
+        allow_negative_numbers = true
+    )]
     atol_scale: Option<f64>,
 
     /// Relative tolerance (torch's rule); default 1e-4
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     rtol: Option<f64>,
 
     /// auto: each stage's tolerance from the reference's noise floor (its own float32 error against float64, recorded by `python -m reference.dump --floor`): |cand - ref| <= 5 x floor (see --tol-multiple); for a candidate computed in float16 or bfloat16, see --cand-dtype
@@ -193,7 +198,12 @@ struct RunFlags {
     tol: Option<String>,
 
     /// With --tol auto: the multiple of each stage's noise floor allowed (default 5); a failure says the multiple it needs
-    #[arg(long, value_name = "M", requires = "tol")]
+    #[arg(
+        long,
+        value_name = "M",
+        requires = "tol",
+        allow_negative_numbers = true
+    )]
     tol_multiple: Option<f64>,
 
     /// Count NaN in both at the same place as a match
