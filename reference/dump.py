@@ -24,6 +24,14 @@ from . import hooks
 from .manifest import build_manifest, class_names, noise_floor
 
 
+def positive(text):
+    """An argument that must be a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="python -m reference.dump",
@@ -42,9 +50,9 @@ def parse_args(argv):
                         help="input size: N (square) or HxW, e.g. 225 or 240x320; odd sizes show padding and "
                              "pooling mistakes that 224 hides (default 224)")
     parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--width", type=int, default=models.FULL_WIDTH, help="stem channels; below 64 gives a width-reduced model with torchvision's names and topology (default 64)")
-    parser.add_argument("--groups", type=int, help="override the constructor's groups (for width-reduced ResNeXt)")
-    parser.add_argument("--width-per-group", type=int, help="override the constructor's width per group")
+    parser.add_argument("--width", type=positive, default=models.FULL_WIDTH, help="stem channels; below 64 gives a width-reduced model with torchvision's names and topology (default 64)")
+    parser.add_argument("--groups", type=positive, help="override the constructor's groups (for width-reduced ResNeXt)")
+    parser.add_argument("--width-per-group", type=positive, help="override the constructor's width per group")
     parser.add_argument("--num-classes", type=int, default=1000, help="classes of fc for seeded weights (default 1000)")
     parser.add_argument("--replace-stride-with-dilation", type=dilation_flags, metavar="F,T,T",
                         help="torchvision's constructor option, one flag per layer after the first: "

@@ -46,7 +46,15 @@ def build(name, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group
         model = tv.ResNet(block, layers, num_classes=num_classes, groups=groups, width_per_group=width_per_group,
                           replace_stride_with_dilation=dilate)
     except (NotImplementedError, ValueError) as refused:
-        raise SystemExit(f"{name} with replace_stride_with_dilation={dilate}: torchvision refuses it: {refused}") from None
+        options = {"groups": groups, "width_per_group": width_per_group, "replace_stride_with_dilation": dilate}
+        given = ", ".join(f"{key}={value}" for key, value in options.items()
+                          if value != {"groups": default_groups, "width_per_group": default_width_per_group,
+                                       "replace_stride_with_dilation": [False, False, False]}[key])
+        raise SystemExit(f"{name}{' with ' + given if given else ''}: torchvision refuses it: {refused}") from None
+    if block is tv.Bottleneck and int(width * (width_per_group / 64.0)) * groups == 0:
+        raise SystemExit(f"{name} with width {width}, groups {groups}, width_per_group {width_per_group}: layer1's "
+                         f"3x3 convs would have no channels (torchvision's int(planes * width_per_group / 64) * groups "
+                         f"= int({width} * {width_per_group} / 64) * {groups} = 0)")
     if width != FULL_WIDTH:
         # Re-run the part of ResNet.__init__ that hard-codes 64 channels.
         # Assigning existing attributes keeps torchvision's module order.
@@ -607,9 +615,17 @@ def seeded(name, seed, size, width=FULL_WIDTH, num_classes=1000, groups=None, wi
 
 def from_checkpoint(name, path, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group=None,
                     replace_stride_with_dilation=None):
-    state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as error:  # missing, a directory, unreadable
+        raise SystemExit(f"--weights {path}: {error.strerror or error}") from None
+    except Exception as error:  # pickle's and torch's own errors: not a checkpoint
+        raise SystemExit(f"--weights {path}: not a checkpoint that torch.load(weights_only=True) reads "
+                         f"({type(error).__name__})") from None
     if isinstance(state_dict, dict) and "state_dict" in state_dict:
         state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict):
+        raise SystemExit(f"--weights {path}: holds a {type(state_dict).__name__}, not a state_dict")
     if "fc.weight" in state_dict:
         num_classes = state_dict["fc.weight"].shape[0]
     model, architecture = build(name, width, num_classes, groups, width_per_group, replace_stride_with_dilation)

@@ -214,3 +214,25 @@ def test_a_model_that_computes_after_its_last_module_is_not_dumped(tmp_path):
     with pytest.raises(models.Unsupported, match=r"returns something other than its last stage \(fc\)"):
         dump.write(tmp_path / "dump", model.eval(), architecture, x, model_name="resnet18",
                    weights_description={"source": "seeded"}, input_description=description)
+
+
+@pytest.mark.parametrize("arguments, says", [
+    (["--weights", "{tmp}/nowhere.pth"], "--weights {tmp}/nowhere.pth: No such file or directory"),
+    (["--weights", "{tmp}"], "--weights {tmp}: Is a directory"),
+    (["--weights", "{tmp}/notes.txt"], "--weights {tmp}/notes.txt: not a checkpoint that torch.load(weights_only=True) reads"),
+    (["--width-per-group", "0"], "argument --width-per-group: must be at least 1, not 0"),
+    (["--model", "resnext50_32x4d", "--width", "8", "--groups", "4", "--width-per-group", "4"],
+     "layer1's 3x3 convs would have no channels"),
+    (["--groups", "2"], "resnet18 with groups=2: torchvision refuses it: BasicBlock only supports groups=1"),
+])
+def test_bad_options_are_refused_in_a_sentence_not_a_traceback(tmp_path, arguments, says):
+    """The option named, and what is wrong with it; exit status not 0."""
+    (tmp_path / "notes.txt").write_text("not weights")
+    arguments = [argument.format(tmp=tmp_path) for argument in arguments]
+    if "--model" not in arguments:
+        arguments = ["--model", "resnet18", *arguments]
+    result = subprocess.run([sys.executable, "-m", "reference.dump", "--size", "32", "--out", str(tmp_path / "dump"),
+                             *arguments], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert says.format(tmp=tmp_path) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
