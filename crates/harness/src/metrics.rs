@@ -80,11 +80,13 @@ pub enum BeyondRtol {
 impl BeyondRtol {
     pub fn describe(self) -> &'static str {
         match self {
-            BeyondRtol::NonFinite => "a NaN or Inf mismatch",
-            BeyondRtol::ZeroReference => "an error above atol where the reference is 0",
+            // Each says which element it is about: it is seldom the worst,
+            // which the line names just before.
+            BeyondRtol::NonFinite => "an element where one side is NaN or Inf and the other is not",
+            BeyondRtol::ZeroReference => "an element whose reference is 0 is off by more than atol",
             BeyondRtol::Shape => "a shape that differs",
             BeyondRtol::AboveCeiling => {
-                "an error above half the stage's max|ref|, which --tol auto never allows"
+                "an element off by more than half the stage's max|ref|, which --tol auto never allows"
             }
         }
     }

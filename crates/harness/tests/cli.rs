@@ -952,3 +952,28 @@ fn a_negative_tolerance_is_explained_however_it_is_written() {
         );
     }
 }
+
+#[test]
+fn a_failure_no_rtol_passes_says_which_element_stops_it() {
+    // One element where the reference ReLU output is 0 set to 1: no rtol
+    // scales a 0, and the line says the element is one whose reference is 0.
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture("resnet18-w8", dir.path());
+    let file = stage_file(&candidate, "relu");
+    let mut values = read(&file);
+    let zero = values
+        .iter()
+        .position(|&v| v == 0.0)
+        .expect("a ReLU output has zeros");
+    values.as_slice_mut().unwrap()[zero] = 1.0;
+    write(&file, &values);
+    let output = verify(&["compare", path(&fixture("resnet18-w8")), path(&candidate)]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stdout(&output).contains(
+            "no tolerance passes it (an element whose reference is 0 is off by more than atol)"
+        ),
+        "{}",
+        stdout(&output)
+    );
+}
