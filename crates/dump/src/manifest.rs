@@ -483,6 +483,26 @@ impl Manifest {
             .iter()
             .map(|s| (s.name.as_str(), s.file.as_str()));
         check_named_files("stages", "stage name", stages)?;
+        // A floor sets the stage's tolerance under --tol auto: one that is
+        // negative or not finite is a broken dump, said where it is.
+        for (index, stage) in self.stages.iter().enumerate() {
+            let Some(floor) = &stage.floor else { continue };
+            let figures = [
+                ("max_abs", floor.max_abs),
+                ("scale", floor.scale),
+                ("relative", floor.relative),
+                ("rms", floor.rms),
+            ];
+            if let Some((name, value)) = figures
+                .into_iter()
+                .find(|(_, value)| !(value.is_finite() && *value >= 0.0))
+            {
+                return Err(problem(
+                    format!("stages[{index}].floor.{name}"),
+                    format!("must be a finite number >= 0, not {value}"),
+                ));
+            }
+        }
         let weights = self
             .weights
             .iter()

@@ -977,3 +977,23 @@ fn a_failure_no_rtol_passes_says_which_element_stops_it() {
         stdout(&output)
     );
 }
+
+#[test]
+fn a_noise_floor_that_is_negative_or_not_finite_is_refused_where_it_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    edit_manifest(
+        &dump,
+        |m| {
+            entry_mut(m, "stages", "conv1")["floor"] =
+                serde_json::json!({"max_abs": -1.0, "scale": 2.0, "relative": 0.5, "rms": 0.1})
+        },
+    );
+    let output = verify(&[path(&dump), "--tol", "auto"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("stages[1].floor.max_abs`: must be a finite number >= 0, not -1"),
+        "{}",
+        stderr(&output)
+    );
+}
