@@ -112,7 +112,13 @@ def forward(weights_or_dump, x, upto=None, architecture=None):
         if architecture is None:
             raise VerifyError("forward(weights, x): a dict of weights needs architecture=")
         weights = {name: _float32(array) for name, array in weights_or_dump.items()}
-    return _native.forward_arrays(json.dumps(architecture), weights, x, upto)
+    try:
+        # NaN and Infinity are not JSON: json.dumps would write them anyway,
+        # and the reader would report a syntax error at a column.
+        described = json.dumps(architecture, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise VerifyError(f"architecture: {error} (every figure must be a finite number)") from None
+    return _native.forward_arrays(described, weights, x, upto)
 
 
 def compare(ref, cand, atol=None, rtol=None, equal_nan=False, tol=None, tol_multiple=None, cand_dtype=None,

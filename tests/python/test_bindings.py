@@ -146,3 +146,10 @@ def test_forward_refuses_a_dump_of_a_model_the_core_does_not_build(tmp_path):
     with pytest.raises(rv.VerifyError, match="`relu` is a ReLU6 in the reference"):
         rv.verify(dump)
     assert set(rv.forward(FIXTURES / "resnet18-w8", x, upto="relu")) >= {"conv1", "bn1", "relu"}
+
+
+def test_an_architecture_with_a_nan_is_refused_by_name():
+    architecture = dict(json.loads((FIXTURES / "resnet18-w8" / "manifest.json").read_text())["architecture"],
+                        batch_norm_eps=float("nan"))
+    with pytest.raises(rv.VerifyError, match=r"^architecture: .* \(every figure must be a finite number\)$"):
+        rv.forward({}, np.zeros((1, 3, 32, 32), np.float32), architecture=architecture)
