@@ -171,6 +171,23 @@ impl Architecture {
         truncated.planes.truncate(layers);
         truncated.replace_stride_with_dilation.truncate(layers - 1);
         truncated.head = Head::None;
+        // The BatchNorms cut off take their eps with them: the network
+        // built has none of them (and refuses an eps for one it lacks).
+        let cut_off = |module: &str| {
+            let mut parts = module.split('.');
+            let Some(layer) = parts
+                .next()
+                .and_then(|first| first.strip_prefix("layer"))
+                .and_then(number)
+            else {
+                return false;
+            };
+            let block = parts.next().and_then(number);
+            layer > layers || (layer == layers && block.is_some_and(|block| block >= last_blocks))
+        };
+        truncated
+            .batch_norm_eps_overrides
+            .retain(|module, _| !cut_off(module));
         Some(truncated)
     }
 

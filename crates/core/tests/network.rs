@@ -526,6 +526,42 @@ fn an_eps_for_a_batch_norm_the_network_does_not_have_is_refused() {
 }
 
 #[test]
+fn a_network_cut_before_a_batch_norm_with_its_own_eps_still_builds() {
+    // verify --upto builds the architecture cut at the stage: the eps of a
+    // BatchNorm cut off goes with it; one that is kept stays.
+    let base = architecture(BlockKind::BasicBlock, 1, 64);
+    let own = Architecture {
+        batch_norm_eps_overrides: [
+            ("layer1.0.bn2".to_string(), 0.5),
+            ("layer1.1.bn1".to_string(), 0.25),
+            ("layer2.0.bn2".to_string(), 0.125),
+        ]
+        .into(),
+        ..base.clone()
+    };
+    let weights = random_weights(&own, 9);
+    for (stage, kept) in [
+        ("layer1.0", vec!["layer1.0.bn2"]),
+        ("layer1", vec!["layer1.0.bn2", "layer1.1.bn1"]),
+        (
+            "layer2.0.relu#0",
+            vec!["layer1.0.bn2", "layer1.1.bn1", "layer2.0.bn2"],
+        ),
+        // The smallest network with the stem still has layer1.0.
+        ("maxpool", vec!["layer1.0.bn2"]),
+    ] {
+        let cut = own.up_to(stage).expect("a stage before the head");
+        assert_eq!(
+            cut.batch_norm_eps_overrides.keys().collect::<Vec<_>>(),
+            kept,
+            "{stage}"
+        );
+        assert!(Network::from_weights(&cut, &weights).is_ok(), "{stage}");
+    }
+    assert!(Network::from_weights(&own, &weights).is_ok());
+}
+
+#[test]
 fn the_outputs_are_the_same_bits_whatever_the_thread_count() {
     // Large enough that every operation splits its work (the packed GEMM
     // across output tiles, the grouped convs through the gemm crate, the

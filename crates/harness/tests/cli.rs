@@ -997,3 +997,17 @@ fn a_noise_floor_that_is_negative_or_not_finite_is_refused_where_it_is() {
         stderr(&output)
     );
 }
+
+#[test]
+fn upto_before_a_batch_norm_with_its_own_eps_runs() {
+    // The network built for --upto layer1 has no layer4.1.bn2: its eps must
+    // not make the build refuse the run.
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    edit_manifest(&dump, |m| {
+        m["architecture"]["batch_norm_eps_overrides"] = serde_json::json!({"layer4.1.bn2": 1e-3});
+        entry_mut(m, "stages", "layer4.1.bn2")["params"]["eps"] = 1e-3.into();
+    });
+    let output = verify(&[path(&dump), "--upto", "layer1"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
