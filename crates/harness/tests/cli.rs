@@ -876,7 +876,7 @@ fn a_reference_model_the_core_does_not_build_is_refused_by_name() {
 #[test]
 fn a_refused_run_leaves_no_report_of_an_earlier_run() {
     // CI reads the report file: after a refusal it must not find the last
-    // run's passing one there.
+    // run's passing one there (an empty file parses as nothing).
     let dir = tempfile::tempdir().unwrap();
     for format in ["junit", "json"] {
         let report = dir.path().join(format!("report.{format}"));
@@ -903,7 +903,19 @@ fn a_refused_run_leaves_no_report_of_an_earlier_run() {
         args.extend(flags);
         let output = verify(&args);
         assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
-        assert!(!report.exists() && !plot.exists(), "{format}");
+        let empty = |file: &std::path::Path| std::fs::read(file).unwrap().is_empty();
+        assert!(empty(&report) && empty(&plot), "{format}");
+    }
+    // Not a plain file: left as it is, and written to.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let fixture = fixture("resnet18-w8");
+        let args = [path(&fixture), "--format", "json", "--output", "/dev/null"];
+        let output = verify(&args);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        let null = std::fs::metadata("/dev/null").unwrap();
+        assert!(null.file_type().is_char_device());
     }
 }
 

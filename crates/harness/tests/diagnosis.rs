@@ -749,4 +749,28 @@ fn a_candidate_holding_only_the_input_fails() {
         .as_str()
         .unwrap()
         .ends_with("no stage but the input was compared: nothing computed was checked"));
+
+    // JUnit, which CI reads, fails it too.
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture("resnet18-w8", dir.path());
+    edit_manifest(&candidate, |manifest| {
+        manifest["stages"]
+            .as_array_mut()
+            .unwrap()
+            .retain(|stage| stage["name"] == "input")
+    });
+    let output = verify(&[
+        "compare",
+        path(&fixture("resnet18-w8")),
+        path(&candidate),
+        "--format",
+        "junit",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let xml = stdout(&output);
+    assert!(
+        xml.contains("tests=\"2\" failures=\"1\"")
+            && xml.contains("name=\"run\">\n      <failure message=\"75 reference stage(s) not in the candidate"),
+        "{xml}"
+    );
 }

@@ -264,6 +264,11 @@ fn main() -> ExitCode {
 
 /// Runs the command; `Ok(passed)`.
 fn run(cli: Cli) -> anyhow::Result<bool> {
+    match &cli.command {
+        Some(Command::Compare { output, .. }) => empty_earlier_outputs(output)?,
+        None => empty_earlier_outputs(&cli.common.output)?,
+        Some(_) => {}
+    }
     if let Some(threads) = cli.threads {
         // The core's threads spin between its parallel regions: more of
         // them than CPUs only slow it, and tens of thousands exhaust memory
@@ -282,7 +287,6 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
     }
     match cli.command {
         Some(Command::Compare { compare, output }) => {
-            remove_earlier_outputs(&output)?;
             let options = compare_options(&compare)?;
             let report = report(&output, RunMode::Dumps, |listener| {
                 Ok(compare_dumps(&options, listener)?)
@@ -322,7 +326,6 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             Ok(outcome.core.verdict == resnet_verify::Verdict::Succ)
         }
         None => {
-            remove_earlier_outputs(&cli.common.output)?;
             let mode = match (cli.isolate, cli.both) {
                 (true, _) => RunMode::Isolated,
                 (_, true) => RunMode::Both,
@@ -460,16 +463,16 @@ fn report(
     Ok(report)
 }
 
-/// Removes the report and plot an earlier run left at this run's paths: they
-/// must not stand for this run if it is refused or fails before writing its
-/// own (a CI step that reads the file would see the old verdict).
-fn remove_earlier_outputs(common: &OutputFlags) -> anyhow::Result<()> {
+/// Empties the report and plot an earlier run left at this run's paths:
+/// they must not stand for this run if it is refused or fails before
+/// writing its own (a CI step that reads the file would see the old
+/// verdict). Only a plain file is emptied (through a link, its target): a
+/// device, a pipe or `/dev/null` is left as it is.
+fn empty_earlier_outputs(common: &OutputFlags) -> anyhow::Result<()> {
     for path in [&common.output, &common.plot].into_iter().flatten() {
-        match std::fs::remove_file(path) {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-                return Err(error).with_context(|| format!("cannot replace {}", path.display()));
-            }
-            _ => {}
+        if std::fs::metadata(path).is_ok_and(|target| target.is_file()) {
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot replace {}", path.display()))?;
         }
     }
     Ok(())

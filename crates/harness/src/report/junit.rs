@@ -18,10 +18,15 @@ pub fn render(report: &Report) -> String {
         false => 0,
     };
     let reference_mode = report.reference_check.message().is_some() as usize;
-    // Every <testcase> counts: the stages, the reference mode, the images.
+    // A run that fails with no stage failing (it compared nothing but the
+    // input, or nothing): a testcase of its own, or CI would read the XML
+    // as a pass.
+    let run_failed = (s.verdict == Verdict::Fail && s.fail == 0 && reference_mode == 0) as usize;
+    // Every <testcase> counts: the stages, the reference mode, the run, the
+    // images.
     let (tests, failures) = (
-        s.compared + reference_mode + images,
-        s.fail + reference_mode,
+        s.compared + reference_mode + run_failed + images,
+        s.fail + reference_mode + run_failed,
     );
     let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let suite = escape(&format!("verify {}", report.model));
@@ -39,6 +44,12 @@ pub fn render(report: &Report) -> String {
             "    <testcase classname=\"{suite}\" name=\"reference mode\">"
         );
         let _ = writeln!(out, "      <failure message=\"{}\"/>", escape(&check));
+        let _ = writeln!(out, "    </testcase>");
+    }
+    if run_failed == 1 {
+        let why = s.stopped.as_deref().unwrap_or("the run failed");
+        let _ = writeln!(out, "    <testcase classname=\"{suite}\" name=\"run\">");
+        let _ = writeln!(out, "      <failure message=\"{}\"/>", escape(why));
         let _ = writeln!(out, "    </testcase>");
     }
     for stage in &report.stages {
