@@ -256,6 +256,15 @@ def _overridden(module, cls):
     for method in ("forward", "_forward_impl"):
         if method in vars(module):
             return f"its {method} is replaced on the instance"
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        return "it is compiled in place (module.compile()), which runs other kernels than its modules' own"
+    if cls is not torch.fx.GraphModule:
+        # A function set on the instance runs instead of the class's method
+        # of that name (model._call_impl = f, conv._conv_forward = f). (Other
+        # callables it holds, as ResNet's _norm_layer, are not methods.)
+        for name, value in vars(module).items():
+            if callable(value) and callable(getattr(type(module), name, None)):
+                return f"its {name} is replaced on the instance"
     if cls is torch.fx.GraphModule:
         # The forward that runs must be the one compiled from its graph.
         compiled = getattr(type(module).forward, "__code__", None)
@@ -273,16 +282,30 @@ def _overridden(module, cls):
     for method in methods[:2]:
         if getattr(type(module), method, None) is not getattr(cls, method, None):
             return f"{type(module).__name__} overrides {cls.__name__}.{method}, so calling it may not be its forward"
-    for method in methods:
-        function = getattr(cls, method, None)
-        if function is not None and not _from_torch(function):
-            return (f"{cls.__name__}.{method} is {function.__module__}.{function.__qualname__}, "
+    # Every function of the class and its bases but nn.Module (which other
+    # libraries patch for their own ends) must be torch's or torchvision's
+    # own: Conv2d._conv_forward, BasicBlock.forward, ResNet._forward_impl;
+    # of nn.Module's, those that call forward or read the weights.
+    patched = [(c, name, value) for c in type(module).__mro__ if c not in (nn.Module, object)
+               for name, value in vars(c).items() if callable(value) and not isinstance(value, type)]
+    patched += [(nn.Module, name, getattr(nn.Module, name)) for name in _MODULE_METHODS]
+    if cls is torch.fx.GraphModule:
+        patched = [entry for entry in patched if entry[0] is nn.Module]
+    for owner, name, function in patched:
+        if not _from_torch(function):
+            return (f"{owner.__name__}.{name} is {getattr(function, '__module__', '?')}."
+                    f"{getattr(function, '__qualname__', repr(function))}, "
                     "not torch's or torchvision's own (patched on the class)")
     if module._forward_hooks or module._forward_pre_hooks:
         return "it has forward hooks (or pre-hooks), which may change what it computes"
     if module._state_dict_hooks or module._state_dict_pre_hooks:
         return "it has state_dict hooks, which may change the weights read from it"
     return None
+
+
+# nn.Module's methods that a call or the weights read go through.
+_MODULE_METHODS = ("__call__", "_call_impl", "_wrapped_call_impl", "state_dict", "_save_to_state_dict",
+                   "named_parameters", "named_buffers")
 
 
 def _from_torch(function):

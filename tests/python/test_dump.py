@@ -214,6 +214,14 @@ def test_a_model_that_computes_after_its_last_module_is_not_dumped(tmp_path):
     with pytest.raises(models.Unsupported, match=r"returns something other than its last stage \(fc\)"):
         dump.write(tmp_path / "dump", model.eval(), architecture, x, model_name="resnet18",
                    weights_description={"source": "seeded"}, input_description=description)
+    assert not (tmp_path / "dump").exists(), "no half-written dump is left"
+    # A model whose output is NaN returns its last stage all the same.
+    model.__class__ = tv.ResNet
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))
+    dump.write(tmp_path / "nan", model.eval(), architecture, x, model_name="resnet18",
+               weights_description={"source": "seeded"}, input_description=description)
+    assert (tmp_path / "nan" / "manifest.json").exists()
 
 
 @pytest.mark.parametrize("arguments, says", [

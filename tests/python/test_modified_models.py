@@ -173,6 +173,11 @@ REFUSED = [
     ("a ResNet subclass with its own __call__", lambda: changed(
         resnet18, lambda m: setattr(m, "__class__", CalledDifferently)),
      "the model", "CalledDifferently overrides ResNet.__call__"),
+    ("a conv's _conv_forward replaced on the instance", lambda: changed(
+        resnet18, lambda m: setattr(m.layer1[0].conv1, "_conv_forward", lambda x, weight, bias: x)),
+     "layer1.0.conv1", "its _conv_forward is replaced on the instance"),
+    ("a model compiled in place", lambda: changed(resnet18, lambda m: m.compile()),
+     "the model", "it is compiled in place (module.compile())"),
     ("a Linear of another class with torch's name", lambda: changed(
         resnet18, lambda m: setattr(m, "fc", Linear(64, 10))),
      "fc", "test_modified_models.Linear, where the core builds torch.nn.modules.linear.Linear"),
@@ -363,11 +368,15 @@ def test_a_torchvision_class_patched_in_place_is_refused_by_name(monkeypatch):
     model = seeded(resnet18())
     stock = tv.BasicBlock.forward
     monkeypatch.setattr(tv.BasicBlock, "forward", lambda self, x: stock(self, x) * 0.5)
+    # And a method forward calls, on torch's own class.
+    conv = nn.Conv2d._conv_forward
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda self, x, weight, bias: conv(self, x, weight, bias))
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     for call in (lambda: rv.forward(model, x), lambda: rv.verify_torch(model, x)):
         with pytest.raises(rv.VerifyError, match=r"layer1\.0, .*BasicBlock\.forward is .*<lambda>, "
-                                                 r"not torch's or torchvision's own"):
+                                                 r"not torch's or torchvision's own") as refused:
             call()
+        assert "Conv2d._conv_forward is " in str(refused.value)
 
 
 def test_every_case_is_one_change_from_torchvision():
