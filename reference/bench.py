@@ -141,7 +141,7 @@ def main(argv=None):
             break
         parts = [f"core/{other} median {statistics.median(values):.2f}, middle half {low:.2f}-{high:.2f}"
                  for other, values in ratios.items()
-                 for low, _, high in [statistics.quantiles(values, n=4)]]
+                 for low, _, high in [statistics.quantiles(values, n=4, method="inclusive")]]
         print(f"{threads} thread{'s' if threads > 1 else ''}, iteration by iteration: " + "; ".join(parts))
     counts = sorted(results)
     if len(counts) > 1:

@@ -82,7 +82,9 @@ impl BeyondRtol {
         match self {
             // Each says which element it is about: it is seldom the worst,
             // which the line names just before.
-            BeyondRtol::NonFinite => "an element where one side is NaN or Inf and the other is not",
+            BeyondRtol::NonFinite => {
+                "an element that is NaN or Inf on either side does not match (NaN against NaN needs --equal-nan)"
+            }
             BeyondRtol::ZeroReference => "an element whose reference is 0 is off by more than atol",
             BeyondRtol::Shape => "a shape that differs",
             BeyondRtol::AboveCeiling => {
