@@ -253,44 +253,40 @@ def _overridden(module, cls):
     """Why `module` would not run `cls`'s own forward, or None. A traced
     GraphModule's class has a forward of its own, generated from its graph,
     which the graph check holds to a stock ResNet's instead."""
-    for method in ("forward", "_forward_impl"):
-        if method in vars(module):
-            return f"its {method} is replaced on the instance"
+    # A function set on the instance runs instead of the class's method of
+    # that name (model.forward = f, conv._conv_forward = f). (Other
+    # callables it holds, as ResNet's _norm_layer, are not methods.)
+    for name, value in vars(module).items():
+        if callable(value) and callable(getattr(type(module), name, None)):
+            return f"its {name} is replaced on the instance"
     if getattr(module, "_compiled_call_impl", None) is not None:
         return "it is compiled in place (module.compile()), which runs other kernels than its modules' own"
-    if cls is not torch.fx.GraphModule:
-        # A function set on the instance runs instead of the class's method
-        # of that name (model._call_impl = f, conv._conv_forward = f). (Other
-        # callables it holds, as ResNet's _norm_layer, are not methods.)
-        for name, value in vars(module).items():
-            if callable(value) and callable(getattr(type(module), name, None)):
-                return f"its {name} is replaced on the instance"
     if cls is torch.fx.GraphModule:
         # The forward that runs must be the one compiled from its graph.
         compiled = getattr(type(module).forward, "__code__", None)
         source = "".join(linecache.getlines(compiled.co_filename)) if compiled else ""
         if source.strip() != module.code.strip() or module.code != module.graph.python_code("self").src:
             return "its forward is not the code of its graph (replaced, or the graph edited without recompile())"
-    for method in ("forward", "_forward_impl"):
-        if cls is not torch.fx.GraphModule and getattr(type(module), method, None) is not getattr(cls, method, None):
-            return f"{type(module).__name__} overrides {cls.__name__}.{method}"
-    # Calling a module runs __call__ (nn.Module's, which runs forward and
-    # the hooks); one of its own may compute anything around forward. (A
-    # traced model's class gets a __call__ of its own from recompile(),
-    # around the forward checked above.)
-    methods = () if cls is torch.fx.GraphModule else ("__call__", "_call_impl", "forward", "_forward_impl")
-    for method in methods[:2]:
-        if getattr(type(module), method, None) is not getattr(cls, method, None):
-            return f"{type(module).__name__} overrides {cls.__name__}.{method}, so calling it may not be its forward"
+    else:
+        for method in ("forward", "_forward_impl"):
+            if getattr(type(module), method, None) is not getattr(cls, method, None):
+                return f"{type(module).__name__} overrides {cls.__name__}.{method}"
+        # Calling a module runs __call__ (nn.Module's, which runs forward and
+        # the hooks); one of its own may compute anything around forward. (A
+        # traced model's class gets a __call__ of its own from recompile(),
+        # around the forward checked above.)
+        for method in ("__call__", "_call_impl"):
+            if getattr(type(module), method, None) is not getattr(cls, method, None):
+                return f"{type(module).__name__} overrides {cls.__name__}.{method}, so calling it may not be its forward"
     # Every function of the class and its bases but nn.Module (which other
     # libraries patch for their own ends) must be torch's or torchvision's
     # own: Conv2d._conv_forward, BasicBlock.forward, ResNet._forward_impl;
-    # of nn.Module's, those that call forward or read the weights.
-    patched = [(c, name, value) for c in type(module).__mro__ if c not in (nn.Module, object)
+    # of nn.Module's, those that call forward or read the weights. (A traced
+    # model's classes are generated; its graph is checked instead.)
+    classes = [] if cls is torch.fx.GraphModule else [c for c in type(module).__mro__ if c not in (nn.Module, object)]
+    patched = [(c, name, value) for c in classes
                for name, value in vars(c).items() if callable(value) and not isinstance(value, type)]
     patched += [(nn.Module, name, getattr(nn.Module, name)) for name in _MODULE_METHODS]
-    if cls is torch.fx.GraphModule:
-        patched = [entry for entry in patched if entry[0] is nn.Module]
     for owner, name, function in patched:
         if not _from_torch(function):
             return (f"{owner.__name__}.{name} is {getattr(function, '__module__', '?')}."
