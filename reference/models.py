@@ -46,10 +46,11 @@ def build(name, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group
         model = tv.ResNet(block, layers, num_classes=num_classes, groups=groups, width_per_group=width_per_group,
                           replace_stride_with_dilation=dilate)
     except (NotImplementedError, ValueError) as refused:
-        options = {"groups": groups, "width_per_group": width_per_group, "replace_stride_with_dilation": dilate}
-        given = ", ".join(f"{key}={value}" for key, value in options.items()
-                          if value != {"groups": default_groups, "width_per_group": default_width_per_group,
-                                       "replace_stride_with_dilation": [False, False, False]}[key])
+        # The options that differ from the model's own: those to blame.
+        options = {"groups": (groups, default_groups),
+                   "width_per_group": (width_per_group, default_width_per_group),
+                   "replace_stride_with_dilation": (dilate, [False, False, False])}
+        given = ", ".join(f"{key}={value}" for key, (value, default) in options.items() if value != default)
         raise SystemExit(f"{name}{' with ' + given if given else ''}: torchvision refuses it: {refused}") from None
     if block is tv.Bottleneck and int(width * (width_per_group / 64.0)) * groups == 0:
         raise SystemExit(f"{name} with width {width}, groups {groups}, width_per_group {width_per_group}: layer1's "
