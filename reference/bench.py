@@ -136,9 +136,8 @@ def main(argv=None):
     # The ratio within each iteration (the engines ran one after the other),
     # to tell a difference from this machine's noise: a middle half that
     # straddles 1.00 says the two engines are level here.
-    for threads, ratios in spreads.items():
-        if args.iterations < 2:
-            break
+    # (Quartiles need two iterations at least.)
+    for threads, ratios in spreads.items() if args.iterations >= 2 else ():
         parts = [f"core/{other} median {statistics.median(values):.2f}, middle half {low:.2f}-{high:.2f}"
                  for other, values in ratios.items()
                  for low, _, high in [statistics.quantiles(values, n=4, method="inclusive")]]

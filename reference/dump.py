@@ -227,9 +227,8 @@ def write(out, model, architecture, x, *, model_name, weights_description, input
     # computes anything after its last module (a __call__ or forward of its
     # own) is not the network the stages describe.
     last = recorded[-1]["output"]
-    same = isinstance(logits, torch.Tensor) and logits.shape == last.shape and bool(
-        ((logits == last) | (logits.isnan() & last.isnan())).all())
-    if isinstance(logits, torch.Tensor) and not same:
+    if isinstance(logits, torch.Tensor) and not (
+            logits.shape == last.shape and bool(((logits == last) | (logits.isnan() & last.isnan())).all())):
         shutil.rmtree(out)  # made above, from nothing or from a dump: no half-written dump left
         raise models.Unsupported(f"the model returns something other than its last stage "
                                  f"({recorded[-1]['name']}): it computes after its last module, "
