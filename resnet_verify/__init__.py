@@ -8,8 +8,9 @@ PyTorch, in-process.
     assert report.passed
 
 Reports are the CLI's JSON report (a dict) with `.text` (the text report)
-and `.passed`; errors raise VerifyError (TrainModeError for a model or
-reference in train mode) with the CLI's messages.
+and `.passed`; errors raise VerifyError with the CLI's messages, and
+TrainModeError for a reference dumped in train mode (the CLI's message)
+or a live torch model with any module in train mode (naming them).
 """
 
 import json
@@ -54,26 +55,42 @@ def _float32(array):
 
 
 def _train_mode_modules(model):
-    """The paths of `model`'s modules in training mode ("" for the model)."""
+    """`model`'s modules in training mode, as (path, module); "" is the model."""
     named_modules = getattr(model, "named_modules", None)
-    return [path for path, module in named_modules() if module.training] if named_modules else []
+    return [(path, module) for path, module in named_modules() if module.training] if named_modules else []
 
 
 def _refuse_train_mode(model):
     """TrainModeError naming every module of `model` in training mode, if
-    any: the core computes the eval-mode network, and torch running a
-    train-mode BatchNorm would also change its running statistics."""
+    any, and saying what train mode changes in those it names: the core
+    computes the eval-mode network, and torch running a train-mode
+    BatchNorm would also change its running statistics. (Not the message
+    of a dump recorded in train mode: nothing was dumped here.)"""
     training = _train_mode_modules(model)
     if not training:
         return
-    if training[0] == "" and len(training) == len(list(model.modules())):
-        which = "The torch model is in train mode"
+    if training[0][0] == "" and len(training) == len(list(model.modules())):
+        which = "every module of the torch model is in train mode"
     else:
-        names = [path or "the model" for path in training]
+        names = [path or "the model" for path, _ in training]
         which = (f"{len(names)} module{'s' if len(names) > 1 else ''} of the torch model "
                  f"{'are' if len(names) > 1 else 'is'} in train mode: " + ", ".join(names[:8])
                  + (f" and {len(names) - 8} more" if len(names) > 8 else ""))
-    raise TrainModeError(f"{_native.train_mode_message()} ({which}: call model.eval().)")
+    from torch import nn
+
+    def any_of(kind):
+        return any(isinstance(module, kind) for _, module in training)
+
+    effects = []
+    if any_of(nn.modules.batchnorm._BatchNorm):
+        effects.append("a BatchNorm in train mode normalises with the statistics of the batch, not "
+                       "running_mean/running_var, and updates them")
+    if any_of(nn.modules.dropout._DropoutNd):
+        effects.append("a Dropout in train mode zeroes values at random")
+    effects = (" (" + "; ".join(effects) + ")") if effects else ""
+    raise TrainModeError(
+        f"THE TORCH MODEL IS IN TRAIN MODE: {which}. The core computes the network in eval mode{effects}, "
+        "so a model is verified only with every module in eval mode; it was not run. Call model.eval() first.")
 
 
 def _torch_weights(model):

@@ -432,20 +432,40 @@ def test_one_module_in_train_mode_is_refused_by_name_and_the_model_is_not_change
         with pytest.raises(rv.TrainModeError) as refused:
             call()
         message = str(refused.value)
-        assert message.startswith(rv._native.train_mode_message())
-        assert "1 module of the torch model is in train mode: layer4.1.bn2: call model.eval()" in message, message
+        assert message.startswith("THE TORCH MODEL IS IN TRAIN MODE: 1 module of the torch model is in train mode: "
+                                  "layer4.1.bn2. The core computes the network in eval mode (a BatchNorm in train "
+                                  "mode normalises with the statistics of the batch"), message
+        assert "Dropout" not in message and "dumped" not in message.lower(), message
+        assert message.endswith("it was not run. Call model.eval() first."), message
         assert_unchanged(model, before)
     assert model.layer4[1].bn2.training and not model.training, "the model's modes are the user's"
 
     model.eval()
     model.layer1[0].relu.train()
     model.fc.train()
-    with pytest.raises(rv.TrainModeError, match="2 modules of the torch model are in train mode: layer1.0.relu, fc"):
+    with pytest.raises(rv.TrainModeError, match="2 modules of the torch model are in train mode: layer1.0.relu, fc") \
+            as refused:
         rv.verify_torch(model, x)
+    assert "statistics of the batch" not in str(refused.value), "neither module is a BatchNorm"
     model.train()
-    with pytest.raises(rv.TrainModeError, match=r"\(The torch model is in train mode: call model.eval\(\).\)"):
+    with pytest.raises(rv.TrainModeError, match="IN TRAIN MODE: every module of the torch model is in train mode. ") \
+            as refused:
         rv.forward(model, x)
+    assert "statistics of the batch" in str(refused.value)
     assert_unchanged(model, before)
+
+
+def test_a_frozen_batch_norm_model_in_train_mode_is_refused_without_blaming_batch_statistics():
+    # FrozenBatchNorm2d always uses its buffers; the head's Dropout is what
+    # train mode changes here, and the message says so.
+    model = models.freeze_batch_norms(seeded(resnet18())).eval()
+    model.fc = nn.Sequential(nn.Dropout(0.5), model.fc).eval()
+    model.fc[0].train()
+    model.bn1.train()
+    with pytest.raises(rv.TrainModeError, match="2 modules of the torch model are in train mode: bn1, fc.0") as refused:
+        rv.forward(model, torch.zeros(1, 3, 32, 32))
+    message = str(refused.value)
+    assert "statistics of the batch" not in message and "a Dropout in train mode zeroes values" in message, message
 
 
 def test_a_train_mode_refusal_comes_before_an_unsupported_module():

@@ -13,11 +13,10 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use resnet_core::Network;
-use resnet_dump::{Dump, Mode};
+use resnet_dump::Dump;
 use resnet_verify::adapter;
 use resnet_verify::layout::{candidate_nchw, reference_tensor};
 use resnet_verify::module_check;
-use resnet_verify::reference_check::ReferenceCheck;
 use resnet_verify::report::text::Text;
 use resnet_verify::report::{drive, json};
 use resnet_verify::{
@@ -235,17 +234,6 @@ fn verify_arrays(
     )
 }
 
-/// The message verify gives for a reference whose manifest says train mode.
-#[pyfunction]
-fn train_mode_message() -> String {
-    let check = ReferenceCheck {
-        manifest_mode: Mode::Train,
-        evidence: Vec::new(),
-        train_mode: true,
-    };
-    check.message().expect("train mode has a message")
-}
-
 /// Every stage's output, NCHW (the logits `[N, classes]`), by stage name.
 fn forward_outputs<'py>(
     py: Python<'py>,
@@ -453,7 +441,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TrainModeError", m.py().get_type::<TrainModeError>())?;
     m.add_function(wrap_pyfunction!(verify, m)?)?;
     m.add_function(wrap_pyfunction!(verify_arrays, m)?)?;
-    m.add_function(wrap_pyfunction!(train_mode_message, m)?)?;
     m.add_function(wrap_pyfunction!(forward_dump, m)?)?;
     m.add_function(wrap_pyfunction!(forward_arrays, m)?)?;
     m.add_function(wrap_pyfunction!(compare, m)?)?;
