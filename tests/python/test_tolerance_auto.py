@@ -78,6 +78,37 @@ def test_a_dump_without_floor_has_none_and_auto_refuses_it_with_exit_2(tmp_path)
         assert result.stdout == ""
 
 
+def test_a_floor_that_is_not_the_stages_own_is_refused_under_auto(reference, tmp_path):
+    # A floor sets its stage's tolerance under auto: one measured on other
+    # data (here layer4's, put on conv1) or loosened by hand is refused,
+    # naming the stage; without auto the floors are not read.
+    def edited(name, change):
+        copy = tmp_path / name
+        shutil.copytree(reference, copy)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        stages = {stage["name"]: stage for stage in manifest["stages"]}
+        change(stages)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        return copy
+
+    copied = edited("copied", lambda stages: stages["conv1"].update(floor=dict(stages["layer4"]["floor"])))
+    result = verify(copied, "--tol", "auto")
+    assert result.returncode == 2, result.stdout
+    assert "stage `conv1`: its noise floor is not its own: floor.scale (max|float64|) is" in result.stderr
+    assert verify(copied).returncode == 0
+
+    def loosen(stages):
+        floor = stages["conv1"]["floor"]
+        floor.update(max_abs=1e30, relative=1e30 / floor["scale"])
+    result = verify(edited("loosened", loosen), "--tol", "auto")
+    assert result.returncode == 2, result.stdout
+    assert "stage `conv1`: its noise floor is not its own: floor.max_abs (1e30) is more than" in result.stderr
+    # A figure edited alone no longer agrees with the others.
+    result = verify(edited("edited", lambda stages: stages["conv1"]["floor"].update(max_abs=1e30)))
+    assert result.returncode == 2
+    assert "stages[1].floor.relative`: " in result.stderr and "not of one measurement" in result.stderr
+
+
 def test_auto_passes_the_core_and_pytorch_on_another_kernel_set(reference, tmp_path):
     core = verify(reference, "--tol", "auto")
     assert core.returncode == 0, core.stdout

@@ -294,6 +294,40 @@ pub struct NoiseFloor {
     pub rms: f64,
 }
 
+/// A floor's figures as one measurement gives them: `relative` is
+/// `max_abs / scale` (0 for an all-zero stage) and the root mean square of
+/// the differences is no more than their largest. (A little slack: the
+/// figures went through JSON, and the mean through rounding.)
+fn floor_is_consistent(floor: &NoiseFloor) -> Result<(), (&'static str, String)> {
+    const SLACK: f64 = 1e-9;
+    if floor.rms > floor.max_abs * (1.0 + SLACK) {
+        return Err((
+            "rms",
+            format!(
+                "{:e} is more than max_abs ({:e}): a root mean square of differences is never \
+                 more than the largest",
+                floor.rms, floor.max_abs
+            ),
+        ));
+    }
+    let relative = if floor.scale > 0.0 {
+        floor.max_abs / floor.scale
+    } else {
+        0.0
+    };
+    if (floor.relative - relative).abs() > SLACK * relative {
+        return Err((
+            "relative",
+            format!(
+                "{:e} is not max_abs / scale ({:e} / {:e} = {relative:e}): the figures are not \
+                 of one measurement",
+                floor.relative, floor.max_abs, floor.scale
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The floating-point type a dump's values were computed in. Stage files
 /// hold float32 (or float64) whatever it is: an engine computing in
 /// float16 or bfloat16 stores its outputs widened.
@@ -502,6 +536,9 @@ impl Manifest {
                     format!("must be a finite number >= 0, not {value}"),
                 ));
             }
+            if let Err((name, reason)) = floor_is_consistent(floor) {
+                return Err(problem(format!("stages[{index}].floor.{name}"), reason));
+            }
         }
         let weights = self
             .weights
@@ -591,6 +628,44 @@ mod tests {
         assert_eq!(similar_stage_names("layer1.9", names, 2).len(), 2);
         assert!(similar("layer9").is_empty());
         assert!(similar("").is_empty());
+    }
+
+    #[test]
+    fn a_floor_whose_figures_are_not_of_one_measurement_is_refused() {
+        let measured = NoiseFloor {
+            max_abs: 3e-6,
+            scale: 1.5,
+            relative: 3e-6 / 1.5,
+            rms: 1e-6,
+        };
+        assert_eq!(floor_is_consistent(&measured), Ok(()));
+        let all_zero = NoiseFloor {
+            max_abs: 0.0,
+            scale: 0.0,
+            relative: 0.0,
+            rms: 0.0,
+        };
+        assert_eq!(floor_is_consistent(&all_zero), Ok(()));
+        let loosened = NoiseFloor {
+            max_abs: 1e30,
+            ..measured
+        };
+        let (field, reason) = floor_is_consistent(&loosened).unwrap_err();
+        assert_eq!(field, "relative");
+        assert!(
+            reason.starts_with("2e-6 is not max_abs / scale (1e30 / 1.5e0 = 6.666666666666666e29)"),
+            "{reason}"
+        );
+        let (field, reason) = floor_is_consistent(&NoiseFloor {
+            rms: 1e-5,
+            ..measured
+        })
+        .unwrap_err();
+        assert_eq!(field, "rms");
+        assert!(
+            reason.starts_with("1e-5 is more than max_abs (3e-6)"),
+            "{reason}"
+        );
     }
 
     #[test]

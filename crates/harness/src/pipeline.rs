@@ -20,7 +20,7 @@ use crate::reference_stages::ReferenceStages;
 use crate::report::{
     abbreviate, ClassScore, Event, Report, ReportBuilder, StageReport, TopClasses,
 };
-use crate::tolerance::ToleranceRule;
+use crate::tolerance::{floor_fits_stage, ToleranceRule};
 use crate::AbsoluteTolerance;
 use crate::VerifyError;
 
@@ -217,13 +217,27 @@ fn compare_stages(
         // --item only narrows the view: the tolerance and the relative
         // error keep the whole stage's scale, so that an item's verdict is
         // the one the whole batch gives it.
-        let full_scale = options.item.map(|_| {
+        // Under --tol auto the floor sets the tolerance, so it must be
+        // this stage's own (the same scale).
+        let auto_floor = row
+            .entry
+            .floor
+            .as_ref()
+            .filter(|_| tolerance.auto_unit.is_some());
+        let largest = (options.item.is_some() || auto_floor.is_some()).then(|| {
             let reference = reference.as_standard_layout();
             let values = reference
                 .as_slice()
                 .expect("a standard layout is contiguous");
             largest_finite_magnitude(values) as f64
         });
+        if let (Some(floor), Some(largest)) = (auto_floor, largest) {
+            floor_fits_stage(floor, largest).map_err(|reason| VerifyError::Mismatch {
+                dump: stages.dump().manifest_path().to_path_buf(),
+                reason: format!("stage `{}`: {reason}", row.entry.name),
+            })?;
+        }
+        let full_scale = options.item.and(largest);
         if let Some(scale) = full_scale {
             tolerance.tolerance.atol =
                 AbsoluteTolerance::Fixed(tolerance.tolerance.atol_for(scale));

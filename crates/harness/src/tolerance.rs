@@ -158,6 +158,38 @@ pub enum ToleranceRule {
     Auto(AutoTolerance),
 }
 
+/// Whether `floor` can be the noise floor of a stage whose largest finite
+/// |value| is `largest`. The stored float32 output and the float64 one the
+/// floor was measured against differ by at most `max_abs` everywhere, so
+/// their largest magnitudes do too (with one float32 rounding of slack, for
+/// a reference stored wider); and no two outputs of magnitudes `largest`
+/// and `scale` differ by more than their sum. A floor that fails was
+/// measured on other data (copied from another stage or dump, or edited),
+/// and under `--tol auto` it would set this stage's tolerance: a `max_abs`
+/// of 1e30 would pass anything up to the ceiling.
+pub fn floor_fits_stage(floor: &NoiseFloor, largest: f64) -> Result<(), String> {
+    let slack = f64::from(f32::EPSILON) * floor.scale.max(largest);
+    let advice = "--tol auto needs the floor measured on this reference \
+                  (python -m reference.dump ... --floor)";
+    if (largest - floor.scale).abs() > floor.max_abs + slack {
+        return Err(format!(
+            "its noise floor is not its own: floor.scale (max|float64|) is {:e}, but the stored \
+             stage's largest |value| is {largest:e}, and the two cannot differ by more than \
+             floor.max_abs ({:e}). {advice}",
+            floor.scale, floor.max_abs
+        ));
+    }
+    if floor.max_abs > largest + floor.scale + slack {
+        return Err(format!(
+            "its noise floor is not its own: floor.max_abs ({:e}) is more than the stored \
+             stage's largest |value| ({largest:e}) and floor.scale ({:e}) together, which no \
+             two outputs of those sizes differ by. {advice}",
+            floor.max_abs, floor.scale
+        ));
+    }
+    Ok(())
+}
+
 /// `--tol auto` on a stage whose reference has no noise floor (`None`:
 /// no stage of the reference has one).
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -364,6 +396,40 @@ mod tests {
             Tolerance::with_overrides(Some(AbsoluteTolerance::Fixed(0.0)), Some(0.0), false)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_floor_fits_only_a_stage_of_its_own_scale() {
+        use resnet_dump::NoiseFloor;
+        let floor = NoiseFloor {
+            max_abs: 1e-6,
+            scale: 2.0,
+            relative: 5e-7,
+            rms: 1e-7,
+        };
+        // The float32 maximum may be off by max_abs, in either direction.
+        assert_eq!(floor_fits_stage(&floor, 2.0 - 1e-6), Ok(()));
+        assert_eq!(floor_fits_stage(&floor, 2.0 + 1e-6), Ok(()));
+        let other = floor_fits_stage(&floor, 2.1).unwrap_err();
+        assert!(
+            other.starts_with("its noise floor is not its own: floor.scale (max|float64|) is 2e0, but the stored stage's largest |value| is 2.1e0"),
+            "{other}"
+        );
+        let huge = NoiseFloor {
+            max_abs: 1e30,
+            relative: 5e29,
+            ..floor
+        };
+        let huge = floor_fits_stage(&huge, 2.0).unwrap_err();
+        assert!(huge.contains("floor.max_abs (1e30) is more than the stored stage's largest |value| (2e0) and floor.scale (2e0) together"), "{huge}");
+        let zero = NoiseFloor {
+            max_abs: 0.0,
+            scale: 0.0,
+            relative: 0.0,
+            rms: 0.0,
+        };
+        assert_eq!(floor_fits_stage(&zero, 0.0), Ok(()));
+        assert!(floor_fits_stage(&zero, 1e-3).is_err());
     }
 
     #[test]
