@@ -134,6 +134,26 @@ def test_compare_gives_the_clis_metrics():
     assert rv.compare(reference.transpose(0, 1, 3, 2), reference.transpose(0, 1, 3, 2).copy())["verdict"] == "succ"
 
 
+def test_forward_carries_a_nan_where_torch_does():
+    # torch's ReLU keeps NaN; a core whose ReLU gave 0 returned finite
+    # logits for an input torch turns into NaN logits.
+    from reference import hooks
+
+    model, _ = models.seeded("resnet18", 0, 32, width=8, num_classes=10)
+    for poison in (float("nan"), float("inf")):
+        x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+        x[0, 0, 5, 5] = poison
+        outputs = rv.forward(model, x)
+        with torch.no_grad():
+            recorded, _ = hooks.stages(model, x)
+        for stage in recorded:
+            expected = stage["output"].numpy()
+            got = outputs[stage["name"]]
+            assert np.array_equal(np.isnan(expected), np.isnan(got)), (poison, stage["name"])
+            assert np.array_equal(np.isinf(expected), np.isinf(got)), (poison, stage["name"])
+        assert np.isnan(outputs["fc"]).all()
+
+
 def test_forward_refuses_a_dump_of_a_model_the_core_does_not_build(tmp_path):
     # A dump written elsewhere of a resnet18 whose stem ReLU is a ReLU6: the
     # core would build a ReLU and return another network's numbers.

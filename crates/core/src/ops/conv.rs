@@ -4,6 +4,7 @@ use std::sync::OnceLock;
 
 use ndarray::ArrayView4;
 
+use super::activation::relu_value;
 use super::matmul::{multiply, MatrixView, OutputBlock};
 use super::packed_gemm::{self, Epilogue, PackedWeights, Rows};
 use super::winograd::WinogradWeights;
@@ -358,7 +359,7 @@ impl Conv2d {
                         if let Some(skip) = skip {
                             sum += skip[start + c];
                         }
-                        *v = if relu { sum.max(0.0) } else { sum };
+                        *v = if relu { relu_value(sum) } else { sum };
                     }
                 }
             });

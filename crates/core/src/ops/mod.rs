@@ -11,7 +11,7 @@ mod packed_gemm;
 mod pool;
 mod winograd;
 
-pub use activation::{add_relu, add_relu_in_place, relu, relu_in_place};
+pub use activation::{add_relu, add_relu_in_place, relu, relu_in_place, relu_value};
 pub use batch_norm::BatchNorm;
 pub use conv::{Conv2d, ConvGeometry};
 pub use linear::Linear;

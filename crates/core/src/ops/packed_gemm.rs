@@ -27,6 +27,8 @@
 
 use std::mem::MaybeUninit;
 
+use super::activation::relu_value;
+
 /// Rows of the AVX2 register tile (output pixels).
 const MR: usize = 6;
 /// Rows of the AVX-512 register tile.
@@ -499,7 +501,8 @@ unsafe fn kernel_avx2(
                     sum = _mm256_add_ps(sum, _mm256_loadu_ps(residual));
                 }
                 if tile.relu {
-                    sum = _mm256_max_ps(sum, zero);
+                    // Zero first: NaN and -0 pass, as in torch (relu_value).
+                    sum = _mm256_max_ps(zero, sum);
                 }
                 _mm256_storeu_ps(out.add(8 * half), sum);
             }
@@ -608,7 +611,8 @@ unsafe fn kernel_avx512_panels<const PANELS: usize, const PREFETCH: bool>(
                     sum = _mm512_add_ps(sum, _mm512_loadu_ps(residual));
                 }
                 if tile.relu {
-                    sum = _mm512_max_ps(sum, zero);
+                    // Zero first: NaN and -0 pass, as in torch (relu_value).
+                    sum = _mm512_max_ps(zero, sum);
                 }
                 _mm512_storeu_ps(tile.output.add(r * tile.stride + column), sum);
             }
@@ -705,7 +709,7 @@ unsafe fn store_edge<const VALUES: usize>(values: &[f32; VALUES], tile: &Tile) {
                 sum += *residual.add(r * tile.stride + c);
             }
             if tile.relu {
-                sum = sum.max(0.0);
+                sum = relu_value(sum);
             }
             *out = sum;
         }
@@ -748,6 +752,47 @@ mod tests {
             .collect();
         for kernel in kernels {
             agrees_with_the_definition_on_edges_blocks_and_epilogues(kernel);
+        }
+    }
+
+    #[test]
+    fn a_nan_passes_the_relu_epilogue_in_every_kernel_and_edge_tile() {
+        // A row of NaN activations: torch's conv then ReLU gives NaN across
+        // the row; max(sum, 0) would give 0. 20 rows and 40 columns make
+        // whole and edge tiles of both kernels.
+        let (rows, depth, columns) = (20, 3, 40);
+        let mut a = values(rows * depth, 8);
+        for nan_row in [2, 17] {
+            a[nan_row * depth..(nan_row + 1) * depth].fill(f32::NAN);
+        }
+        let packed = PackedWeights::pack(&values(depth * columns, 9), depth, columns);
+        let locate = |row: usize, starts: &mut [*const f32]| starts[0] = a[row * depth..].as_ptr();
+        let lhs = Rows {
+            taps: 1,
+            segment: depth,
+            own_per_row: depth,
+            locate: &locate,
+        };
+        for kernel in Kernel::all().into_iter().filter(|k| k.runs_here()) {
+            let mut output = vec![MaybeUninit::new(0f32); rows * columns];
+            let epilogue = Epilogue {
+                relu: true,
+                ..Epilogue::default()
+            };
+            multiply_with(kernel, rows, &lhs, &packed, &mut output, epilogue, 1);
+            for (index, value) in output.iter().enumerate() {
+                // SAFETY: every element was written.
+                let value = unsafe { value.assume_init() };
+                let row = index / columns;
+                if row == 2 || row == 17 {
+                    assert!(
+                        value.is_nan(),
+                        "{kernel:?}: row {row}, element {index}: {value}"
+                    );
+                } else {
+                    assert!(value >= 0.0, "{kernel:?}: element {index}: {value}");
+                }
+            }
         }
     }
 

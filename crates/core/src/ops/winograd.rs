@@ -17,6 +17,7 @@
 
 use std::mem::MaybeUninit;
 
+use super::activation::relu_value;
 use super::packed_gemm::{self, Epilogue, PackedWeights, Rows};
 use crate::written::{tensor_written_by, vec_written_by, Store};
 use crate::{parallel, Tensor};
@@ -216,7 +217,7 @@ impl WinogradWeights {
                                     if let Some(skip) = skip {
                                         sum += skip[k];
                                     }
-                                    out.write(if relu { sum.max(0.0) } else { sum });
+                                    out.write(if relu { relu_value(sum) } else { sum });
                                 }
                             }
                         }

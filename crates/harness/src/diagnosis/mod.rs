@@ -252,9 +252,9 @@ impl Evidence<'_> {
     }
 }
 
-/// `max(x, 0)` element by element.
+/// torch's ReLU element by element (NaN kept), as the core computes it.
 pub(crate) fn relu(values: &ArrayD<f32>) -> ArrayD<f32> {
-    values.mapv(|v| v.max(0.0))
+    values.mapv(resnet_core::ops::relu_value)
 }
 
 /// Whether any element is below zero (a ReLU would change it).
