@@ -162,6 +162,18 @@ def top5(logits, categories):
     return result
 
 
+def first_non_finite(recorded):
+    """Where the first NaN or infinity of a run appears, in words (None if
+    nowhere): the stage, its module, and how many values of each."""
+    for stage in recorded:
+        output = stage["output"]
+        nan, inf = int(output.isnan().sum()), int(output.isinf().sum())
+        if nan or inf:
+            return (f"stage `{stage['name']}` ({stage['module_type']}) is the first with non-finite values: "
+                    f"{nan} NaN and {inf} infinite of {output.numel()}")
+    return None
+
+
 def check_out(out):
     """Refuses to delete anything that is not a dump (before any work is done)."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "manifest.json").exists())):
@@ -233,6 +245,13 @@ def write(out, model, architecture, x, *, model_name, weights_description, input
         raise models.Unsupported(f"the model returns something other than its last stage "
                                  f"({recorded[-1]['name']}): it computes after its last module, "
                                  "which the core does not")
+    non_finite = first_non_finite(recorded)
+    if non_finite and floor:
+        shutil.rmtree(out)
+        raise models.Unsupported(f"--floor: {non_finite}; a noise floor is measured on finite values")
+    if non_finite:
+        print(f"warning: {non_finite}: verify compares such values only with --equal-nan, "
+              "and the manifest has no top5", file=sys.stderr)
     for number, stage in enumerate(recorded):
         module, output = stage.pop("module"), stage.pop("output")
         stage["file"] = f"stages/{number:03d}_{stage['name'].replace('#', '@')}.npy"
@@ -259,12 +278,13 @@ def write(out, model, architecture, x, *, model_name, weights_description, input
         dtype=precision,
         stages=stages,
         weights=weights,
-        # A backbone returns its features, not logits.
-        **({"top5": top5(logits, categories)} if architecture.get("head", "linear") in ("linear", "dropout_linear")
-           else {}),
+        # A backbone returns its features, not logits; NaN logits have no order.
+        **({"top5": top5(logits, categories)}
+           if architecture.get("head", "linear") in ("linear", "dropout_linear") and not non_finite else {}),
         classes=categories,
     )
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    # Strict JSON: a NaN written as a bare token is a manifest nothing reads.
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, allow_nan=False) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"dumped {model_name}: {len(stages)} stages, {len(weights)} weights, "
           f"{size / 1e6:.1f} MB, mode {manifest['mode']} -> {out}", file=sys.stderr)

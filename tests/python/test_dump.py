@@ -11,7 +11,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_dump
+from conftest import ROOT, run_dump, run_verify
 from reference import models
 
 SCHEMA = json.loads((ROOT / "docs" / "dump-format.schema.json").read_text())
@@ -222,6 +222,34 @@ def test_a_model_that_computes_after_its_last_module_is_not_dumped(tmp_path):
     dump.write(tmp_path / "nan", model.eval(), architecture, x, model_name="resnet18",
                weights_description={"source": "seeded"}, input_description=description)
     assert (tmp_path / "nan" / "manifest.json").exists()
+
+
+def test_a_run_with_nan_is_dumped_as_json_that_verify_reads_and_said_where_it_started(tmp_path, capsys):
+    # A checkpoint with a negative running_var: NaN from that BatchNorm on.
+    # The manifest once held bare NaN logits in top5, which no JSON reader
+    # takes ('malformed JSON' at a line and column, from verify).
+    import torch
+
+    from reference import dump, preprocess
+
+    model, architecture = models.build("resnet18", width=8, num_classes=10)
+    with torch.no_grad():
+        model.layer1[0].bn1.running_var[:2] = -0.5
+    x, description = preprocess.make_input("random", 32, 1, 0)
+    dump.write(tmp_path / "nan", model.eval(), architecture, x, model_name="resnet18",
+               weights_description={"source": "seeded"}, input_description=description)
+    warning = capsys.readouterr().err
+    assert "warning: stage `layer1.0.bn1` (BatchNorm2d) is the first with non-finite values: 128 NaN and 0 infinite" \
+        in warning, warning
+    manifest = json.loads((tmp_path / "nan" / "manifest.json").read_text(),
+                          parse_constant=lambda name: pytest.fail(f"bare {name} in the manifest"))
+    assert "top5" not in manifest
+    assert run_verify(tmp_path / "nan", "--equal-nan").returncode == 0
+    assert run_verify(tmp_path / "nan").returncode == 1, "NaN matches NaN only with --equal-nan"
+    with pytest.raises(models.Unsupported, match=r"--floor: stage `layer1.0.bn1` \(BatchNorm2d\) is the first"):
+        dump.write(tmp_path / "floor", model.eval(), architecture, x, model_name="resnet18",
+                   weights_description={"source": "seeded"}, input_description=description, floor=True)
+    assert not (tmp_path / "floor").exists()
 
 
 @pytest.mark.parametrize("arguments, says", [
