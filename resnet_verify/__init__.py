@@ -46,12 +46,47 @@ class Report(dict):
                 f"first failure {s['first_failure']}>")
 
 
-def _float32(array):
+def _float32(array, what="array"):
     """A float32 numpy view of `array` (a torch tensor or anything array-like),
-    copied only when its dtype or memory order requires it."""
+    copied only when its dtype or memory order requires it. The core and the
+    comparison are float32: a value float32 cannot hold is refused
+    (VerifyError naming `what`), not changed into another that would compare
+    as equal: an imaginary part, a finite value beyond float32's range (it
+    would be inf), a nonzero one below it (0), an integer it does not hold
+    exactly. (Wider floats within range are rounded, as torch's .float().)"""
     if hasattr(array, "detach"):
-        array = array.detach().cpu().numpy()
-    return np.ascontiguousarray(array, dtype=np.float32)
+        array = array.detach().cpu()
+        if array.is_complex():
+            raise VerifyError(f"{what}: complex values ({array.dtype}): float32 holds real values only")
+        # numpy has no bfloat16: a narrower float is widened (exactly) first.
+        if array.is_floating_point() and array.element_size() < 4:
+            array = array.float()
+        array = array.numpy()
+    array = np.asarray(array)
+    if array.dtype == np.float32:
+        return np.ascontiguousarray(array)
+    kind = array.dtype.kind
+    if kind == "c":
+        raise VerifyError(f"{what}: complex values ({array.dtype}): float32 holds real values only")
+    if kind not in "fiub":
+        raise VerifyError(f"{what}: {array.dtype} values are not numbers")
+    with np.errstate(over="ignore"):  # found below, and said better
+        narrowed = np.ascontiguousarray(array, dtype=np.float32)
+    if kind == "f" and array.dtype.itemsize > 4:
+        problems = [(np.isfinite(array) & np.isinf(narrowed), "beyond float32's range: in float32 it would be inf"),
+                    ((array != 0) & (narrowed == 0), "nonzero but below float32's smallest: in float32 it would be 0")]
+    elif kind in "iu" and array.dtype.itemsize >= 4:
+        wide = array.astype(np.float64)
+        problems = [((np.abs(wide) > 2.0 ** 53) | (narrowed.astype(np.float64) != wide),
+                     "an integer float32 does not hold exactly")]
+    else:
+        problems = []
+    for wrong, why in problems:
+        if wrong.any():
+            index = tuple(int(i) for i in np.argwhere(wrong)[0])
+            raise VerifyError(f"{what}: {int(wrong.sum())} {array.dtype} value(s) float32 cannot hold, e.g. "
+                              f"{array[index].item()!r} at {index}: {why}. The comparison is in float32, as the CLI's")
+    return narrowed
 
 
 def _train_mode_modules(model):
@@ -102,7 +137,7 @@ def _torch_weights(model):
         architecture = describe(model)
     except Unsupported as refused:
         raise VerifyError(str(refused)) from None
-    weights = {name: _float32(tensor) for name, tensor in model.state_dict().items()
+    weights = {name: _float32(tensor, name) for name, tensor in model.state_dict().items()
                if not name.endswith("num_batches_tracked")}
     return weights, architecture
 
@@ -119,7 +154,7 @@ def forward(weights_or_dump, x, upto=None, architecture=None):
     `architecture` (the manifest's architecture dict). A torch model
     with any module in train mode is refused (TrainModeError), and one the
     core would not build exactly (VerifyError, naming the modules)."""
-    x = _float32(x)
+    x = _float32(x, "x")
     if isinstance(weights_or_dump, (str, os.PathLike)):
         return _native.forward_dump(os.fspath(weights_or_dump), x, upto)
     if hasattr(weights_or_dump, "state_dict"):
@@ -128,7 +163,7 @@ def forward(weights_or_dump, x, upto=None, architecture=None):
     else:
         if architecture is None:
             raise VerifyError("forward(weights, x): a dict of weights needs architecture=")
-        weights = {name: _float32(array) for name, array in weights_or_dump.items()}
+        weights = {name: _float32(array, name) for name, array in weights_or_dump.items()}
     try:
         # NaN and Infinity are not JSON: json.dumps would write them anyway,
         # and the reader would report a syntax error at a column.
@@ -155,12 +190,12 @@ def compare(ref, cand, atol=None, rtol=None, equal_nan=False, tol=None, tol_mult
         if not isinstance(floor, dict):
             from reference.manifest import noise_floor
             try:
-                floor = noise_floor(_float32(ref), floor)
+                floor = noise_floor(_float32(ref, "ref"), floor)
             except ValueError as refused:
                 raise VerifyError(str(refused)) from None
         floor_json = json.dumps(floor)
-    return json.loads(_native.compare(_float32(ref), _float32(cand), atol, rtol, equal_nan, tol, tol_multiple,
-                                      cand_dtype, floor_json))
+    return json.loads(_native.compare(_float32(ref, "ref"), _float32(cand, "cand"), atol, rtol, equal_nan, tol,
+                                      tol_multiple, cand_dtype, floor_json))
 
 
 def verify(dump_dir, upto=None, isolate=False, atol=None, rtol=None, allow_train_reference=False, print_report=False,
@@ -191,7 +226,7 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
 
     _refuse_train_mode(model)
     weights, architecture = _torch_weights(model)
-    x = torch.as_tensor(_float32(x))
+    x = torch.as_tensor(_float32(x, "x"))
     stages, _ = hooks.stages(model, x)
     exact = hooks.float64_stages(model, x) if tol == "auto" else None
     arrays = {f"weights/{name}": array for name, array in weights.items()}
@@ -202,7 +237,7 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
         stage["file"] = f"stages/{stage['name']}"
         if exact is not None:
             stage["floor"] = noise_floor(output, exact[stage["name"]])
-        arrays[stage["file"]] = _float32(output)
+        arrays[stage["file"]] = _float32(output, stage["name"])
         entries.append(stage)
     manifest = build_manifest(
         model={"name": f"live {type(model).__name__} ({architecture['block']}, layers {architecture['layers']})"},

@@ -121,6 +121,30 @@ def test_forward_returns_nchw_stages_equal_to_the_reference():
     assert rv.compare(logits, rv.forward(weights, x.numpy(), architecture=architecture)["fc"])["verdict"] == "succ"
 
 
+@pytest.mark.parametrize("ref, cand, says", [
+    (np.array([1 + 1j]), np.array([1 + 2j]), "ref: complex values (complex128)"),
+    (np.array([1.0, 1e300]), np.array([1.0, 2e300]), "ref: 1 float64 value(s) float32 cannot hold, e.g. 1e+300 at (1,): "
+                                                     "beyond float32's range"),
+    (np.array([1.0, 2.0]), np.array([3e-50, 2.0]), "cand: 1 float64 value(s) float32 cannot hold, e.g. 3e-50 at (0,): "
+                                                   "nonzero but below float32's smallest"),
+    (np.array([16777217]), np.array([16777216]), "ref: 1 int64 value(s) float32 cannot hold, e.g. 16777217 at (0,)"),
+    (np.array(["a"]), np.array(["a"]), "ref: <U1 values are not numbers"),
+])
+def test_compare_refuses_values_float32_would_change_into_equal_ones(ref, cand, says):
+    # Each pair differs, and narrowed to float32 each compared as equal.
+    with pytest.raises(rv.VerifyError) as refused:
+        rv.compare(ref, cand)
+    assert str(refused.value).startswith(says), str(refused.value)
+
+
+def test_compare_takes_what_float32_holds_in_any_dtype():
+    assert rv.compare(np.array([1.0, 2.5]), np.array([1.0, 2.5]))["verdict"] == "succ"
+    assert rv.compare(np.arange(4, dtype=np.int64), np.arange(4, dtype=np.uint8))["verdict"] == "succ"
+    assert rv.compare(torch.tensor([1.5, -2.0], dtype=torch.bfloat16), np.array([1.5, -2.0]))["verdict"] == "succ"
+    assert rv.compare(np.array([1.0, np.nan, np.inf]), np.array([1.0, np.nan, np.inf]),
+                      equal_nan=True)["verdict"] == "succ"
+
+
 def test_compare_gives_the_clis_metrics():
     reference = np.arange(24, dtype=np.float32).reshape(1, 2, 3, 4)
     candidate = reference.copy()
