@@ -115,6 +115,31 @@ def test_a_bundle_of_the_cores_failure_fails_the_core_again(reference, tmp_path)
     assert verify("case", shrunk).returncode == 1
 
 
+def test_a_bundle_of_a_nan_failure_reads_back_and_runs(reference, tmp_path):
+    # An engine that wrote one NaN: case.json writes its infinite error as
+    # null (JSON has no inf), which verify case and the bundle's tests once
+    # could not read or format.
+    import numpy as np
+
+    engine = candidate(reference, tmp_path / "engine", lambda model: None)
+    manifest = json.loads((engine / "manifest.json").read_text())
+    conv1 = engine / next(s["file"] for s in manifest["stages"] if s["name"] == "conv1")
+    values = np.load(conv1)
+    values.flat[5] = np.nan
+    np.save(conv1, values)
+    bundle = tmp_path / "bundle"
+    assert verify("repro", "compare", reference, engine, "--out", bundle).returncode == 0
+    case = json.loads((bundle / "case.json").read_text())
+    assert case["stage"] == "conv1" and case["verdict"]["max_abs_error"] is None
+    rerun = verify("case", bundle)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "the stored candidate: fail (1 of" in rerun.stdout and "max abs error inf" in rerun.stdout
+    outcomes, output = pytest_bundle(bundle)
+    assert outcomes == {"test_the_reference_is_what_torch_computes": True,
+                        "test_the_candidate_matches_the_reference": False}, output
+    assert "conv1: 1 of " in output and "max abs error inf" in output
+
+
 def test_bad_requests_write_nothing(reference, tmp_path):
     engine = candidate(reference, tmp_path / "engine", tolerance_study.wrong_weight_layout)
     missing = verify("repro", "compare", reference, engine, "--out", tmp_path / "a", "--stage", "layer1.0.conv9")

@@ -124,10 +124,21 @@ pub struct CaseVerdict {
     pub verdict: String,
     pub mismatched: usize,
     pub elements: usize,
+    /// Infinite for a NaN or infinity that does not match, which JSON
+    /// writes `null` (as every non-finite figure of the reports).
+    #[serde(deserialize_with = "null_as_infinity")]
     pub max_abs_error: f64,
+    #[serde(deserialize_with = "null_as_infinity")]
     pub relative_error: f64,
     /// NCHW, in the full stage.
     pub worst_index: Option<Vec<usize>>,
+}
+
+/// A figure serde_json wrote `null` because it was not finite: an error
+/// figure is never NaN (a NaN mismatch counts as infinite), so it was
+/// infinite.
+fn null_as_infinity<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::INFINITY))
 }
 
 /// The arrays of a case, before they are written.

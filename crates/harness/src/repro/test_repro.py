@@ -52,20 +52,31 @@ def recompute():
     raise NotImplementedError(f"module type {kind}")
 
 
-def judge(candidate, reference):
-    """verify's rule, element by element: |cand - ref| <= atol + rtol * |ref|."""
+def judge(candidate, reference, equal_nan):
+    """verify's rule, element by element: |cand - ref| <= atol + rtol * |ref|
+    where both are finite; a NaN or an infinity matches only the same value
+    (a NaN only under equal_nan), and counts as an infinite error otherwise.
+    Returns the elements out of tolerance and the largest error."""
     rule = CASE["tolerance"]
-    error = (candidate - reference).abs()
-    failing = ~(error <= rule["atol"] + rule["rtol"] * reference.abs())
+    finite = torch.isfinite(candidate) & torch.isfinite(reference)
+    same = (candidate == reference) | (equal_nan & candidate.isnan() & reference.isnan())
+    error = torch.where(finite, (candidate - reference).abs(), torch.where(same, 0.0, float("inf")))
+    failing = torch.where(finite, ~(error <= rule["atol"] + rule["rtol"] * reference.abs()), ~same)
     return int(failing.sum()), float(error.max()) if error.numel() else 0.0
+
+
+def figure(value):
+    """A figure of case.json, where a non-finite one is written null."""
+    return "inf" if value is None else f"{value:.3e}"
 
 
 def test_the_reference_is_what_torch_computes():
     reference = array(CASE["reference"])
     recomputed = recompute().reshape(reference.shape)
     # The stored output is torch's float32 result: within float32 rounding
-    # of the exact one, which the run's own tolerance covers.
-    mismatched, worst = judge(recomputed, reference)
+    # of the exact one, which the run's own tolerance covers (a NaN where
+    # torch computes one too).
+    mismatched, worst = judge(recomputed, reference, equal_nan=True)
     assert mismatched == 0, (f"the stored reference output is not what torch computes from the stored inputs: "
                              f"{mismatched} elements differ, max abs error {worst:.3e}")
 
@@ -73,7 +84,8 @@ def test_the_reference_is_what_torch_computes():
 def test_the_candidate_matches_the_reference():
     reference, candidate = array(CASE["reference"]), array(CASE["candidate"])
     assert candidate.shape == reference.shape, f"shape {list(candidate.shape)}, reference {list(reference.shape)}"
-    mismatched, worst = judge(candidate, reference)
+    mismatched, worst = judge(candidate, reference, CASE["tolerance"].get("equal_nan", False))
     assert mismatched == 0, (f"{CASE['stage']}: {mismatched} of {reference.numel()} elements out of tolerance, "
                              f"max abs error {worst:.3e} (verify: {CASE['verdict']['mismatched']} of "
-                             f"{CASE['verdict']['elements']}, max abs error {CASE['verdict']['max_abs_error']:.3e})")
+                             f"{CASE['verdict']['elements']}, max abs error "
+                             f"{figure(CASE['verdict']['max_abs_error'])})")
