@@ -54,7 +54,7 @@ pub fn compare_dumps(
     };
     let stages = ReferenceStages::new(&reference, network.as_ref());
     let reference_check = match &network {
-        Some(network) => check_reference(&stages, network)?,
+        Some(network) => check_reference(&stages, network, network.stages().len() - 1)?,
         None => ReferenceCheck {
             manifest_mode: reference.manifest().mode,
             evidence: Vec::new(),

@@ -151,6 +151,17 @@ pub(crate) fn run(
             reason: missing.to_string(),
         });
     }
+    // A glob that selects nothing is a mistake in the command, not a run
+    // that failed (or, in compare, a candidate that matched nothing).
+    if let Some(only) = &options.only {
+        if !rows.iter().any(|row| row.shown) {
+            return Err(VerifyError::Usage(format!(
+                "--only {}: matches no stage this run compares (stage names as the report \
+                 writes them: conv1, layer1.*, *.conv2)",
+                only.glob()
+            )));
+        }
+    }
     if let Some(item) = options.item {
         let batch = rows
             .first()

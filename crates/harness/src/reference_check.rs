@@ -94,15 +94,18 @@ impl ReferenceCheck {
 /// Every BatchNorm is examined: a model put in eval mode with one module
 /// left in train mode is in train mode there. The stages are read through
 /// `stages`, and not held: the check holds a BatchNorm's pair at a time.
+/// Those after stage `through` (the last a run compares) are not read: a
+/// pass built to its block's end still stops where `--upto` says.
 pub fn check_reference(
     stages: &ReferenceStages,
     network: &Network,
+    through: usize,
 ) -> Result<ReferenceCheck, VerifyError> {
     let dump = stages.dump();
     let manifest = dump.manifest();
     let weights = DumpWeights(dump);
     let mut evidence = Vec::new();
-    for (index, stage) in network.stages().iter().enumerate() {
+    for (index, stage) in network.stages().iter().enumerate().take(through + 1) {
         if stage.kind != StageKind::BatchNorm2d {
             continue;
         }

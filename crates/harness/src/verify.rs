@@ -60,6 +60,13 @@ pub fn verify_dump(
             .map_err(|_| unknown_stage(name, &network))?,
         None => network.stages().len() - 1,
     };
+    if last == 0 {
+        return Err(VerifyError::Usage(
+            "--upto input: the input is given, not computed, so nothing would be compared; \
+             name a stage from conv1 on"
+                .into(),
+        ));
+    }
     let checked_through = truncated.is_some().then_some(last);
     let entries = match_stages(dump, &network, &options.dump, checked_through)?;
 
@@ -70,7 +77,7 @@ pub fn verify_dump(
         dump.manifest().model_name().to_string(),
         options.mode,
         options.run.tolerance,
-        check_reference(&stages, &network)?,
+        check_reference(&stages, &network, last)?,
     );
     let references = References {
         stages: &stages,

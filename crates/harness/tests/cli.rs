@@ -201,6 +201,36 @@ fn upto_stops_after_the_named_stage() {
 }
 
 #[test]
+fn a_run_told_to_compare_nothing_is_a_usage_error() {
+    // Not a fail (exit 1): nothing failed; and in compare, not 'no stage of
+    // the candidate has a name that the reference has'.
+    let dump = fixture("resnet18-w8");
+    let fixture = path(&dump);
+    for (arguments, says) in [
+        (
+            vec![fixture, "--upto", "input"],
+            "--upto input: the input is given, not computed",
+        ),
+        (
+            vec![fixture, "--only", "nomatch*"],
+            "--only nomatch*: matches no stage this run compares",
+        ),
+        (
+            vec!["compare", fixture, fixture, "--only", "nomatch"],
+            "--only nomatch: matches no stage this run compares",
+        ),
+    ] {
+        let output = verify(&arguments);
+        assert_eq!(output.status.code(), Some(2), "{arguments:?}");
+        assert!(
+            stderr(&output).contains(says),
+            "{arguments:?}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
 fn upto_reads_no_weight_or_stage_past_the_block_it_stops_in() {
     let dir = tempfile::tempdir().unwrap();
     let dump = copy_fixture("resnet18-w8", dir.path());
@@ -222,6 +252,30 @@ fn upto_reads_no_weight_or_stage_past_the_block_it_stops_in() {
         "{}",
         stderr(&output)
     );
+}
+
+#[test]
+fn upto_inside_a_block_reads_no_stage_past_it() {
+    // The pass is built to the block's end, but the reference check read
+    // every BatchNorm of it: layer3.1.bn2's file, after layer3.1.bn1.
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    for stage in ["layer3.1.conv2", "layer3.1.bn2", "layer3.1.relu#1"] {
+        std::fs::write(stage_file(&dump, stage), b"broken").unwrap();
+    }
+    for mode in [&[][..], &["--isolate"], &["--both"]] {
+        let mut arguments = vec![path(&dump), "--upto", "layer3.1.bn1"];
+        arguments.extend(mode);
+        let output = verify(&arguments);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{mode:?}: {}",
+            stderr(&output)
+        );
+    }
+    let output = verify(&[path(&dump), "--upto", "layer3.1.relu#1"]);
+    assert_eq!(output.status.code(), Some(2));
 }
 
 #[test]
