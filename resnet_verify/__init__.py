@@ -227,6 +227,8 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
     _refuse_train_mode(model)
     weights, architecture = _torch_weights(model)
     x = torch.as_tensor(_float32(x, "x"))
+    if x.ndim != 4:
+        raise VerifyError(f"x must be NCHW (4-D), got shape {list(x.shape)}")
     stages, _ = hooks.stages(model, x)
     exact = hooks.float64_stages(model, x) if tol == "auto" else None
     arrays = {f"weights/{name}": array for name, array in weights.items()}

@@ -178,6 +178,17 @@ def test_forward_carries_a_nan_where_torch_does():
         assert np.isnan(outputs["fc"]).all()
 
 
+def test_a_wrong_input_is_described_in_the_callers_nchw_terms():
+    model, _ = models.seeded("resnet18", 0, 32, width=8, num_classes=10)
+    with pytest.raises(rv.VerifyError, match=r"x has shape \[1, 32, 32, 3\]: the network takes NCHW \[N, 3, H, W\], "
+                                             r"N, H and W at least 1 \(NHWC\? numpy: x.transpose\(0, 3, 1, 2\)"):
+        rv.forward(model, np.zeros((1, 32, 32, 3), np.float32))
+    with pytest.raises(rv.VerifyError, match=r"x has shape \[0, 3, 32, 32\]: the network takes NCHW"):
+        rv.forward(model, np.zeros((0, 3, 32, 32), np.float32))
+    with pytest.raises(rv.VerifyError, match=r"x must be NCHW \(4-D\), got shape \[3, 32, 32\]"):
+        rv.verify_torch(model, torch.zeros(3, 32, 32))
+
+
 def test_forward_refuses_a_dump_of_a_model_the_core_does_not_build(tmp_path):
     # A dump written elsewhere of a resnet18 whose stem ReLU is a ReLU6: the
     # core would build a ReLU and return another network's numbers.

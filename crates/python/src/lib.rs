@@ -247,6 +247,19 @@ fn forward_outputs<'py>(
             x.shape()
         )));
     }
+    // Said in the caller's NCHW terms: the core's own error speaks of the
+    // NHWC tensor it was given, a permutation of what the caller wrote.
+    let channels = network.architecture().in_channels;
+    let [batch, given_channels, height, width] = [0, 1, 2, 3].map(|axis| x.shape()[axis]);
+    if given_channels != channels || batch == 0 || height == 0 || width == 0 {
+        let nhwc = (width == channels && given_channels != channels)
+            .then_some(" (NHWC? numpy: x.transpose(0, 3, 1, 2); torch: x.permute(0, 3, 1, 2))")
+            .unwrap_or("");
+        return Err(error(format!(
+            "x has shape {:?}: the network takes NCHW [N, {channels}, H, W], N, H and W at least 1{nhwc}",
+            x.shape()
+        )));
+    }
     let input = reference_tensor(x.as_array()).ok_or_else(|| error("x must be NCHW"))?;
     let last = upto
         .map(|name| network.stage_index(&name))
