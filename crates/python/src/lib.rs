@@ -252,9 +252,11 @@ fn forward_outputs<'py>(
     let channels = network.architecture().in_channels;
     let [batch, given_channels, height, width] = [0, 1, 2, 3].map(|axis| x.shape()[axis]);
     if given_channels != channels || batch == 0 || height == 0 || width == 0 {
-        let nhwc = (width == channels && given_channels != channels)
-            .then_some(" (NHWC? numpy: x.transpose(0, 3, 1, 2); torch: x.permute(0, 3, 1, 2))")
-            .unwrap_or("");
+        let nhwc = if width == channels && given_channels != channels {
+            " (NHWC? numpy: x.transpose(0, 3, 1, 2); torch: x.permute(0, 3, 1, 2))"
+        } else {
+            ""
+        };
         return Err(error(format!(
             "x has shape {:?}: the network takes NCHW [N, {channels}, H, W], N, H and W at least 1{nhwc}",
             x.shape()
