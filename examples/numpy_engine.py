@@ -33,8 +33,9 @@ def conv2d(x, weight, stride, padding, dilation=1, groups=1):
     return np.concatenate(outputs, axis=1).astype(np.float32)
 
 
-def batch_norm(x, load, module, eps):
-    """Eval mode: the running statistics."""
+def batch_norm(x, load, module, eps_of):
+    """Eval mode: the running statistics, and the module's own eps."""
+    eps = eps_of(module)
     mean, var, gamma, beta = (load(f"{module}.{part}").astype(np.float64).reshape(1, -1, 1, 1)
                               for part in ("running_mean", "running_var", "weight", "bias"))
     return ((x - mean) / np.sqrt(var + eps) * gamma + beta).astype(np.float32)
@@ -53,7 +54,12 @@ def run(reference, out):
     reference = Path(reference)
     manifest = json.loads((reference / "manifest.json").read_text())
     architecture = manifest["architecture"]
-    eps = architecture["batch_norm_eps"]
+    # A BatchNorm may have an eps of its own (`batch_norm_eps_overrides`).
+    overrides = architecture.get("batch_norm_eps_overrides") or {}
+
+    def eps_of(module):
+        return overrides.get(module, architecture["batch_norm_eps"])
+
     files = {stage["name"]: stage["file"] for stage in manifest["stages"]}
 
     def load(name):
@@ -67,7 +73,7 @@ def run(reference, out):
 
         # The stem.
         x = stage("conv1", conv2d(x, load("conv1.weight"), stride=2, padding=3))
-        x = stage("bn1", batch_norm(x, load, "bn1", eps))
+        x = stage("bn1", batch_norm(x, load, "bn1", eps_of))
         x = stage("relu", relu(x))
         x = stage("maxpool", max_pool(x))
 
@@ -81,12 +87,12 @@ def run(reference, out):
         identity, out_x = x, x
         for number, (conv, padding, groups) in enumerate(convs, start=1):
             out_x = stage(f"{block}.{conv}", conv2d(out_x, load(f"{block}.{conv}.weight"), 1, padding, groups=groups))
-            out_x = stage(f"{block}.bn{number}", batch_norm(out_x, load, f"{block}.bn{number}", eps))
+            out_x = stage(f"{block}.bn{number}", batch_norm(out_x, load, f"{block}.bn{number}", eps_of))
             if number < len(convs):
                 out_x = stage(f"{block}.relu#{number - 1}", relu(out_x))
         if f"{block}.downsample" in files:
             identity = stage(f"{block}.downsample.0", conv2d(identity, load(f"{block}.downsample.0.weight"), 1, 0))
-            identity = stage(f"{block}.downsample.1", batch_norm(identity, load, f"{block}.downsample.1", eps))
+            identity = stage(f"{block}.downsample.1", batch_norm(identity, load, f"{block}.downsample.1", eps_of))
             stage(f"{block}.downsample", identity)
         out_x = stage(f"{block}.relu#{len(convs) - 1}", relu(out_x + identity))
         stage(block, out_x)

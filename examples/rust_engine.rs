@@ -51,8 +51,11 @@ fn conv2d(
     })
 }
 
-/// Eval mode: the running statistics.
+/// Eval mode: the running statistics, and the module's own eps where the
+/// architecture gives it one.
 fn batch_norm(dump: &Dump, x: &Array4<f32>, module: &str, eps: f64) -> Result<Array4<f32>> {
+    let overrides = &dump.architecture()?.batch_norm_eps_overrides;
+    let eps = overrides.get(module).copied().unwrap_or(eps);
     let part = |name: &str| -> Result<ArrayD<f32>> {
         Ok(dump
             .load_weight(&format!("{module}.{name}"))?
@@ -72,8 +75,9 @@ fn batch_norm(dump: &Dump, x: &Array4<f32>, module: &str, eps: f64) -> Result<Ar
     Ok(y)
 }
 
+/// torch's ReLU keeps NaN (`v.max(0.0)` would make it 0).
 fn relu(x: &Array4<f32>) -> Array4<f32> {
-    x.mapv(|v| v.max(0.0))
+    x.mapv(|v| if v < 0.0 { 0.0 } else { v })
 }
 
 /// 3x3, stride 2, padding 1.

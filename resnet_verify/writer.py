@@ -82,7 +82,9 @@ class CandidateWriter:
             raise ValueError(f"stage {name!r}: the writer for {self.out_dir} is closed")
         expected = self._expected.get(name)
         if expected is None:
-            near = difflib.get_close_matches(name, list(self._expected), n=3)
+            # The name as written first (CONV1 for conv1), then look-alikes.
+            same_letters = [known for known in self._expected if known.lower() == name.lower()]
+            near = same_letters or difflib.get_close_matches(name, list(self._expected), n=3)
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise ValueError(f"stage {name!r}: the reference {self.reference} has no stage of that name{hint} "
                              "(resnet_verify.stage_names(reference) lists them)")

@@ -94,6 +94,8 @@ def test_the_python_writer_refuses_each_mistake_at_once(tmp_path):
     with pytest.raises(ValueError, match=r"stage 'layer1\.0\.relu#3': the reference .* has no stage of that name; "
                                          r"did you mean layer1\.0\.relu#1, layer1\.0\.relu#0"):
         writer.stage("layer1.0.relu#3", conv1)
+    with pytest.raises(ValueError, match=r"stage 'BN1': .* has no stage of that name; did you mean bn1\? "):
+        writer.stage("BN1", conv1)
     with pytest.raises(ValueError, match=r"stage 'bn1': shape \[1, 16, 16, 8\], where the reference's is "
                                          r"\[1, 8, 16, 16\] \(NCHW\)$"):
         writer.stage("bn1", np.zeros((1, 16, 16, 8), np.float32))
