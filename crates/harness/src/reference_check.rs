@@ -167,6 +167,20 @@ fn data_shows_train_mode(evidence: &[BatchNormEvidence]) -> bool {
     evidence.iter().any(BatchNormEvidence::shows_train_mode)
 }
 
+/// What an eval-mode verdict rests on, in words: how many of the
+/// BatchNorms examined the running statistics reproduce, or that none was
+/// (a run that stops before the first): then only the manifest says so.
+pub fn eval_mode_evidence(evidence: &[BatchNormEvidence]) -> String {
+    if evidence.is_empty() {
+        return "no BatchNorm in the stages compared to check it by".into();
+    }
+    format!(
+        "{} of {} BatchNorms reproduced with running statistics",
+        reproduced_with_running_statistics(evidence),
+        evidence.len()
+    )
+}
+
 /// How many of the BatchNorms examined the running statistics reproduce.
 pub fn reproduced_with_running_statistics(evidence: &[BatchNormEvidence]) -> usize {
     evidence

@@ -792,11 +792,20 @@ fn the_reference_check_recomputes_every_batch_norm_both_ways() {
         text.contains("reference: eval mode (manifest says eval; 20 of 20 BatchNorms reproduced with running statistics)"),
         "{text}"
     );
-    // A run that stops early reads no stage past the block it stops in:
-    // the BatchNorms up to there are examined.
-    let text = stdout(&verify(&[path(&fixture("resnet18-w8")), "--upto", "conv1"]));
+    // A run that stops early reads no stage past the one it stops at: the
+    // BatchNorms up to there are examined, and before the first, none.
+    let text = stdout(&verify(&[
+        path(&fixture("resnet18-w8")),
+        "--upto",
+        "layer1.0.bn2",
+    ]));
     assert!(
         text.contains("reference: eval mode (manifest says eval; 3 of 3 BatchNorms reproduced with running statistics)"),
+        "{text}"
+    );
+    let text = stdout(&verify(&[path(&fixture("resnet18-w8")), "--upto", "conv1"]));
+    assert!(
+        text.contains("reference: eval mode (manifest says eval; no BatchNorm in the stages compared to check it by)"),
         "{text}"
     );
 }
@@ -1076,4 +1085,29 @@ fn upto_before_a_batch_norm_with_its_own_eps_runs() {
     });
     let output = verify(&[path(&dump), "--upto", "layer1"]);
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+}
+
+#[test]
+fn a_layer_counts_a_block_with_a_failing_stage_as_failed() {
+    // layer2.0.conv1 off by 1%, the block's output untouched: the block
+    // fails, and its layer said '2/2 blocks' (it counted the block's
+    // output stage, which passes).
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture("resnet18-w8", dir.path());
+    let file = stage_file(&candidate, "layer2.0.conv1");
+    write(&file, &read(&file).mapv(|v| v * 1.01));
+    let reference = fixture("resnet18-w8");
+    let output = verify(&[
+        "compare",
+        path(&reference),
+        path(&candidate),
+        "--format",
+        "json",
+    ]);
+    let report = json_report(&output);
+    assert_eq!(entry(&report, "blocks", "layer2.0")["verdict"], "fail");
+    let layer = entry(&report, "layers", "layer2");
+    assert_eq!(layer["blocks"], serde_json::json!({"succ": 1, "total": 2}));
+    let text = stdout(&verify(&["compare", path(&reference), path(&candidate)]));
+    assert!(text.contains("1/2 blocks"), "{text}");
 }

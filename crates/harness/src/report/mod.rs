@@ -460,9 +460,6 @@ impl ReportBuilder {
                 if stage.is_conv() {
                     group.conv2d.add(verdict);
                 }
-                if is_block {
-                    group.blocks.add(verdict);
-                }
             }
         }
         let closes = if is_block {
@@ -492,6 +489,13 @@ impl ReportBuilder {
             });
             closed.push(group);
             let group = closed.last().expect("just pushed");
+            // A layer counts its blocks by their verdicts (any stage of the
+            // block failed), not by the block's output stage alone.
+            if let (true, Some(layer), Some(block_verdict)) =
+                (is_block, self.open_layer.as_mut(), group.verdict)
+            {
+                layer.blocks.add(block_verdict);
+            }
             listener(if is_block {
                 Event::Block(group)
             } else {
