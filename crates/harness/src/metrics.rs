@@ -83,7 +83,7 @@ impl BeyondRtol {
             // Each says which element it is about: it is seldom the worst,
             // which the line names just before.
             BeyondRtol::NonFinite => {
-                "an element that is NaN or Inf on either side does not match (NaN against NaN needs --equal-nan)"
+                "a NaN or Inf element that does not match: an infinity matches only itself, a NaN only a NaN under --equal-nan"
             }
             BeyondRtol::ZeroReference => "an element whose reference is 0 is off by more than atol",
             BeyondRtol::Shape => "a shape that differs",

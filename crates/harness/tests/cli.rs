@@ -1111,3 +1111,41 @@ fn a_layer_counts_a_block_with_a_failing_stage_as_failed() {
     let text = stdout(&verify(&["compare", path(&reference), path(&candidate)]));
     assert!(text.contains("1/2 blocks"), "{text}");
 }
+
+#[test]
+fn the_html_report_says_the_tolerance_needed_as_the_text_does() {
+    // It once rounded the figure to nearest (a copied rtol could still
+    // fail), left out --cand-dtype, and said nothing when no rtol passes.
+    let dir = tempfile::tempdir().unwrap();
+    let reference = fixture("resnet18-w8");
+    for (name, change) in [
+        ("scaled", (|v: f32| v * 1.01) as fn(f32) -> f32),
+        ("nan", |_| f32::NAN),
+    ] {
+        let candidate = copy_fixture("resnet18-w8", &dir.path().join(name));
+        let file = stage_file(&candidate, "layer2.0.conv1");
+        write(&file, &read(&file).mapv(change));
+        let page = dir.path().join(format!("{name}.html"));
+        let output = verify(&[
+            "compare",
+            path(&reference),
+            path(&candidate),
+            "--format",
+            "html",
+            "--output",
+            path(&page),
+        ]);
+        assert_eq!(output.status.code(), Some(1));
+        let text = stdout(&output);
+        let line = text
+            .lines()
+            .find_map(|line| line.strip_prefix("tolerance needed: "))
+            .unwrap_or_else(|| panic!("{name}: {text}"));
+        let html = std::fs::read_to_string(&page).unwrap();
+        let escaped = line.replace('>', "&gt;").replace('<', "&lt;");
+        assert!(
+            html.contains(&format!("<li>tolerance needed: {escaped}</li>")),
+            "{name}: {line}"
+        );
+    }
+}

@@ -145,16 +145,11 @@ fn summary(page: &mut String, report: &Report) {
     if let Some(stopped) = &s.stopped {
         let _ = write!(page, "<li>stopped: {}</li>", escape(stopped));
     }
-    if let Some(rtol) = s.rtol_needed {
+    if s.fail > 0 {
         let _ = write!(
             page,
-            "<li>tolerance needed: every stage compared passes with rtol &ge; {rtol:.2e}</li>"
-        );
-    }
-    if let Some(multiple) = s.multiple_needed {
-        let _ = write!(
-            page,
-            "<li>tolerance needed: --tol auto --tol-multiple {multiple:.2}</li>"
+            "<li>tolerance needed: {}</li>",
+            escape(&super::tolerance_needed_words(report))
         );
     }
     if let Some(items) = &s.items {

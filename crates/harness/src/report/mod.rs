@@ -10,7 +10,7 @@ pub mod text;
 use std::fmt::Write as _;
 use std::ops::ControlFlow;
 
-use resnet_dump::{ModuleKind, NoiseFloor};
+use resnet_dump::{ModuleKind, NoiseFloor, Precision};
 use serde::Serialize;
 
 use crate::diagnosis::{origin, Hint, Origin};
@@ -581,6 +581,66 @@ impl ReportBuilder {
 /// The rtol (under `--tol auto`, the multiple) under which every stage that
 /// failed would pass (the largest any failure needs), or, each once, why
 /// none would.
+/// `value` to two significant digits, rounded up, so that the figure as
+/// shown, read back, is no smaller (the JSON report has it exactly).
+pub(crate) fn at_least(value: f64) -> String {
+    if value <= 0.0 {
+        return "0".into();
+    }
+    if !value.is_normal() || value < 1e-300 || !value.is_finite() {
+        return format!("{value:e}");
+    }
+    let mut exponent = value.log10().floor() as i32;
+    let mut tenths = (value / 10f64.powi(exponent) * 10.0).ceil() as u64;
+    loop {
+        if tenths >= 100 {
+            tenths = tenths.div_ceil(10);
+            exponent += 1;
+        }
+        let shown = format!("{}.{}e{exponent}", tenths / 10, tenths % 10);
+        if shown.parse::<f64>().is_ok_and(|read| read >= value) {
+            return shown;
+        }
+        tenths += 1;
+    }
+}
+
+/// What a failed run needs, in words: the smallest rtol (or, under
+/// `--tol auto`, multiple of the floor) under which every stage compared
+/// passes, rounded up so that the figure passes as shown, or why none does.
+pub(crate) fn tolerance_needed_words(report: &Report) -> String {
+    let s = &report.summary;
+    match (s.rtol_needed, s.multiple_needed) {
+        (Some(rtol), _) => format!(
+            "every stage compared passes with rtol >= {} (atol as run)",
+            at_least(rtol)
+        ),
+        (_, Some(times)) => format!(
+            "every stage compared passes with --tol auto --tol-multiple {}{}",
+            at_least(times),
+            match report.tolerance {
+                ToleranceRule::Auto(auto) if auto.candidate_dtype != Precision::Float32 => {
+                    format!(" --cand-dtype {}", auto.candidate_dtype.name())
+                }
+                _ => String::new(),
+            }
+        ),
+        _ => format!(
+            "no {} passes every stage ({})",
+            if matches!(report.tolerance, ToleranceRule::Auto(_)) {
+                "multiple of the floor"
+            } else {
+                "rtol"
+            },
+            s.beyond_rtol
+                .iter()
+                .map(|why| why.describe())
+                .collect::<Vec<_>>()
+                .join("; ")
+        ),
+    }
+}
+
 fn tolerance_needed(stages: &[StageReport]) -> (Option<f64>, Option<f64>, Vec<BeyondRtol>) {
     let largest = |so_far: Option<f64>, value: f64| Some(so_far.map_or(value, |n| n.max(value)));
     let (mut needed, mut multiple): (Option<f64>, Option<f64>) = (None, None);

@@ -7,12 +7,13 @@ use std::io;
 
 use anstyle::{AnsiColor, Style};
 
-use super::{abbreviate, Event, GroupSummary, Report, RunMode, Sink, StageReport, TopClasses};
+use super::{
+    abbreviate, at_least, tolerance_needed_words, Event, GroupSummary, Report, RunMode, Sink,
+    StageReport, TopClasses,
+};
 use crate::diagnosis::{Hint, Origin};
 use crate::metrics::{Comparison, Verdict};
 use crate::reference_check;
-use crate::ToleranceRule;
-use resnet_dump::Precision;
 
 const NAME_WIDTH: usize = 26;
 const BOLD: Style = Style::new().bold();
@@ -248,30 +249,6 @@ fn failure_detail(label: &str, comparison: &Comparison) -> String {
     detail
 }
 
-/// `value` to two significant digits, rounded up, so that the figure as
-/// shown, read back, is no smaller (the JSON report has it exactly).
-fn at_least(value: f64) -> String {
-    if value <= 0.0 {
-        return "0".into();
-    }
-    if !value.is_normal() || value < 1e-300 || !value.is_finite() {
-        return format!("{value:e}");
-    }
-    let mut exponent = value.log10().floor() as i32;
-    let mut tenths = (value / 10f64.powi(exponent) * 10.0).ceil() as u64;
-    loop {
-        if tenths >= 100 {
-            tenths = tenths.div_ceil(10);
-            exponent += 1;
-        }
-        let shown = format!("{}.{}e{exponent}", tenths / 10, tenths % 10);
-        if shown.parse::<f64>().is_ok_and(|read| read >= value) {
-            return shown;
-        }
-        tenths += 1;
-    }
-}
-
 fn group_line(word: &str, group: &GroupSummary) -> String {
     let verdict_word = verdict(group.verdict.unwrap_or(Verdict::Fail));
     let mut counts = vec![format!(
@@ -334,35 +311,11 @@ fn summary(report: &Report) -> String {
         } else {
             ""
         };
-        let auto = matches!(report.tolerance, ToleranceRule::Auto(_));
-        let _ = match (s.rtol_needed, s.multiple_needed) {
-            (Some(rtol), _) => writeln!(
-                out,
-                "tolerance needed: every stage compared passes with rtol >= {} (atol as run){more}",
-                at_least(rtol)
-            ),
-            (_, Some(times)) => writeln!(
-                out,
-                "tolerance needed: every stage compared passes with --tol auto --tol-multiple {}{}{more}",
-                at_least(times),
-                match report.tolerance {
-                    ToleranceRule::Auto(auto) if auto.candidate_dtype != Precision::Float32 => {
-                        format!(" --cand-dtype {}", auto.candidate_dtype.name())
-                    }
-                    _ => String::new(),
-                }
-            ),
-            _ => writeln!(
-                out,
-                "tolerance needed: no {} passes every stage ({})",
-                if auto { "multiple of the floor" } else { "rtol" },
-                s.beyond_rtol
-                    .iter()
-                    .map(|why| why.describe())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
-        };
+        let _ = writeln!(
+            out,
+            "tolerance needed: {}{more}",
+            tolerance_needed_words(report)
+        );
     }
     if let Some(stopped) = &s.stopped {
         if !report.reference_check.train_mode || s.compared > 0 {
