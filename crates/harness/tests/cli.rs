@@ -1149,3 +1149,38 @@ fn the_html_report_says_the_tolerance_needed_as_the_text_does() {
         );
     }
 }
+
+#[test]
+fn the_output_file_takes_its_format_from_its_extension_unless_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = fixture("resnet18-w8");
+    let at = |name: &str| dir.path().join(name);
+    for (name, starts) in [
+        ("r.json", "{"),
+        ("r.xml", "<?xml"),
+        ("r.html", "<!doctype html>"),
+        ("r.txt", "verify "),
+    ] {
+        let file = at(name);
+        let output = verify(&[path(&dump), "--output", path(&file)]);
+        assert_eq!(output.status.code(), Some(0), "{name}: {}", stderr(&output));
+        let written = std::fs::read_to_string(&file).unwrap();
+        assert!(written.starts_with(starts), "{name}: {}", &written[..40]);
+    }
+    // Told, it writes what it is told.
+    let file = at("told.json");
+    verify(&[path(&dump), "--format", "text", "--output", path(&file)]);
+    assert!(std::fs::read_to_string(&file)
+        .unwrap()
+        .starts_with("verify "));
+    // One file for two outputs is refused before anything is written.
+    let same = at("same");
+    let output = verify(&[path(&dump), "--output", path(&same), "--plot", path(&same)]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("--output and --plot both name"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!same.exists());
+}

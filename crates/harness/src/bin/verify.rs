@@ -218,9 +218,9 @@ struct RunFlags {
 /// How a report is written (not for `repro`, which writes a bundle).
 #[derive(Args)]
 struct OutputFlags {
-    /// Report format
-    #[arg(long, value_enum, default_value = "text")]
-    format: Format,
+    /// Report format [default: from --output's extension (.json, .xml for JUnit, .html), else text]
+    #[arg(long, value_enum)]
+    format: Option<Format>,
 
     /// Write the report in --format to FILE; the text report still goes to stdout
     #[arg(long, value_name = "FILE")]
@@ -237,6 +237,28 @@ struct Common {
     run: RunFlags,
     #[command(flatten)]
     output: OutputFlags,
+}
+
+impl OutputFlags {
+    /// --format, or what --output's extension says (a CI step writing
+    /// `--output report.json` expects JSON in it, not the text report).
+    fn format(&self) -> Format {
+        let by_extension = || {
+            let extension = self
+                .output
+                .as_ref()?
+                .extension()?
+                .to_str()?
+                .to_ascii_lowercase();
+            match extension.as_str() {
+                "json" => Some(Format::Json),
+                "xml" => Some(Format::Junit),
+                "html" | "htm" => Some(Format::Html),
+                _ => None,
+            }
+        };
+        self.format.or_else(by_extension).unwrap_or(Format::Text)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
@@ -410,7 +432,8 @@ fn report(
     mode: RunMode,
     run: impl FnOnce(&mut dyn FnMut(Event)) -> anyhow::Result<Report>,
 ) -> anyhow::Result<Report> {
-    let text_to_stdout = common.format == Format::Text || common.output.is_some();
+    let format = common.format();
+    let text_to_stdout = format == Format::Text || common.output.is_some();
     let mut progress = Progress(ProgressBar::hidden());
     let mut live = text_to_stdout.then(|| {
         Text::new(
@@ -421,9 +444,9 @@ fn report(
             },
         )
     });
-    let mut text_file = (common.format == Format::Text && common.output.is_some())
-        .then(|| Text::new(mode, Vec::new()));
-    let mut rendered = match common.format {
+    let mut text_file =
+        (format == Format::Text && common.output.is_some()).then(|| Text::new(mode, Vec::new()));
+    let mut rendered = match format {
         Format::Text => None,
         Format::Json => Some(Rendered::new(json::render)),
         Format::Junit => Some(Rendered::new(junit::render)),
@@ -469,6 +492,16 @@ fn report(
 /// verdict). Only a plain file is emptied (through a link, its target): a
 /// device, a pipe or `/dev/null` is left as it is.
 fn empty_earlier_outputs(common: &OutputFlags) -> anyhow::Result<()> {
+    if let (Some(output), Some(plot)) = (&common.output, &common.plot) {
+        let same = output == plot
+            || matches!((output.canonicalize(), plot.canonicalize()), (Ok(a), Ok(b)) if a == b);
+        if same {
+            anyhow::bail!(
+                "--output and --plot both name {}: the plot would overwrite the report",
+                output.display()
+            );
+        }
+    }
     for path in [&common.output, &common.plot].into_iter().flatten() {
         if std::fs::metadata(path).is_ok_and(|target| target.is_file()) {
             std::fs::File::create(path)
