@@ -273,6 +273,7 @@ pub fn compare(
         reference_norm,
         candidate_norm,
         mismatched,
+        non_finite_pairs,
         reference_nan,
         candidate_nan,
         reference_inf,
@@ -284,6 +285,9 @@ pub fn compare(
         candidate_norm.iter().sum::<f64>(),
     );
     let cosine_similarity = match (reference_norm > 0.0, candidate_norm > 0.0) {
+        // No pair finite on both sides: no direction to compare (NaN, which
+        // the JSON writes null), not the 1.0 of two all-zero remainders.
+        _ if non_finite_pairs == reference.len() && !reference.is_empty() => f64::NAN,
         (true, true) => dot / (reference_norm.sqrt() * candidate_norm.sqrt()),
         (false, false) => 1.0,
         _ => 0.0,
@@ -489,6 +493,9 @@ struct Partial {
     reference_norm: [f64; LANES],
     candidate_norm: [f64; LANES],
     mismatched: usize,
+    /// Pairs with a NaN or an infinity on either side: left out of the
+    /// cosine.
+    non_finite_pairs: usize,
     reference_nan: usize,
     candidate_nan: usize,
     reference_inf: usize,
@@ -576,6 +583,8 @@ impl Partial {
                 part.dot[0] += r * c;
                 part.reference_norm[0] += r * r;
                 part.candidate_norm[0] += c * c;
+            } else {
+                part.non_finite_pairs += 1;
             }
         }
         part
@@ -600,6 +609,7 @@ impl Partial {
             reference_norm: add(self.reference_norm, next.reference_norm),
             candidate_norm: add(self.candidate_norm, next.candidate_norm),
             mismatched: self.mismatched + next.mismatched,
+            non_finite_pairs: self.non_finite_pairs + next.non_finite_pairs,
             reference_nan: self.reference_nan + next.reference_nan,
             candidate_nan: self.candidate_nan + next.candidate_nan,
             reference_inf: self.reference_inf + next.reference_inf,
@@ -802,8 +812,18 @@ mod tests {
         );
         assert_eq!((same.reference_inf, same.candidate_inf), (2, 2));
         assert!(same.worst.is_none());
-        // The finite elements count in the cosine, the infinite ones do not.
+        // The finite elements count in the cosine, the infinite ones do not;
+        // with no pair finite on both sides there is no cosine.
         assert!((same.cosine_similarity - 1.0).abs() < 1e-12);
+        let none = compare(
+            &[f32::NAN, 1.0],
+            &[2.0, f32::INFINITY],
+            &[2],
+            &Tolerance::default(),
+        );
+        assert!(none.cosine_similarity.is_nan());
+        let json = serde_json::to_value(&none).unwrap();
+        assert!(json["cosine_similarity"].is_null());
 
         let candidate = [f32::INFINITY, 2.0, 7.0, -4.0];
         let off = compare(&reference, &candidate, &[4], &Tolerance::default());
@@ -1088,7 +1108,12 @@ mod tests {
         result.scale = scale;
         result.elements = reference.len();
         result.relative_error = result.max_abs_error / scale.max(f32::MIN_POSITIVE as f64);
+        let any_finite_pair = reference
+            .iter()
+            .zip(candidate)
+            .any(|(r, c)| r.is_finite() && c.is_finite());
         result.cosine_similarity = match (reference_norm > 0.0, candidate_norm > 0.0) {
+            _ if !any_finite_pair && !reference.is_empty() => f64::NAN,
             (true, true) => dot / (reference_norm.sqrt() * candidate_norm.sqrt()),
             (false, false) => 1.0,
             _ => 0.0,
@@ -1144,7 +1169,8 @@ mod tests {
                     let slow = compare_slowly(&reference, &candidate, &tolerance);
                     let what = format!("length {length}, non-finite {non_finite}, {tolerance:?}");
                     assert!(
-                        (fast.cosine_similarity - slow.cosine_similarity).abs() < 1e-9,
+                        (fast.cosine_similarity - slow.cosine_similarity).abs() < 1e-9
+                            || (fast.cosine_similarity.is_nan() && slow.cosine_similarity.is_nan()),
                         "{what}: cosine {} against {}",
                         fast.cosine_similarity,
                         slow.cosine_similarity
