@@ -719,6 +719,23 @@ fn the_plot_draws_both_modes_the_tolerance_and_the_first_failure() {
     }
     // One point per compared stage and series, at least.
     assert!(drawn.matches("<circle").count() >= 2 * 75);
+    assert!(!drawn.contains("NaN/Inf"), "no stage is infinitely off");
+
+    // An infinite error (a NaN) is drawn at the top, and labelled there.
+    let candidate = copy_fixture("resnet18-w8", &dir.path().join("nan"));
+    let file = stage_file(&candidate, "layer2.0.conv1");
+    write(&file, &read(&file).mapv(|_| f32::NAN));
+    let reference = fixture("resnet18-w8");
+    let output = verify(&[
+        "compare",
+        path(&reference),
+        path(&candidate),
+        "--plot",
+        path(&svg),
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let drawn = std::fs::read_to_string(&svg).unwrap();
+    assert_eq!(drawn.matches("NaN/Inf").count(), 1, "one stage is NaN");
 
     let bad = verify(&[
         path(&fixture("resnet18-w8")),

@@ -78,10 +78,16 @@ fn draw<'a>(report: &Report, text: &'a mut String) -> Result<(), Box<dyn std::er
         10f64.powf(low.log10().floor() - 1.0),
         10f64.powf(high.log10().ceil() + 1.0),
     );
+    // A NaN or Inf mismatch (an infinite error) at the top of the axis,
+    // and labelled there: drawn alone it looked like an error of `high`.
+    let non_finite: Vec<f64> = (cumulative.iter().chain(&isolated))
+        .filter(|&&(_, y, _)| !y.is_finite())
+        .map(|&(x, _, _)| x)
+        .collect();
     let clamp = |points: Vec<(f64, f64, bool)>| -> Vec<(f64, f64, bool)> {
         points
             .into_iter()
-            .map(|(x, y, failed)| (x, y.max(low), failed))
+            .map(|(x, y, failed)| (x, if y.is_finite() { y.max(low) } else { high }, failed))
             .collect()
     };
     let (cumulative, isolated) = (clamp(cumulative), clamp(isolated));
@@ -203,6 +209,13 @@ fn draw<'a>(report: &Report, text: &'a mut String) -> Result<(), Box<dyn std::er
                 .map(|&(x, y, _)| Circle::new((x, y), 5, red.stroke_width(2))),
         )?;
     }
+    chart.draw_series(non_finite.iter().map(|&x| {
+        Text::new(
+            " NaN/Inf",
+            (x, high / 1.6),
+            ("sans-serif", 13).into_font().color(&red),
+        )
+    }))?;
     if let Some(first) = &report.summary.first_failure {
         if let Some(position) = report.stages.iter().position(|s| &s.name == first) {
             let x = position as f64;
