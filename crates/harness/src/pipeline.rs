@@ -398,6 +398,15 @@ fn compare_stages(
             notes.extend(produced.output.notes);
             produced.comparison
         });
+        // A NaN matched under --equal-nan passes silently otherwise.
+        let matched_nan = (cumulative.as_ref().or(isolated.as_ref()))
+            .filter(|_| tolerance.tolerance.equal_nan)
+            .map_or(0, |c| c.reference_nan.min(c.candidate_nan));
+        if matched_nan > 0 {
+            notes.push(format!(
+                "NaN on both sides ({matched_nan}), matched under --equal-nan"
+            ));
+        }
         let failed = end_to_end_failed || isolated_failed;
         builder.push(
             StageReport {

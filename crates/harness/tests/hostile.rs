@@ -429,6 +429,12 @@ fn nan_and_inf_are_counted_and_never_match_unless_asked() {
         "--equal-nan",
     ]);
     expect(&lenient, 0, "summary succ: 1 stages compared");
+    // Said, not passed over in silence.
+    expect(
+        &lenient,
+        0,
+        "note: NaN on both sides (3), matched under --equal-nan",
+    );
 }
 
 #[test]

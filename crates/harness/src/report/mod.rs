@@ -610,7 +610,13 @@ pub(crate) fn at_least(value: f64) -> String {
 /// passes, rounded up so that the figure passes as shown, or why none does.
 pub(crate) fn tolerance_needed_words(report: &Report) -> String {
     let s = &report.summary;
-    match (s.rtol_needed, s.multiple_needed) {
+    // Stages not compared (a stop, a stage missing) may need more.
+    let more = if s.stopped.is_some() {
+        "; the stages not compared may need more"
+    } else {
+        ""
+    };
+    let words = match (s.rtol_needed, s.multiple_needed) {
         (Some(rtol), _) => format!(
             "every stage compared passes with rtol >= {} (atol as run)",
             at_least(rtol)
@@ -638,7 +644,8 @@ pub(crate) fn tolerance_needed_words(report: &Report) -> String {
                 .collect::<Vec<_>>()
                 .join("; ")
         ),
-    }
+    };
+    words + more
 }
 
 fn tolerance_needed(stages: &[StageReport]) -> (Option<f64>, Option<f64>, Vec<BeyondRtol>) {

@@ -305,17 +305,7 @@ fn summary(report: &Report) -> String {
         );
     }
     if s.fail > 0 {
-        // Stages not compared (a stop, a stage missing) may need more.
-        let more = if s.stopped.is_some() {
-            "; the stages not compared may need more"
-        } else {
-            ""
-        };
-        let _ = writeln!(
-            out,
-            "tolerance needed: {}{more}",
-            tolerance_needed_words(report)
-        );
+        let _ = writeln!(out, "tolerance needed: {}", tolerance_needed_words(report));
     }
     if let Some(stopped) = &s.stopped {
         if !report.reference_check.train_mode || s.compared > 0 {
