@@ -347,7 +347,7 @@ fn compare_stages(
         let mut hints = Vec::new();
         let mut detail = None;
         if builder.should_diagnose(&origin) {
-            let evidence = Evidence::new(stages, &options.tolerance.for_diagnosis());
+            let evidence = Evidence::new(stages, &options.tolerance.for_diagnosis(&tolerance));
             // The stage's own error shows best with the reference's inputs.
             let wanted = if isolated_failed {
                 Feed::Reference

@@ -253,16 +253,17 @@ impl ToleranceRule {
         }
     }
 
-    /// The tolerance the hypotheses reproduce data with: the run's fixed
-    /// one, or under auto the default (a stage's floor says nothing of
-    /// the stages a hypothesis also checks, and the input's floor is 0).
-    pub fn for_diagnosis(&self) -> Tolerance {
+    /// The tolerance the hypotheses about a stage reproduce data with: the
+    /// run's own for that stage (`stage`, from [`ToleranceRule::for_stage`]).
+    /// Under auto it was once the default rtol 1e-4: looser than a float32
+    /// stage's floor, so that a stage failing by a hair (an error grown
+    /// from a bug upstream) was 'reproduced' by an eps solved from the data
+    /// (a confident, wrong hint); and tighter than a bfloat16 candidate's
+    /// roundoff, so that no hint ever fired for one.
+    pub fn for_diagnosis(&self, stage: &StageTolerance) -> Tolerance {
         match self {
             ToleranceRule::Fixed(tolerance) => *tolerance,
-            ToleranceRule::Auto(auto) => Tolerance {
-                equal_nan: auto.equal_nan,
-                ..Tolerance::default()
-            },
+            ToleranceRule::Auto(_) => stage.tolerance,
         }
     }
 

@@ -150,7 +150,7 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             continue;
         }
         let recomputed = normalise(&input, &p.mean, &p.var, &p.weight, &p.bias, solved);
-        if let Some(error) = evidence.reproduces(&recomputed, observed_output) {
+        if let Some(error) = evidence.explains_side(&recomputed, observed_output, observed) {
             hints.push(Hint {
                 hypothesis: Hypothesis::BatchNormEps,
                 message: format!(
