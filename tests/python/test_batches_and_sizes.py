@@ -234,7 +234,34 @@ def test_max_pooling_with_ceil_mode_is_named_with_the_sizes(size_67, tmp_path):
     hypotheses, messages = hints_at(result, "maxpool")
     assert hypotheses == ["output_size"]
     assert "the candidate's output is 18x18 where torch's is 17x17, from a 34x34 input: " \
-           "max pooling with ceil_mode=True gives 18x18" in messages[0]
+           "max pooling with ceil_mode=True gives that size and the candidate's values" in messages[0]
+    # The values were recomputed so, not the size alone.
+    stage = next(stage for stage in result["stages"] if stage["name"] == "maxpool")
+    assert stage["hints"][0]["relative_error"] is not None
+
+
+def test_a_size_is_not_taken_for_its_cause(size_67, tmp_path):
+    # A max pool of kernel 2 (padding 1) has ceil_mode's size; it was once
+    # named ceil_mode, '(max rel err 0.0e0)', from the sizes alone.
+    def kernel_2(model):
+        model.maxpool.kernel_size = 2
+    result = report("compare", size_67, candidate_with(size_67, tmp_path / "kernel", kernel_2))
+    _, messages = hints_at(result, "maxpool")
+    assert "a kernel of 2 (torch's: 3) gives that size and the candidate's values" in messages[0], messages
+    # A bottleneck strided in its 1x1 conv1 (the original ResNet, v1): once
+    # 'an off-by-one in the output size'. A conv's stride is named from
+    # the sizes only, and said so.
+    def v1(model):
+        model.layer2[0].conv1.stride = (2, 2)
+        model.layer2[0].conv2.stride = (1, 1)
+    result = report("compare", size_67, candidate_with(size_67, tmp_path / "v1", v1))
+    assert result["summary"]["first_failure"] == "layer2.0.conv1"
+    stage = next(stage for stage in result["stages"] if stage["name"] == "layer2.0.conv1")
+    message = stage["hints"][0]["message"]
+    assert "a stride of 2 (torch's: 1) gives that size" in message and "(v1)" in message, message
+    assert stage["hints"][0]["relative_error"] is None
+    text = verify("compare", size_67, tmp_path / "v1" / "candidate").stdout
+    assert "(the output size only; no values reproduced)" in text
 
 
 def test_same_padding_in_a_max_pool_is_named(size_67, tmp_path):
@@ -267,5 +294,5 @@ def test_an_output_size_no_convention_gives_is_an_off_by_one(size_67, tmp_path):
     result = report("compare", size_67, write_candidate(size_67, tmp_path / "cut", outputs))
     hypotheses, messages = hints_at(result, "maxpool")
     assert hypotheses == ["output_size"]
-    assert "16x17" in messages[0] and "no usual convention gives" in messages[0]
+    assert "16x17" in messages[0] and "no usual convention, padding or stride gives" in messages[0]
     assert "torch's 17x17" in messages[0] and "TensorFlow-style SAME padding 17x17" in messages[0]

@@ -386,7 +386,7 @@ fn compare_stages(
                         hints = evidence.diagnose_size(
                             &row.entry.name,
                             reference.shape(),
-                            output.data.shape(),
+                            &output.data,
                         );
                     }
                 }

@@ -27,7 +27,7 @@ pub(super) fn hints(evidence: &Evidence, observed: &Observed) -> Vec<Hint> {
             Some(Hint {
                 hypothesis,
                 message: message.into(),
-                relative_error: error,
+                relative_error: Some(error),
             })
         })
         .collect()

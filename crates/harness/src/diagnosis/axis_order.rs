@@ -146,7 +146,7 @@ pub(crate) fn find(
             hint: Hint {
                 hypothesis: Hypothesis::Layout,
                 message,
-                relative_error: error,
+                relative_error: Some(error),
             },
         });
     }

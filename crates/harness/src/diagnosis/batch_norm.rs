@@ -102,7 +102,7 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             hints.push(Hint {
                 hypothesis,
                 message: says(side),
-                relative_error: error,
+                relative_error: Some(error),
             });
         }
     };
@@ -157,7 +157,7 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
                     "{} matches BatchNorm with eps = {solved:.1e} (solved from the data), not the model's {eps:e}",
                     side.subject()
                 ),
-                relative_error: error,
+                relative_error: Some(error),
             });
             break;
         }

@@ -70,8 +70,10 @@ pub struct Hint {
     /// What holds and what to look at, in one sentence.
     pub message: String,
     /// How closely the hypothesis reproduces the data: max|err|/max|x| of
-    /// the recomputation against the side it explains.
-    pub relative_error: f64,
+    /// the recomputation against the side it explains; `None` (JSON null)
+    /// for a hint read off the output's size alone, with no values
+    /// recomputed.
+    pub relative_error: Option<f64>,
 }
 
 /// Which side of the comparison a hypothesis explains.
@@ -166,13 +168,13 @@ impl<'a> Evidence<'a> {
         &self,
         name: &str,
         reference_shape: &[usize],
-        candidate_shape: &[usize],
+        candidate: &ArrayD<f32>,
     ) -> Vec<Hint> {
         match self
             .network
             .and_then(|network| network.stage_index(name).ok())
         {
-            Some(index) => padding::size_hints(self, index, reference_shape, candidate_shape),
+            Some(index) => padding::size_hints(self, index, reference_shape, candidate),
             None => Vec::new(),
         }
     }

@@ -89,20 +89,26 @@ fn windows(evidence: &Evidence, index: usize) -> Option<([Window; 2], bool)> {
 }
 
 /// For a stage whose candidate output has another height or width than the
-/// reference's: which convention gives the candidate's size.
+/// reference's: which convention (max pooling's ceil_mode, SAME, no
+/// padding), or which other padding or stride, gives the candidate's size;
+/// and where the values can be recomputed that way (all but another
+/// stride), whether they are the candidate's. A size alone says little: a
+/// pool of kernel 2 has ceil_mode's size, a stride of 2 halves it.
 pub(super) fn size_hints(
     evidence: &Evidence,
     index: usize,
     reference_shape: &[usize],
-    candidate_shape: &[usize],
+    candidate: &ArrayD<f32>,
 ) -> Vec<Hint> {
-    let (Some((windows, pool)), Some(input)) =
-        (windows(evidence, index), evidence.reference_input(index))
-    else {
+    let (Some(network), Some((windows, pool)), Some(input)) = (
+        evidence.network,
+        windows(evidence, index),
+        evidence.reference_input(index),
+    ) else {
         return Vec::new();
     };
     let (&[_, _, input_h, input_w], &[_, _, want_h, want_w], &[_, _, got_h, got_w]) =
-        (input.shape(), reference_shape, candidate_shape)
+        (input.shape(), reference_shape, candidate.shape())
     else {
         return Vec::new();
     };
@@ -117,31 +123,164 @@ pub(super) fn size_hints(
         .filter_map(|((name, h), (_, w))| Some((*name, (*h)?, (*w)?)))
         .map(|(name, h, w)| format!("{name} {h}x{w}"))
         .collect();
-    let matching: Vec<&str> = along_h
-        .iter()
-        .zip(&along_w)
-        .filter(|((_, h), (_, w))| (*h, *w) == (Some(got_h), Some(got_w)))
-        .map(|((name, _), _)| *name)
-        .collect();
+    // Per axis: its window and input size.
+    let axes = [(windows[0], input_h), (windows[1], input_w)];
+    let gives = |size: &dyn Fn(Window, usize) -> Option<usize>| {
+        axes.map(|(window, input)| size(window, input)) == [Some(got_h), Some(got_w)]
+    };
+    let pads = |pad: &dyn Fn(Window, usize) -> (usize, usize)| {
+        axes.map(|(window, input)| pad(window, input))
+    };
+
+    // Each way to the candidate's size: its name, and how to recompute the
+    // values that way, where the stage's own weights allow it.
+    let mut ways: Vec<(String, Recompute)> = Vec::new();
+    let window = windows[0];
+    if pool && gives(&|window, input| window.torch(input, true)) {
+        ways.push((
+            "max pooling with ceil_mode=True".into(),
+            Recompute::Padded(pads(&|window, _| {
+                (window.padding, window.padding + window.stride - 1)
+            })),
+        ));
+    }
+    if gives(&|window, input| Some(window.same(input).0)) {
+        ways.push((
+            "TensorFlow-style SAME padding".into(),
+            Recompute::Padded(pads(&|window, input| window.same(input).1)),
+        ));
+    }
+    if gives(&|window, input| window.valid(input)) {
+        ways.push(("no padding (VALID)".into(), Recompute::Padded([(0, 0); 2])));
+    }
+    for padding in (1..=window.kernel).filter(|&padding| padding != window.padding) {
+        if gives(&|window, input| Window { padding, ..window }.torch(input, false)) {
+            ways.push((
+                format!("padding {padding} (torch's: {})", window.padding),
+                Recompute::Padded([(padding, padding); 2]),
+            ));
+        }
+    }
+    for stride in (1..=4).filter(|&stride| stride != window.stride) {
+        if gives(&|window, input| Window { stride, ..window }.torch(input, false)) {
+            ways.push((
+                format!("a stride of {stride} (torch's: {})", window.stride),
+                Recompute::Not,
+            ));
+        }
+    }
+    // A pool's window needs no weights: another kernel is recomputed too.
+    let kernels = (1..=window.kernel + 2).filter(|_| pool);
+    for kernel in kernels.filter(|&kernel| kernel != window.kernel && 2 * window.padding <= kernel)
+    {
+        if gives(&|window, input| Window { kernel, ..window }.torch(input, false)) {
+            ways.push((
+                format!("a kernel of {kernel} (torch's: {})", window.kernel),
+                Recompute::PoolKernel(kernel),
+            ));
+        }
+    }
+
+    let stage = &network.stages()[index];
     let what = if pool { "max pool" } else { "conv" };
-    let message = match matching.first() {
-        Some(name) => format!(
-            "the candidate's output is {got_h}x{got_w} where torch's is {want_h}x{want_w}, from a {input_h}x{input_w} input: {name} gives {got_h}x{got_w} (this {what}: kernel {}, stride {}, padding {}; {})",
-            windows[0].kernel,
-            windows[0].stride,
-            windows[0].padding,
-            named.join(", ")
+    let sizes = format!(
+        "the candidate's output is {got_h}x{got_w} where torch's is {want_h}x{want_w}, from a {input_h}x{input_w} input"
+    );
+    let geometry = format!(
+        "this {what}: kernel {}, stride {}, padding {}",
+        window.kernel, window.stride, window.padding
+    );
+    // The values, where a way recomputes them: the input padded so (zero,
+    // or -inf for a max pool, which never wins), then the stage's windows
+    // without padding of their own; or a pool with another kernel.
+    let recomputed = |how: &Recompute| -> Option<ArrayD<f32>> {
+        match (how, stage.conv(), stage.max_pool()) {
+            (Recompute::Padded(pads), Some(conv), _) => {
+                let padded = pad(&input, *pads, 0.0);
+                evidence.run_conv(&conv.with_padding([0, 0]), &padded, candidate.shape())
+            }
+            (Recompute::Padded(pads), None, Some(pool)) => {
+                let padded = pad(&input, *pads, f32::NEG_INFINITY);
+                let unpadded = resnet_core::ops::MaxPool2d {
+                    padding: 0,
+                    ..*pool
+                };
+                evidence.run_max_pool(&unpadded, &padded, candidate.shape())
+            }
+            (Recompute::PoolKernel(kernel), None, Some(pool)) => {
+                let other = resnet_core::ops::MaxPool2d {
+                    kernel: *kernel,
+                    ..*pool
+                };
+                evidence.run_max_pool(&other, &input, candidate.shape())
+            }
+            _ => None,
+        }
+    };
+    for (name, how) in &ways {
+        let Some(error) =
+            recomputed(how).and_then(|values| evidence.reproduces(&values, candidate))
+        else {
+            continue;
+        };
+        return vec![Hint {
+            hypothesis: Hypothesis::OutputSize,
+            message: format!(
+                "{sizes}: {name} gives that size and the candidate's values ({geometry})"
+            ),
+            relative_error: Some(error),
+        }];
+    }
+    // A bottleneck strided in its 1x1 conv: the original ResNet's (v1).
+    let v1 = !pool
+        && window.kernel == 1
+        && stage.name.ends_with(".conv1")
+        && ways
+            .iter()
+            .any(|(name, _)| name.starts_with("a stride of 2"));
+    let message = match ways.first() {
+        Some(_) => format!(
+            "{sizes}: {} gives that size ({geometry}){}{}",
+            ways.iter()
+                .map(|(name, _)| name.as_str())
+                .collect::<Vec<_>>()
+                .join(", or "),
+            if ways.iter().any(|(_, how)| !matches!(how, Recompute::Not)) {
+                "; recomputed so, the values are not the candidate's: more than that differs"
+            } else {
+                ""
+            },
+            if v1 {
+                "; the original ResNet (v1) strides a bottleneck's 1x1 conv1, torchvision's (v1.5) its 3x3 conv2"
+            } else {
+                ""
+            }
         ),
         None => format!(
-            "the candidate's output is {got_h}x{got_w} where torch's is {want_h}x{want_w}, from a {input_h}x{input_w} input, which no usual convention gives ({}): an off-by-one in the output size",
-            named.join(", ")
+            "{sizes}, which no usual convention, padding or stride gives ({}){}",
+            named.join(", "),
+            if got_h.abs_diff(want_h) <= 1 && got_w.abs_diff(want_w) <= 1 {
+                ": an off-by-one in the output size"
+            } else {
+                ""
+            }
         ),
     };
     vec![Hint {
         hypothesis: Hypothesis::OutputSize,
         message,
-        relative_error: 0.0,
+        relative_error: None,
     }]
+}
+
+/// How a way to another output size recomputes the stage's values.
+enum Recompute {
+    /// The input padded (before, after; per axis), the windows unpadded.
+    Padded([(usize, usize); 2]),
+    /// A max pool of another kernel.
+    PoolKernel(usize),
+    /// Not: another stride of a conv (its weights fix the rest).
+    Not,
 }
 
 /// For a conv or max pool whose output has torch's size but other values:
@@ -214,7 +353,7 @@ pub(super) fn same_padding_hints(
                 pads[1].1,
                 windows[0].padding
             ),
-            relative_error: error,
+            relative_error: Some(error),
         }],
         _ => Vec::new(),
     }

@@ -33,7 +33,7 @@ pub(super) fn hints(evidence: &Evidence, observed: &Observed) -> Vec<Hint> {
             hints.push(Hint {
                 hypothesis: Hypothesis::Preprocessing,
                 message: format!("the candidate's input {what}"),
-                relative_error: error,
+                relative_error: Some(error),
             });
             return true;
         }

@@ -29,7 +29,7 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             hints.push(Hint {
                 hypothesis,
                 message: format!("{} {what}", side_verb(side)),
-                relative_error: error,
+                relative_error: Some(error),
             });
         }
     };

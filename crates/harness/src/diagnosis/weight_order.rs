@@ -108,7 +108,7 @@ fn conv_hints(
             return vec![Hint {
                 hypothesis: Hypothesis::WeightOrder,
                 message,
-                relative_error: error,
+                relative_error: Some(error),
             }];
         }
     }

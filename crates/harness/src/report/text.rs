@@ -204,10 +204,13 @@ fn stage_line(stage: &StageReport, mode: RunMode) -> String {
 }
 
 fn hint_line(indent: &str, hint: &Hint) -> String {
-    format!(
-        "{indent}hint: {} (max rel err {:.1e})",
-        hint.message, hint.relative_error
-    )
+    match hint.relative_error {
+        Some(error) => format!("{indent}hint: {} (max rel err {error:.1e})", hint.message),
+        None => format!(
+            "{indent}hint: {} (the output size only; no values reproduced)",
+            hint.message
+        ),
+    }
 }
 
 fn failure_detail(label: &str, comparison: &Comparison) -> String {
