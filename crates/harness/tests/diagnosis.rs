@@ -278,7 +278,27 @@ fn a_missing_relu() {
         &report,
         "layer2.0.relu#0",
         "missing_relu",
-        "relu(candidate) equals the reference",
+        "a ReLU is missing: the candidate equals the ReLU's input",
+    );
+}
+
+#[test]
+fn a_leaky_relu_is_not_a_missing_one() {
+    // relu(candidate) is the reference for a LeakyReLU too: it was once
+    // 'a ReLU is missing'. The ReLU's input tells them apart.
+    let report = compare_edited("resnet18-w8", |dump| {
+        let input = stage_output(dump, "layer2.0.bn1");
+        replace_stage(
+            dump,
+            "layer2.0.relu#0",
+            &input.mapv(|v| if v < 0.0 { 0.01 * v } else { v }),
+        );
+    });
+    assert_hint(
+        &report,
+        "layer2.0.relu#0",
+        "missing_relu",
+        "a LeakyReLU (negative slope 1.000e-2) where torch has a ReLU",
     );
 }
 

@@ -1,34 +1,79 @@
 //! A ReLU too few or too many: the candidate is the reference before its
-//! ReLU, or the reference after one it should not have.
+//! ReLU, or the reference after one it should not have. Where the ReLU's
+//! input is known (a ReLU stage of one input), negatives kept are told
+//! apart: the input itself (no ReLU), a LeakyReLU's slope, or neither.
+
+use ndarray::ArrayD;
 
 use super::{has_negatives, relu, Evidence, Hint, Hypothesis, Observed};
 
-pub(super) fn hints(evidence: &Evidence, observed: &Observed) -> Vec<Hint> {
-    // (the side with negatives, the side that equals its relu, the mistake)
-    let cases = [
-        (
-            observed.candidate,
-            observed.reference,
-            Hypothesis::MissingRelu,
-            "a ReLU is missing: relu(candidate) equals the reference",
-        ),
-        (
-            observed.reference,
-            observed.candidate,
-            Hypothesis::ExtraRelu,
-            "an extra ReLU: the candidate equals relu(reference)",
-        ),
-    ];
-    cases
-        .into_iter()
-        .filter(|(before, ..)| has_negatives(before))
-        .filter_map(|(before, after, hypothesis, message)| {
-            let error = evidence.reproduces(&relu(before), after)?;
-            Some(Hint {
-                hypothesis,
-                message: message.into(),
+/// `input`: the reference's input to this stage where the stage is a ReLU
+/// of one input (what the candidate's negatives are to be held to).
+pub(super) fn hints(
+    evidence: &Evidence,
+    observed: &Observed,
+    input: Option<&ArrayD<f32>>,
+) -> Vec<Hint> {
+    let mut hints = Vec::new();
+    if has_negatives(observed.candidate) {
+        if let Some(error) = evidence.reproduces(&relu(observed.candidate), observed.reference) {
+            let (message, error) = missing_relu(evidence, observed, input).unwrap_or((
+                "a ReLU is missing: relu(candidate) equals the reference".into(),
+                error,
+            ));
+            hints.push(Hint {
+                hypothesis: Hypothesis::MissingRelu,
+                message,
                 relative_error: Some(error),
-            })
-        })
-        .collect()
+            });
+        }
+    }
+    if has_negatives(observed.reference) {
+        if let Some(error) = evidence.reproduces(&relu(observed.reference), observed.candidate) {
+            hints.push(Hint {
+                hypothesis: Hypothesis::ExtraRelu,
+                message: "an extra ReLU: the candidate equals relu(reference)".into(),
+                relative_error: Some(error),
+            });
+        }
+    }
+    hints
+}
+
+/// With the ReLU's input known, what the candidate's negatives are: the
+/// input's own (the ReLU left out), a LeakyReLU's (a slope times the
+/// input's), or something else keeping negatives. `None` without the input.
+fn missing_relu(
+    evidence: &Evidence,
+    observed: &Observed,
+    input: Option<&ArrayD<f32>>,
+) -> Option<(String, f64)> {
+    let input = input.filter(|input| input.shape() == observed.candidate.shape())?;
+    if let Some(error) = evidence.reproduces(input, observed.candidate) {
+        return Some((
+            "a ReLU is missing: the candidate equals the ReLU's input".into(),
+            error,
+        ));
+    }
+    // The slope, from the most negative input (the best-conditioned ratio).
+    let (most_negative, kept) = input
+        .iter()
+        .zip(observed.candidate.iter())
+        .filter(|(x, _)| **x < 0.0)
+        .min_by(|a, b| a.0.total_cmp(b.0))?;
+    let slope = kept / most_negative;
+    let leaky = ndarray::Zip::from(input).map_collect(|&x| if x < 0.0 { slope * x } else { x });
+    if slope > 0.0 {
+        if let Some(error) = evidence.reproduces(&leaky, observed.candidate) {
+            return Some((
+                format!("a LeakyReLU (negative slope {slope:.3e}) where torch has a ReLU: relu(candidate) equals the reference"),
+                error,
+            ));
+        }
+    }
+    let error = evidence.reproduces(&relu(observed.candidate), observed.reference)?;
+    Some((
+        "negatives kept where torch's ReLU gives 0 (relu(candidate) equals the reference), but not the ReLU's input: another activation?".into(),
+        error,
+    ))
 }

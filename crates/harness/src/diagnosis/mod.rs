@@ -128,14 +128,19 @@ impl<'a> Evidence<'a> {
     /// reference did not store) is skipped, never an error. `absent`: the
     /// stages the candidate does not have (a conv folded into its BatchNorm).
     pub fn diagnose(&self, name: &str, observed: &Observed, absent: &[String]) -> Vec<Hint> {
-        let mut hints = activation::hints(self, observed);
         let Some((network, index)) = self
             .network
             .and_then(|network| Some((network, network.stage_index(name).ok()?)))
         else {
-            return hints;
+            return activation::hints(self, observed, None);
         };
         let stage = &network.stages()[index];
+        // A ReLU of one input: its input is what a ReLU left out leaves.
+        let relu_input = (stage.kind == StageKind::ReLU
+            && network.stage_input_indices(index).len() == 1)
+            .then(|| self.reference_input(index))
+            .flatten();
+        let mut hints = activation::hints(self, observed, relu_input.as_deref());
         match stage.kind {
             StageKind::Input => hints.extend(preprocessing::hints(self, observed)),
             StageKind::Conv2d => {
