@@ -331,6 +331,25 @@ fn a_missing_residual_add() {
 }
 
 #[test]
+fn a_relu_before_the_residual_add() {
+    let report = compare_edited("resnet50-w8", |dump| {
+        let branch = stage_output(dump, "layer1.1.bn3");
+        let identity = stage_output(dump, "layer1.0");
+        replace_stage(
+            dump,
+            "layer1.1.relu#2",
+            &(&branch.mapv(|v| v.max(0.0)) + &identity),
+        );
+    });
+    assert_hint(
+        &report,
+        "layer1.1.relu#2",
+        "relu_before_add",
+        "relu(layer1.1.bn3) + layer1.0: the ReLU comes before the residual add",
+    );
+}
+
+#[test]
 fn a_skipped_downsample_batch_norm() {
     let report = compare_edited("resnet50-w8", |dump| {
         let branch = stage_output(dump, "layer2.0.bn3");

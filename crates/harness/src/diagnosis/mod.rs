@@ -51,6 +51,8 @@ pub enum Hypothesis {
     ExtraRelu,
     /// A block's `+ identity` left out.
     MissingResidual,
+    /// `relu(branch) + identity`: the block's ReLU before its add.
+    ReluBeforeAdd,
     /// A block's downsample path (or its BatchNorm) left out.
     SkippedDownsample,
     /// The input image normalised or scaled differently.

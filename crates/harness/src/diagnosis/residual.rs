@@ -1,5 +1,5 @@
 //! A block's end, `relu(residual + identity)`, with the identity wrong: the
-//! add left out, or the downsample path cut short. In torchvision's ResNets
+//! add left out, the ReLU before it, or the downsample path cut short. In torchvision's ResNets
 //! a block has a downsample exactly where its output's shape differs from
 //! its input's, so an engine cannot add the block's input unchanged there;
 //! what it can skip is the downsample's BatchNorm, or the identity as a
@@ -38,6 +38,17 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
         relu(&branch),
         format!("relu({branch_name}) without `+ {identity_name}`: the residual add is missing"),
     );
+    if let Some(skip) = evidence.reference_output(identity) {
+        if skip.shape() == branch.shape() {
+            test(
+                Hypothesis::ReluBeforeAdd,
+                &relu(&branch) + &*skip,
+                format!(
+                    "relu({branch_name}) + {identity_name}: the ReLU comes before the residual add, where torch adds first"
+                ),
+            );
+        }
+    }
     let is_downsample = stages[identity].kind == StageKind::Sequential
         && stages[identity].module.ends_with(".downsample");
     if is_downsample {
