@@ -412,6 +412,37 @@ fn input_preprocessing_differs() {
 }
 
 #[test]
+fn a_flipped_kernel_is_named() {
+    // The candidate's layer1.0.conv1 (3x3) convolved: each kernel rotated
+    // 180 degrees, where torch cross-correlates.
+    let report = compare_edited("resnet18-w8", |dump| {
+        let w = read(&dump.join("weights/layer1.0.conv1.weight.npy"))
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let flipped = w.slice(ndarray::s![.., .., ..;-1, ..;-1]).to_owned();
+        let (out_channels, in_channels) = (w.shape()[0], w.shape()[1]);
+        let conv = Conv2d::new(
+            in_channels,
+            out_channels,
+            ConvGeometry::square(3, 1, 1, 1),
+            conv_weight_from_oihw(flipped.view(), 1),
+            None,
+        );
+        let input = stage_output(dump, "maxpool")
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let output = conv.forward(&Tensor::from_nchw(input.view())).unwrap();
+        replace_stage(dump, "layer1.0.conv1", &output.to_nchw().into_dyn());
+    });
+    assert_hint(
+        &report,
+        "layer1.0.conv1",
+        "flipped_kernel",
+        "each kernel rotated 180 degrees: a convolution, where torch computes a cross-correlation",
+    );
+}
+
+#[test]
 fn conv_weights_read_in_another_order() {
     // The candidate's conv1 ran with the OIHW weights read back as OHWI.
     let report = compare_edited("resnet18-w8", |dump| {

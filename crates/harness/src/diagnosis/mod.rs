@@ -51,6 +51,8 @@ pub enum Hypothesis {
     ExtraRelu,
     /// A block's `+ identity` left out.
     MissingResidual,
+    /// A conv's kernels rotated 180 degrees (convolution, not correlation).
+    FlippedKernel,
     /// `relu(branch) + identity`: the block's ReLU before its add.
     ReluBeforeAdd,
     /// A block's downsample path (or its BatchNorm) left out.

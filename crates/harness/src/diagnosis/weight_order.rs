@@ -2,7 +2,7 @@
 //! OIHW; an implementation that flattens them and reads the numbers back as
 //! OHWI (or HWIO, ...) without a transpose runs the right values in the
 //! wrong places. The test recomputes the conv on the reference's input with
-//! the weight data read in each other order.
+//! the weight data read in each other order, and with each kernel flipped.
 
 use ndarray::{ArrayD, Ix4};
 
@@ -108,6 +108,34 @@ fn conv_hints(
             return vec![Hint {
                 hypothesis: Hypothesis::WeightOrder,
                 message,
+                relative_error: Some(error),
+            }];
+        }
+    }
+    // Each kernel rotated 180 degrees: a true convolution, where torch (as
+    // every deep-learning framework) computes a cross-correlation.
+    let Ok(weight) = weight.into_dimensionality::<Ix4>() else {
+        return Vec::new();
+    };
+    if weight.shape()[2] * weight.shape()[3] > 1 {
+        let flipped = weight.slice(ndarray::s![.., .., ..;-1, ..;-1]).to_owned();
+        let output = evidence.run_conv(
+            &conv.with_oihw_weight(flipped.view()),
+            &input,
+            observed.reference.shape(),
+        );
+        let output = match (output, folded_into) {
+            (Some(output), Some(batch_norm)) => Some(batch_norm(&output)),
+            (output, _) => output,
+        };
+        if let Some((side, error)) = output.and_then(|output| evidence.explains(&output, observed))
+        {
+            return vec![Hint {
+                hypothesis: Hypothesis::FlippedKernel,
+                message: format!(
+                    "{} matches {this_conv} with each kernel rotated 180 degrees: a convolution, where torch computes a cross-correlation (no flip)",
+                    side.subject()
+                ),
                 relative_error: Some(error),
             }];
         }
