@@ -443,6 +443,35 @@ fn a_flipped_kernel_is_named() {
 }
 
 #[test]
+fn a_classifier_without_its_bias_is_named() {
+    let report = compare_edited("resnet18-w8", |dump| {
+        let pooled = stage_output(dump, "avgpool");
+        let weight = read(&dump.join("weights/fc.weight.npy"));
+        let (classes, features) = (weight.shape()[0], weight.shape()[1]);
+        let x = pooled.as_slice().unwrap();
+        let w = weight.as_slice().unwrap();
+        let logits: Vec<f32> = (0..classes)
+            .map(|o| {
+                (0..features)
+                    .map(|i| x[i] as f64 * w[o * features + i] as f64)
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        replace_stage(
+            dump,
+            "fc",
+            &ArrayD::from_shape_vec(IxDyn(&[1, classes]), logits).unwrap(),
+        );
+    });
+    assert_hint(
+        &report,
+        "fc",
+        "linear_layout",
+        "matches this Linear with its bias left out",
+    );
+}
+
+#[test]
 fn conv_weights_read_in_another_order() {
     // The candidate's conv1 ran with the OIHW weights read back as OHWI.
     let report = compare_edited("resnet18-w8", |dump| {

@@ -11,6 +11,7 @@
 mod activation;
 pub(crate) mod axis_order;
 pub(crate) mod batch_norm;
+mod linear;
 mod origin;
 mod padding;
 mod preprocessing;
@@ -51,6 +52,8 @@ pub enum Hypothesis {
     ExtraRelu,
     /// A block's `+ identity` left out.
     MissingResidual,
+    /// A Linear's weight untransposed, or its bias left out.
+    LinearLayout,
     /// A conv's kernels rotated 180 degrees (convolution, not correlation).
     FlippedKernel,
     /// `relu(branch) + identity`: the block's ReLU before its add.
@@ -154,6 +157,7 @@ impl<'a> Evidence<'a> {
             StageKind::MaxPool2d => {
                 hints.extend(padding::same_padding_hints(self, index, observed))
             }
+            StageKind::Linear => hints.extend(linear::hints(self, index, observed)),
             StageKind::BatchNorm2d => {
                 hints.extend(batch_norm::hints(self, index, observed));
                 let conv = network.stage_inputs(index).next();
