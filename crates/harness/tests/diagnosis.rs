@@ -266,6 +266,26 @@ fn running_mean_and_var_swapped() {
 }
 
 #[test]
+fn the_variance_used_as_the_standard_deviation() {
+    let report = compare_edited("resnet18-w8", |dump| {
+        replace_stage(
+            dump,
+            "bn1",
+            &wrong_bn1(dump, 0.0, |[w, b, m, v]| {
+                let squared = v.iter().map(|v| v * v).collect();
+                [w, b, m, squared]
+            }),
+        );
+    });
+    assert_hint(
+        &report,
+        "bn1",
+        "batch_norm_affine",
+        "divided by running_var, not by sqrt(running_var + eps)",
+    );
+}
+
+#[test]
 fn a_missing_relu() {
     let report = compare_edited("resnet18-w8", |dump| {
         std::fs::copy(

@@ -129,6 +129,19 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             &|side| format!("{} matches BatchNorm with {what}", side.subject()),
         );
     }
+    // running_var taken for the standard deviation: x / var, not
+    // x / sqrt(var + eps) (normalise divides by sqrt(var^2 + 0)).
+    let var_squared: Vec<f64> = p.var.iter().map(|v| v * v).collect();
+    test(
+        Hypothesis::BatchNormAffine,
+        normalise(&input, &p.mean, &var_squared, &p.weight, &p.bias, 0.0),
+        &|side| {
+            format!(
+                "{} matches BatchNorm divided by running_var, not by sqrt(running_var + eps): the variance used as the standard deviation",
+                side.subject()
+            )
+        },
+    );
     test(
         Hypothesis::BatchNormStatisticsSwapped,
         normalise(&input, &p.var, &p.mean, &p.weight, &p.bias, eps),
