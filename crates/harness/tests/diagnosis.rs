@@ -317,8 +317,59 @@ fn a_leaky_relu_is_not_a_missing_one() {
     assert_hint(
         &report,
         "layer2.0.relu#0",
-        "missing_relu",
+        "other_activation",
         "a LeakyReLU (negative slope 1.000e-2) where torch has a ReLU",
+    );
+}
+
+#[test]
+fn a_relu6_and_a_skipped_batch_norm_are_named() {
+    // ReLU6 where torch has a ReLU: values above 6 clipped. The fixture's
+    // activations stay below 6, so both sides' ReLU input is scaled up
+    // (compare reads the reference's stages, not its weights).
+    let dir = tempfile::tempdir().unwrap();
+    let [reference, candidate] = ["reference", "candidate"].map(|side| {
+        let dump = copy_fixture("resnet18-w8", &dir.path().join(side));
+        let scaled = stage_output(&dump, "layer2.0.bn1").mapv(|v| v * 10.0);
+        replace_stage(&dump, "layer2.0.bn1", &scaled);
+        let clip = if side == "reference" {
+            f32::INFINITY
+        } else {
+            6.0
+        };
+        replace_stage(
+            &dump,
+            "layer2.0.relu#0",
+            &scaled.mapv(|v| v.clamp(0.0, clip)),
+        );
+        dump
+    });
+    let output = verify(&[
+        "compare",
+        path(&reference),
+        path(&candidate),
+        "--only",
+        "layer2.0.relu#0",
+        "--format",
+        "json",
+    ]);
+    let report = json_report(&output);
+    assert_hint(
+        &report,
+        "layer2.0.relu#0",
+        "other_activation",
+        "a ReLU6 (clipped at 6) where torch has a ReLU",
+    );
+    // A BatchNorm left out: the stage holds its input, the conv's output.
+    let report = compare_edited("resnet18-w8", |dump| {
+        let conv = stage_output(dump, "layer3.0.conv2");
+        replace_stage(dump, "layer3.0.bn2", &conv);
+    });
+    assert_hint(
+        &report,
+        "layer3.0.bn2",
+        "skipped_stage",
+        "the candidate equals this stage's input (layer3.0.conv2): the stage was skipped",
     );
 }
 

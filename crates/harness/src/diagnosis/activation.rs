@@ -5,7 +5,7 @@
 
 use ndarray::ArrayD;
 
-use super::{has_negatives, relu, Evidence, Hint, Hypothesis, Observed};
+use super::{has_negatives, relu, Evidence, Hint, Hypothesis, Observed, Side};
 
 /// `input`: the reference's input to this stage where the stage is a ReLU
 /// of one input (what the candidate's negatives are to be held to).
@@ -17,13 +17,26 @@ pub(super) fn hints(
     let mut hints = Vec::new();
     if has_negatives(observed.candidate) {
         if let Some(error) = evidence.reproduces(&relu(observed.candidate), observed.reference) {
-            let (message, error) = missing_relu(evidence, observed, input).unwrap_or((
+            let (hypothesis, message, error) = missing_relu(evidence, observed, input).unwrap_or((
+                Hypothesis::MissingRelu,
                 "a ReLU is missing: relu(candidate) equals the reference".into(),
                 error,
             ));
             hints.push(Hint {
-                hypothesis: Hypothesis::MissingRelu,
+                hypothesis,
                 message,
+                relative_error: Some(error),
+            });
+        }
+    }
+    // Clipped above as well (MobileNet's ReLU6), where torch's ReLU is not.
+    if let Some(input) = input.filter(|input| input.shape() == observed.candidate.shape()) {
+        let relu6 = input.mapv(|x| resnet_core::ops::relu_value(x).min(6.0));
+        if let Some((Side::Candidate, error)) = evidence.explains(&relu6, observed) {
+            hints.push(Hint {
+                hypothesis: Hypothesis::OtherActivation,
+                message: "the candidate matches a ReLU6 (clipped at 6) where torch has a ReLU"
+                    .into(),
                 relative_error: Some(error),
             });
         }
@@ -47,10 +60,11 @@ fn missing_relu(
     evidence: &Evidence,
     observed: &Observed,
     input: Option<&ArrayD<f32>>,
-) -> Option<(String, f64)> {
+) -> Option<(Hypothesis, String, f64)> {
     let input = input.filter(|input| input.shape() == observed.candidate.shape())?;
     if let Some(error) = evidence.reproduces(input, observed.candidate) {
         return Some((
+            Hypothesis::MissingRelu,
             "a ReLU is missing: the candidate equals the ReLU's input".into(),
             error,
         ));
@@ -66,6 +80,7 @@ fn missing_relu(
     if slope > 0.0 {
         if let Some(error) = evidence.reproduces(&leaky, observed.candidate) {
             return Some((
+                Hypothesis::OtherActivation,
                 format!("a LeakyReLU (negative slope {slope:.3e}) where torch has a ReLU: relu(candidate) equals the reference"),
                 error,
             ));
@@ -73,6 +88,7 @@ fn missing_relu(
     }
     let error = evidence.reproduces(&relu(observed.candidate), observed.reference)?;
     Some((
+        Hypothesis::OtherActivation,
         "negatives kept where torch's ReLU gives 0 (relu(candidate) equals the reference), but not the ReLU's input: another activation?".into(),
         error,
     ))

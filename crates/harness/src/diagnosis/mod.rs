@@ -50,8 +50,12 @@ pub enum Hypothesis {
     BatchNormStatisticsSwapped,
     MissingRelu,
     ExtraRelu,
+    /// Another activation where torch has a ReLU (LeakyReLU, ReLU6, ...).
+    OtherActivation,
     /// A block's `+ identity` left out.
     MissingResidual,
+    /// A stage computed as the identity: its input passed on.
+    SkippedStage,
     /// A Linear's weight untransposed, or its bias left out.
     LinearLayout,
     /// A conv's kernels rotated 180 degrees (convolution, not correlation).
@@ -171,6 +175,23 @@ impl<'a> Evidence<'a> {
         }
         if network.stage_input_indices(index).len() == 2 {
             hints.extend(residual::hints(self, index, observed));
+        }
+        // Nothing more particular: the stage left out (its input passed on).
+        let single_input = network.stage_input_indices(index).len() == 1;
+        if hints.is_empty() && single_input && stage.kind != StageKind::ReLU {
+            if let Some(input) = self.reference_input(index) {
+                if let Some((Side::Candidate, error)) = self.explains(&input, observed) {
+                    let producer = network.stage_inputs(index).next().map(|s| s.name.as_str());
+                    hints.push(Hint {
+                        hypothesis: Hypothesis::SkippedStage,
+                        message: format!(
+                            "the candidate equals this stage's input ({}): the stage was skipped",
+                            producer.unwrap_or("its producer")
+                        ),
+                        relative_error: Some(error),
+                    });
+                }
+            }
         }
         hints
     }
