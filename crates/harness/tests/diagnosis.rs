@@ -784,7 +784,7 @@ fn height_and_width_swapped_under_the_same_shape() {
         &report,
         "layer1.0.conv1",
         "layout",
-        "in NCWH order under its NCHW shape [1, 8, 8, 8]: a reshape without a transpose",
+        "in NCWH order under its NCHW shape [1, 8, 8, 8]: height and width swapped (the image transposed, or reshaped without a transpose)",
     );
 }
 

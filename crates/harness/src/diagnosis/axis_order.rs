@@ -125,9 +125,17 @@ pub(crate) fn find(
         let assumed_name = order_name(assumed_order, "NCHW");
         let reshaped = stored.shape() == stored_shape(reference.shape(), assumed_order);
         let message = if reshaped {
+            // Only height and width trade places: as likely an image
+            // transposed (x.transpose(2, 3)) as a reshape.
+            let height_width_only = order == [0, 1, 3, 2] && assumed_order == NCHW;
             format!(
-                "the candidate holds the reference's values in {name} order under its {assumed_name} shape {:?}: a reshape without a transpose",
+                "the candidate holds the reference's values in {name} order under its {assumed_name} shape {:?}: {}",
                 stored.shape(),
+                if height_width_only {
+                    "height and width swapped (the image transposed, or reshaped without a transpose)"
+                } else {
+                    "a reshape without a transpose"
+                }
             )
         } else {
             let flag = if [NCHW, NHWC].contains(&order) {
