@@ -189,6 +189,33 @@ def test_a_wrong_input_is_described_in_the_callers_nchw_terms():
         rv.verify_torch(model, torch.zeros(3, 32, 32))
 
 
+def test_a_hint_that_computes_what_torch_computes_accuses_nobody(tmp_path):
+    # An untrained model's BatchNorms (mean 0, var 1, weight 1, bias 0):
+    # 'weight missing', 'bias missing' and 'var used as std' compute the
+    # correct BatchNorm there, and once said the (correct) reference
+    # matched them. The candidate's own mistake is a channel scaled.
+    from reference import dump, models as reference_models, preprocess
+
+    model, architecture = reference_models.build("resnet18", width=8, num_classes=10)
+    x, description = preprocess.make_input("random", 32, 1, 0)
+    reference = tmp_path / "untrained"
+    dump.write(reference, model.eval(), architecture, x, model_name="resnet18",
+               weights_description={"source": "seeded"}, input_description=description)
+    candidate = tmp_path / "candidate"
+    shutil.copytree(reference, candidate)
+    manifest = json.loads((candidate / "manifest.json").read_text())
+    file = candidate / next(s["file"] for s in manifest["stages"] if s["name"] == "layer1.0.bn1")
+    values = np.load(file)
+    values[:, 3] *= 1.5
+    np.save(file, values)
+    result = subprocess.run([str(ROOT / "target/release/verify"), "compare", str(reference), str(candidate),
+                             "--format", "json"], capture_output=True, text=True)
+    report = json.loads(result.stdout)
+    assert report["summary"]["first_failure"] == "layer1.0.bn1"
+    hints = [hint["message"] for stage in report["stages"] for hint in stage["hints"]]
+    assert not [hint for hint in hints if hint.startswith("the reference")], hints
+
+
 def test_forward_refuses_a_dump_of_a_model_the_core_does_not_build(tmp_path):
     # A dump written elsewhere of a resnet18 whose stem ReLU is a ReLU6: the
     # core would build a ReLU and return another network's numbers.

@@ -246,6 +246,11 @@ def test_a_run_with_nan_is_dumped_as_json_that_verify_reads_and_said_where_it_st
     assert "top5" not in manifest
     assert run_verify(tmp_path / "nan", "--equal-nan").returncode == 0
     assert run_verify(tmp_path / "nan").returncode == 1, "NaN matches NaN only with --equal-nan"
+    # The core is right: stages that differ only where both are NaN leave
+    # nothing for a hypothesis, and every exact one once 'explained' them.
+    for mode in ([], ["--isolate"]):
+        report = json.loads(run_verify(tmp_path / "nan", *mode, "--format", "json").stdout)
+        assert [stage["hints"] for stage in report["stages"] if stage["hints"]] == [], mode
     with pytest.raises(models.Unsupported, match=r"--floor: stage `layer1.0.bn1` \(BatchNorm2d\) is the first"):
         dump.write(tmp_path / "floor", model.eval(), architecture, x, model_name="resnet18",
                    weights_description={"source": "seeded"}, input_description=description, floor=True)

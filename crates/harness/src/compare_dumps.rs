@@ -253,7 +253,8 @@ fn confirm_layout(
         };
         let expected = evidence.stages.load(entry)?.data;
         let stored = candidate.load_stage(candidate_entry)?.data;
-        if !axis_order::holds(evidence, stored.view(), found.order, &expected) {
+        // Judged by that stage's own tolerance (under auto, its floor).
+        if !axis_order::holds(&evidence.at(entry), stored.view(), found.order, &expected) {
             return Ok(None);
         }
         confirmed.push(entry.name.clone());

@@ -347,7 +347,7 @@ fn compare_stages(
         let mut hints = Vec::new();
         let mut detail = None;
         if builder.should_diagnose(&origin) {
-            let evidence = Evidence::new(stages, &options.tolerance.for_diagnosis(&tolerance));
+            let evidence = Evidence::new(stages, &options.tolerance, row.entry);
             // The stage's own error shows best with the reference's inputs.
             let wanted = if isolated_failed {
                 Feed::Reference
@@ -368,10 +368,7 @@ fn compare_stages(
                     }
                     detail = Some(found);
                 }
-                let observed = Observed {
-                    reference,
-                    candidate: &output.data,
-                };
+                let observed = Observed::new(reference, &output.data);
                 match sources[position].explain(row, &observed, &evidence)? {
                     Some(Explained::Stage(hint)) => hints.push(hint),
                     Some(Explained::Run { hint, stopped: why }) => {

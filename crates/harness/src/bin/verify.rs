@@ -493,8 +493,22 @@ fn report(
 /// device, a pipe or `/dev/null` is left as it is.
 fn empty_earlier_outputs(common: &OutputFlags) -> anyhow::Result<()> {
     if let (Some(output), Some(plot)) = (&common.output, &common.plot) {
-        let same = output == plot
-            || matches!((output.canonicalize(), plot.canonicalize()), (Ok(a), Ok(b)) if a == b);
+        // The file as it will be: its directory resolved (links, `..`), its
+        // name as given; `./r.svg` and `r.svg` are one file.
+        let resolved = |path: &std::path::Path| {
+            let directory = match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+                _ => std::path::PathBuf::from("."),
+            };
+            directory
+                .canonicalize()
+                .ok()
+                .zip(path.file_name().map(|name| name.to_owned()))
+        };
+        let same = output == plot || {
+            let (a, b) = (resolved(output), resolved(plot));
+            a.is_some() && a == b
+        };
         if same {
             anyhow::bail!(
                 "--output and --plot both name {}: the plot would overwrite the report",

@@ -31,8 +31,16 @@ pub(super) fn hints(
     }
     // Clipped above as well (MobileNet's ReLU6), where torch's ReLU is not.
     if let Some(input) = input.filter(|input| input.shape() == observed.candidate.shape()) {
-        let relu6 = input.mapv(|x| resnet_core::ops::relu_value(x).min(6.0));
-        if let Some((Side::Candidate, error)) = evidence.explains(&relu6, observed) {
+        // NaN kept (f32::min would make it 6), as torch's relu6 keeps it.
+        let relu6 = input.mapv(|x| match resnet_core::ops::relu_value(x) {
+            above if above > 6.0 => 6.0,
+            value => value,
+        });
+        // Told from a ReLU only where some input is above 6.
+        let distinct = evidence.distinct(&relu6, &relu(input));
+        if let Some((Side::Candidate, error)) =
+            evidence.explains(&relu6, observed).filter(|_| distinct)
+        {
             hints.push(Hint {
                 hypothesis: Hypothesis::OtherActivation,
                 message: "the candidate matches a ReLU6 (clipped at 6) where torch has a ReLU"
@@ -55,7 +63,8 @@ pub(super) fn hints(
 
 /// With the ReLU's input known, what the candidate's negatives are: the
 /// input's own (the ReLU left out), a LeakyReLU's (a slope times the
-/// input's), or something else keeping negatives. `None` without the input.
+/// input's), or something else keeping negatives. `None` without the input
+/// (or with one of another shape).
 fn missing_relu(
     evidence: &Evidence,
     observed: &Observed,
@@ -69,21 +78,24 @@ fn missing_relu(
             error,
         ));
     }
-    // The slope, from the most negative input (the best-conditioned ratio).
-    let (most_negative, kept) = input
+    // The slope, from the most negative input (the best-conditioned ratio);
+    // an input with no negatives has none.
+    let most_negative = input
         .iter()
         .zip(observed.candidate.iter())
         .filter(|(x, _)| **x < 0.0)
-        .min_by(|a, b| a.0.total_cmp(b.0))?;
-    let slope = kept / most_negative;
-    let leaky = ndarray::Zip::from(input).map_collect(|&x| if x < 0.0 { slope * x } else { x });
-    if slope > 0.0 {
-        if let Some(error) = evidence.reproduces(&leaky, observed.candidate) {
-            return Some((
-                Hypothesis::OtherActivation,
-                format!("a LeakyReLU (negative slope {slope:.3e}) where torch has a ReLU: relu(candidate) equals the reference"),
-                error,
-            ));
+        .min_by(|a, b| a.0.total_cmp(b.0));
+    if let Some((most_negative, kept)) = most_negative {
+        let slope = kept / most_negative;
+        let leaky = ndarray::Zip::from(input).map_collect(|&x| if x < 0.0 { slope * x } else { x });
+        if slope > 0.0 {
+            if let Some(error) = evidence.reproduces(&leaky, observed.candidate) {
+                return Some((
+                    Hypothesis::OtherActivation,
+                    format!("a LeakyReLU (negative slope {slope:.3e}) where torch has a ReLU: relu(candidate) equals the reference"),
+                    error,
+                ));
+            }
         }
     }
     let error = evidence.reproduces(&relu(observed.candidate), observed.reference)?;

@@ -96,8 +96,12 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
     let zeros = vec![0.0; channels];
     let (batch_mean, batch_var) = channel_statistics(&input);
 
+    let correct = normalise(&input, &p.mean, &p.var, &p.weight, &p.bias, eps);
     let mut hints = Vec::new();
     let mut test = |hypothesis, recomputed: ArrayD<f32>, says: &dyn Fn(Side) -> String| {
+        if !evidence.distinct(&recomputed, &correct) {
+            return;
+        }
         if let Some((side, error)) = evidence.explains(&recomputed, observed) {
             hints.push(Hint {
                 hypothesis,
@@ -163,6 +167,9 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             continue;
         }
         let recomputed = normalise(&input, &p.mean, &p.var, &p.weight, &p.bias, solved);
+        if !evidence.distinct(&recomputed, &correct) {
+            continue;
+        }
         if let Some(error) = evidence.explains_side(&recomputed, observed_output, observed) {
             hints.push(Hint {
                 hypothesis: Hypothesis::BatchNormEps,

@@ -61,8 +61,10 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             "its weight untransposed (x @ weight + bias, where torch computes x @ weight.T + bias)",
         ));
     }
+    let correct = product(false, true);
     cases
         .into_iter()
+        .filter(|(recomputed, _)| evidence.distinct(recomputed, &correct))
         .filter_map(|(recomputed, what)| {
             let (side, error) = evidence.explains(&recomputed, observed)?;
             Some(Hint {

@@ -22,13 +22,13 @@ use std::rc::Rc;
 
 use ndarray::ArrayD;
 use resnet_core::{Network, StageKind};
-use resnet_dump::Dump;
+use resnet_dump::{Dump, StageEntry};
 use serde::Serialize;
 
 use crate::layout::{candidate_nchw, reference_tensor};
 use crate::metrics::{compare, Comparison, Verdict};
 use crate::reference_stages::ReferenceStages;
-use crate::Tolerance;
+use crate::{Tolerance, ToleranceRule};
 
 pub use origin::{origin, Origin};
 
@@ -107,6 +107,18 @@ impl Side {
 pub(crate) struct Observed<'a> {
     pub reference: &'a ArrayD<f32>,
     pub candidate: &'a ArrayD<f32>,
+    /// The candidate's largest error against the reference, computed once.
+    unexplained: std::cell::OnceCell<Option<f64>>,
+}
+
+impl<'a> Observed<'a> {
+    pub fn new(reference: &'a ArrayD<f32>, candidate: &'a ArrayD<f32>) -> Self {
+        Observed {
+            reference,
+            candidate,
+            unexplained: std::cell::OnceCell::new(),
+        }
+    }
 }
 
 /// What the hypotheses may consult: the reference dump (stage outputs,
@@ -116,21 +128,46 @@ pub(crate) struct Evidence<'a> {
     pub stages: &'a ReferenceStages<'a>,
     pub dump: &'a Dump,
     pub network: Option<&'a Network>,
-    /// The run's tolerance, with NaN matching NaN: a recomputation that
-    /// makes NaN where the data has NaN reproduces it.
+    /// The run's tolerance for the stage diagnosed, with NaN matching NaN:
+    /// a recomputation that makes NaN where the data has NaN reproduces it.
     tolerance: Tolerance,
+    /// The run's rule, for a hypothesis that checks another stage.
+    rule: ToleranceRule,
 }
 
 impl<'a> Evidence<'a> {
-    pub fn new(stages: &'a ReferenceStages<'a>, tolerance: &Tolerance) -> Self {
-        Evidence {
+    /// Evidence judged by `rule`'s tolerance for stage `entry`.
+    pub fn new(stages: &'a ReferenceStages<'a>, rule: &ToleranceRule, entry: &StageEntry) -> Self {
+        let mut evidence = Evidence {
             stages,
             dump: stages.dump(),
             network: stages.network(),
-            tolerance: Tolerance {
-                equal_nan: true,
-                ..*tolerance
-            },
+            tolerance: Tolerance::default(),
+            rule: *rule,
+        };
+        evidence.tolerance = evidence.tolerance_at(entry);
+        evidence
+    }
+
+    /// The same evidence, judged by the tolerance of another stage (under
+    /// `--tol auto` each stage's floor is its own).
+    pub fn at(&self, entry: &StageEntry) -> Evidence<'a> {
+        Evidence {
+            tolerance: self.tolerance_at(entry),
+            ..*self
+        }
+    }
+
+    fn tolerance_at(&self, entry: &StageEntry) -> Tolerance {
+        let stage = self.rule.for_stage(&entry.name, entry.floor.as_ref());
+        let tolerance = match &stage {
+            Ok(stage) => self.rule.for_diagnosis(stage),
+            // A stage without a floor under auto: the default.
+            Err(_) => Tolerance::default(),
+        };
+        Tolerance {
+            equal_nan: true,
+            ..tolerance
         }
     }
 
@@ -139,6 +176,9 @@ impl<'a> Evidence<'a> {
     /// reference did not store) is skipped, never an error. `absent`: the
     /// stages the candidate does not have (a conv folded into its BatchNorm).
     pub fn diagnose(&self, name: &str, observed: &Observed, absent: &[String]) -> Vec<Hint> {
+        if self.unexplained(observed).is_none() {
+            return Vec::new();
+        }
         let Some((network, index)) = self
             .network
             .and_then(|network| Some((network, network.stage_index(name).ok()?)))
@@ -179,7 +219,12 @@ impl<'a> Evidence<'a> {
         // Nothing more particular: the stage left out (its input passed on).
         let single_input = network.stage_input_indices(index).len() == 1;
         if hints.is_empty() && single_input && stage.kind != StageKind::ReLU {
-            if let Some(input) = self.reference_input(index) {
+            // Not where the stage is the identity on this data (a pool over
+            // a 1x1 map, a Dropout in eval mode).
+            let input = self
+                .reference_input(index)
+                .filter(|input| self.distinct(input, observed.reference));
+            if let Some(input) = input {
                 if let Some((Side::Candidate, error)) = self.explains(&input, observed) {
                     let producer = network.stage_inputs(index).next().map(|s| s.name.as_str());
                     hints.push(Hint {
@@ -261,12 +306,34 @@ impl<'a> Evidence<'a> {
         data: &ArrayD<f32>,
         observed: &Observed,
     ) -> Option<f64> {
-        let unexplained = self
-            .fit(observed.reference, observed.candidate)?
-            .max_abs_error;
+        let unexplained = self.unexplained(observed)?;
         let fit = self.fit(recomputed, data)?;
         (fit.verdict == Verdict::Succ && fit.max_abs_error <= unexplained / 2.0)
             .then_some(fit.relative_error)
+    }
+
+    /// The candidate's largest error against the reference as the
+    /// hypotheses see it (NaN matching NaN), if there is one to explain:
+    /// outputs that differ only where both are NaN (a run without
+    /// `--equal-nan`) leave nothing for a hypothesis, and every exact one
+    /// would 'explain' them.
+    fn unexplained(&self, observed: &Observed) -> Option<f64> {
+        let error = *observed
+            .unexplained
+            .get_or_init(|| {
+                self.fit(observed.reference, observed.candidate)
+                    .map(|comparison| comparison.max_abs_error)
+            })
+            .as_ref()?;
+        (error > 0.0).then_some(error)
+    }
+
+    /// Whether a hypothesis's recomputation can be told from the correct
+    /// one on this data: with weight 1, bias 0 or var 1, say, "weight
+    /// missing" or "var used as std" computes the same thing, and would
+    /// 'explain' a correct reference.
+    pub fn distinct(&self, recomputed: &ArrayD<f32>, correct: &ArrayD<f32>) -> bool {
+        self.reproduces(recomputed, correct).is_none()
     }
 
     /// The reference's output of stage `index` of the network, NCHW.

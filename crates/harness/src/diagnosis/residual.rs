@@ -23,8 +23,20 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
     };
     let (branch_name, identity_name) = (&stages[residual].name, &stages[identity].name);
 
+    // torch's block end, where the identity is stored: a mistake that
+    // computes the same here (an identity of zeros) explains nothing.
+    let skip = evidence
+        .reference_output(identity)
+        .filter(|skip| skip.shape() == branch.shape());
+    let correct = skip.as_ref().map(|skip| relu(&(&*branch + &**skip)));
     let mut hints = Vec::new();
     let mut test = |hypothesis, recomputed: ArrayD<f32>, what: String| {
+        if correct
+            .as_ref()
+            .is_some_and(|correct| !evidence.distinct(&recomputed, correct))
+        {
+            return;
+        }
         if let Some((side, error)) = evidence.explains(&recomputed, observed) {
             hints.push(Hint {
                 hypothesis,
@@ -38,16 +50,14 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
         relu(&branch),
         format!("relu({branch_name}) without `+ {identity_name}`: the residual add is missing"),
     );
-    if let Some(skip) = evidence.reference_output(identity) {
-        if skip.shape() == branch.shape() {
-            test(
-                Hypothesis::ReluBeforeAdd,
-                &relu(&branch) + &*skip,
-                format!(
-                    "relu({branch_name}) + {identity_name}: the ReLU comes before the residual add, where torch adds first"
-                ),
-            );
-        }
+    if let Some(skip) = &skip {
+        test(
+            Hypothesis::ReluBeforeAdd,
+            &relu(&branch) + &**skip,
+            format!(
+                "relu({branch_name}) + {identity_name}: the ReLU comes before the residual add, where torch adds first"
+            ),
+        );
     }
     let is_downsample = stages[identity].kind == StageKind::Sequential
         && stages[identity].module.ends_with(".downsample");

@@ -63,6 +63,16 @@ fn conv_hints(
         Some(_) => format!("conv `{}` (folded into this BatchNorm)", stage.name),
         None => "this conv".to_string(),
     };
+    // What the conv computes with its weights as they are: a reordering
+    // that changes nothing here (a symmetric kernel, a 1x1 conv's HW)
+    // explains nothing.
+    let Some(correct) = evidence.run_conv(conv, &input, observed.reference.shape()) else {
+        return Vec::new();
+    };
+    let correct = match folded_into {
+        Some(batch_norm) => batch_norm(&correct),
+        None => correct,
+    };
     let buffer: Vec<f32> = weight.iter().copied().collect();
     for order in other_orders(weight.shape(), OIHW) {
         let name = order_name(order, "OIHW");
@@ -88,6 +98,9 @@ fn conv_hints(
                 Some(batch_norm) => batch_norm(&output),
                 None => output,
             };
+            if !evidence.distinct(&output, &correct) {
+                continue;
+            }
             let Some((side, error)) = evidence.explains(&output, observed) else {
                 continue;
             };
@@ -128,6 +141,7 @@ fn conv_hints(
             (Some(output), Some(batch_norm)) => Some(batch_norm(&output)),
             (output, _) => output,
         };
+        let output = output.filter(|output| evidence.distinct(output, &correct));
         if let Some((side, error)) = output.and_then(|output| evidence.explains(&output, observed))
         {
             return vec![Hint {

@@ -578,9 +578,6 @@ impl ReportBuilder {
     }
 }
 
-/// The rtol (under `--tol auto`, the multiple) under which every stage that
-/// failed would pass (the largest any failure needs), or, each once, why
-/// none would.
 /// `value` to two significant digits, rounded up, so that the figure as
 /// shown, read back, is no smaller (the JSON report has it exactly).
 pub(crate) fn at_least(value: f64) -> String {
@@ -648,6 +645,9 @@ pub(crate) fn tolerance_needed_words(report: &Report) -> String {
     words + more
 }
 
+/// The rtol (under `--tol auto`, the multiple) under which every stage that
+/// failed would pass (the largest any failure needs), or, each once, why
+/// none would.
 fn tolerance_needed(stages: &[StageReport]) -> (Option<f64>, Option<f64>, Vec<BeyondRtol>) {
     let largest = |so_far: Option<f64>, value: f64| Some(so_far.map_or(value, |n| n.max(value)));
     let (mut needed, mut multiple): (Option<f64>, Option<f64>) = (None, None);
