@@ -482,6 +482,31 @@ fn input_preprocessing_differs() {
     }
 }
 
+/// Stage `stage` of `dump` as a conv of `weight` (OIHW) computes it from
+/// the stored output of stage `input`: a candidate's conv with a mistake
+/// in its weights.
+fn replace_with_conv(
+    dump: &Path,
+    stage: &str,
+    input: &str,
+    weight: &ndarray::Array4<f32>,
+    geometry: ConvGeometry,
+) {
+    let (out_channels, in_channels) = (weight.shape()[0], weight.shape()[1]);
+    let conv = Conv2d::new(
+        in_channels,
+        out_channels,
+        geometry,
+        conv_weight_from_oihw(weight.view(), 1),
+        None,
+    );
+    let input = stage_output(dump, input)
+        .into_dimensionality::<Ix4>()
+        .unwrap();
+    let output = conv.forward(&Tensor::from_nchw(input.view())).unwrap();
+    replace_stage(dump, stage, &output.to_nchw().into_dyn());
+}
+
 #[test]
 fn a_flipped_kernel_is_named() {
     // The candidate's layer1.0.conv1 (3x3) convolved: each kernel rotated
@@ -491,19 +516,8 @@ fn a_flipped_kernel_is_named() {
             .into_dimensionality::<Ix4>()
             .unwrap();
         let flipped = w.slice(ndarray::s![.., .., ..;-1, ..;-1]).to_owned();
-        let (out_channels, in_channels) = (w.shape()[0], w.shape()[1]);
-        let conv = Conv2d::new(
-            in_channels,
-            out_channels,
-            ConvGeometry::square(3, 1, 1, 1),
-            conv_weight_from_oihw(flipped.view(), 1),
-            None,
-        );
-        let input = stage_output(dump, "maxpool")
-            .into_dimensionality::<Ix4>()
-            .unwrap();
-        let output = conv.forward(&Tensor::from_nchw(input.view())).unwrap();
-        replace_stage(dump, "layer1.0.conv1", &output.to_nchw().into_dyn());
+        let geometry = ConvGeometry::square(3, 1, 1, 1);
+        replace_with_conv(dump, "layer1.0.conv1", "maxpool", &flipped, geometry);
     });
     assert_hint(
         &report,
@@ -547,20 +561,9 @@ fn conv_weights_read_in_another_order() {
     // The candidate's conv1 ran with the OIHW weights read back as OHWI.
     let report = compare_edited("resnet18-w8", |dump| {
         let w = read(&dump.join("weights/conv1.weight.npy"));
-        let shape = w.shape().to_vec();
         let misread = read_as_ohwi(&w).into_dimensionality::<Ix4>().unwrap();
-        let conv = Conv2d::new(
-            shape[1],
-            shape[0],
-            ConvGeometry::square(7, 2, 3, 1),
-            conv_weight_from_oihw(misread.view(), 1),
-            None,
-        );
-        let input = stage_output(dump, "input")
-            .into_dimensionality::<Ix4>()
-            .unwrap();
-        let output = conv.forward(&Tensor::from_nchw(input.view())).unwrap();
-        replace_stage(dump, "conv1", &output.to_nchw().into_dyn());
+        let geometry = ConvGeometry::square(7, 2, 3, 1);
+        replace_with_conv(dump, "conv1", "input", &misread, geometry);
     });
     assert_hint(
         &report,
