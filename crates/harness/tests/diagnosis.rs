@@ -528,6 +528,33 @@ fn a_flipped_kernel_is_named() {
 }
 
 #[test]
+fn probabilities_for_logits_and_channels_reversed_after_normalising_are_named() {
+    let report = compare_edited("resnet18-w8", |dump| {
+        let logits = stage_output(dump, "fc");
+        let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let total: f32 = logits.iter().map(|v| (v - top).exp()).sum();
+        replace_stage(dump, "fc", &logits.mapv(|v| (v - top).exp() / total));
+    });
+    assert_hint(
+        &report,
+        "fc",
+        "linear_layout",
+        "the candidate is softmax(logits): torch's ResNet returns the logits",
+    );
+    let report = compare_edited("resnet18-w8", |dump| {
+        let mut input = stage_output(dump, "input");
+        input.invert_axis(Axis(1));
+        replace_stage(dump, "input", &input);
+    });
+    assert_hint(
+        &report,
+        "input",
+        "preprocessing",
+        "is the normalised input with its channels reversed (BGR order after the RGB mean and std)",
+    );
+}
+
+#[test]
 fn a_classifier_without_its_bias_is_named() {
     let report = compare_edited("resnet18-w8", |dump| {
         let pooled = stage_output(dump, "avgpool");

@@ -1,8 +1,8 @@
 //! The input stage: the candidate preprocessed the image another way. The
 //! reference's input is undone back to the 0-1 image with the manifest's
 //! mean and std, then preprocessed again with each mistake: BGR instead of
-//! RGB, 0-255 instead of 0-1, or another mean and std (solved for, per
-//! channel, by least squares).
+//! RGB (before or after normalising), 0-255 instead of 0-1, or another mean
+//! and std (solved for, per channel, by least squares).
 
 use ndarray::{ArrayD, Axis};
 
@@ -49,6 +49,15 @@ pub(super) fn hints(evidence: &Evidence, observed: &Observed) -> Vec<Hint> {
     ) || test(
         normalise(&image, 255.0, mean, std),
         "is the image scaled 0-255, not 0-1, before the mean and std",
+    ) || test(
+        {
+            let mut flipped = reference.clone();
+            flipped.invert_axis(Axis(1));
+            flipped
+        },
+        &format!(
+            "is the normalised input with its channels reversed ({other} order after the {color} mean and std)"
+        ),
     ) {
         return hints;
     }
