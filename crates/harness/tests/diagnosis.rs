@@ -555,6 +555,44 @@ fn probabilities_for_logits_and_channels_reversed_after_normalising_are_named() 
 }
 
 #[test]
+fn a_border_padded_by_reflection_is_named() {
+    // layer1.0.conv1 (3x3, padding 1) with padding_mode='reflect': the
+    // input's border mirrored (row -1 is row 1), not zeros.
+    let report = compare_edited("resnet18-w8", |dump| {
+        let input = stage_output(dump, "maxpool")
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let (n, c, h, w) = input.dim();
+        let mirror = |i: usize, size: usize| match i {
+            0 => 1,
+            i if i == size + 1 => size - 2,
+            i => i - 1,
+        };
+        let padded = ndarray::Array4::from_shape_fn((n, c, h + 2, w + 2), |(n, c, y, x)| {
+            input[[n, c, mirror(y, h), mirror(x, w)]]
+        });
+        let weight = read(&dump.join("weights/layer1.0.conv1.weight.npy"))
+            .into_dimensionality::<Ix4>()
+            .unwrap();
+        let conv = Conv2d::new(
+            c,
+            weight.shape()[0],
+            ConvGeometry::square(3, 1, 0, 1),
+            conv_weight_from_oihw(weight.view(), 1),
+            None,
+        );
+        let output = conv.forward(&Tensor::from_nchw(padded.view())).unwrap();
+        replace_stage(dump, "layer1.0.conv1", &output.to_nchw().into_dyn());
+    });
+    assert_hint(
+        &report,
+        "layer1.0.conv1",
+        "padding_mode",
+        "padding_mode='reflect' (its border mirrored), where torch pads zeros",
+    );
+}
+
+#[test]
 fn a_classifier_without_its_bias_is_named() {
     let report = compare_edited("resnet18-w8", |dump| {
         let pooled = stage_output(dump, "avgpool");

@@ -56,6 +56,9 @@ pub enum Hypothesis {
     MissingResidual,
     /// A stage computed as the identity: its input passed on.
     SkippedStage,
+    /// A conv's border padded another way than zeros (reflect, replicate,
+    /// circular).
+    PaddingMode,
     /// A Linear's weight untransposed, or its bias left out.
     LinearLayout,
     /// A conv's kernels rotated 180 degrees (convolution, not correlation).
@@ -197,6 +200,7 @@ impl<'a> Evidence<'a> {
             StageKind::Conv2d => {
                 hints.extend(weight_order::hints(self, index, observed));
                 hints.extend(padding::same_padding_hints(self, index, observed));
+                hints.extend(padding::padding_mode_hints(self, index, observed));
             }
             StageKind::MaxPool2d => {
                 hints.extend(padding::same_padding_hints(self, index, observed))

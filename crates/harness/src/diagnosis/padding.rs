@@ -359,6 +359,89 @@ pub(super) fn same_padding_hints(
     }
 }
 
+/// Where a padded row or column `i` (from `-padding` to `size + padding`)
+/// reads from, for a `padding_mode`.
+type PaddedSource = fn(isize, isize) -> isize;
+
+/// For a conv whose output has torch's size but other values: whether its
+/// border was padded another way than torch's zeros (`padding_mode`
+/// 'reflect', 'replicate' or 'circular').
+pub(super) fn padding_mode_hints(
+    evidence: &Evidence,
+    index: usize,
+    observed: &Observed,
+) -> Vec<Hint> {
+    let (Some(network), Some(input)) = (evidence.network, evidence.reference_input(index)) else {
+        return Vec::new();
+    };
+    let Some(conv) = network.stages()[index].conv() else {
+        return Vec::new();
+    };
+    let [pad_h, pad_w] = conv.geometry().padding;
+    let &[_, _, height, width] = input.shape() else {
+        return Vec::new();
+    };
+    if (pad_h, pad_w) == (0, 0) || pad_h >= height || pad_w >= width {
+        return Vec::new();
+    }
+    let modes: [(&str, PaddedSource); 3] = [
+        ("reflect", |i, size| {
+            let period = 2 * (size - 1);
+            let i = i.rem_euclid(period.max(1));
+            if i < size {
+                i
+            } else {
+                period - i
+            }
+        }),
+        ("replicate", |i, size| i.clamp(0, size - 1)),
+        ("circular", |i, size| i.rem_euclid(size)),
+    ];
+    let correct = evidence.run_conv(conv, &input, observed.reference.shape());
+    for (mode, source) in modes {
+        let shape = [
+            input.shape()[0],
+            input.shape()[1],
+            height + 2 * pad_h,
+            width + 2 * pad_w,
+        ];
+        let padded = ArrayD::from_shape_fn(&shape[..], |index| {
+            let y = source(index[2] as isize - pad_h as isize, height as isize) as usize;
+            let x = source(index[3] as isize - pad_w as isize, width as isize) as usize;
+            input[[index[0], index[1], y, x]]
+        });
+        let Some(recomputed) = evidence.run_conv(
+            &conv.with_padding([0, 0]),
+            &padded,
+            observed.reference.shape(),
+        ) else {
+            continue;
+        };
+        if correct
+            .as_ref()
+            .is_some_and(|correct| !evidence.distinct(&recomputed, correct))
+        {
+            continue;
+        }
+        if let Some((side, error)) = evidence.explains(&recomputed, observed) {
+            return vec![Hint {
+                hypothesis: Hypothesis::PaddingMode,
+                message: format!(
+                    "{} matches this conv with padding_mode='{mode}' (its border {}), where torch pads zeros",
+                    side.subject(),
+                    match mode {
+                        "reflect" => "mirrored",
+                        "replicate" => "repeated",
+                        _ => "wrapped around",
+                    }
+                ),
+                relative_error: Some(error),
+            }];
+        }
+    }
+    Vec::new()
+}
+
 /// `input` (NCHW) with `pads[0]` rows added above and below and `pads[1]`
 /// columns left and right, set to `fill`.
 fn pad(input: &ArrayD<f32>, pads: [(usize, usize); 2], fill: f32) -> ArrayD<f32> {
