@@ -253,20 +253,6 @@ impl ToleranceRule {
         }
     }
 
-    /// The tolerance the hypotheses about a stage reproduce data with: the
-    /// run's own for that stage (`stage`, from [`ToleranceRule::for_stage`]).
-    /// Under auto it was once the default rtol 1e-4: looser than a float32
-    /// stage's floor, so that a stage failing by a hair (an error grown
-    /// from a bug upstream) was 'reproduced' by an eps solved from the data
-    /// (a confident, wrong hint); and tighter than a bfloat16 candidate's
-    /// roundoff, so that no hint ever fired for one.
-    pub fn for_diagnosis(&self, stage: &StageTolerance) -> Tolerance {
-        match self {
-            ToleranceRule::Fixed(tolerance) => *tolerance,
-            ToleranceRule::Auto(_) => stage.tolerance,
-        }
-    }
-
     pub fn describe(&self) -> String {
         match self {
             ToleranceRule::Fixed(tolerance) => tolerance.describe(),

@@ -287,8 +287,8 @@ fn main() -> ExitCode {
 /// Runs the command; `Ok(passed)`.
 fn run(cli: Cli) -> anyhow::Result<bool> {
     match &cli.command {
-        Some(Command::Compare { output, .. }) => empty_earlier_outputs(output)?,
-        None => empty_earlier_outputs(&cli.common.output)?,
+        Some(Command::Compare { output, .. }) => prepare_outputs(output)?,
+        None => prepare_outputs(&cli.common.output)?,
         Some(_) => {}
     }
     if let Some(threads) = cli.threads {
@@ -486,12 +486,13 @@ fn report(
     Ok(report)
 }
 
-/// Empties the report and plot an earlier run left at this run's paths:
+/// Refuses one file for both the report and the plot, then empties the
+/// report and plot an earlier run left at this run's paths:
 /// they must not stand for this run if it is refused or fails before
 /// writing its own (a CI step that reads the file would see the old
 /// verdict). Only a plain file is emptied (through a link, its target): a
 /// device, a pipe or `/dev/null` is left as it is.
-fn empty_earlier_outputs(common: &OutputFlags) -> anyhow::Result<()> {
+fn prepare_outputs(common: &OutputFlags) -> anyhow::Result<()> {
     if let (Some(output), Some(plot)) = (&common.output, &common.plot) {
         // The file as it will be: its directory resolved (links, `..`), its
         // name as given; `./r.svg` and `r.svg` are one file.

@@ -14,14 +14,18 @@ pub(super) fn hints(
     observed: &Observed,
     input: Option<&ArrayD<f32>>,
 ) -> Vec<Hint> {
+    let input = input.filter(|input| input.shape() == observed.candidate.shape());
     let mut hints = Vec::new();
     if has_negatives(observed.candidate) {
         if let Some(error) = evidence.reproduces(&relu(observed.candidate), observed.reference) {
-            let (hypothesis, message, error) = missing_relu(evidence, observed, input).unwrap_or((
-                Hypothesis::MissingRelu,
-                "a ReLU is missing: relu(candidate) equals the reference".into(),
-                error,
-            ));
+            let (hypothesis, message, error) = match input {
+                Some(input) => negatives_kept(evidence, observed, input, error),
+                None => (
+                    Hypothesis::MissingRelu,
+                    "a ReLU is missing: relu(candidate) equals the reference".into(),
+                    error,
+                ),
+            };
             hints.push(Hint {
                 hypothesis,
                 message,
@@ -30,7 +34,7 @@ pub(super) fn hints(
         }
     }
     // Clipped above as well (MobileNet's ReLU6), where torch's ReLU is not.
-    if let Some(input) = input.filter(|input| input.shape() == observed.candidate.shape()) {
+    if let Some(input) = input {
         // NaN kept (f32::min would make it 6), as torch's relu6 keeps it.
         let relu6 = input.mapv(|x| match resnet_core::ops::relu_value(x) {
             above if above > 6.0 => 6.0,
@@ -61,22 +65,22 @@ pub(super) fn hints(
     hints
 }
 
-/// With the ReLU's input known, what the candidate's negatives are: the
-/// input's own (the ReLU left out), a LeakyReLU's (a slope times the
-/// input's), or something else keeping negatives. `None` without the input
-/// (or with one of another shape).
-fn missing_relu(
+/// With the ReLU's input known, what the candidate's negatives are (where
+/// relu(candidate) reproduces the reference to `relu_error`): the input's
+/// own (the ReLU left out), a LeakyReLU's (a slope times the input's), or
+/// something else keeping negatives.
+fn negatives_kept(
     evidence: &Evidence,
     observed: &Observed,
-    input: Option<&ArrayD<f32>>,
-) -> Option<(Hypothesis, String, f64)> {
-    let input = input.filter(|input| input.shape() == observed.candidate.shape())?;
+    input: &ArrayD<f32>,
+    relu_error: f64,
+) -> (Hypothesis, String, f64) {
     if let Some(error) = evidence.reproduces(input, observed.candidate) {
-        return Some((
+        return (
             Hypothesis::MissingRelu,
             "a ReLU is missing: the candidate equals the ReLU's input".into(),
             error,
-        ));
+        );
     }
     // The slope, from the most negative input (the best-conditioned ratio);
     // an input with no negatives has none.
@@ -90,18 +94,17 @@ fn missing_relu(
         let leaky = ndarray::Zip::from(input).map_collect(|&x| if x < 0.0 { slope * x } else { x });
         if slope > 0.0 {
             if let Some(error) = evidence.reproduces(&leaky, observed.candidate) {
-                return Some((
+                return (
                     Hypothesis::OtherActivation,
                     format!("a LeakyReLU (negative slope {slope:.3e}) where torch has a ReLU: relu(candidate) equals the reference"),
                     error,
-                ));
+                );
             }
         }
     }
-    let error = evidence.reproduces(&relu(observed.candidate), observed.reference)?;
-    Some((
+    (
         Hypothesis::OtherActivation,
         "negatives kept where torch's ReLU gives 0 (relu(candidate) equals the reference), but not the ReLU's input: another activation?".into(),
-        error,
-    ))
+        relu_error,
+    )
 }

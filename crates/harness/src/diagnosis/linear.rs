@@ -21,9 +21,33 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
         return Vec::new();
     };
     let batch = input.shape().first().copied().unwrap_or(0);
-    if batch == 0 || input.len() != batch * features || observed.reference.len() != batch * outputs
+    if batch == 0
+        || outputs == 0
+        || input.len() != batch * features
+        || observed.reference.len() != batch * outputs
     {
         return Vec::new();
+    }
+    // Probabilities where torch gives logits: softmax over each row (the
+    // reference holds `batch` rows of `outputs`, checked above).
+    let logits: Vec<f64> = observed.reference.iter().map(|&v| v as f64).collect();
+    let softmax: Vec<f32> = logits
+        .chunks(outputs)
+        .flat_map(|row| {
+            let top = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let total: f64 = row.iter().map(|v| (v - top).exp()).sum();
+            row.iter().map(move |v| ((v - top).exp() / total) as f32)
+        })
+        .collect();
+    let softmax = ArrayD::from_shape_vec(IxDyn(observed.reference.shape()), softmax)
+        .expect("the reference's shape");
+    if let Some((super::Side::Candidate, error)) = evidence.explains(&softmax, observed) {
+        return vec![Hint {
+            hypothesis: Hypothesis::LinearLayout,
+            message: "the candidate is softmax(logits): torch's ResNet returns the logits, the softmax is the caller's"
+                .into(),
+            relative_error: Some(error),
+        }];
     }
     let bias = evidence.weight(&format!("{module}.bias"));
     let x: Vec<f64> = input.iter().map(|&v| v as f64).collect();
@@ -60,29 +84,6 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             product(true, true),
             "its weight untransposed (x @ weight + bias, where torch computes x @ weight.T + bias)",
         ));
-    }
-    // Probabilities where torch gives logits: softmax over each row.
-    let classes = observed.reference.shape().last().copied().unwrap_or(0);
-    if classes > 0 && observed.reference.len() == batch * classes {
-        let logits: Vec<f64> = observed.reference.iter().map(|&v| v as f64).collect();
-        let softmax: Vec<f32> = logits
-            .chunks(classes)
-            .flat_map(|row| {
-                let top = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let total: f64 = row.iter().map(|v| (v - top).exp()).sum();
-                row.iter().map(move |v| ((v - top).exp() / total) as f32)
-            })
-            .collect();
-        let softmax = ArrayD::from_shape_vec(IxDyn(observed.reference.shape()), softmax)
-            .expect("the reference's shape");
-        if let Some((super::Side::Candidate, error)) = evidence.explains(&softmax, observed) {
-            return vec![Hint {
-                hypothesis: Hypothesis::LinearLayout,
-                message: "the candidate is softmax(logits): torch's ResNet returns the logits, the softmax is the caller's"
-                    .into(),
-                relative_error: Some(error),
-            }];
-        }
     }
     let correct = product(false, true);
     cases

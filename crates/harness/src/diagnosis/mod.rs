@@ -141,36 +141,21 @@ pub(crate) struct Evidence<'a> {
 impl<'a> Evidence<'a> {
     /// Evidence judged by `rule`'s tolerance for stage `entry`.
     pub fn new(stages: &'a ReferenceStages<'a>, rule: &ToleranceRule, entry: &StageEntry) -> Self {
-        let mut evidence = Evidence {
+        Evidence {
             stages,
             dump: stages.dump(),
             network: stages.network(),
-            tolerance: Tolerance::default(),
+            tolerance: tolerance_at(rule, entry),
             rule: *rule,
-        };
-        evidence.tolerance = evidence.tolerance_at(entry);
-        evidence
+        }
     }
 
     /// The same evidence, judged by the tolerance of another stage (under
     /// `--tol auto` each stage's floor is its own).
     pub fn at(&self, entry: &StageEntry) -> Evidence<'a> {
         Evidence {
-            tolerance: self.tolerance_at(entry),
+            tolerance: tolerance_at(&self.rule, entry),
             ..*self
-        }
-    }
-
-    fn tolerance_at(&self, entry: &StageEntry) -> Tolerance {
-        let stage = self.rule.for_stage(&entry.name, entry.floor.as_ref());
-        let tolerance = match &stage {
-            Ok(stage) => self.rule.for_diagnosis(stage),
-            // A stage without a floor under auto: the default.
-            Err(_) => Tolerance::default(),
-        };
-        Tolerance {
-            equal_nan: true,
-            ..tolerance
         }
     }
 
@@ -385,6 +370,24 @@ impl Evidence<'_> {
         let tensor = reference_tensor(input.view())?;
         let output = pool.forward(&tensor).ok()?;
         candidate_nchw(&output, output_shape)
+    }
+}
+
+/// The hypotheses' tolerance at stage `entry`: the run's own for that
+/// stage, with NaN matching NaN. (Under auto it was once the default rtol
+/// 1e-4: looser than a float32 stage's floor, so that a stage failing by a
+/// hair, an error grown from a bug upstream, was 'reproduced' by an eps
+/// solved from the data; and tighter than a bfloat16 candidate's roundoff,
+/// so that no hint ever fired for one.)
+fn tolerance_at(rule: &ToleranceRule, entry: &StageEntry) -> Tolerance {
+    let tolerance = match rule.for_stage(&entry.name, entry.floor.as_ref()) {
+        Ok(stage) => stage.tolerance,
+        // A stage without a floor under auto: the default.
+        Err(_) => Tolerance::default(),
+    };
+    Tolerance {
+        equal_nan: true,
+        ..tolerance
     }
 }
 

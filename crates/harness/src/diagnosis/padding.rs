@@ -190,24 +190,14 @@ pub(super) fn size_hints(
         "this {what}: kernel {}, stride {}, padding {}",
         window.kernel, window.stride, window.padding
     );
-    // The values, where a way recomputes them: the input padded so (zero,
-    // or -inf for a max pool, which never wins), then the stage's windows
-    // without padding of their own; or a pool with another kernel.
+    // The values, where a way recomputes them: padded so, or a pool with
+    // another kernel.
     let recomputed = |how: &Recompute| -> Option<ArrayD<f32>> {
-        match (how, stage.conv(), stage.max_pool()) {
-            (Recompute::Padded(pads), Some(conv), _) => {
-                let padded = pad(&input, *pads, 0.0);
-                evidence.run_conv(&conv.with_padding([0, 0]), &padded, candidate.shape())
+        match (how, stage.max_pool()) {
+            (Recompute::Padded(pads), _) => {
+                padded_windows(evidence, stage, &input, *pads, candidate.shape())
             }
-            (Recompute::Padded(pads), None, Some(pool)) => {
-                let padded = pad(&input, *pads, f32::NEG_INFINITY);
-                let unpadded = resnet_core::ops::MaxPool2d {
-                    padding: 0,
-                    ..*pool
-                };
-                evidence.run_max_pool(&unpadded, &padded, candidate.shape())
-            }
-            (Recompute::PoolKernel(kernel), None, Some(pool)) => {
+            (Recompute::PoolKernel(kernel), Some(pool)) => {
                 let other = resnet_core::ops::MaxPool2d {
                     kernel: *kernel,
                     ..*pool
@@ -273,6 +263,33 @@ pub(super) fn size_hints(
     }]
 }
 
+/// The stage's windows run without padding of their own over `input`
+/// padded `pads` (before, after; per axis) with zeros, or -inf for a max
+/// pool (which never wins), shaped like `output_shape`.
+fn padded_windows(
+    evidence: &Evidence,
+    stage: &resnet_core::Stage,
+    input: &ArrayD<f32>,
+    pads: [(usize, usize); 2],
+    output_shape: &[usize],
+) -> Option<ArrayD<f32>> {
+    match (stage.conv(), stage.max_pool()) {
+        (Some(conv), _) => {
+            let padded = pad(input, pads, 0.0);
+            evidence.run_conv(&conv.with_padding([0, 0]), &padded, output_shape)
+        }
+        (None, Some(pool)) => {
+            let padded = pad(input, pads, f32::NEG_INFINITY);
+            let unpadded = resnet_core::ops::MaxPool2d {
+                padding: 0,
+                ..*pool
+            };
+            evidence.run_max_pool(&unpadded, &padded, output_shape)
+        }
+        _ => None,
+    }
+}
+
 /// How a way to another output size recomputes the stage's values.
 enum Recompute {
     /// The input padded (before, after; per axis), the windows unpadded.
@@ -318,27 +335,10 @@ pub(super) fn same_padding_hints(
     {
         return Vec::new();
     }
-    // The input padded SAME's way (zero, or -inf for a max pool, which
-    // never wins), then the stage's windows without padding of their own.
-    let fill = if pool { f32::NEG_INFINITY } else { 0.0 };
-    let padded = pad(&input, pads, fill);
     let stage = &network.stages()[index];
-    let recomputed = match (stage.conv(), stage.max_pool()) {
-        (Some(conv), _) => evidence.run_conv(
-            &conv.with_padding([0, 0]),
-            &padded,
-            observed.reference.shape(),
-        ),
-        (None, Some(pool)) => {
-            let unpadded = resnet_core::ops::MaxPool2d {
-                padding: 0,
-                ..*pool
-            };
-            evidence.run_max_pool(&unpadded, &padded, observed.reference.shape())
-        }
-        _ => None,
-    };
-    let Some(recomputed) = recomputed else {
+    let Some(recomputed) =
+        padded_windows(evidence, stage, &input, pads, observed.reference.shape())
+    else {
         return Vec::new();
     };
     match evidence.explains(&recomputed, observed) {
@@ -384,8 +384,8 @@ pub(super) fn padding_mode_hints(
     if (pad_h, pad_w) == (0, 0) || pad_h >= height || pad_w >= width {
         return Vec::new();
     }
-    let modes: [(&str, PaddedSource); 3] = [
-        ("reflect", |i, size| {
+    let modes: [(&str, &str, PaddedSource); 3] = [
+        ("reflect", "mirrored", |i, size| {
             let period = 2 * (size - 1);
             let i = i.rem_euclid(period.max(1));
             if i < size {
@@ -394,11 +394,11 @@ pub(super) fn padding_mode_hints(
                 period - i
             }
         }),
-        ("replicate", |i, size| i.clamp(0, size - 1)),
-        ("circular", |i, size| i.rem_euclid(size)),
+        ("replicate", "repeated", |i, size| i.clamp(0, size - 1)),
+        ("circular", "wrapped around", |i, size| i.rem_euclid(size)),
     ];
     let correct = evidence.run_conv(conv, &input, observed.reference.shape());
-    for (mode, source) in modes {
+    for (mode, border, source) in modes {
         let shape = [
             input.shape()[0],
             input.shape()[1],
@@ -427,13 +427,8 @@ pub(super) fn padding_mode_hints(
             return vec![Hint {
                 hypothesis: Hypothesis::PaddingMode,
                 message: format!(
-                    "{} matches this conv with padding_mode='{mode}' (its border {}), where torch pads zeros",
+                    "{} matches this conv with padding_mode='{mode}' (its border {border}), where torch pads zeros",
                     side.subject(),
-                    match mode {
-                        "reflect" => "mirrored",
-                        "replicate" => "repeated",
-                        _ => "wrapped around",
-                    }
                 ),
                 relative_error: Some(error),
             }];

@@ -1,7 +1,8 @@
 //! A block's end, `relu(residual + identity)`, with the identity wrong: the
-//! add left out, the ReLU before it, or the downsample path cut short. In torchvision's ResNets
-//! a block has a downsample exactly where its output's shape differs from
-//! its input's, so an engine cannot add the block's input unchanged there;
+//! add left out, the ReLU before it, or the downsample path cut short. In
+//! torchvision's ResNets a block has a downsample exactly where its
+//! output's shape differs from its input's, so an engine cannot add the
+//! block's input unchanged there;
 //! what it can skip is the downsample's BatchNorm, or the identity as a
 //! whole (which reads as a missing add).
 

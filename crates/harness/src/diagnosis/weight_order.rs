@@ -63,15 +63,20 @@ fn conv_hints(
         Some(_) => format!("conv `{}` (folded into this BatchNorm)", stage.name),
         None => "this conv".to_string(),
     };
+    // The conv with the given weights (OIHW) on the reference's input, then
+    // through the BatchNorm it was folded into, if any.
+    let computed = |conv: &resnet_core::ops::Conv2d| {
+        let output = evidence.run_conv(conv, &input, observed.reference.shape())?;
+        Some(match folded_into {
+            Some(batch_norm) => batch_norm(&output),
+            None => output,
+        })
+    };
     // What the conv computes with its weights as they are: a reordering
     // that changes nothing here (a symmetric kernel, a 1x1 conv's HW)
     // explains nothing.
-    let Some(correct) = evidence.run_conv(conv, &input, observed.reference.shape()) else {
+    let Some(correct) = computed(conv) else {
         return Vec::new();
-    };
-    let correct = match folded_into {
-        Some(batch_norm) => batch_norm(&correct),
-        None => correct,
     };
     let buffer: Vec<f32> = weight.iter().copied().collect();
     for order in other_orders(weight.shape(), OIHW) {
@@ -87,16 +92,8 @@ fn conv_hints(
             else {
                 continue;
             };
-            let Some(output) = evidence.run_conv(
-                &conv.with_oihw_weight(reordered.view()),
-                &input,
-                observed.reference.shape(),
-            ) else {
+            let Some(output) = computed(&conv.with_oihw_weight(reordered.view())) else {
                 continue;
-            };
-            let output = match folded_into {
-                Some(batch_norm) => batch_norm(&output),
-                None => output,
             };
             if !evidence.distinct(&output, &correct) {
                 continue;
@@ -132,16 +129,8 @@ fn conv_hints(
     };
     if weight.shape()[2] * weight.shape()[3] > 1 {
         let flipped = weight.slice(ndarray::s![.., .., ..;-1, ..;-1]).to_owned();
-        let output = evidence.run_conv(
-            &conv.with_oihw_weight(flipped.view()),
-            &input,
-            observed.reference.shape(),
-        );
-        let output = match (output, folded_into) {
-            (Some(output), Some(batch_norm)) => Some(batch_norm(&output)),
-            (output, _) => output,
-        };
-        let output = output.filter(|output| evidence.distinct(output, &correct));
+        let output = computed(&conv.with_oihw_weight(flipped.view()))
+            .filter(|output| evidence.distinct(output, &correct));
         if let Some((side, error)) = output.and_then(|output| evidence.explains(&output, observed))
         {
             return vec![Hint {
