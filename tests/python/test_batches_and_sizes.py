@@ -296,3 +296,56 @@ def test_an_output_size_no_convention_gives_is_an_off_by_one(size_67, tmp_path):
     assert hypotheses == ["output_size"]
     assert "16x17" in messages[0] and "no usual convention, padding or stride gives" in messages[0]
     assert "torch's 17x17" in messages[0] and "TensorFlow-style SAME padding 17x17" in messages[0]
+
+
+class Summed(nn.Module):
+    """The head's pool as a sum over the map, not a mean."""
+
+    def forward(self, x):
+        return x.sum((2, 3), keepdim=True)
+
+
+class PooledDownsample(nn.Module):
+    """ResNet-D's downsample conv (timm's resnet50d): the input average-pooled
+    2x2, then the 1x1 conv at stride 1, where torchvision strides it."""
+
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        x = F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
+        return F.conv2d(x, self.conv.weight, None, 1)
+
+
+def test_pools_of_another_kind_are_named(size_67, tmp_path):
+    cases = [
+        ("maxpool", lambda model: setattr(model, "maxpool", nn.AvgPool2d(3, 2, 1)),
+         "the candidate matches an average pool (kernel 3, stride 2, padding 1) where torch takes the max"),
+        ("maxpool", lambda model: setattr(model, "maxpool", nn.AvgPool2d(3, 2, 1, count_include_pad=False)),
+         "an average pool (kernel 3, stride 2, padding 1, count_include_pad=False)"),
+        ("avgpool", lambda model: setattr(model, "avgpool", nn.AdaptiveMaxPool2d(1)),
+         "the candidate matches a max over the map where torch averages it"),
+        ("avgpool", lambda model: setattr(model, "avgpool", Summed()),
+         "a sum over the 3x3 map where torch averages it: divide by 9"),
+        ("layer2.0.downsample.0",
+         lambda model: model.layer2[0].downsample.__setitem__(0, PooledDownsample(model.layer2[0].downsample[0])),
+         "this 1x1 conv at stride 1 on its input average-pooled 2x2 (ResNet-D's downsample"),
+    ]
+    for number, (stage, change, says) in enumerate(cases):
+        result = report("compare", size_67, candidate_with(size_67, tmp_path / str(number), change))
+        assert result["summary"]["first_failure"] == stage, (says, result["summary"])
+        hypotheses, messages = hints_at(result, stage)
+        assert hypotheses == ["other_pooling"] and says in messages[0], (hypotheses, messages)
+
+
+def test_a_hard_coded_average_pool_of_7_is_named_where_the_map_is_larger(tmp_path):
+    # 256x256: layer4's map is 8x8, and AvgPool2d(7) averages its top-left
+    # 7x7 (torchvision's ResNets pooled so before AdaptiveAvgPool2d).
+    reference = tmp_path / "dump"
+    run_dump(reference, *SMALL, "--size", 256)
+    result = report("compare", reference,
+                    candidate_with(reference, tmp_path, lambda model: setattr(model, "avgpool", nn.AvgPool2d(7))))
+    hypotheses, messages = hints_at(result, "avgpool")
+    assert hypotheses == ["other_pooling"], messages
+    assert "AvgPool2d(7): the mean of the map's top-left 7x7 only, where torch averages all of its 8x8" in messages[0]

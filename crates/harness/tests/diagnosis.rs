@@ -286,6 +286,54 @@ fn the_variance_used_as_the_standard_deviation() {
 }
 
 #[test]
+fn eps_added_outside_the_square_root() {
+    // sqrt(var) + eps differs from sqrt(var + eps) only where var is small:
+    // both sides get bn1's running_var scaled down to about 1e-4 (compare
+    // reads the reference's stages and weights), the reference's bn1 is
+    // torch's, the candidate's adds eps outside the root.
+    let dir = tempfile::tempdir().unwrap();
+    let [reference, candidate] = ["reference", "candidate"].map(|side| {
+        let dump = copy_fixture("resnet18-w8", &dir.path().join(side));
+        let var_file = dump.join("weights").join("bn1.running_var.npy");
+        write(&var_file, &read(&var_file).mapv(|v| v * 1e-4));
+        let eps = 1e-5;
+        let bn = wrong_bn1(&dump, 0.0, |[w, b, m, v]| {
+            let v = v
+                .iter()
+                .map(|v| match side {
+                    "reference" => v + eps,
+                    _ => (v.sqrt() + eps).powi(2),
+                })
+                .collect();
+            [w, b, m, v]
+        });
+        replace_stage(&dump, "bn1", &bn);
+        dump
+    });
+    let output = verify(&[
+        "compare",
+        path(&reference),
+        path(&candidate),
+        "--format",
+        "json",
+    ]);
+    let report = json_report(&output);
+    assert_hint(
+        &report,
+        "bn1",
+        "batch_norm_eps",
+        "divided by sqrt(running_var) + eps, not by sqrt(running_var + eps)",
+    );
+    // Not also an eps solved from the data: it fits, and misleads.
+    assert_eq!(
+        hints(&report, "bn1").len(),
+        1,
+        "{:?}",
+        hints(&report, "bn1")
+    );
+}
+
+#[test]
 fn a_missing_relu() {
     let report = compare_edited("resnet18-w8", |dump| {
         std::fs::copy(

@@ -231,6 +231,18 @@ impl Conv2d {
         }
     }
 
+    /// The same conv with another stride: what the harness recomputes when
+    /// it asks whether a downsample pooled before a stride-1 conv.
+    pub fn with_stride(&self, stride: [usize; 2]) -> Conv2d {
+        Conv2d {
+            geometry: ConvGeometry {
+                stride,
+                ..self.geometry
+            },
+            ..self.clone()
+        }
+    }
+
     pub fn has_bias(&self) -> bool {
         self.bias.is_some()
     }

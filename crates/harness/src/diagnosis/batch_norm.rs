@@ -146,6 +146,21 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             )
         },
     );
+    // eps added outside the square root: x / (sqrt(var) + eps), which
+    // normalise computes as sqrt((sqrt(var) + eps)^2 + 0). It differs from
+    // torch's only where var is small, and there an eps solved from the
+    // data would be named instead, a wrong value for the right parameter.
+    let std_plus_eps: Vec<f64> = p.var.iter().map(|v| (v.sqrt() + eps).powi(2)).collect();
+    test(
+        Hypothesis::BatchNormEps,
+        normalise(&input, &p.mean, &std_plus_eps, &p.weight, &p.bias, 0.0),
+        &|side| {
+            format!(
+                "{} matches BatchNorm divided by sqrt(running_var) + eps, not by sqrt(running_var + eps): eps added outside the square root",
+                side.subject()
+            )
+        },
+    );
     test(
         Hypothesis::BatchNormStatisticsSwapped,
         normalise(&input, &p.var, &p.mean, &p.weight, &p.bias, eps),
@@ -156,6 +171,13 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             )
         },
     );
+    // eps outside the root named, no eps is solved for: it would fit too.
+    if hints
+        .iter()
+        .any(|hint| hint.hypothesis == Hypothesis::BatchNormEps)
+    {
+        return hints;
+    }
     for (side, observed_output) in [
         (Side::Candidate, observed.candidate),
         (Side::Reference, observed.reference),

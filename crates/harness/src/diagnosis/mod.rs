@@ -14,6 +14,7 @@ pub(crate) mod batch_norm;
 mod linear;
 mod origin;
 mod padding;
+mod pooling;
 mod preprocessing;
 mod residual;
 mod weight_order;
@@ -72,6 +73,10 @@ pub enum Hypothesis {
     /// A conv or max pool padded TensorFlow's way ("SAME": more at the
     /// bottom and right) instead of torch's symmetric padding.
     SamePadding,
+    /// A pool of another kind: an average where torch takes the max; a
+    /// max, a sum or a fixed 7x7 window where it averages the map; a
+    /// downsample average-pooled before its conv (ResNet-D).
+    OtherPooling,
     /// An output of another height or width: the convention that gives it
     /// (max pooling's ceil_mode, SAME, no padding), or none.
     OutputSize,
@@ -186,10 +191,13 @@ impl<'a> Evidence<'a> {
                 hints.extend(weight_order::hints(self, index, observed));
                 hints.extend(padding::same_padding_hints(self, index, observed));
                 hints.extend(padding::padding_mode_hints(self, index, observed));
+                hints.extend(pooling::downsample_hints(self, index, observed));
             }
             StageKind::MaxPool2d => {
-                hints.extend(padding::same_padding_hints(self, index, observed))
+                hints.extend(padding::same_padding_hints(self, index, observed));
+                hints.extend(pooling::hints(self, index, observed));
             }
+            StageKind::AdaptiveAvgPool2d => hints.extend(pooling::hints(self, index, observed)),
             StageKind::Linear => hints.extend(linear::hints(self, index, observed)),
             StageKind::BatchNorm2d => {
                 hints.extend(batch_norm::hints(self, index, observed));
