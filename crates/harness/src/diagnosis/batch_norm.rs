@@ -73,11 +73,9 @@ pub(crate) fn channel_statistics(nchw: &ArrayD<f32>) -> (Vec<f64>, Vec<f64>) {
 }
 
 pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> Vec<Hint> {
-    let Some(network) = evidence.network else {
-        return Vec::new();
-    };
-    let stage = &network.stages()[index];
-    let Some(input) = evidence.reference_input(index) else {
+    let (Some(network), Some((stage, input))) =
+        (evidence.network, evidence.stage_with_input(index))
+    else {
         return Vec::new();
     };
     let Some(p) = Parameters::load(&stage.module, |name| evidence.weight(name).ok_or(())).ok()

@@ -7,14 +7,10 @@ use ndarray::{ArrayD, IxDyn};
 use super::{Evidence, Hint, Hypothesis, Observed};
 
 pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> Vec<Hint> {
-    let Some(network) = evidence.network else {
+    let Some((stage, input)) = evidence.stage_with_input(index) else {
         return Vec::new();
     };
-    let module = &network.stages()[index].module;
-    let (Some(input), Some(weight)) = (
-        evidence.reference_input(index),
-        evidence.weight(&format!("{module}.weight")),
-    ) else {
+    let Some(weight) = evidence.weight(&format!("{}.weight", stage.module)) else {
         return Vec::new();
     };
     let &[outputs, features] = weight.shape() else {
@@ -49,7 +45,7 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             relative_error: Some(error),
         }];
     }
-    let bias = evidence.weight(&format!("{module}.bias"));
+    let bias = evidence.weight(&format!("{}.bias", stage.module));
     let x: Vec<f64> = input.iter().map(|&v| v as f64).collect();
     let w: Vec<f64> = weight.iter().map(|&v| v as f64).collect();
     // `weight[o, i]`, or with `transposed` the value at `[i, o]`.

@@ -22,7 +22,7 @@ mod weight_order;
 use std::rc::Rc;
 
 use ndarray::ArrayD;
-use resnet_core::{Network, StageKind};
+use resnet_core::{Network, Stage, StageKind};
 use resnet_dump::{Dump, StageEntry};
 use serde::Serialize;
 
@@ -341,6 +341,12 @@ impl<'a> Evidence<'a> {
 
     pub fn reference_named(&self, name: &str) -> Option<Rc<ArrayD<f32>>> {
         Some(self.stages.named(name)?.ok()?.data)
+    }
+
+    /// Stage `index` of the network, with the reference's (single) input
+    /// to it: what most hypotheses recompute from.
+    pub fn stage_with_input(&self, index: usize) -> Option<(&'a Stage, Rc<ArrayD<f32>>)> {
+        Some((&self.network?.stages()[index], self.reference_input(index)?))
     }
 
     /// The reference's (single) input to stage `index`.

@@ -7,6 +7,8 @@
 //! covers the input (a size that differs). A candidate whose output size
 //! differs gets the conventions that would give it, by name.
 
+use std::rc::Rc;
+
 use ndarray::{ArrayD, Slice};
 
 use super::{Evidence, Hint, Hypothesis, Observed, Side};
@@ -64,10 +66,18 @@ impl Window {
     }
 }
 
-/// The stage's windows (height, width) and whether it pools; `None` for
-/// stages without one.
-fn windows(evidence: &Evidence, index: usize) -> Option<([Window; 2], bool)> {
-    let stage = &evidence.network?.stages()[index];
+/// A conv or max pool stage with the reference's input to it.
+struct Windowed<'a> {
+    stage: &'a resnet_core::Stage,
+    input: Rc<ArrayD<f32>>,
+    /// Along the height, then the width.
+    windows: [Window; 2],
+    pool: bool,
+}
+
+/// Stage `index` with its windows; `None` for stages without windows.
+fn windowed<'a>(evidence: &Evidence<'a>, index: usize) -> Option<Windowed<'a>> {
+    let (stage, input) = evidence.stage_with_input(index)?;
     if let Some(conv) = stage.conv() {
         let g = conv.geometry();
         let axis = |a: usize| Window {
@@ -76,7 +86,12 @@ fn windows(evidence: &Evidence, index: usize) -> Option<([Window; 2], bool)> {
             padding: g.padding[a],
             dilation: g.dilation[a],
         };
-        return Some(([axis(0), axis(1)], false));
+        return Some(Windowed {
+            stage,
+            input,
+            windows: [axis(0), axis(1)],
+            pool: false,
+        });
     }
     let pool = stage.max_pool()?;
     let window = Window {
@@ -85,7 +100,12 @@ fn windows(evidence: &Evidence, index: usize) -> Option<([Window; 2], bool)> {
         padding: pool.padding,
         dilation: 1,
     };
-    Some(([window; 2], true))
+    Some(Windowed {
+        stage,
+        input,
+        windows: [window; 2],
+        pool: true,
+    })
 }
 
 /// For a stage whose candidate output has another height or width than the
@@ -100,11 +120,13 @@ pub(super) fn size_hints(
     reference_shape: &[usize],
     candidate: &ArrayD<f32>,
 ) -> Vec<Hint> {
-    let (Some(network), Some((windows, pool)), Some(input)) = (
-        evidence.network,
-        windows(evidence, index),
-        evidence.reference_input(index),
-    ) else {
+    let Some(Windowed {
+        stage,
+        input,
+        windows,
+        pool,
+    }) = windowed(evidence, index)
+    else {
         return Vec::new();
     };
     let (&[_, _, input_h, input_w], &[_, _, want_h, want_w], &[_, _, got_h, got_w]) =
@@ -181,7 +203,6 @@ pub(super) fn size_hints(
         }
     }
 
-    let stage = &network.stages()[index];
     let what = if pool { "max pool" } else { "conv" };
     let sizes = format!(
         "the candidate's output is {got_h}x{got_w} where torch's is {want_h}x{want_w}, from a {input_h}x{input_w} input"
@@ -308,11 +329,13 @@ pub(super) fn same_padding_hints(
     index: usize,
     observed: &Observed,
 ) -> Vec<Hint> {
-    let (Some(network), Some((windows, pool)), Some(input)) = (
-        evidence.network,
-        windows(evidence, index),
-        evidence.reference_input(index),
-    ) else {
+    let Some(Windowed {
+        stage,
+        input,
+        windows,
+        pool,
+    }) = windowed(evidence, index)
+    else {
         return Vec::new();
     };
     let &[_, _, input_h, input_w] = input.shape() else {
@@ -335,7 +358,6 @@ pub(super) fn same_padding_hints(
     {
         return Vec::new();
     }
-    let stage = &network.stages()[index];
     let Some(recomputed) =
         padded_windows(evidence, stage, &input, pads, observed.reference.shape())
     else {
@@ -371,10 +393,10 @@ pub(super) fn padding_mode_hints(
     index: usize,
     observed: &Observed,
 ) -> Vec<Hint> {
-    let (Some(network), Some(input)) = (evidence.network, evidence.reference_input(index)) else {
+    let Some((stage, input)) = evidence.stage_with_input(index) else {
         return Vec::new();
     };
-    let Some(conv) = network.stages()[index].conv() else {
+    let Some(conv) = stage.conv() else {
         return Vec::new();
     };
     let [pad_h, pad_w] = conv.geometry().padding;

@@ -77,10 +77,9 @@ type Alternative = (Option<ArrayD<f32>>, String);
 
 /// For a max pool, or the head's average pool: another kind of pool.
 pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> Vec<Hint> {
-    let (Some(network), Some(input)) = (evidence.network, evidence.reference_input(index)) else {
+    let Some((stage, input)) = evidence.stage_with_input(index) else {
         return Vec::new();
     };
-    let stage = &network.stages()[index];
     let (&[_, _, height, width], &[_, _, out_h, out_w]) =
         (input.shape(), observed.reference.shape())
     else {
@@ -173,17 +172,16 @@ pub(super) fn downsample_hints(
     index: usize,
     observed: &Observed,
 ) -> Vec<Hint> {
-    let (Some(network), Some(input)) = (evidence.network, evidence.reference_input(index)) else {
+    let &[_, _, out_h, out_w] = observed.reference.shape() else {
         return Vec::new();
     };
-    let stage = &network.stages()[index];
+    let Some((stage, input)) = evidence.stage_with_input(index) else {
+        return Vec::new();
+    };
     let Some(conv) = stage.conv() else {
         return Vec::new();
     };
     let geometry = conv.geometry();
-    let &[_, _, out_h, out_w] = observed.reference.shape() else {
-        return Vec::new();
-    };
     if !stage.module.ends_with(".downsample.0")
         || geometry.kernel != [1, 1]
         || geometry.stride != [2, 2]

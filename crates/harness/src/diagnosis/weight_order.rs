@@ -46,13 +46,12 @@ fn conv_hints(
     observed: &Observed,
     folded_into: Option<FoldedInto>,
 ) -> Vec<Hint> {
-    let Some(stage) = evidence.network.map(|network| &network.stages()[index]) else {
+    let Some((stage, input)) = evidence.stage_with_input(index) else {
         return Vec::new();
     };
-    let (Some(conv), Some(weight), Some(input)) = (
+    let (Some(conv), Some(weight)) = (
         stage.conv(),
         evidence.weight(&format!("{}.weight", stage.module)),
-        evidence.reference_input(index),
     ) else {
         return Vec::new();
     };
