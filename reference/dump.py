@@ -39,7 +39,7 @@ def parse_args(argv):
     )
     parser.add_argument("--model", required=True, choices=sorted(models.MODELS), help="torchvision constructor name")
     parser.add_argument("--out", required=True, type=Path, help="dump directory (replaced if it holds a dump)")
-    parser.add_argument("--weights", type=Path, help="a torchvision state_dict (.pth) you already have; default: seeded random weights with calibrated BatchNorm statistics")
+    parser.add_argument("--weights", type=Path, help="a torchvision state_dict (.pth) you already have: torchvision's classifier, or one saved with --head's head (fc.1.* for dropout_linear, no fc for identity and none); default: seeded random weights with calibrated BatchNorm statistics")
     parser.add_argument("--seed", type=int, default=0, help="seed for weights, calibration and random input (default 0)")
     parser.add_argument("--image", default="cat", help="'cat' (scikit-image's chelsea), 'random', or an image path (default cat)")
     parser.add_argument("--images", nargs="+", metavar="IMAGE",
@@ -194,7 +194,7 @@ def build(args):
                          width_per_group=args.width_per_group,
                          replace_stride_with_dilation=args.replace_stride_with_dilation)
     if args.weights:
-        model, architecture = models.from_checkpoint(args.model, args.weights, **shape_options)
+        model, architecture = models.from_checkpoint(args.model, args.weights, head=args.head, **shape_options)
         weights_description = {"source": "file", "file": str(args.weights)}
     else:
         model, architecture = models.seeded(args.model, args.seed, args.size, **shape_options)
@@ -204,11 +204,12 @@ def build(args):
             "batch_norm_affine": "weight ~ U[0.5, 1.5), bias ~ U[-0.25, 0.25)",
             "calibration": {"batches": 2, "batch_size": 4, "input": "standard normal (Irwin-Hall of 12)", "momentum": None},
         }
+    if not args.weights:  # a checkpoint is loaded with its head on
+        model = models.with_head(model, args.head)
     if args.norm_layer == "FrozenBatchNorm2d":
         model = models.freeze_batch_norms(model)
     if args.norm_layer != "BatchNorm2d" or args.head != "linear":
-        model = models.with_head(model, args.head).eval()
-        architecture = models.describe(model)
+        architecture = models.describe(model.eval())
     x, input_description = preprocess.make_input(args.image, args.size, args.batch, args.seed, images=args.images)
     return model, architecture, weights_description, x, input_description
 

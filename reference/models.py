@@ -327,14 +327,21 @@ def describe(model):
     attribute that changes its result. Anything else raises Unsupported
     naming every module that differs, so that no model is verified or run
     as a network it is not."""
+    check_kind(model)
     traced = isinstance(model, torch.fx.GraphModule)
     backbone = traced or isinstance(model, IntermediateLayerGetter)
-    if not (isinstance(model, tv.ResNet) or backbone):
-        raise Unsupported(f"{type(model).__name__} is not a torchvision ResNet (torchvision.models.resnet.ResNet), "
-                          "nor a backbone cut from one (torchvision's IntermediateLayerGetter or "
-                          "create_feature_extractor)")
     problems = []  # (path, why)
-    modules = dict(model.named_modules())
+    # Every path to each module: one module object called from two places
+    # (a ReLU shared by every block) is one module to named_modules().
+    paths = collections.defaultdict(list)
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths[id(module)].append(path)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for shared in (paths for paths in paths.values() if len(paths) > 1):
+        problems.append((shared[0], f"the same {type(modules[shared[0]]).__name__} object as "
+                                    f"{', '.join(shared[1:4])}{' and more' if len(shared) > 4 else ''}: "
+                                    "stages are told apart by module, so each place needs a module of its own "
+                                    "(copy.deepcopy)"))
 
     def read(path, attribute):
         module = modules.get(path)
@@ -475,6 +482,31 @@ def describe(model):
     return architecture
 
 
+def check_kind(model):
+    """Raises Unsupported where `model` is no torchvision ResNet nor a
+    backbone cut from one, before anything is asked of its modules (a graph
+    that torch.export made cannot even be put in eval mode)."""
+    traced = isinstance(model, torch.fx.GraphModule)
+    if not (isinstance(model, (tv.ResNet, IntermediateLayerGetter)) or traced):
+        raise Unsupported(f"{type(model).__name__} is not a torchvision ResNet (torchvision.models.resnet.ResNet), "
+                          "nor a backbone cut from one (torchvision's IntermediateLayerGetter or "
+                          "create_feature_extractor)")
+    if traced and not _returns_module_outputs(model):
+        raise Unsupported(_refusal([("", "a traced or exported graph (torch.fx, torch.export) that returns "
+                                         "something other than module outputs by name, as no backbone cut by "
+                                         "torchvision's create_feature_extractor does: its modules are not what "
+                                         "it computes; verify the model before tracing or exporting it")]))
+
+
+def _returns_module_outputs(model):
+    """Whether a traced graph returns a dict of module calls' outputs, as
+    create_feature_extractor's do."""
+    output = next((node for node in model.graph.nodes if node.op == "output"), None)
+    returned = output.args[0] if output is not None and output.args else None
+    return isinstance(returned, dict) and all(
+        isinstance(node, torch.fx.Node) and node.op == "call_module" for node in returned.values())
+
+
 def _graph_problems(model, architecture, block):
     """What differs between a traced backbone's graph (torchvision's
     create_feature_extractor) and the graph torchvision traces from a stock
@@ -483,11 +515,7 @@ def _graph_problems(model, architecture, block):
     modules (checked one by one) are wired as a ResNet wires them."""
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    output = next(node for node in model.graph.nodes if node.op == "output")
-    returned = output.args[0] if output.args else None
-    if not isinstance(returned, dict) or not all(
-            isinstance(node, torch.fx.Node) and node.op == "call_module" for node in returned.values()):
-        return [("", "a traced graph that returns something other than module outputs by name")]
+    returned = next(node for node in model.graph.nodes if node.op == "output").args[0]  # checked by check_kind
 
     def qualified_name(node):
         # The k-th call of module `a.b` is node `a_b_k`; torchvision names it `a.b_k`.
@@ -634,7 +662,11 @@ def seeded(name, seed, size, width=FULL_WIDTH, num_classes=1000, groups=None, wi
 
 
 def from_checkpoint(name, path, width=FULL_WIDTH, num_classes=1000, groups=None, width_per_group=None,
-                    replace_stride_with_dilation=None):
+                    replace_stride_with_dilation=None, head="linear"):
+    """A `name` model with the state_dict at `path`, in eval mode, with
+    `head` (see with_head): a checkpoint of torchvision's classifier (fc.*)
+    is loaded before the head is put on, one saved with the head (a
+    fine-tuning fc.1.*, or no fc at all) after."""
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as error:  # missing, a directory, unreadable
@@ -646,12 +678,19 @@ def from_checkpoint(name, path, width=FULL_WIDTH, num_classes=1000, groups=None,
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict):
         raise SystemExit(f"--weights {path}: holds a {type(state_dict).__name__}, not a state_dict")
-    if "fc.weight" in state_dict:
-        num_classes = state_dict["fc.weight"].shape[0]
+    classifier = "fc.weight" in state_dict
+    for key in ("fc.weight", "fc.1.weight"):
+        if key in state_dict:
+            num_classes = state_dict[key].shape[0]
     model, architecture = build(name, width, num_classes, groups, width_per_group, replace_stride_with_dilation)
+    if not classifier:
+        model = with_head(model, head)
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as error:
-        raise SystemExit(f"{path}: not a {name} state_dict: {error}") from None
+        with_what = f" with --head {head}" if head != "linear" else ""
+        raise SystemExit(f"{path}: not a {name} state_dict{with_what}: {error}") from None
+    if classifier:
+        model = with_head(model, head)
     model.eval()
-    return model, architecture
+    return model, architecture if head == "linear" else describe(model)

@@ -92,7 +92,8 @@ def _float32(array, what="array"):
 def _train_mode_modules(model):
     """`model`'s modules in training mode, as (path, module); "" is the model."""
     named_modules = getattr(model, "named_modules", None)
-    return [(path, module) for path, module in named_modules() if module.training] if named_modules else []
+    return ([(path, module) for path, module in named_modules() if getattr(module, "training", False)]
+            if named_modules else [])
 
 
 def _refuse_train_mode(model):
@@ -130,10 +131,15 @@ def _refuse_train_mode(model):
 
 def _torch_weights(model):
     """The state_dict as float32 arrays and the architecture of a torch
-    model; VerifyError naming each module the core would not build exactly."""
-    from reference.models import Unsupported, describe
+    model. Refused, in this order: what is no torchvision ResNet at all
+    (VerifyError), a model with a module in train mode (TrainModeError,
+    naming them), one the core would not build exactly (VerifyError, naming
+    each module)."""
+    from reference.models import Unsupported, check_kind, describe
 
     try:
+        check_kind(model)
+        _refuse_train_mode(model)
         architecture = describe(model)
     except Unsupported as refused:
         raise VerifyError(str(refused)) from None
@@ -158,7 +164,6 @@ def forward(weights_or_dump, x, upto=None, architecture=None):
     if isinstance(weights_or_dump, (str, os.PathLike)):
         return _native.forward_dump(os.fspath(weights_or_dump), x, upto)
     if hasattr(weights_or_dump, "state_dict"):
-        _refuse_train_mode(weights_or_dump)
         weights, architecture = _torch_weights(weights_or_dump)
     else:
         if architecture is None:
@@ -224,8 +229,11 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
     from reference import hooks
     from reference.manifest import build_manifest, class_names, noise_floor
 
-    _refuse_train_mode(model)
     weights, architecture = _torch_weights(model)
+    if torch.is_autocast_enabled("cpu"):
+        raise VerifyError(f"torch.autocast is on for the CPU ({torch.get_autocast_dtype('cpu')}): the model would "
+                          "run its convs and Linear in that dtype, where the core computes float32, and every stage "
+                          "would fail for it; call verify_torch outside the autocast block")
     x = torch.as_tensor(_float32(x, "x"))
     if x.ndim != 4:
         raise VerifyError(f"x must be NCHW (4-D), got shape {list(x.shape)}")

@@ -186,6 +186,37 @@ def test_checkpoint_weights_are_used_as_given(tmp_path):
     assert wrong.returncode != 0 and "not a resnet50 state_dict" in wrong.stderr
 
 
+def test_checkpoints_saved_with_a_head_are_dumped_with_it(tmp_path):
+    # A checkpoint of a fine-tuned model (fc = Sequential(Dropout, Linear):
+    # fc.1.*) or of a feature extractor (no fc) was loaded into the stock
+    # classifier before --head was put on, and refused for its keys.
+    import torch
+    from torch import nn
+    model, _ = models.build("resnet18", width=8, num_classes=10)
+    model.fc = nn.Sequential(nn.Dropout(0.5), model.fc)
+    torch.nn.init.constant_(model.fc[1].bias, 0.5)
+    torch.save(model.state_dict(), tmp_path / "fine-tuned.pth")
+    manifest = run_dump(tmp_path / "fine-tuned", "--model", "resnet18", "--width", 8, "--size", 32,
+                        "--weights", tmp_path / "fine-tuned.pth", "--head", "dropout_linear")
+    assert manifest["architecture"]["head"] == "dropout_linear" and manifest["architecture"]["num_classes"] == 10
+    np.testing.assert_array_equal(np.load(tmp_path / "fine-tuned/weights/fc.1.bias.npy"), np.full(10, 0.5, np.float32))
+    model.fc = nn.Identity()
+    torch.save(model.state_dict(), tmp_path / "features.pth")
+    for head in ("identity", "none"):
+        manifest = run_dump(tmp_path / head, "--model", "resnet18", "--width", 8, "--size", 32,
+                            "--weights", tmp_path / "features.pth", "--head", head)
+        assert manifest["architecture"]["head"] == head
+        assert run_verify(tmp_path / head).returncode == 0
+    # torchvision's classifier with another head: the head is put on after.
+    del model.fc
+    model.fc = nn.Linear(64, 10)
+    torch.save(model.state_dict(), tmp_path / "classifier.pth")
+    manifest = run_dump(tmp_path / "cut", "--model", "resnet18", "--width", 8, "--size", 32,
+                        "--weights", tmp_path / "classifier.pth", "--head", "none")
+    assert manifest["architecture"]["head"] == "none"
+    assert run_verify(tmp_path / "cut").returncode == 0
+
+
 def test_refuses_to_overwrite_a_directory_that_is_not_a_dump(tmp_path):
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("...")

@@ -512,3 +512,57 @@ def test_dilated_resnets_are_verified_at_224(name, dilation):
     assert report.passed, report.failures()
     layer4 = next(stage for stage in report["stages"] if stage["name"] == "layer4")
     assert layer4["shape"][2:] == ([28, 28] if dilation[1] else [14, 14])
+
+
+def test_a_weights_dict_with_weights_the_architecture_does_not_use_is_refused():
+    # forward(dict, architecture=...) once built the stock network and
+    # returned its numbers for a model whose conv had a bias (the dict's
+    # extra key dropped in silence).
+    model = seeded(resnet18())
+    architecture = models.describe(model)
+    weights = {name: tensor.numpy() for name, tensor in model.state_dict().items()}
+    x = torch.zeros(1, 3, 32, 32)
+    assert "fc" in rv.forward(weights, x, architecture=architecture)  # num_batches_tracked is no weight
+    weights["layer1.0.conv1.bias"] = torch.full((8,), 0.5).numpy()
+    weights["extra.weight"] = torch.ones(3).numpy()
+    with pytest.raises(rv.VerifyError, match=r"^2 weight\(s\) that the architecture does not use: extra.weight, "
+                                             r"layer1.0.conv1.bias\. The model they come from has parts"):
+        rv.forward(weights, x, architecture=architecture)
+
+
+def test_graphs_and_compiled_forms_are_refused_as_what_they_are():
+    model = seeded(resnet18())
+    x = torch.zeros(1, 3, 32, 32)
+    # torch.export's module cannot be put in eval mode: it was once told to.
+    exported = torch.export.export(model, (x,)).module()
+    traced = torch.fx.symbolic_trace(model).eval()
+    for graph in (exported, traced):
+        with pytest.raises(rv.VerifyError) as refused:
+            rv.forward(graph, x)
+        message = str(refused.value)
+        assert "a traced or exported graph (torch.fx, torch.export)" in message, message
+        # Not also a list of the modules a backbone has no use for.
+        assert "AdaptiveAvgPool2d" not in message, message
+    # A frozen TorchScript module has no `training`: once an AttributeError.
+    frozen = torch.jit.freeze(torch.jit.script(model))
+    with pytest.raises(rv.VerifyError, match="RecursiveScriptModule is not a torchvision ResNet"):
+        rv.verify_torch(frozen, x)
+
+
+def test_one_module_object_in_two_places_is_refused_by_name():
+    # A ReLU shared by the stem and every block: named_modules() lists it
+    # once, and it was called 'missing' in the blocks.
+    def share(model):
+        for block in (*model.layer1, *model.layer2, *model.layer3, *model.layer4):
+            block.relu = model.relu
+    with pytest.raises(rv.VerifyError, match=r"relu: the same ReLU object as layer1\.0\.relu, layer1\.1\.relu, "
+                                             r"layer2\.0\.relu and more: stages are told apart by module") as refused:
+        rv.forward(changed(resnet18, share).eval(), torch.zeros(1, 3, 32, 32))
+    assert "missing" not in str(refused.value)
+
+
+def test_verify_torch_under_autocast_is_refused_not_failed():
+    model = seeded(resnet18())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(rv.VerifyError, match=r"torch.autocast is on for the CPU \(torch.bfloat16\)"):
+            rv.verify_torch(model, torch.zeros(1, 3, 32, 32))

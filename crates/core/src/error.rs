@@ -18,6 +18,13 @@ pub enum CoreError {
     #[error("weight `{name}` cannot be read: {reason}")]
     WeightSource { name: String, reason: String },
 
+    #[error(
+        "{} weight(s) that the architecture does not use: {}. The model they come from has parts the core does not build (a conv with a bias, a module of its own?); built without them, the network would compute another model",
+        .names.len(),
+        listed(.names)
+    )]
+    UnusedWeights { names: Vec<String> },
+
     #[error("unsupported architecture: {0}")]
     UnsupportedArchitecture(String),
 
@@ -44,4 +51,14 @@ pub enum CoreError {
         /// Boxed: a shape error holds shapes, and errors travel by value.
         reason: Box<ShapeError>,
     },
+}
+
+/// The first eight of `names`, and how many more.
+fn listed(names: &[String]) -> String {
+    const SHOWN: usize = 8;
+    let mut text = names[..names.len().min(SHOWN)].join(", ");
+    if names.len() > SHOWN {
+        text += &format!(" and {} more", names.len() - SHOWN);
+    }
+    text
 }

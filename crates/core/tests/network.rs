@@ -562,6 +562,31 @@ fn a_network_cut_before_a_batch_norm_with_its_own_eps_still_builds() {
 }
 
 #[test]
+fn weights_the_network_does_not_read_are_named_on_request() {
+    let arch = architecture(BlockKind::BasicBlock, 1, 64);
+    let mut weights = random_weights(&arch, 10);
+    weights.insert("bn1.num_batches_tracked".into(), ArrayD::zeros(IxDyn(&[])));
+    let network = Network::from_weights(&arch, &weights).unwrap();
+    // Every weight read; the count of training batches is no weight.
+    assert_eq!(
+        network.check_all_weights_read(weights.keys().map(String::as_str)),
+        Ok(())
+    );
+    // A conv's bias, which torchvision's ResNets do not have, and a module
+    // of the model's own: the network is built without them, and says so
+    // when asked.
+    let mut names: Vec<&str> = weights.keys().map(String::as_str).collect();
+    names.extend(["layer1.0.conv1.bias", "extra.weight"]);
+    let refused = network.check_all_weights_read(names).unwrap_err();
+    assert!(
+        refused.to_string().starts_with(
+            "2 weight(s) that the architecture does not use: extra.weight, layer1.0.conv1.bias."
+        ),
+        "{refused}"
+    );
+}
+
+#[test]
 fn the_outputs_are_the_same_bits_whatever_the_thread_count() {
     // Large enough that every operation splits its work (the packed GEMM
     // across output tiles, the grouped convs through the gemm crate, the

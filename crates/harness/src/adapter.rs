@@ -45,8 +45,21 @@ const WEIGHTS_AHEAD: usize = 8;
 /// the core reorders and packs the ones before: on a ResNet50 dump the
 /// reading (100 MB) and the packing each took some 30 ms one after the
 /// other. The network is the one `Network::from_weights` builds from
-/// [`DumpWeights`], with the same errors.
+/// [`DumpWeights`], with the same errors; built for the manifest's whole
+/// architecture, it is refused if it leaves a weight the dump lists unread.
 pub fn network(dump: &Dump, architecture: &Architecture) -> Result<Network, CoreError> {
+    let network = read_ahead_network(dump, architecture)?;
+    // The manifest's whole network (not one cut short for --upto) reads
+    // every weight the dump lists, or the dump is of another model.
+    let whole = dump.architecture().ok().map(self::architecture);
+    if whole.as_ref() == Some(architecture) {
+        let listed = dump.manifest().weights.iter();
+        network.check_all_weights_read(listed.map(|weight| weight.name.as_str()))?;
+    }
+    Ok(network)
+}
+
+fn read_ahead_network(dump: &Dump, architecture: &Architecture) -> Result<Network, CoreError> {
     std::thread::scope(|scope| {
         let (sender, receiver) = sync_channel(WEIGHTS_AHEAD);
         scope.spawn(move || {

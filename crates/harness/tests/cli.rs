@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use ndarray::{Axis, IxDyn};
+use ndarray::{ArrayD, Axis, IxDyn};
 
 #[test]
 fn every_eval_fixture_is_succ_at_every_stage() {
@@ -1006,6 +1006,35 @@ fn an_architecture_field_the_format_does_not_know_is_refused() {
         "{}",
         stderr(&output)
     );
+}
+
+#[test]
+fn a_weight_the_architecture_does_not_read_is_refused_unless_cut_before_it() {
+    // A dump of a model whose layer1.0.conv1 has a bias: torchvision's has
+    // none, and a network built without it computes another model.
+    let dir = tempfile::tempdir().unwrap();
+    let dump = copy_fixture("resnet18-w8", dir.path());
+    let bias = ArrayD::from_elem(IxDyn(&[8]), 0.5f32);
+    write(&dump.join("weights").join("layer1.0.conv1.bias.npy"), &bias);
+    edit_manifest(&dump, |m| {
+        let listed = m["weights"].as_array_mut().unwrap();
+        listed.push(serde_json::json!({
+            "name": "layer1.0.conv1.bias", "shape": [8], "dtype": "float32",
+            "file": "weights/layer1.0.conv1.bias.npy"
+        }));
+    });
+    let output = verify(&[path(&dump)]);
+    assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+    assert!(
+        stderr(&output).contains(
+            "1 weight(s) that the architecture does not use: layer1.0.conv1.bias. The model they come from has parts the core does not build"
+        ),
+        "{}",
+        stderr(&output)
+    );
+    // A pass cut before it reads only the weights up to the cut.
+    let cut = verify(&[path(&dump), "--upto", "maxpool"]);
+    assert_eq!(cut.status.code(), Some(0), "{}", stderr(&cut));
 }
 
 #[test]

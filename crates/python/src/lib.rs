@@ -325,7 +325,11 @@ fn forward_arrays<'py>(
 ) -> PyResult<Bound<'py, PyDict>> {
     let architecture: resnet_dump::Architecture =
         serde_json::from_str(architecture_json).map_err(|e| error(format!("architecture: {e}")))?;
-    let network = Network::from_weights(&adapter::architecture(&architecture), &arrays(weights)?)
+    let weights = arrays(weights)?;
+    let network =
+        Network::from_weights(&adapter::architecture(&architecture), &weights).map_err(error)?;
+    network
+        .check_all_weights_read(weights.keys().map(String::as_str))
         .map_err(error)?;
     forward_outputs(py, &network, x, upto)
 }

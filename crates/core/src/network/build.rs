@@ -2,6 +2,9 @@
 //! Read top to bottom, it is torchvision's `ResNet`, `Bottleneck` and
 //! `BasicBlock`.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
+
 use ndarray::Ix4;
 
 use super::stage::repeated_call_name;
@@ -18,9 +21,13 @@ impl Network {
         weights: &dyn WeightSource,
     ) -> Result<Network, CoreError> {
         architecture.validate()?;
+        let recording = Recording {
+            source: weights,
+            read: RefCell::new(HashSet::new()),
+        };
         let mut net = Builder {
             architecture,
-            weights,
+            weights: &recording,
             stages: Vec::new(),
             block: None,
             layer: None,
@@ -148,6 +155,7 @@ impl Network {
             stages: net.stages,
             last_reader,
             released_after,
+            weights_read: recording.read.into_inner(),
             fused: std::sync::OnceLock::new(),
         })
     }
@@ -163,6 +171,19 @@ struct LayerShape {
     first_dilation: usize,
     /// Every other block's dilation.
     dilation: usize,
+}
+
+/// A weight source that notes every name read from it.
+struct Recording<'a> {
+    source: &'a dyn WeightSource,
+    read: RefCell<HashSet<String>>,
+}
+
+impl WeightSource for Recording<'_> {
+    fn weight(&self, name: &str) -> Result<crate::WeightTensor, CoreError> {
+        self.read.borrow_mut().insert(name.to_string());
+        self.source.weight(name)
+    }
 }
 
 struct Builder<'a> {

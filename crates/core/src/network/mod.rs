@@ -11,6 +11,7 @@ mod build;
 mod fused;
 mod stage;
 
+use std::collections::HashSet;
 use std::ops::ControlFlow;
 use std::rc::Rc;
 
@@ -27,6 +28,8 @@ pub struct Network {
     last_reader: Vec<Option<usize>>,
     /// For each stage, the stages whose values are not needed once it ran.
     released_after: Vec<Vec<usize>>,
+    /// The state_dict names the network was built from.
+    weights_read: HashSet<String>,
     /// The inference path, built on first use.
     fused: std::sync::OnceLock<fused::FusedPlan>,
 }
@@ -34,6 +37,30 @@ pub struct Network {
 impl Network {
     pub fn architecture(&self) -> &Architecture {
         &self.architecture
+    }
+
+    /// Refuses `names` (a model's state_dict) if the network did not read
+    /// them all: a conv's bias, or a module the architecture lacks, would
+    /// be dropped in silence, and the network would compute another model
+    /// than the one the weights came from. (Not checked by
+    /// [`Network::from_weights`]: a network cut short, for `--upto`, reads
+    /// only the weights before the cut.) BatchNorm's `num_batches_tracked`
+    /// counts training batches, no part of eval mode, and is never read.
+    pub fn check_all_weights_read<'n>(
+        &self,
+        names: impl IntoIterator<Item = &'n str>,
+    ) -> Result<(), CoreError> {
+        let mut unread: Vec<String> = names
+            .into_iter()
+            .filter(|name| !name.ends_with(".num_batches_tracked"))
+            .filter(|name| !self.weights_read.contains(*name))
+            .map(str::to_string)
+            .collect();
+        if unread.is_empty() {
+            return Ok(());
+        }
+        unread.sort();
+        Err(CoreError::UnusedWeights { names: unread })
     }
 
     /// Every stage, in execution order. Stage 0 is the input.
