@@ -1126,14 +1126,7 @@ fn a_layer_counts_a_block_with_a_failing_stage_as_failed() {
     let file = stage_file(&candidate, "layer2.0.conv1");
     write(&file, &read(&file).mapv(|v| v * 1.01));
     let reference = fixture("resnet18-w8");
-    let output = verify(&[
-        "compare",
-        path(&reference),
-        path(&candidate),
-        "--format",
-        "json",
-    ]);
-    let report = json_report(&output);
+    let (_, report) = compare_report(&reference, &candidate, &[]);
     assert_eq!(entry(&report, "blocks", "layer2.0")["verdict"], "fail");
     let layer = entry(&report, "layers", "layer2");
     assert_eq!(layer["blocks"], serde_json::json!({"succ": 1, "total": 2}));

@@ -22,15 +22,9 @@ fn compare_edited(name: &str, edit: impl FnOnce(&Path)) -> Value {
     let dir = tempfile::tempdir().unwrap();
     let candidate = copy_fixture(name, dir.path());
     edit(&candidate);
-    let output = verify(&[
-        "compare",
-        path(&fixture(name)),
-        path(&candidate),
-        "--format",
-        "json",
-    ]);
-    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
-    json_report(&output)
+    let (code, report) = compare_report(&fixture(name), &candidate, &[]);
+    assert_eq!(code, 1);
+    report
 }
 
 fn stage<'a>(report: &'a Value, name: &str) -> &'a Value {
@@ -310,14 +304,7 @@ fn eps_added_outside_the_square_root() {
         replace_stage(&dump, "bn1", &bn);
         dump
     });
-    let output = verify(&[
-        "compare",
-        path(&reference),
-        path(&candidate),
-        "--format",
-        "json",
-    ]);
-    let report = json_report(&output);
+    let (_, report) = compare_report(&reference, &candidate, &[]);
     assert_hint(
         &report,
         "bn1",
@@ -392,16 +379,7 @@ fn a_relu6_and_a_skipped_batch_norm_are_named() {
         );
         dump
     });
-    let output = verify(&[
-        "compare",
-        path(&reference),
-        path(&candidate),
-        "--only",
-        "layer2.0.relu#0",
-        "--format",
-        "json",
-    ]);
-    let report = json_report(&output);
+    let (_, report) = compare_report(&reference, &candidate, &["--only", "layer2.0.relu#0"]);
     assert_hint(
         &report,
         "layer2.0.relu#0",
@@ -797,15 +775,8 @@ fn a_pooled_output_stored_flat_compares_with_a_note() {
     edit_manifest(&candidate, |m| {
         entry_mut(m, "stages", "avgpool")["shape"] = serde_json::json!([n, c]);
     });
-    let output = verify(&[
-        "compare",
-        path(&fixture("resnet18-w8")),
-        path(&candidate),
-        "--format",
-        "json",
-    ]);
-    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    let report = json_report(&output);
+    let (code, report) = compare_report(&fixture("resnet18-w8"), &candidate, &[]);
+    assert_eq!(code, 0);
     assert_eq!(
         stage(&report, "avgpool")["notes"],
         serde_json::json!([format!(

@@ -112,6 +112,18 @@ pub fn json_report(output: &Output) -> Value {
     serde_json::from_slice(&output.stdout).expect("JSON on stdout")
 }
 
+/// `verify compare REFERENCE CANDIDATE ARGUMENTS --format json`: its exit
+/// code and JSON report.
+pub fn compare_report(reference: &Path, candidate: &Path, arguments: &[&str]) -> (i32, Value) {
+    let mut all = vec!["compare", path(reference), path(candidate)];
+    all.extend(arguments);
+    all.extend(["--format", "json"]);
+    let output = verify(&all);
+    let code = output.status.code().expect("an exit code");
+    assert!(code == 0 || code == 1, "exit {code}: {}", stderr(&output));
+    (code, json_report(&output))
+}
+
 /// What a reader sees that flattens an OIHW conv weight in torch's order
 /// and reads the numbers back as OHWI: the seed's first bug.
 pub fn read_as_ohwi(weight: &ArrayD<f32>) -> ArrayD<f32> {
