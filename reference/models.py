@@ -337,7 +337,7 @@ def describe(model):
     for path, module in model.named_modules(remove_duplicate=False):
         paths[id(module)].append(path)
     modules = dict(model.named_modules(remove_duplicate=False))
-    for shared in (paths for paths in paths.values() if len(paths) > 1):
+    for shared in (found for found in paths.values() if len(found) > 1):
         problems.append((shared[0], f"the same {type(modules[shared[0]]).__name__} object as "
                                     f"{', '.join(shared[1:4])}{' and more' if len(shared) > 4 else ''}: "
                                     "stages are told apart by module, so each place needs a module of its own "
@@ -689,7 +689,11 @@ def from_checkpoint(name, path, width=FULL_WIDTH, num_classes=1000, groups=None,
         model.load_state_dict(state_dict)
     except RuntimeError as error:
         with_what = f" with --head {head}" if head != "linear" else ""
-        raise SystemExit(f"{path}: not a {name} state_dict{with_what}: {error}") from None
+        hint = ("; a checkpoint with no fc (a feature extractor's) takes --head identity or none"
+                if head == "linear" and not any(key.startswith("fc.") for key in state_dict) else
+                "; a fine-tuned fc.1.* takes --head dropout_linear"
+                if head == "linear" and "fc.1.weight" in state_dict else "")
+        raise SystemExit(f"{path}: not a {name} state_dict{with_what}: {error}{hint}") from None
     if classifier:
         model = with_head(model, head)
     model.eval()

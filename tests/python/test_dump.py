@@ -202,6 +202,10 @@ def test_checkpoints_saved_with_a_head_are_dumped_with_it(tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "fine-tuned/weights/fc.1.bias.npy"), np.full(10, 0.5, np.float32))
     model.fc = nn.Identity()
     torch.save(model.state_dict(), tmp_path / "features.pth")
+    plain = subprocess.run([sys.executable, "-m", "reference.dump", "--model", "resnet18", "--width", "8",
+                            "--weights", str(tmp_path / "fine-tuned.pth"), "--out", str(tmp_path / "plain")],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert plain.returncode != 0 and "a fine-tuned fc.1.* takes --head dropout_linear" in plain.stderr
     for head in ("identity", "none"):
         manifest = run_dump(tmp_path / head, "--model", "resnet18", "--width", 8, "--size", 32,
                             "--weights", tmp_path / "features.pth", "--head", head)
