@@ -343,7 +343,23 @@ fn compare_stages(
         };
         let (end_to_end_failed, isolated_failed) =
             (failed(Feed::EndToEnd), failed(Feed::Reference));
-        let origin = builder.origin(end_to_end_failed, isolated_failed, row.container);
+        // Run end to end only, a failure after the root whose inputs pass
+        // is a mistake of its own, not error carried from the root.
+        let network = stages
+            .network()
+            .filter(|_| produced_by(Feed::Reference).is_none());
+        let inputs: Vec<&str> = network
+            .and_then(|network| {
+                let index = network.stage_index(&row.entry.name).ok()?;
+                let sources = network.stage_sources(index).into_iter();
+                Some(
+                    sources
+                        .map(|source| network.stages()[source].name.as_str())
+                        .collect(),
+                )
+            })
+            .unwrap_or_default();
+        let origin = builder.origin(end_to_end_failed, isolated_failed, row.container, &inputs);
         let mut hints = Vec::new();
         let mut detail = None;
         if builder.should_diagnose(&origin) {

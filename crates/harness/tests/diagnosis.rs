@@ -936,6 +936,49 @@ fn the_root_is_named_and_later_failures_are_carried() {
 }
 
 #[test]
+fn a_second_mistake_after_exact_stages_is_named_where_it_is_made() {
+    // An engine wrong at maxpool, whose later stages are exact again up to
+    // a second mistake at layer2.0.bn1: that was 'carried from maxpool',
+    // though its input passes.
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture("resnet18-w8", dir.path());
+    for (stage, change) in [("maxpool", 1.1f32), ("layer2.0.bn1", 0.5)] {
+        let file = stage_file(&candidate, stage);
+        let values = read(&file);
+        write(
+            &file,
+            &match stage {
+                "maxpool" => values.mapv(|v| v * change),
+                _ => values.mapv(|v| v + change),
+            },
+        );
+    }
+    let (_, report) = compare_report(&fixture("resnet18-w8"), &candidate, &[]);
+    assert_eq!(report["summary"]["root"], "maxpool");
+    assert_eq!(
+        report["summary"]["introduced_at"],
+        serde_json::json!(["layer2.0.bn1"])
+    );
+    assert_eq!(
+        stage(&report, "layer2.0.bn1")["origin"]["kind"],
+        "introduces"
+    );
+    let text = stdout(&verify(&[
+        "compare",
+        path(&fixture("resnet18-w8")),
+        path(&candidate),
+    ]));
+    assert!(
+        text.contains("    origin: introduces error (fails where its inputs pass end to end)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("root: maxpool (the first stage to fail end to end; later end-to-end failures are carried from it or from a stage that introduces error)"),
+        "{text}"
+    );
+}
+
+#[test]
 fn isolated_runs_name_the_stages_that_introduce_error() {
     let dir = tempfile::tempdir().unwrap();
     let dump = copy_fixture("resnet18-w8", dir.path());

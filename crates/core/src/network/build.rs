@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use ndarray::Ix4;
 
 use super::stage::repeated_call_name;
-use super::{last_readers, released_after, Network, Operation, Stage, StageKind};
+use super::{last_readers, released_after, sources, Network, Operation, Stage, StageKind};
 use crate::ops::{BatchNorm, Conv2d, ConvGeometry, Linear, MaxPool2d};
 use crate::weights::{linear_weight_from_torch, load_with_shape};
 use crate::{Architecture, BlockKind, CoreError, Head, WeightSource};
@@ -139,15 +139,7 @@ impl Network {
             )));
         }
 
-        // A container reads its last child's value.
-        let reads = net
-            .stages
-            .iter()
-            .enumerate()
-            .map(|(index, stage)| match stage.operation {
-                Operation::Container { .. } => vec![index - 1],
-                _ => stage.inputs.clone(),
-            });
+        let reads = (0..net.stages.len()).map(|index| sources(&net.stages, index));
         let last_reader = last_readers(net.stages.len(), reads);
         let released_after = released_after(&last_reader, net.stages.len());
         Ok(Network {

@@ -90,6 +90,13 @@ impl Network {
         &self.stages[index].inputs
     }
 
+    /// The stages whose values stage `index`'s value is made of: its inputs,
+    /// or for a container (whose value is its last child's) the stage just
+    /// before it.
+    pub fn stage_sources(&self, index: usize) -> Vec<usize> {
+        sources(&self.stages, index)
+    }
+
     /// The logits (`[N, 1, 1, classes]`) by the inference path: BatchNorm
     /// folded into the convs, ReLU and the residual add fused into their
     /// output pass. Nothing is observable; [`Network::forward`] computes the
@@ -336,4 +343,12 @@ fn gather<'a>(values: &'a [Option<Rc<Tensor>>], producers: &[usize]) -> Vec<&'a 
                 .expect("producers run before consumers")
         })
         .collect()
+}
+
+/// See [`Network::stage_sources`]; for the stages of a network being built.
+fn sources(stages: &[Stage], index: usize) -> Vec<usize> {
+    match stages[index].operation {
+        Operation::Container { .. } => vec![index - 1],
+        _ => stages[index].inputs.clone(),
+    }
 }

@@ -87,8 +87,9 @@ fn summary(page: &mut String, report: &Report) {
     if let Some(root) = &s.root {
         let _ = write!(
             page,
-            "<li class=\"root\">root: {} (the first stage to fail end to end; later end-to-end failures are carried)</li>",
-            stage_link(Some(root))
+            "<li class=\"root\">root: {} ({})</li>",
+            stage_link(Some(root)),
+            super::root_words(s)
         );
     }
     if !s.introduced_at.is_empty() {
@@ -184,7 +185,7 @@ fn failures(page: &mut String, report: &Report) {
             verdict_badge(stage.verdict)
         );
         if let Some(origin) = &stage.origin {
-            let _ = write!(page, "<p>origin: {}</p>", origin_words(origin));
+            let _ = write!(page, "<p>origin: {}</p>", origin_words(origin, report.mode));
         }
         for hint in &stage.hints {
             let _ = write!(
@@ -527,10 +528,10 @@ fn mode_words(mode: RunMode) -> &'static str {
     }
 }
 
-fn origin_words(origin: &Origin) -> String {
+fn origin_words(origin: &Origin, mode: RunMode) -> String {
     match origin {
         Origin::Root => "root, the first stage to fail end to end".into(),
-        Origin::Introduces => "introduces error (fails on the reference's own inputs)".into(),
+        Origin::Introduces => mode.introduces_words().into(),
         Origin::Carried { from } => format!("carried from {}", stage_link(Some(from))),
     }
 }

@@ -42,6 +42,23 @@ impl RunMode {
     pub fn isolated(self) -> bool {
         matches!(self, RunMode::Isolated | RunMode::Both)
     }
+
+    /// What a stage that introduces error did, as this mode tells it.
+    pub fn introduces_words(self) -> &'static str {
+        match self.isolated() {
+            true => "introduces error (fails on the reference's own inputs)",
+            false => "introduces error (fails where its inputs pass end to end)",
+        }
+    }
+}
+
+/// The summary's words on the root: later failures are carried from it,
+/// or from the stages that introduce error.
+pub fn root_words(summary: &Summary) -> &'static str {
+    match summary.introduced_at.is_empty() {
+        true => "the first stage to fail end to end; later end-to-end failures are carried",
+        false => "the first stage to fail end to end; later end-to-end failures are carried from it or from a stage that introduces error",
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -176,7 +193,8 @@ pub struct Summary {
     /// The first stage that fails end to end; every later end-to-end
     /// failure is carried from it or from a stage that introduces error.
     pub root: Option<String>,
-    /// The stages that fail when fed the reference's inputs (isolated).
+    /// The stages that fail when fed the reference's inputs (isolated),
+    /// or, after the root, end to end where their inputs pass.
     pub introduced_at: Vec<String>,
     /// A hypothesis that explains the whole run (a candidate stored in
     /// another layout), given once instead of a wall of failures.
@@ -391,18 +409,28 @@ impl ReportBuilder {
     }
 
     /// The origin of the next stage's failure, from which of its
-    /// comparisons failed.
+    /// comparisons failed; `inputs`: the stages it reads, in a run end to
+    /// end only (none: not known).
     pub fn origin(
         &self,
         cumulative_failed: bool,
         isolated_failed: bool,
         container: bool,
+        inputs: &[&str],
     ) -> Option<Origin> {
         let summary = &self.report.summary;
         let upstream = summary.introduced_at.last().or(summary.root.as_ref());
+        let passed_end_to_end = |name: &&str| {
+            let stage = self.report.stages.iter().rev().find(|s| s.name == *name);
+            stage
+                .and_then(|stage| stage.cumulative.as_ref())
+                .is_some_and(|comparison| comparison.verdict == Verdict::Succ)
+        };
+        let inputs_pass = !inputs.is_empty() && inputs.iter().all(passed_end_to_end);
         origin(
             cumulative_failed,
             isolated_failed,
+            inputs_pass,
             container,
             upstream.map(String::as_str),
         )

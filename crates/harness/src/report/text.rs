@@ -183,10 +183,7 @@ fn stage_line(stage: &StageReport, mode: RunMode) -> String {
             let _ = writeln!(out, "    origin: root, the first stage to fail end to end");
         }
         Some(Origin::Introduces) => {
-            let _ = writeln!(
-                out,
-                "    origin: introduces error (fails on the reference's own inputs)"
-            );
+            let _ = writeln!(out, "    origin: {}", mode.introduces_words());
         }
         Some(Origin::Carried { from }) => {
             let _ = writeln!(out, "    origin: carried from {from}");
@@ -294,10 +291,7 @@ fn summary(report: &Report) -> String {
         let _ = writeln!(out, "{}", paint(CYAN, hint_line("", hint)));
     }
     if let Some(root) = &s.root {
-        let _ = writeln!(
-            out,
-            "root: {root} (the first stage to fail end to end; later end-to-end failures are carried)"
-        );
+        let _ = writeln!(out, "root: {root} ({})", super::root_words(s));
     }
     if !s.introduced_at.is_empty() {
         let _ = writeln!(
