@@ -439,14 +439,16 @@ fn known_precision<'de, D: serde::Deserializer<'de>>(
 /// The stage names among `names` (in their order, at most `most`) that a
 /// name not among them most likely meant: the calls of the same module
 /// (`layer1.0.relu#0` for `layer1.0.relu#3`), else the stages under the
-/// same top-level module (`layer1.0.conv1` for `layer1.9`).
+/// same top-level module (`layer1.0.conv1` for `layer1.9`); case and
+/// underscores aside (`maxpool` for `max_pool`, `conv1` for `Conv1`).
 pub fn similar_stage_names<'a>(
     name: &str,
     names: impl IntoIterator<Item = &'a str>,
     most: usize,
 ) -> Vec<&'a str> {
-    let module = |stage: &str| stage.split('#').next().unwrap_or(stage).to_string();
-    let top = |stage: &str| stage.split(['.', '#']).next().unwrap_or(stage).to_string();
+    let plain = |part: &str| part.to_lowercase().replace(['_', '-'], "");
+    let module = |stage: &str| plain(stage.split('#').next().unwrap_or(stage));
+    let top = |stage: &str| plain(stage.split(['.', '#']).next().unwrap_or(stage));
     let names: Vec<&str> = names.into_iter().collect();
     let calls: Vec<&str> = names
         .iter()

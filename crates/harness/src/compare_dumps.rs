@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use ndarray::ArrayD;
-use resnet_dump::{Dump, Layout, Precision};
+use resnet_dump::{similar_stage_names, Dump, Layout, Precision};
 
 use crate::adapter;
 use crate::diagnosis::{axis_order, Evidence, Observed};
@@ -34,6 +34,7 @@ pub fn compare_dumps(
 ) -> Result<Report, VerifyError> {
     let reference = Dump::open(&options.reference)?;
     let candidate = Dump::open(&options.candidate)?;
+    refuse_unknown_stages(&reference, &candidate)?;
     let layout = options.layout.unwrap_or(candidate.manifest().layout);
     let mut run_options = options.run.clone();
     if let ToleranceRule::Auto(auto) = &mut run_options.tolerance {
@@ -88,33 +89,41 @@ pub fn compare_dumps(
         path: &options.candidate,
         layout,
     };
-    let mut report = run(
+    run(
         report,
         &rows,
         &mut [&mut source],
         &stages,
         &run_options,
         listener,
-    )?;
-    // A name the reference does not have (a typo, `relu#1` for `relu#2`)
-    // is compared with nothing: say so where the summary says what was not.
+    )
+}
+
+/// A candidate stage under a name the reference does not have (a typo,
+/// `relu#2` for `relu#1`) would be compared with nothing, and the run
+/// could say succ for an engine whose stage was never judged.
+fn refuse_unknown_stages(reference: &Dump, candidate: &Dump) -> Result<(), VerifyError> {
     let unknown: Vec<String> = (candidate.manifest().stages.iter())
         .filter(|stage| reference.stage(&stage.name).is_none())
         .map(|stage| stage.name.clone())
         .collect();
-    if !unknown.is_empty() {
-        let said = format!(
-            "{} candidate stage(s) not in the reference, not compared: {}",
+    let Some(first) = unknown.first() else {
+        return Ok(());
+    };
+    let names = reference.manifest().stages.iter();
+    let near = similar_stage_names(first, names.map(|stage| stage.name.as_str()), 3);
+    Err(VerifyError::Mismatch {
+        dump: candidate.manifest_path().to_path_buf(),
+        reason: format!(
+            "{} stage(s) the reference does not have: {}{}. A candidate stage is judged against the reference's stage of its name, so one under another name would never be compared: name it as the reference does",
             unknown.len(),
-            abbreviate(&unknown, 5)
-        );
-        let stopped = &mut report.summary.stopped;
-        *stopped = Some(match stopped.take() {
-            Some(before) => format!("{before}; {said}"),
-            None => said,
-        });
-    }
-    Ok(report)
+            abbreviate(&unknown, 5),
+            match near.is_empty() {
+                true => String::new(),
+                false => format!(" (for {first}, did you mean {}?)", near.join(", ")),
+            }
+        ),
+    })
 }
 
 /// Another engine's dump: its stage of the reference's stage's name.
