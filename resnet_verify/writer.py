@@ -91,7 +91,11 @@ class CandidateWriter:
         if any(stage["name"] == name for stage in self._stages):
             raise ValueError(f"stage {name!r}: written already")
         if hasattr(array, "detach"):  # a torch tensor
-            array = array.detach().cpu().numpy()
+            array = array.detach().cpu()
+            if not array.dtype.is_floating_point or array.dtype.itemsize != 4:  # numpy has no bfloat16
+                raise TypeError(f"stage {name!r}: {array.dtype} tensor; the format stores float32 "
+                                "(convert with .float())")
+            array = array.numpy()
         array = np.asarray(array)
         if array.dtype != np.float32:
             raise TypeError(f"stage {name!r}: {array.dtype} array; the format stores float32 "

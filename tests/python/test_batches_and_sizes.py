@@ -3,6 +3,7 @@ per-image report (classes, worst item, --item, JUnit), and the hints for
 the padding and pooling mistakes that only some sizes show."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -150,8 +151,9 @@ def test_one_item_keeps_the_batchs_coordinates_and_verdict(photos, tmp_path):
         if verdict == "fail":
             assert stage["cumulative"]["worst"]["index"] == [4, 3, 5, 6]
     # Every item alone gets the verdict the whole batch gives it.
+    same = shutil.copytree(photos, tmp_path / "same")
     for item in range(len(preprocess.SAMPLES)):
-        alone = report("compare", photos, photos, "--item", item)
+        alone = report("compare", photos, same, "--item", item)
         assert alone["summary"]["verdict"] == "succ"
 
 

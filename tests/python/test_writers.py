@@ -101,6 +101,12 @@ def test_the_python_writer_refuses_each_mistake_at_once(tmp_path):
         writer.stage("bn1", np.zeros((1, 16, 16, 8), np.float32))
     with pytest.raises(TypeError, match=r"stage 'bn1': float64 array; the format stores float32"):
         writer.stage("bn1", np.zeros((1, 8, 16, 16)))
+    # A bfloat16 tensor, which numpy cannot hold: once torch's own TypeError,
+    # without the stage.
+    import torch
+    with pytest.raises(TypeError, match=r"stage 'bn1': torch.bfloat16 tensor; the format stores float32 "
+                                        r"\(convert with .float\(\)\)"):
+        writer.stage("bn1", torch.zeros((1, 8, 16, 16), dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="stage 'conv1': written already"):
         writer.stage("conv1", conv1)
     assert writer.close() == tmp_path / "candidate"

@@ -501,7 +501,14 @@ impl Manifest {
             Some(version) => {
                 return Err(invalid(format!("schema version {version} is not supported (this build reads version {SCHEMA_VERSION})")))
             }
-            None => return Err(invalid("`schema_version` is missing or not a number".into())),
+            None => {
+                return Err(invalid(match raw.get("schema_version") {
+                    None => "no `schema_version` field".into(),
+                    Some(other) => format!(
+                        "`schema_version` is {other}, where a whole number ({SCHEMA_VERSION}) is expected"
+                    ),
+                }))
+            }
         }
         let manifest: Manifest =
             serde_json::from_value(raw).map_err(|error| invalid(error.to_string()))?;

@@ -34,6 +34,18 @@ pub fn compare_dumps(
 ) -> Result<Report, VerifyError> {
     let reference = Dump::open(&options.reference)?;
     let candidate = Dump::open(&options.candidate)?;
+    // The reference against itself passes whatever any engine computes.
+    let resolved =
+        [reference.manifest_path(), candidate.manifest_path()].map(std::fs::canonicalize);
+    if let [Ok(reference), Ok(candidate)] = &resolved {
+        if reference == candidate {
+            return Err(VerifyError::Usage(format!(
+                "{} and {} are the same dump: the reference compared with itself passes whatever an engine computes; give your engine's dump as the candidate",
+                options.reference.display(),
+                options.candidate.display()
+            )));
+        }
+    }
     refuse_unknown_stages(&reference, &candidate)?;
     let layout = options.layout.unwrap_or(candidate.manifest().layout);
     let mut run_options = options.run.clone();

@@ -206,6 +206,8 @@ fn a_run_told_to_compare_nothing_is_a_usage_error() {
     // the candidate has a name that the reference has'.
     let dump = fixture("resnet18-w8");
     let fixture = path(&dump);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = copy_fixture("resnet18-w8", dir.path());
     for (arguments, says) in [
         (
             vec![fixture, "--upto", "input"],
@@ -216,7 +218,7 @@ fn a_run_told_to_compare_nothing_is_a_usage_error() {
             "--only nomatch*: matches no stage this run compares",
         ),
         (
-            vec!["compare", fixture, fixture, "--only", "nomatch"],
+            vec!["compare", fixture, path(&copy), "--only", "nomatch"],
             "--only nomatch: matches no stage this run compares",
         ),
     ] {
@@ -1035,6 +1037,23 @@ fn a_weight_the_architecture_does_not_read_is_refused_unless_cut_before_it() {
     // A pass cut before it reads only the weights up to the cut.
     let cut = verify(&[path(&dump), "--upto", "maxpool"]);
     assert_eq!(cut.status.code(), Some(0), "{}", stderr(&cut));
+}
+
+#[test]
+fn the_reference_compared_with_itself_is_refused() {
+    // Once 76/76 succ, exit 0: by its own path, or through a link.
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("candidate");
+    std::os::unix::fs::symlink(fixture("resnet18-w8"), &link).unwrap();
+    for candidate in [fixture("resnet18-w8"), link] {
+        let output = verify(&["compare", path(&fixture("resnet18-w8")), path(&candidate)]);
+        assert_eq!(output.status.code(), Some(2));
+        assert!(
+            stderr(&output).contains("are the same dump: the reference compared with itself passes whatever an engine computes"),
+            "{}",
+            stderr(&output)
+        );
+    }
 }
 
 #[test]

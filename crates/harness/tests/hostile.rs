@@ -237,6 +237,11 @@ fn manifest_problems_name_the_field() {
             "schema version 99 is not supported (this build reads version 1)",
         ),
         (
+            "a version written as a float",
+            Box::new(|m| m["schema_version"] = 1.0.into()),
+            "`schema_version` is 1.0, where a whole number (1) is expected",
+        ),
+        (
             "not ours",
             Box::new(|m| m["format"] = "something-else".into()),
             "format is `something-else`, expected `resnet-verify-dump`",
