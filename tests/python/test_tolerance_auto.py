@@ -69,8 +69,8 @@ def test_the_dumper_refuses_a_floor_it_cannot_measure(tmp_path, option, message)
 def test_a_dump_without_floor_has_none_and_auto_refuses_it_with_exit_2(tmp_path):
     manifest = json.loads((ROOT / "fixtures" / "resnet18-w8" / "manifest.json").read_text())
     assert not any("floor" in stage for stage in manifest["stages"])
-    for arguments in ([ROOT / "fixtures" / "resnet18-w8"],
-                      ["compare", ROOT / "fixtures" / "resnet18-w8", ROOT / "fixtures" / "resnet18-w8"]):
+    copied = shutil.copytree(ROOT / "fixtures" / "resnet18-w8", tmp_path / "copy")
+    for arguments in ([ROOT / "fixtures" / "resnet18-w8"], ["compare", ROOT / "fixtures" / "resnet18-w8", copied]):
         result = verify(*arguments, "--tol", "auto")
         assert result.returncode == 2
         assert "the reference has no noise floor" in result.stderr
@@ -296,3 +296,14 @@ def test_under_auto_hints_are_judged_by_the_stages_own_tolerance(reference, tmp_
     conv1 = next(stage for stage in result["stages"] if stage["name"] == "conv1")
     assert result["summary"]["root"] == "conv1"
     assert any("read as OHWI" in hint["message"] for hint in conv1["hints"]), conv1["hints"]
+
+
+def test_a_pass_under_the_default_rtol_points_to_the_floor(reference):
+    # The default rtol (1e-4) cannot see a mistake smaller than it, such as
+    # a BatchNorm eps left out where running_var is near 1; a dump with a
+    # floor is told to use it, a pass under auto needs no such note.
+    default = verify(reference).stdout
+    assert ("note: rtol 1e-4 passes what differs by less (a BatchNorm eps left out moves values by about "
+            "eps / (2 running_var)); for float32's own error as the bar: verify --tol auto\nsummary succ") in default
+    auto = verify(reference, "--tol", "auto").stdout
+    assert "summary succ" in auto and "note: rtol" not in auto

@@ -31,6 +31,12 @@ fn every_eval_fixture_is_succ_at_every_stage() {
         );
         assert!(text.contains(&format!("summary succ: {stages} stages compared, {stages} succ, 0 fail; first failure: none")), "{name}:\n{text}");
         assert!(text.contains("reference: eval mode"), "{name}");
+        // A pass under the default rtol says what it cannot see, and how to.
+        assert!(
+            text.contains("note: rtol 1e-4 passes what differs by less (a BatchNorm eps left out")
+                && text.contains("dump with --floor, then verify --tol auto\nsummary succ"),
+            "{name}:\n{text}"
+        );
     }
     let text = stdout(&verify(&[path(&fixture("resnet50-w8"))]));
     assert!(

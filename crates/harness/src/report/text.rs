@@ -14,6 +14,7 @@ use super::{
 use crate::diagnosis::{Hint, Origin};
 use crate::metrics::{Comparison, Verdict};
 use crate::reference_check;
+use crate::ToleranceRule;
 
 const NAME_WIDTH: usize = 26;
 const BOLD: Style = Style::new().bold();
@@ -321,6 +322,17 @@ fn summary(report: &Report) -> String {
             out,
             "images: {}, top-1 agree {}/{}, top-5 sets agree {}/{}, worst item {worst}",
             items.items, items.top1_agree, items.classified, items.top5_agree, items.classified
+        );
+    }
+    // A fixed rtol is a bar for every engine on every CPU, well above
+    // float32's own error: a mistake smaller than it passes unseen.
+    if let (Verdict::Succ, ToleranceRule::Fixed(tolerance)) = (s.verdict, &report.tolerance) {
+        let has_floor = report.stages.iter().any(|stage| stage.floor.is_some());
+        let _ = writeln!(
+            out,
+            "note: rtol {:e} passes what differs by less (a BatchNorm eps left out moves values by about eps / (2 running_var)); for float32's own error as the bar: {}verify --tol auto",
+            tolerance.rtol,
+            if has_floor { "" } else { "dump with --floor, then " },
         );
     }
     let _ = writeln!(
