@@ -16,7 +16,7 @@ use crate::{parallel, Tensor};
 
 /// Kernel, stride, padding, dilation and groups, as `(height, width)` pairs
 /// where torch has them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ConvGeometry {
     pub kernel: [usize; 2],
     pub stride: [usize; 2],

@@ -6,7 +6,7 @@ use crate::Tensor;
 
 /// MaxPool2d with a square window; padding counts as -inf, as in torch, so a
 /// padded position never wins.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MaxPool2d {
     pub kernel: usize,
     pub stride: usize,

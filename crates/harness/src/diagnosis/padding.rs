@@ -66,14 +66,9 @@ impl Window {
     }
 }
 
-/// A conv or max pool stage with the reference's input to it.
-struct Windowed<'a> {
-    stage: &'a resnet_core::Stage,
-    input: Rc<ArrayD<f32>>,
-    /// Along the height, then the width.
-    windows: [Window; 2],
-    pool: bool,
-}
+/// A conv or max pool stage, the reference's input to it, its windows
+/// (along the height, then the width) and whether it pools.
+type Windowed<'a> = (&'a resnet_core::Stage, Rc<ArrayD<f32>>, [Window; 2], bool);
 
 /// Stage `index` with its windows; `None` for stages without windows.
 fn windowed<'a>(evidence: &Evidence<'a>, index: usize) -> Option<Windowed<'a>> {
@@ -86,12 +81,7 @@ fn windowed<'a>(evidence: &Evidence<'a>, index: usize) -> Option<Windowed<'a>> {
             padding: g.padding[a],
             dilation: g.dilation[a],
         };
-        return Some(Windowed {
-            stage,
-            input,
-            windows: [axis(0), axis(1)],
-            pool: false,
-        });
+        return Some((stage, input, [axis(0), axis(1)], false));
     }
     let pool = stage.max_pool()?;
     let window = Window {
@@ -100,12 +90,7 @@ fn windowed<'a>(evidence: &Evidence<'a>, index: usize) -> Option<Windowed<'a>> {
         padding: pool.padding,
         dilation: 1,
     };
-    Some(Windowed {
-        stage,
-        input,
-        windows: [window; 2],
-        pool: true,
-    })
+    Some((stage, input, [window; 2], true))
 }
 
 /// For a stage whose candidate output has another height or width than the
@@ -120,13 +105,7 @@ pub(super) fn size_hints(
     reference_shape: &[usize],
     candidate: &ArrayD<f32>,
 ) -> Vec<Hint> {
-    let Some(Windowed {
-        stage,
-        input,
-        windows,
-        pool,
-    }) = windowed(evidence, index)
-    else {
+    let Some((stage, input, windows, pool)) = windowed(evidence, index) else {
         return Vec::new();
     };
     let (&[_, _, input_h, input_w], &[_, _, want_h, want_w], &[_, _, got_h, got_w]) =
@@ -329,13 +308,7 @@ pub(super) fn same_padding_hints(
     index: usize,
     observed: &Observed,
 ) -> Vec<Hint> {
-    let Some(Windowed {
-        stage,
-        input,
-        windows,
-        pool,
-    }) = windowed(evidence, index)
-    else {
+    let Some((stage, input, windows, pool)) = windowed(evidence, index) else {
         return Vec::new();
     };
     let &[_, _, input_h, input_w] = input.shape() else {

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use ndarray::{ArrayD, Ix2, Ix4};
-use resnet_core::ops::{self, BatchNorm, Conv2d, ConvGeometry, Linear, MaxPool2d};
+use resnet_core::ops::{self, BatchNorm, Conv2d, ConvGeometry, Linear};
 use resnet_core::weights::{conv_weight_from_oihw, linear_weight_from_torch};
 use resnet_core::Tensor;
 use resnet_dump::npy;
@@ -92,26 +92,20 @@ pub fn run_case(dir: &Path) -> Result<CaseOutcome, VerifyError> {
     let shape_error = |error: ops::ShapeError| bad(error.to_string());
     let first = tensors.first().ok_or_else(|| bad("no input".into()))?;
     let output = match &case.core {
-        CoreOp::Conv2d {
-            kernel,
-            stride,
-            padding,
-            dilation,
-            groups,
-        } => {
+        CoreOp::Conv2d { geometry } => {
+            let ConvGeometry {
+                kernel,
+                stride,
+                dilation,
+                groups,
+                ..
+            } = geometry;
             let w = weight("weight")?
                 .into_dimensionality::<Ix4>()
                 .map_err(|_| bad("the conv weight is not 4-D (OIHW)".into()))?;
             let bias = match case.weights.contains_key("bias") {
                 true => Some(weight("bias")?.iter().copied().collect()),
                 false => None,
-            };
-            let geometry = ConvGeometry {
-                kernel: *kernel,
-                stride: *stride,
-                padding: *padding,
-                dilation: *dilation,
-                groups: *groups,
             };
             let (out_channels, in_per_group) = (w.shape()[0], w.shape()[1]);
             if w.shape()[2..] != kernel[..] || *groups == 0 || out_channels % groups != 0 {
@@ -131,9 +125,15 @@ pub fn run_case(dir: &Path) -> Result<CaseOutcome, VerifyError> {
                 ));
             }
             let weights = conv_weight_from_oihw(w.view(), *groups);
-            Conv2d::new(in_per_group * groups, out_channels, geometry, weights, bias)
-                .forward(first)
-                .map_err(shape_error)?
+            Conv2d::new(
+                in_per_group * groups,
+                out_channels,
+                *geometry,
+                weights,
+                bias,
+            )
+            .forward(first)
+            .map_err(shape_error)?
         }
         CoreOp::BatchNorm { eps } => {
             let values = |name: &str| -> Result<Vec<f32>, VerifyError> {
@@ -162,17 +162,7 @@ pub fn run_case(dir: &Path) -> Result<CaseOutcome, VerifyError> {
                 .ok_or_else(|| bad("a residual add needs two inputs".into()))?;
             ops::add_relu(first, identity).map_err(shape_error)?
         }
-        CoreOp::MaxPool {
-            kernel,
-            stride,
-            padding,
-        } => MaxPool2d {
-            kernel: *kernel,
-            stride: *stride,
-            padding: *padding,
-        }
-        .forward(first)
-        .map_err(shape_error)?,
+        CoreOp::MaxPool { pool } => pool.forward(first).map_err(shape_error)?,
         CoreOp::AveragePool => ops::adaptive_average_pool_1x1(first),
         CoreOp::Linear => {
             let w = weight("weight")?

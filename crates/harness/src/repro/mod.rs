@@ -12,6 +12,7 @@ mod shrink;
 use std::path::{Path, PathBuf};
 
 use ndarray::{ArrayD, Dimension};
+use resnet_core::ops::{ConvGeometry, MaxPool2d};
 use resnet_core::{Network, StageKind};
 use resnet_dump::{npy, Dump};
 use serde::{Deserialize, Serialize};
@@ -60,12 +61,11 @@ pub struct ReproOutcome {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum CoreOp {
+    /// The geometry's fields (kernel, stride, padding, dilation, groups)
+    /// beside `op` in case.json.
     Conv2d {
-        kernel: [usize; 2],
-        stride: [usize; 2],
-        padding: [usize; 2],
-        dilation: [usize; 2],
-        groups: usize,
+        #[serde(flatten)]
+        geometry: ConvGeometry,
     },
     BatchNorm {
         eps: f64,
@@ -73,10 +73,10 @@ pub enum CoreOp {
     Relu,
     /// A block's last ReLU: `relu(branch + identity)`.
     AddRelu,
+    /// kernel, stride and padding beside `op` in case.json.
     MaxPool {
-        kernel: usize,
-        stride: usize,
-        padding: usize,
+        #[serde(flatten)]
+        pool: MaxPool2d,
     },
     AveragePool,
     Linear,
@@ -469,29 +469,17 @@ fn refuse_occupied(out: &Path) -> Result<(), VerifyError> {
 fn core_op(network: &Network, index: usize) -> Option<CoreOp> {
     let stage = &network.stages()[index];
     Some(match stage.kind {
-        StageKind::Conv2d => {
-            let g = stage.conv()?.geometry();
-            CoreOp::Conv2d {
-                kernel: g.kernel,
-                stride: g.stride,
-                padding: g.padding,
-                dilation: g.dilation,
-                groups: g.groups,
-            }
-        }
+        StageKind::Conv2d => CoreOp::Conv2d {
+            geometry: *stage.conv()?.geometry(),
+        },
         StageKind::BatchNorm2d => CoreOp::BatchNorm {
             eps: network.architecture().batch_norm_eps_of(&stage.module),
         },
         StageKind::ReLU if network.stage_input_indices(index).len() == 2 => CoreOp::AddRelu,
         StageKind::ReLU => CoreOp::Relu,
-        StageKind::MaxPool2d => {
-            let pool = stage.max_pool()?;
-            CoreOp::MaxPool {
-                kernel: pool.kernel,
-                stride: pool.stride,
-                padding: pool.padding,
-            }
-        }
+        StageKind::MaxPool2d => CoreOp::MaxPool {
+            pool: *stage.max_pool()?,
+        },
         StageKind::AdaptiveAvgPool2d => CoreOp::AveragePool,
         StageKind::Linear => CoreOp::Linear,
         StageKind::Identity | StageKind::Dropout => CoreOp::Identity,

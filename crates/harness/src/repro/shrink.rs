@@ -6,6 +6,7 @@
 //! BatchNorm's batch statistics) is not cut.
 
 use ndarray::{ArrayD, IxDyn, Slice};
+use resnet_core::ops::{ConvGeometry, MaxPool2d};
 use serde_json::json;
 
 use super::{Case, CaseArrays, CoreOp};
@@ -44,13 +45,14 @@ pub(super) fn shrink(
     };
     let mut weights = Vec::new();
     let inputs = match case.core.clone() {
-        CoreOp::Conv2d {
-            kernel,
-            stride,
-            padding,
-            dilation,
-            groups,
-        } => {
+        CoreOp::Conv2d { geometry } => {
+            let ConvGeometry {
+                kernel,
+                stride,
+                padding,
+                dilation,
+                groups,
+            } = geometry;
             let conv_weight = weight("weight").ok_or("no conv weight")?;
             let (out_channels, in_per_group) = (conv_weight.shape()[0], conv_weight.shape()[1]);
             let group = c / (out_channels / groups);
@@ -62,11 +64,11 @@ pub(super) fn shrink(
                 weights.push(("bias".to_string(), channel_of(bias, c)));
             }
             case.core = CoreOp::Conv2d {
-                kernel,
-                stride,
-                padding: [0, 0],
-                dilation,
-                groups: 1,
+                geometry: ConvGeometry {
+                    padding: [0, 0],
+                    groups: 1,
+                    ..geometry
+                },
             };
             let params = case.params.as_object_mut().ok_or("no torch parameters")?;
             params.insert("in_channels".into(), json!(in_per_group));
@@ -75,11 +77,12 @@ pub(super) fn shrink(
             params.insert("groups".into(), json!(1));
             vec![window]
         }
-        CoreOp::MaxPool {
-            kernel,
-            stride,
-            padding,
-        } => {
+        CoreOp::MaxPool { pool } => {
+            let MaxPool2d {
+                kernel,
+                stride,
+                padding,
+            } = pool;
             let window = window(
                 input,
                 n,
@@ -91,9 +94,7 @@ pub(super) fn shrink(
                 f32::NEG_INFINITY,
             );
             case.core = CoreOp::MaxPool {
-                kernel,
-                stride,
-                padding: 0,
+                pool: MaxPool2d { padding: 0, ..pool },
             };
             let params = case.params.as_object_mut().ok_or("no torch parameters")?;
             params.insert("padding".into(), json!(0));
