@@ -24,6 +24,14 @@ from . import hooks
 from .manifest import build_manifest, class_names, noise_floor
 
 
+def seed_value(text):
+    """A seed torch takes: a whole number from 0 to 2^63 - 1."""
+    value = int(text)
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"{text}: a seed is a whole number from 0 to 2^63 - 1")
+    return value
+
+
 def positive(text):
     """An argument that must be a whole number of at least 1."""
     value = int(text)
@@ -40,7 +48,7 @@ def parse_args(argv):
     parser.add_argument("--model", required=True, choices=sorted(models.MODELS), help="torchvision constructor name")
     parser.add_argument("--out", required=True, type=Path, help="dump directory (replaced if it holds a dump)")
     parser.add_argument("--weights", type=Path, help="a torchvision state_dict (.pth) you already have: torchvision's classifier, or one saved with --head's head (fc.1.* for dropout_linear, no fc for identity and none); default: seeded random weights with calibrated BatchNorm statistics")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights, calibration and random input (default 0)")
+    parser.add_argument("--seed", type=seed_value, default=0, help="seed for weights, calibration and random input (default 0)")
     parser.add_argument("--image", default="cat", help="'cat' (scikit-image's chelsea), 'random', or an image path (default cat)")
     parser.add_argument("--images", nargs="+", metavar="IMAGE",
                         help="a batch of real images, one item each: files, a directory (its image files), or "
@@ -65,7 +73,7 @@ def parse_args(argv):
                              "fine-tuning head; identity: fc = Identity; none: the backbone alone, as "
                              "IntermediateLayerGetter cuts it (default linear)")
     parser.add_argument("--train-mode", action="store_true", help="keep the model in train mode (reproduces a reference dumped without model.eval(); for testing the harness)")
-    parser.add_argument("--threads", type=int, help="torch threads; 1 makes the bytes independent of the machine's core count")
+    parser.add_argument("--threads", type=positive, help="torch threads; 1 makes the bytes independent of the machine's core count")
     parser.add_argument("--precision", choices=["float32", "float64"], default="float32",
                         help="float64 runs the same float32 weights and input in double precision and stores float64 stages: the exact computation, for accuracy measurements (default float32)")
     parser.add_argument("--floor", action="store_true",
@@ -216,43 +224,45 @@ def build(args):
 
 def write(out, model, architecture, x, *, model_name, weights_description, input_description, train_mode=False,
           precision="float32", command=None, floor=False):
-    """Runs `model` on `x` once and writes the whole dump to `out`."""
-    prepare_out(out)
+    """Runs `model` on `x` once and writes the whole dump to `out`. Nothing
+    is written (and a dump already in `out` is kept) until torch has run."""
     # The weights as the model holds them before the dump's own forward pass
     # (which, in train mode, would update the running statistics).
-    weights = []
-    for name, tensor in model.state_dict().items():
-        if name.endswith("num_batches_tracked"):
-            continue
-        file = f"weights/{name}.npy"
-        save(out / file, tensor.float().numpy())
-        weights.append({"name": name, "shape": list(tensor.shape), "dtype": "float32", "file": file})
-
-    # Before the float32 pass: in train mode it moves the running statistics.
-    exact = hooks.float64_stages(model.train(train_mode), x) if floor else None
-    if precision == "float64":
-        # The same float32 weights and input, computed exactly (to float64).
-        model, x = model.double(), x.double()
-    model.train(train_mode)
-    stages = []
-    recorded, logits = hooks.stages(model, x)
+    weight_arrays = {name: tensor.float().numpy().copy() for name, tensor in model.state_dict().items()
+                     if not name.endswith("num_batches_tracked")}
+    try:
+        # Before the float32 pass: in train mode it moves the running statistics.
+        exact = hooks.float64_stages(model.train(train_mode), x) if floor else None
+        if precision == "float64":
+            # The same float32 weights and input, computed exactly (to float64).
+            model, x = model.double(), x.double()
+        model.train(train_mode)
+        recorded, logits = hooks.stages(model, x)
+    except (RuntimeError, ValueError) as error:  # torch's refusals: a map too small, memory
+        raise SystemExit(f"torch could not run {model_name} on the input {list(x.shape)}"
+                         f"{' in train mode' if train_mode else ''}: {error}") from None
     # What the model returns must be its last stage's value: a model that
     # computes anything after its last module (a __call__ or forward of its
     # own) is not the network the stages describe.
     last = recorded[-1]["output"]
     if isinstance(logits, torch.Tensor) and not (
             logits.shape == last.shape and bool(((logits == last) | (logits.isnan() & last.isnan())).all())):
-        shutil.rmtree(out)  # made above, from nothing or from a dump: no half-written dump left
         raise models.Unsupported(f"the model returns something other than its last stage "
                                  f"({recorded[-1]['name']}): it computes after its last module, "
                                  "which the core does not")
     non_finite = first_non_finite(recorded)
     if non_finite and floor:
-        shutil.rmtree(out)
         raise models.Unsupported(f"--floor: {non_finite}; a noise floor is measured on finite values")
     if non_finite:
         print(f"warning: {non_finite}: verify compares such values only with --equal-nan, "
               "and the manifest has no top5", file=sys.stderr)
+    prepare_out(out)
+    weights = []
+    for name, array in weight_arrays.items():
+        file = f"weights/{name}.npy"
+        save(out / file, array)
+        weights.append({"name": name, "shape": list(array.shape), "dtype": "float32", "file": file})
+    stages = []
     for number, stage in enumerate(recorded):
         module, output = stage.pop("module"), stage.pop("output")
         stage["file"] = f"stages/{number:03d}_{stage['name'].replace('#', '@')}.npy"

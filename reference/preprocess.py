@@ -26,17 +26,34 @@ def sample(name):
     return pixels
 
 
+# Modes whose values PIL's convert("RGB") (torchvision's loader) clips
+# instead of scaling: a 16-bit or float image becomes a white or black frame.
+WIDE_MODES = {"I": "32-bit integer", "F": "32-bit float"}
+
+
 def load_image(source, option="--image"):
+    """An image as torchvision's loader opens it (RGB); a file of that name
+    before a scikit-image sample's (`cat` is `chelsea`)."""
+    from pathlib import Path
+
     from PIL import Image
 
-    if source == "cat":
-        # scikit-image's `chelsea` sample (CC0), read from the installed package.
-        source = "chelsea"
-    if source in SAMPLES:
-        return Image.fromarray(sample(source)).convert("RGB")
+    if not Path(source).is_file():
+        if source == "cat":
+            # scikit-image's `chelsea` sample (CC0), read from the installed package.
+            source = "chelsea"
+        if source in SAMPLES:
+            return Image.fromarray(sample(source)).convert("RGB")
     try:
-        return Image.open(source).convert("RGB")
-    except OSError as error:
+        image = Image.open(source)
+        mode = image.mode
+        if mode in WIDE_MODES or mode.startswith("I;16"):
+            kind = WIDE_MODES.get(mode, "16-bit")
+            raise SystemExit(f"{option} {source}: a {kind} image (PIL mode {mode}): converted to RGB as "
+                             "torchvision's loader does, its values would be clipped to a white or black frame; "
+                             "save it as 8-bit RGB first")
+        return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as error:
         raise SystemExit(f"{option} {source}: cannot read the image: {error}") from None
 
 

@@ -234,10 +234,18 @@ def verify_torch(model, x, upto=None, isolate=False, atol=None, rtol=None, print
         raise VerifyError(f"torch.autocast is on for the CPU ({torch.get_autocast_dtype('cpu')}): the model would "
                           "run its convs and Linear in that dtype, where the core computes float32, and every stage "
                           "would fail for it; call verify_torch outside the autocast block")
+    # The model runs on x as given: torch refuses another dtype for a
+    # float32 model, and a silent x.float() would verify another call.
+    if isinstance(x, torch.Tensor) and x.dtype != torch.float32:
+        raise VerifyError(f"x: a {x.dtype} tensor, where the model's weights are float32 (torch itself refuses "
+                          "it): call verify_torch(model, x.float())")
     x = torch.as_tensor(_float32(x, "x"))
     if x.ndim != 4:
         raise VerifyError(f"x must be NCHW (4-D), got shape {list(x.shape)}")
-    stages, _ = hooks.stages(model, x)
+    try:
+        stages, _ = hooks.stages(model, x)
+    except (RuntimeError, ValueError) as error:  # torch's own refusal: channels, a map too small
+        raise VerifyError(f"torch could not run the model on x of shape {list(x.shape)}: {error}") from None
     exact = hooks.float64_stages(model, x) if tol == "auto" else None
     arrays = {f"weights/{name}": array for name, array in weights.items()}
     entries = []

@@ -187,6 +187,14 @@ def test_a_wrong_input_is_described_in_the_callers_nchw_terms():
         rv.forward(model, np.zeros((0, 3, 32, 32), np.float32))
     with pytest.raises(rv.VerifyError, match=r"x must be NCHW \(4-D\), got shape \[3, 32, 32\]"):
         rv.verify_torch(model, torch.zeros(3, 32, 32))
+    # torch refuses a float64 or integer x for a float32 model; verify_torch
+    # once passed model(x.float()) for it without a word.
+    for dtype in (torch.float64, torch.int64, torch.bfloat16):
+        with pytest.raises(rv.VerifyError, match=rf"x: a {dtype} tensor, where the model's weights are float32"):
+            rv.verify_torch(model, torch.zeros(1, 3, 32, 32, dtype=dtype))
+    # torch's own refusal, once a raw RuntimeError.
+    with pytest.raises(rv.VerifyError, match=r"torch could not run the model on x of shape \[1, 1, 32, 32\]: "):
+        rv.verify_torch(model, torch.zeros(1, 1, 32, 32))
 
 
 def test_a_hint_that_computes_what_torch_computes_accuses_nobody(tmp_path):

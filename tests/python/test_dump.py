@@ -3,6 +3,7 @@ reproducible, honest about train mode."""
 
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -300,6 +301,12 @@ def test_a_run_with_nan_is_dumped_as_json_that_verify_reads_and_said_where_it_st
     (["--model", "resnext50_32x4d", "--width", "8", "--groups", "4", "--width-per-group", "4"],
      "layer1's 3x3 convs would have no channels"),
     (["--groups", "2"], "resnet18 with groups=2: torchvision refuses it: BasicBlock only supports groups=1"),
+    # Once tracebacks: torch's seed overflow, set_num_threads, a BatchNorm
+    # in train mode over a 1x1 map.
+    (["--seed", "99999999999999999999"], "a seed is a whole number from 0 to 2^63 - 1"),
+    (["--threads", "-1"], "argument --threads: must be at least 1, not -1"),
+    (["--width", "8", "--size", "1", "--train-mode"],
+     "torch could not run resnet18 on the input [1, 3, 1, 1] in train mode: Expected more than 1 value per channel"),
 ])
 def test_bad_options_are_refused_in_a_sentence_not_a_traceback(tmp_path, arguments, says):
     """The option named, and what is wrong with it; exit status not 0."""
@@ -312,3 +319,33 @@ def test_bad_options_are_refused_in_a_sentence_not_a_traceback(tmp_path, argumen
     assert result.returncode != 0
     assert says.format(tmp=tmp_path) in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_dump_torch_cannot_run_leaves_the_dump_there_alone(tmp_path):
+    run_dump(tmp_path / "dump", "--model", "resnet18", "--width", 8, "--size", 1)
+    before = sorted(path.name for path in (tmp_path / "dump").rglob("*"))
+    with pytest.raises(SystemExit, match="torch could not run resnet18 on the input"):
+        run_dump(tmp_path / "dump", "--model", "resnet18", "--width", 8, "--size", 1, "--train-mode")
+    # Once deleted, and a weights-only directory left that blocked the next run.
+    assert sorted(path.name for path in (tmp_path / "dump").rglob("*")) == before
+
+
+def test_images_the_loader_would_clip_are_refused_and_a_file_wins_over_a_sample_name(tmp_path, monkeypatch):
+    from PIL import Image
+    gray = (np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint16)
+    # PIL's convert("RGB") clips these: a white frame, a black one.
+    Image.fromarray(gray * 257).save(tmp_path / "wide.png")
+    Image.fromarray((gray / 255).astype(np.float32)).save(tmp_path / "float.tiff")
+    for name, kind in (("wide.png", "a 16-bit image (PIL mode I;16)"), ("float.tiff", "a 32-bit float image")):
+        with pytest.raises(SystemExit, match=rf"--image .*{name}: {re.escape(kind)}.*clipped to a white or black"):
+            run_dump(tmp_path / f"{name}-dump", "--model", "resnet18", "--width", 8, "--size", 32, "--image", tmp_path / name)
+    # A file named as a scikit-image sample is the file.
+    Image.fromarray(np.full((40, 40, 3), 200, np.uint8)).save(tmp_path / "coins", format="PNG")
+    monkeypatch.chdir(tmp_path)
+    run_dump(tmp_path / "coins-dump", "--model", "resnet18", "--width", 8, "--size", 32, "--image", "coins")
+    pixels = np.load(tmp_path / "coins-dump" / "stages" / "000_input.npy")
+    assert np.allclose(pixels[0, 0], (200 / 255 - 0.485) / 0.229), "the file, not the sample"
+    # An image over PIL's pixel limit is said, not a traceback.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(SystemExit, match=r"--image .*coins: cannot read the image: Image size \(1600 pixels\) exceeds"):
+        run_dump(tmp_path / "bomb", "--model", "resnet18", "--width", 8, "--size", 32, "--image", tmp_path / "coins")
