@@ -162,6 +162,14 @@ impl Candidate for OtherEngine<'_> {
         if let Some(dtype) = &loaded.converted_from {
             notes.push(format!("candidate stored as {dtype}, converted to float32"));
         }
+        // The C++ writer takes the type from the engine, and does not know
+        // the reference's: another type is another stage's output, or a slip.
+        if entry.module_type != row.entry.module_type {
+            notes.push(format!(
+                "the candidate's manifest calls it {}, where the reference's module is {}: written under another stage's name?",
+                entry.module_type, row.entry.module_type
+            ));
+        }
         let mut data = self.layout.to_nchw(loaded.data);
         if data.shape() != reference.shape() {
             if differ_by_unit_axes(data.shape(), reference.shape()) {

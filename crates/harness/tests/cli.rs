@@ -1063,6 +1063,23 @@ fn the_reference_compared_with_itself_is_refused() {
 }
 
 #[test]
+fn a_candidate_stage_of_another_module_type_is_noted() {
+    // The values are judged as ever; the type says the engine may have
+    // written another stage's output under this name.
+    let dir = tempfile::tempdir().unwrap();
+    let candidate = copy_fixture("resnet18-w8", dir.path());
+    edit_manifest(&candidate, |m| {
+        entry_mut(m, "stages", "bn1")["module_type"] = "Conv2d".into()
+    });
+    let (code, report) = compare_report(&fixture("resnet18-w8"), &candidate, &[]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        entry(&report, "stages", "bn1")["notes"],
+        serde_json::json!(["the candidate's manifest calls it Conv2d, where the reference's module is BatchNorm2d: written under another stage's name?"])
+    );
+}
+
+#[test]
 fn a_negative_tolerance_is_explained_however_it_is_written() {
     let fixture = fixture("resnet18-w8");
     for args in [
