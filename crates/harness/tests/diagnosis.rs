@@ -967,7 +967,7 @@ fn a_second_mistake_after_exact_stages_is_named_where_it_is_made() {
         path(&candidate),
     ]));
     assert!(
-        text.contains("    origin: introduces error (fails where its inputs pass end to end)"),
+        text.contains("    origin: introduces error (fails where its inputs pass end to end, well within tolerance)"),
         "{text}"
     );
     assert!(

@@ -1,6 +1,7 @@
 //! Where an error was born. Run end to end, one wrong stage makes every
 //! stage after it fail too; the first failure is the root, and what follows
-//! is carried, unless its inputs pass end to end: then the error is born
+//! is carried, unless its inputs pass end to end well within tolerance
+//! (see the report's `CLEAN`): then the error is born
 //! there too (a second mistake), and the stage introduces error. Fed the
 //! reference's inputs (isolated), a stage fails only if it makes error
 //! itself: it introduces error. With both modes, a stage that fails end to

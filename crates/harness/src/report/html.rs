@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use super::{plot, GroupSummary, Report, RunMode, StageReport};
+use super::{plot, tolerance_used, GroupSummary, Report, RunMode, StageReport};
 use crate::diagnosis::Origin;
 use crate::metrics::{Comparison, FailureDetail, Verdict};
 
@@ -397,24 +397,11 @@ fn stage_row(page: &mut String, report: &Report, stage: &StageReport) {
     );
 }
 
-/// The stage's error against its tolerance: `max|err| / (atol + rtol * max|ref|)`.
-fn ratio(report: &Report, stage: &StageReport, comparison: &Comparison) -> f64 {
-    let Ok(resolved) = report
-        .tolerance
-        .for_stage(&stage.name, stage.floor.as_ref())
-    else {
-        return f64::NAN;
-    };
-    let tolerance = resolved.tolerance;
-    let bound = tolerance.atol_for(comparison.scale) + tolerance.rtol * comparison.scale;
-    comparison.max_abs_error / bound.max(f64::MIN_POSITIVE)
-}
-
 fn closeness(report: &Report, stage: &StageReport, comparison: &Comparison) -> &'static str {
     if comparison.verdict == Verdict::Fail && comparison.max_abs_error.is_nan() {
         return "way-over";
     }
-    match ratio(report, stage, comparison) {
+    match tolerance_used(report, stage, comparison) {
         r if comparison.verdict == Verdict::Fail && r > 10.0 => "way-over",
         _ if comparison.verdict == Verdict::Fail => "over",
         r if r <= 0.1 => "far",
@@ -471,7 +458,7 @@ fn table(page: &mut String, report: &Report) {
             Some(c) => (
                 format!("{:.3e}", c.max_abs_error),
                 format!("{:.3e}", c.relative_error),
-                format!("{:.3}", ratio(report, stage, c)),
+                format!("{:.3}", tolerance_used(report, stage, c)),
                 format!("{:.6}", c.cosine_similarity),
             ),
             None => Default::default(),
