@@ -313,9 +313,12 @@ def main(argv=None):
     if "--out" in words:
         del words[words.index("--out"):words.index("--out") + 2]
     command = "python -m reference.dump " + " ".join(words)
-    write(args.out, model, architecture, x, model_name=args.model, weights_description=weights_description,
-          input_description=input_description, train_mode=args.train_mode, precision=args.precision, command=command,
-          floor=args.floor)
+    try:
+        write(args.out, model, architecture, x, model_name=args.model, weights_description=weights_description,
+              input_description=input_description, train_mode=args.train_mode, precision=args.precision,
+              command=command, floor=args.floor)
+    except models.Unsupported as refused:  # nothing written; a dump already there kept
+        raise SystemExit(f"{args.out}: not dumped: {refused}") from None
 
 
 if __name__ == "__main__":

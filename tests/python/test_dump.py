@@ -349,3 +349,20 @@ def test_images_the_loader_would_clip_are_refused_and_a_file_wins_over_a_sample_
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(SystemExit, match=r"--image .*coins: cannot read the image: Image size \(1600 pixels\) exceeds"):
         run_dump(tmp_path / "bomb", "--model", "resnet18", "--width", 8, "--size", 32, "--image", tmp_path / "coins")
+
+
+def test_a_refusal_after_the_run_is_a_sentence_not_a_traceback(tmp_path):
+    # --floor on a checkpoint whose logits overflow: models.Unsupported was
+    # raised out of main as a traceback.
+    import torch
+    model, _ = models.build("resnet18", width=8, num_classes=10)
+    with torch.no_grad():
+        model.fc.weight.fill_(3e38)
+        model.fc.bias.fill_(3e38)
+    torch.save(model.state_dict(), tmp_path / "huge.pth")
+    result = subprocess.run([sys.executable, "-m", "reference.dump", "--model", "resnet18", "--width", "8",
+                             "--size", "32", "--weights", str(tmp_path / "huge.pth"), "--floor",
+                             "--out", str(tmp_path / "dump")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+    assert f"{tmp_path / 'dump'}: not dumped: --floor: stage `fc`" in result.stderr, result.stderr
+    assert not (tmp_path / "dump").exists()

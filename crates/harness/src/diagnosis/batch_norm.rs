@@ -144,21 +144,6 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             )
         },
     );
-    // eps added outside the square root: x / (sqrt(var) + eps), which
-    // normalise computes as sqrt((sqrt(var) + eps)^2 + 0). It differs from
-    // torch's only where var is small, and there an eps solved from the
-    // data would be named instead, a wrong value for the right parameter.
-    let std_plus_eps: Vec<f64> = p.var.iter().map(|v| (v.sqrt() + eps).powi(2)).collect();
-    test(
-        Hypothesis::BatchNormEps,
-        normalise(&input, &p.mean, &std_plus_eps, &p.weight, &p.bias, 0.0),
-        &|side| {
-            format!(
-                "{} matches BatchNorm divided by sqrt(running_var) + eps, not by sqrt(running_var + eps): eps added outside the square root",
-                side.subject()
-            )
-        },
-    );
     test(
         Hypothesis::BatchNormStatisticsSwapped,
         normalise(&input, &p.var, &p.mean, &p.weight, &p.bias, eps),
@@ -169,34 +154,65 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             )
         },
     );
-    // eps outside the root named, no eps is solved for: it would fit too.
-    if hints
-        .iter()
-        .any(|hint| hint.hypothesis == Hypothesis::BatchNormEps)
-    {
-        return hints;
+    // eps added outside the square root: x / (sqrt(var) + eps), which
+    // normalise computes as sqrt((sqrt(var) + eps)^2 + 0); or another eps,
+    // solved from the data, 0 for eps left out. Outside the root differs
+    // from torch's only where var is small, and there a tiny eps would be
+    // solved for, a wrong value for the right parameter; where var is small
+    // but not tiny it is within tolerance of eps left out, and only eps left
+    // out (the simpler mistake) is named.
+    let without_eps = normalise(&input, &p.mean, &p.var, &p.weight, &p.bias, 0.0);
+    let std_plus_eps: Vec<f64> = p.var.iter().map(|v| (v.sqrt() + eps).powi(2)).collect();
+    let outside = normalise(&input, &p.mean, &std_plus_eps, &p.weight, &p.bias, 0.0);
+    if evidence.distinct(&outside, &without_eps) && evidence.distinct(&outside, &correct) {
+        if let Some((side, error)) = evidence.explains(&outside, observed) {
+            hints.push(Hint {
+                hypothesis: Hypothesis::BatchNormEps,
+                message: format!(
+                    "{} matches BatchNorm divided by sqrt(running_var) + eps, not by sqrt(running_var + eps): eps added outside the square root",
+                    side.subject()
+                ),
+                relative_error: Some(error),
+            });
+            return hints;
+        }
     }
     for (side, observed_output) in [
         (Side::Candidate, observed.candidate),
         (Side::Reference, observed.reference),
     ] {
-        let Some(solved) = solve_eps(&input, observed_output, &p) else {
-            continue;
-        };
-        if (solved - eps).abs() <= 0.25 * eps {
-            continue;
-        }
-        let recomputed = normalise(&input, &p.mean, &p.var, &p.weight, &p.bias, solved);
-        if !evidence.distinct(&recomputed, &correct) {
-            continue;
-        }
-        if let Some(error) = evidence.explains_side(&recomputed, observed_output, observed) {
+        // eps left out, and the eps solved for (none where the estimate is
+        // not above 0): the one that fits this side better is named, eps
+        // left out on a tie (the simpler mistake, and a solved eps of 4e-8
+        // is one).
+        let solved = solve_eps(&input, observed_output, &p)
+            .filter(|solved| (solved - eps).abs() > 0.25 * eps)
+            .map(|solved| {
+                let recomputed = normalise(&input, &p.mean, &p.var, &p.weight, &p.bias, solved);
+                (
+                    format!("eps = {solved:.1e} (solved from the data), not the model's {eps:e}"),
+                    recomputed,
+                )
+            });
+        let left_out = (
+            format!("eps left out (0): divided by sqrt(running_var), not by sqrt(running_var + {eps:e})"),
+            without_eps.clone(),
+        );
+        let best = [Some(left_out), solved]
+            .into_iter()
+            .flatten()
+            .filter(|(_, recomputed)| evidence.distinct(recomputed, &correct))
+            .filter_map(|(found, recomputed)| {
+                Some((
+                    found,
+                    evidence.explains_side(&recomputed, observed_output, observed)?,
+                ))
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1));
+        if let Some((found, error)) = best {
             hints.push(Hint {
                 hypothesis: Hypothesis::BatchNormEps,
-                message: format!(
-                    "{} matches BatchNorm with eps = {solved:.1e} (solved from the data), not the model's {eps:e}",
-                    side.subject()
-                ),
+                message: format!("{} matches BatchNorm with {found}", side.subject()),
                 relative_error: Some(error),
             });
             break;
