@@ -264,7 +264,15 @@ pub fn compare(
         .par_chunks(CHUNK)
         .zip(candidate.par_chunks(CHUNK))
         .enumerate()
-        .map(|(chunk, (r, c))| Partial::of(vectors, r, c, chunk * CHUNK, atol, tolerance))
+        .map(|(chunk, (reference, candidate))| {
+            let offset = chunk * CHUNK;
+            let piece = Piece {
+                reference,
+                candidate,
+                offset,
+            };
+            Partial::of(vectors, piece, atol, tolerance)
+        })
         .collect();
     let Partial {
         max_abs_error,
@@ -502,16 +510,21 @@ struct Partial {
     candidate_inf: usize,
 }
 
+/// A chunk of the two arrays, at `offset` in them.
+#[derive(Clone, Copy)]
+struct Piece<'a> {
+    reference: &'a [f32],
+    candidate: &'a [f32],
+    offset: usize,
+}
+
 impl Partial {
-    /// The piece `reference`, `candidate` (at `offset` in the arrays).
-    fn of(
-        vectors: Vectors,
-        reference: &[f32],
-        candidate: &[f32],
-        offset: usize,
-        atol: f64,
-        tolerance: &Tolerance,
-    ) -> Self {
+    fn of(vectors: Vectors, piece: Piece<'_>, atol: f64, tolerance: &Tolerance) -> Self {
+        let Piece {
+            reference,
+            candidate,
+            offset,
+        } = piece;
         let sums = LaneSums::of(vectors, reference, candidate, atol, tolerance.rtol);
         // The squares of finite f32 values sum to a finite f64 (each is
         // below 2^256), so a norm that is not finite means an Inf or a NaN
@@ -519,7 +532,7 @@ impl Partial {
         // element by element. One pass in the common case.
         let finite = |norms: [f64; LANES]| norms.iter().all(|norm| norm.is_finite());
         if !(finite(sums.reference_norm) && finite(sums.candidate_norm)) {
-            return Partial::with_non_finite(reference, candidate, offset, atol, tolerance);
+            return Partial::with_non_finite(piece, atol, tolerance);
         }
         let mut part = Partial {
             dot: sums.dot,
@@ -542,13 +555,12 @@ impl Partial {
 
     /// Element by element, with NaN and Inf counted and matched as the
     /// tolerance says.
-    fn with_non_finite(
-        reference: &[f32],
-        candidate: &[f32],
-        offset: usize,
-        atol: f64,
-        tolerance: &Tolerance,
-    ) -> Self {
+    fn with_non_finite(piece: Piece<'_>, atol: f64, tolerance: &Tolerance) -> Self {
+        let Piece {
+            reference,
+            candidate,
+            offset,
+        } = piece;
         let mut part = Partial::default();
         for (index, (&r, &c)) in reference.iter().zip(candidate).enumerate() {
             let (r, c) = (r as f64, c as f64);
