@@ -300,6 +300,20 @@ def test_under_auto_hints_are_judged_by_the_stages_own_tolerance(reference, tmp_
     assert result["summary"]["root"] == "conv1"
     assert any("read as OHWI" in hint["message"] for hint in conv1["hints"]), conv1["hints"]
 
+    # An input scaled 0-255: its values and their rounding are some 400
+    # times the reference's, and held to the reference's atol (the input's
+    # floor is 0) the hint never fired under auto.
+    model, x = tolerance_study.reference_model(reference)
+    manifest = json.loads((reference / "manifest.json").read_text())
+    mean, std = (torch.tensor(manifest["input"][key]).view(1, 3, 1, 1) for key in ("mean", "std"))
+    candidate = tmp_path / "0-255"
+    tolerance_study.write_candidate(reference, candidate,
+                                    tolerance_study.torch_stages(model, ((x * std + mean) * 255 - mean) / std))
+    result = report("compare", reference, candidate, "--tol", "auto")
+    given = next(stage for stage in result["stages"] if stage["name"] == "input")
+    assert [hint["hypothesis"] for hint in given["hints"]] == ["preprocessing"], given["hints"]
+    assert "scaled 0-255" in given["hints"][0]["message"]
+
 
 def test_a_pass_under_the_default_rtol_points_to_the_floor(reference):
     # The default rtol (1e-4) cannot see a mistake smaller than it, such as

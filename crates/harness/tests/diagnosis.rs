@@ -384,6 +384,24 @@ fn a_leaky_relu_is_not_a_missing_one() {
         "other_activation",
         "a LeakyReLU (negative slope 1.000e-2) where torch has a ReLU",
     );
+    // At a block's last ReLU, relu(bn2 + identity): its input is the sum,
+    // and the LeakyReLU there was 'a ReLU is missing'.
+    let report = compare_edited("resnet18-w8", |dump| {
+        let sum = &stage_output(dump, "layer1.0.bn2") + &stage_output(dump, "maxpool");
+        replace_stage(
+            dump,
+            "layer1.0.relu#1",
+            &sum.mapv(|v| if v < 0.0 { 0.1 * v } else { v }),
+        );
+    });
+    assert_hint(
+        &report,
+        "layer1.0.relu#1",
+        "other_activation",
+        "a LeakyReLU (negative slope 1.000e-1) where torch has a ReLU",
+    );
+    let found = hints(&report, "layer1.0.relu#1");
+    assert!(found.iter().all(|(h, _)| h != "missing_relu"), "{found:?}");
 }
 
 #[test]

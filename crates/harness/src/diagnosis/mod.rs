@@ -29,6 +29,7 @@ use serde::Serialize;
 use crate::layout::{candidate_nchw, reference_tensor};
 use crate::metrics::{compare, Comparison, Verdict};
 use crate::reference_stages::ReferenceStages;
+use crate::tolerance::AbsoluteTolerance;
 use crate::{Tolerance, ToleranceRule};
 
 pub use origin::{origin, Origin};
@@ -179,12 +180,28 @@ impl<'a> Evidence<'a> {
             return activation::hints(self, observed, None);
         };
         let stage = &network.stages()[index];
-        // A ReLU of one input: its input is what a ReLU left out leaves.
-        let relu_input = (stage.kind == StageKind::ReLU
-            && network.stage_input_indices(index).len() == 1)
-            .then(|| self.reference_input(index))
-            .flatten();
-        let mut hints = activation::hints(self, observed, relu_input.as_deref());
+        // A ReLU's input is what a ReLU left out leaves: a block's last
+        // ReLU's, `branch + identity` (added in float32, as torch adds).
+        let relu_input: Option<ArrayD<f32>> = match network.stage_input_indices(index) {
+            _ if stage.kind != StageKind::ReLU => None,
+            &[producer] => self
+                .reference_output(producer)
+                .map(|input| (*input).clone()),
+            &[branch, identity] => {
+                let (branch, identity) = (
+                    self.reference_output(branch),
+                    self.reference_output(identity),
+                );
+                match (branch, identity) {
+                    (Some(branch), Some(identity)) if branch.shape() == identity.shape() => {
+                        Some(&*branch + &*identity)
+                    }
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let mut hints = activation::hints(self, observed, relu_input.as_ref());
         match stage.kind {
             StageKind::Input => hints.extend(preprocessing::hints(self, observed)),
             StageKind::Conv2d => {
@@ -393,9 +410,23 @@ impl Evidence<'_> {
 /// hair, an error grown from a bug upstream, was 'reproduced' by an eps
 /// solved from the data; and tighter than a bfloat16 candidate's roundoff,
 /// so that no hint ever fired for one.)
+///
+/// Under auto the floor's atol is relative to the stage's own scale, as a
+/// fraction of it: a hypothesis that explains the candidate is held to the
+/// candidate's magnitude (an input scaled 0-255 is 400 times the
+/// reference's, and its rounding too; held to the reference's atol, the
+/// 0-255 hint never fired under auto).
 fn tolerance_at(rule: &ToleranceRule, entry: &StageEntry) -> Tolerance {
     let tolerance = match rule.for_stage(&entry.name, entry.floor.as_ref()) {
-        Ok(stage) => stage.tolerance,
+        Ok(stage) => match (stage.auto_unit, entry.floor.as_ref()) {
+            (Some(_), Some(floor)) if floor.scale > 0.0 => Tolerance {
+                atol: AbsoluteTolerance::ScaleRelative(
+                    stage.tolerance.atol_for(floor.scale) / floor.scale,
+                ),
+                ..stage.tolerance
+            },
+            _ => stage.tolerance,
+        },
         // A stage without a floor under auto: the default.
         Err(_) => Tolerance::default(),
     };
