@@ -182,12 +182,12 @@ impl<'a> Evidence<'a> {
         let stage = &network.stages()[index];
         // A ReLU's input is what a ReLU left out leaves: a block's last
         // ReLU's, `branch + identity` (added in float32, as torch adds).
-        let relu_input: Option<ArrayD<f32>> = match network.stage_input_indices(index) {
+        let relu_input: Option<ArrayD<f32>> = match *network.stage_input_indices(index) {
             _ if stage.kind != StageKind::ReLU => None,
-            &[producer] => self
+            [producer] => self
                 .reference_output(producer)
                 .map(|input| (*input).clone()),
-            &[branch, identity] => {
+            [branch, identity] => {
                 let (branch, identity) = (
                     self.reference_output(branch),
                     self.reference_output(identity),
