@@ -351,3 +351,49 @@ def test_a_hard_coded_average_pool_of_7_is_named_where_the_map_is_larger(tmp_pat
     hypotheses, messages = hints_at(result, "avgpool")
     assert hypotheses == ["other_pooling"], messages
     assert "AvgPool2d(7): the mean of the map's top-left 7x7 only, where torch averages all of its 8x8" in messages[0]
+
+
+def test_each_mistake_of_an_engine_is_named_where_it_is_made(size_67, tmp_path):
+    # An engine's stage is also held to its own stored inputs: two mistakes
+    # far apart were one root and 160 'carried' (the second never named),
+    # and a mistake next to a stage stored wrong was 'carried' from it.
+    def two(model):
+        with torch.no_grad():
+            model.layer1[1].conv2.weight.mul_(1.05)
+            model.layer3[0].conv1.weight.mul_(1.2)
+    result = report("compare", size_67, candidate_with(size_67, tmp_path / "two", two))
+    assert result["summary"]["root"] == "layer1.1.conv2"
+    assert result["summary"]["introduced_at"] == ["layer3.0.conv1"], result["summary"]["introduced_at"]
+    text = verify("compare", size_67, tmp_path / "two" / "candidate").stdout
+    assert "origin: introduces error (its output is not this stage computed on the candidate's own inputs)" in text
+
+    model, x = tolerance_study.reference_model(size_67)
+    norm = model.layer2[1].bn2
+    with torch.no_grad():
+        weight = norm.weight.clone()
+        norm.weight.copy_(norm.bias)
+        norm.bias.copy_(weight)
+    outputs = tolerance_study.torch_stages(model, x)
+    outputs["layer2.1.conv2"] = outputs["layer2.1.conv2"] * 1.1  # computed right, stored wrong
+    result = report("compare", size_67, write_candidate(size_67, tmp_path / "slip", outputs))
+    assert result["summary"]["root"] == "layer2.1.conv2"
+    assert result["summary"]["introduced_at"] == ["layer2.1.bn2"]
+    hypotheses, _ = hints_at(result, "layer2.1.bn2")
+    assert hypotheses == ["batch_norm_affine"]
+
+
+def test_a_root_computed_right_from_its_own_inputs_says_its_error_grew_upstream(tmp_path):
+    # eps left out of one BatchNorm passes the default rtol there; the error
+    # grows and fails a correct stage further on, which was the root with
+    # nothing to say.
+    reference = tmp_path / "dump"
+    run_dump(reference, *SMALL, "--size", 96)
+
+    def without_eps(model):
+        model.layer2[0].bn2.eps = 0.0
+    result = report("compare", reference, candidate_with(reference, tmp_path, without_eps))
+    root = result["summary"]["root"]
+    assert root is not None and root != "layer2.0.bn2" and result["summary"]["introduced_at"] == []
+    stage = next(stage for stage in result["stages"] if stage["name"] == root)
+    assert any(note.startswith("computed right from the candidate's own inputs (which pass): its error grew "
+                               "upstream, under tolerance there") for note in stage["notes"]), stage["notes"]

@@ -9,6 +9,7 @@ use resnet_dump::{similar_stage_names, Dump, Layout, Precision};
 
 use crate::adapter;
 use crate::diagnosis::{axis_order, Evidence, Observed};
+use crate::layout::{candidate_nchw, reference_tensor};
 use crate::pipeline::{run, shown, Candidate, Explained, Feed, Output, Row, RunOptions};
 use crate::reference_check::{check_reference, ReferenceCheck};
 use crate::reference_stages::ReferenceStages;
@@ -193,6 +194,53 @@ impl Candidate for OtherEngine<'_> {
             }
         }
         Ok(Output { data, notes })
+    }
+
+    fn computed_from_own_inputs(
+        &self,
+        row: &Row,
+        output: &ArrayD<f32>,
+        evidence: &Evidence,
+    ) -> Result<Option<bool>, VerifyError> {
+        let Some(network) = evidence.network else {
+            return Ok(None);
+        };
+        let Ok(index) = network.stage_index(&row.entry.name) else {
+            return Ok(None);
+        };
+        if network.stages()[index].is_container() {
+            return Ok(None);
+        }
+        // The candidate's own stored inputs, in the reference's shapes.
+        let mut inputs = Vec::new();
+        for producer in network.stage_inputs(index) {
+            let (Some(entry), Some(shape)) = (
+                self.candidate.stage(&producer.name),
+                evidence
+                    .reference_named(&producer.name)
+                    .map(|r| r.shape().to_vec()),
+            ) else {
+                return Ok(None);
+            };
+            let data = self.layout.to_nchw(self.candidate.load_stage(entry)?.data);
+            let data = match data.shape() == shape.as_slice() {
+                true => data,
+                false if differ_by_unit_axes(data.shape(), &shape) => data
+                    .into_shape_with_order(shape)
+                    .expect("the same elements in the same order"),
+                false => return Ok(None),
+            };
+            match reference_tensor(data.view()) {
+                Some(tensor) => inputs.push(tensor),
+                None => return Ok(None),
+            }
+        }
+        let inputs: Vec<&resnet_core::Tensor> = inputs.iter().collect();
+        let recomputed = network
+            .run_stage(index, &inputs)
+            .ok()
+            .and_then(|computed| candidate_nchw(&computed, output.shape()));
+        Ok(recomputed.map(|recomputed| evidence.reproduces(&recomputed, output).is_some()))
     }
 
     fn finish(&self, report: &Report) -> Result<(), VerifyError> {

@@ -11,7 +11,7 @@ use globset::GlobMatcher;
 use ndarray::{ArrayD, Axis, Slice};
 use resnet_dump::{ModuleKind, StageEntry};
 
-use crate::diagnosis::{Evidence, Hint, Observed};
+use crate::diagnosis::{Evidence, Hint, Observed, Origin};
 use crate::metrics::{
     compare_for_report, failure_detail, largest_finite_magnitude, max_abs_error_by_item,
     Comparison, Verdict,
@@ -99,6 +99,20 @@ pub(crate) trait Candidate {
     /// is bad input.
     fn finish(&self, _report: &Report) -> Result<(), VerifyError> {
         Ok(())
+    }
+
+    /// Whether the source's `output` of a stage that fails after the root
+    /// is the stage computed (by the core, with the reference's weights) on
+    /// the source's own stored inputs: `Some(false)` is a mistake of the
+    /// stage's own, not error carried in. `None` where it cannot tell, or
+    /// need not (the core computes each stage on its own inputs).
+    fn computed_from_own_inputs(
+        &self,
+        _row: &Row,
+        _output: &ArrayD<f32>,
+        _evidence: &Evidence,
+    ) -> Result<Option<bool>, VerifyError> {
+        Ok(None)
     }
 
     /// A failing stage's explanation by the source itself, tried before the
@@ -359,7 +373,32 @@ fn compare_stages(
                 )
             })
             .unwrap_or_default();
-        let origin = builder.origin(end_to_end_failed, isolated_failed, row.container, &inputs);
+        let mut origin = builder.origin(end_to_end_failed, isolated_failed, row.container, &inputs);
+        // Another engine's stage held to its own stored inputs: one carried
+        // by its inputs that is not itself of them made error of its own (a
+        // second mistake after the root, or one next to a stage stored
+        // wrong); a root that is, was handed an error grown under tolerance.
+        let own_inputs = match (&origin, produced_by(Feed::EndToEnd)) {
+            (Some(Origin::Root | Origin::Carried { .. }), Some(produced))
+                if !row.container && produced.output.data.shape() == reference.shape() =>
+            {
+                let evidence = Evidence::new(stages, &options.tolerance, row.entry);
+                sources[produced.position].computed_from_own_inputs(
+                    row,
+                    &produced.output.data,
+                    &evidence,
+                )?
+            }
+            _ => None,
+        };
+        match (&origin, own_inputs) {
+            (Some(Origin::Carried { .. }), Some(false)) => origin = Some(Origin::Introduces),
+            (Some(Origin::Root), Some(true)) => notes.push(
+                "computed right from the candidate's own inputs (which pass): its error grew upstream, under tolerance there; a tighter rule (--tol auto on a dump made with --floor, or a smaller --rtol) shows where it was born"
+                    .into(),
+            ),
+            _ => {}
+        }
         let mut hints = Vec::new();
         let mut detail = None;
         if builder.should_diagnose(&origin) {

@@ -1016,7 +1016,7 @@ fn a_second_mistake_after_exact_stages_is_named_where_it_is_made() {
         path(&candidate),
     ]));
     assert!(
-        text.contains("    origin: introduces error (fails where its inputs pass end to end, well within tolerance)"),
+        text.contains("    origin: introduces error (its output is not this stage computed on the candidate's own inputs)"),
         "{text}"
     );
     assert!(

@@ -45,10 +45,16 @@ impl RunMode {
 
     /// What a stage that introduces error did, as this mode tells it.
     pub fn introduces_words(self) -> &'static str {
-        match self.isolated() {
-            true => "introduces error (fails on the reference's own inputs)",
-            false => {
+        match self {
+            RunMode::Isolated | RunMode::Both => {
+                "introduces error (fails on the reference's own inputs)"
+            }
+            RunMode::Cumulative => {
                 "introduces error (fails where its inputs pass end to end, well within tolerance)"
+            }
+            // Found either way in a compare; both mean this there.
+            RunMode::Dumps => {
+                "introduces error (its output is not this stage computed on the candidate's own inputs)"
             }
         }
     }
