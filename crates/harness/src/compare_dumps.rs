@@ -171,28 +171,27 @@ impl Candidate for OtherEngine<'_> {
                 entry.module_type, row.entry.module_type
             ));
         }
-        let mut data = self.layout.to_nchw(loaded.data);
-        if data.shape() != reference.shape() {
-            if differ_by_unit_axes(data.shape(), reference.shape()) {
-                // An engine that fuses the flatten stores avgpool `[N, C]`:
-                // the same values in the same order.
+        let data = self.layout.to_nchw(loaded.data);
+        let stored = data.shape().to_vec();
+        let data = match in_shape(data, reference.shape()) {
+            Ok(data) => {
+                if stored != reference.shape() {
+                    notes.push(format!(
+                        "shape {stored:?} compared as the reference's {:?} (they differ only by axes of size 1)",
+                        reference.shape()
+                    ));
+                }
+                data
+            }
+            Err(data) => {
                 notes.push(format!(
-                    "shape {:?} compared as the reference's {:?} (they differ only by axes of size 1)",
-                    data.shape(),
-                    reference.shape()
-                ));
-                data = data
-                    .into_shape_with_order(reference.shape())
-                    .expect("the same elements in the same order");
-            } else {
-                notes.push(format!(
-                    "shape {:?} (read as {:?}) is not the reference's {:?}",
-                    data.shape(),
+                    "shape {stored:?} (read as {:?}) is not the reference's {:?}",
                     self.layout,
                     reference.shape()
                 ));
+                data
             }
-        }
+        };
         Ok(Output { data, notes })
     }
 
@@ -211,24 +210,19 @@ impl Candidate for OtherEngine<'_> {
         if network.stages()[index].is_container() {
             return Ok(None);
         }
-        // The candidate's own stored inputs, in the reference's shapes.
+        // The candidate's own stored inputs, in the reference's shapes (the
+        // manifest's: the reference's data need not be read for them).
         let mut inputs = Vec::new();
         for producer in network.stage_inputs(index) {
-            let (Some(entry), Some(shape)) = (
+            let (Some(entry), Some(reference)) = (
                 self.candidate.stage(&producer.name),
-                evidence
-                    .reference_named(&producer.name)
-                    .map(|r| r.shape().to_vec()),
+                evidence.dump.stage(&producer.name),
             ) else {
                 return Ok(None);
             };
             let data = self.layout.to_nchw(self.candidate.load_stage(entry)?.data);
-            let data = match data.shape() == shape.as_slice() {
-                true => data,
-                false if differ_by_unit_axes(data.shape(), &shape) => data
-                    .into_shape_with_order(shape)
-                    .expect("the same elements in the same order"),
-                false => return Ok(None),
+            let Ok(data) = in_shape(data, &reference.shape) else {
+                return Ok(None);
             };
             match reference_tensor(data.view()) {
                 Some(tensor) => inputs.push(tensor),
@@ -291,6 +285,20 @@ fn differ_by_unit_axes(a: &[usize], b: &[usize]) -> bool {
     let sizes =
         |shape: &[usize]| -> Vec<usize> { shape.iter().copied().filter(|&n| n != 1).collect() };
     sizes(a) == sizes(b)
+}
+
+/// A candidate's stored data (NCHW) in the reference's `shape`, where the
+/// two differ at most by axes of size 1 (an engine that fuses the flatten
+/// stores avgpool `[N, C]`: the same values in the same order); else the
+/// data as it is.
+fn in_shape(data: ArrayD<f32>, shape: &[usize]) -> Result<ArrayD<f32>, ArrayD<f32>> {
+    match data.shape() == shape {
+        true => Ok(data),
+        false if differ_by_unit_axes(data.shape(), shape) => Ok(data
+            .into_shape_with_order(shape)
+            .expect("the same elements in the same order")),
+        false => Err(data),
+    }
 }
 
 /// What to do about a candidate found in another axis order throughout.

@@ -361,7 +361,7 @@ fn compare_stages(
         // is a mistake of its own, not error carried from the root.
         let network = stages
             .network()
-            .filter(|_| produced_by(Feed::Reference).is_none());
+            .filter(|_| end_to_end_failed && produced_by(Feed::Reference).is_none());
         let inputs: Vec<&str> = network
             .and_then(|network| {
                 let index = network.stage_index(&row.entry.name).ok()?;
@@ -378,11 +378,11 @@ fn compare_stages(
         // by its inputs that is not itself of them made error of its own (a
         // second mistake after the root, or one next to a stage stored
         // wrong); a root that is, was handed an error grown under tolerance.
+        let evidence = Evidence::new(stages, &options.tolerance, row.entry);
         let own_inputs = match (&origin, produced_by(Feed::EndToEnd)) {
             (Some(Origin::Root | Origin::Carried { .. }), Some(produced))
                 if !row.container && produced.output.data.shape() == reference.shape() =>
             {
-                let evidence = Evidence::new(stages, &options.tolerance, row.entry);
                 sources[produced.position].computed_from_own_inputs(
                     row,
                     &produced.output.data,
@@ -402,7 +402,6 @@ fn compare_stages(
         let mut hints = Vec::new();
         let mut detail = None;
         if builder.should_diagnose(&origin) {
-            let evidence = Evidence::new(stages, &options.tolerance, row.entry);
             // The stage's own error shows best with the reference's inputs.
             let wanted = if isolated_failed {
                 Feed::Reference

@@ -177,38 +177,48 @@ pub(super) fn hints(evidence: &Evidence, index: usize, observed: &Observed) -> V
             return hints;
         }
     }
+    // eps left out, and the eps solved for each side (none where the
+    // estimate is not above 0): the one that fits the side better is named,
+    // eps left out on a tie (the simpler mistake, and a solved eps of 4e-8
+    // is one).
+    let left_out = evidence.distinct(&without_eps, &correct).then(|| {
+        let found = format!(
+            "eps left out (0): divided by sqrt(running_var), not by sqrt(running_var + {eps:e})"
+        );
+        (found, &without_eps)
+    });
     for (side, observed_output) in [
         (Side::Candidate, observed.candidate),
         (Side::Reference, observed.reference),
     ] {
-        // eps left out, and the eps solved for (none where the estimate is
-        // not above 0): the one that fits this side better is named, eps
-        // left out on a tie (the simpler mistake, and a solved eps of 4e-8
-        // is one).
         let solved = solve_eps(&input, observed_output, &p)
             .filter(|solved| (solved - eps).abs() > 0.25 * eps)
             .map(|solved| {
-                let recomputed = normalise(&input, &p.mean, &p.var, &p.weight, &p.bias, solved);
+                let found =
+                    format!("eps = {solved:.1e} (solved from the data), not the model's {eps:e}");
                 (
-                    format!("eps = {solved:.1e} (solved from the data), not the model's {eps:e}"),
-                    recomputed,
-                )
-            });
-        let left_out = (
-            format!("eps left out (0): divided by sqrt(running_var), not by sqrt(running_var + {eps:e})"),
-            without_eps.clone(),
-        );
-        let best = [Some(left_out), solved]
-            .into_iter()
-            .flatten()
-            .filter(|(_, recomputed)| evidence.distinct(recomputed, &correct))
-            .filter_map(|(found, recomputed)| {
-                Some((
                     found,
-                    evidence.explains_side(&recomputed, observed_output, observed)?,
-                ))
+                    normalise(&input, &p.mean, &p.var, &p.weight, &p.bias, solved),
+                )
             })
-            .min_by(|a, b| a.1.total_cmp(&b.1));
+            .filter(|(_, recomputed)| evidence.distinct(recomputed, &correct));
+        let best = [
+            left_out
+                .as_ref()
+                .map(|(found, recomputed)| (found, *recomputed)),
+            solved
+                .as_ref()
+                .map(|(found, recomputed)| (found, recomputed)),
+        ]
+        .into_iter()
+        .flatten()
+        .filter_map(|(found, recomputed)| {
+            Some((
+                found,
+                evidence.explains_side(recomputed, observed_output, observed)?,
+            ))
+        })
+        .min_by(|a, b| a.1.total_cmp(&b.1));
         if let Some((found, error)) = best {
             hints.push(Hint {
                 hypothesis: Hypothesis::BatchNormEps,

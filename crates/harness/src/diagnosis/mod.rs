@@ -182,11 +182,9 @@ impl<'a> Evidence<'a> {
         let stage = &network.stages()[index];
         // A ReLU's input is what a ReLU left out leaves: a block's last
         // ReLU's, `branch + identity` (added in float32, as torch adds).
-        let relu_input: Option<ArrayD<f32>> = match *network.stage_input_indices(index) {
+        let relu_input: Option<Rc<ArrayD<f32>>> = match *network.stage_input_indices(index) {
             _ if stage.kind != StageKind::ReLU => None,
-            [producer] => self
-                .reference_output(producer)
-                .map(|input| (*input).clone()),
+            [producer] => self.reference_output(producer),
             [branch, identity] => {
                 let (branch, identity) = (
                     self.reference_output(branch),
@@ -194,14 +192,14 @@ impl<'a> Evidence<'a> {
                 );
                 match (branch, identity) {
                     (Some(branch), Some(identity)) if branch.shape() == identity.shape() => {
-                        Some(&*branch + &*identity)
+                        Some(Rc::new(&*branch + &*identity))
                     }
                     _ => None,
                 }
             }
             _ => None,
         };
-        let mut hints = activation::hints(self, observed, relu_input.as_ref());
+        let mut hints = activation::hints(self, observed, relu_input.as_deref());
         match stage.kind {
             StageKind::Input => hints.extend(preprocessing::hints(self, observed)),
             StageKind::Conv2d => {
